@@ -1,0 +1,38 @@
+# vmferry: `make demo` and `make test` install what is missing, then run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+GUEST := build/guest
+
+.PHONY: deps venv guest test lint demo bench clean
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: deps $(VENV)/.installed
+
+guest: deps
+	@bash guest/build.sh $(GUEST)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+test: venv guest lint
+	@$(VENV)/bin/pytest -q -ra --durations=15 tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+
+demo: venv guest
+	$(PY) -m vmferry.demo
+
+bench: venv guest
+	$(PY) bench/migrate_bench.py
+
+clean:
+	rm -rf build .demo

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what vmferry needs on Debian 12: QEMU 10 from bookworm-backports, build tools.
+set -euo pipefail
+need=()
+command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 --version | grep -q 'version 10\.' || need+=(qemu-system-x86 qemu-utils)
+command -v cpio >/dev/null || need+=(cpio)
+command -v ip >/dev/null || need+=(iproute2)
+dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
+[ ${#need[@]} -eq 0 ] && exit 0
+export DEBIAN_FRONTEND=noninteractive
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -qq
+apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils
+apt-get install -y -qq cpio iproute2 libc6-dev

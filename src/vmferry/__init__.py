@@ -1,0 +1,3 @@
+"""vmferry: live migration of QEMU virtual machines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""The one error type of vmferry, with stable codes like libvirt's VIR_ERR_*.
+
+A :class:`VmferryError` raised in the daemon travels to the client as
+``{"code": ..., "message": ...}`` and is raised again there unchanged, so the
+CLI prints exactly what the daemon said.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    INTERNAL_ERROR = "internal-error"
+    NO_DOMAIN = "no-domain"
+    DOMAIN_EXISTS = "domain-exists"
+    OPERATION_INVALID = "operation-invalid"
+    OPERATION_FAILED = "operation-failed"
+    OPERATION_TIMEOUT = "operation-timeout"
+    OPERATION_ABORTED = "operation-aborted"
+    OPERATION_UNSUPPORTED = "operation-unsupported"
+    INVALID_ARG = "invalid-arg"
+    XML_ERROR = "xml-error"
+    CONFIG_UNSUPPORTED = "config-unsupported"
+    MIGRATE_UNSAFE = "migrate-unsafe"
+    MIGRATE_FINISH_OK = "migrate-finish-ok"
+    NO_SUPPORT = "no-support"
+    AUTH_FAILED = "auth-failed"
+    CONNECT_FAILED = "connect-failed"
+    NO_FREE_PORT = "no-free-port"
+    QEMU_FAILED = "qemu-failed"
+
+
+# HTTP status the daemon answers with for each code; the body carries the code.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.NO_DOMAIN: 404,
+    ErrorCode.DOMAIN_EXISTS: 409,
+    ErrorCode.OPERATION_INVALID: 409,
+    ErrorCode.OPERATION_TIMEOUT: 504,
+    ErrorCode.INVALID_ARG: 400,
+    ErrorCode.XML_ERROR: 400,
+    ErrorCode.CONFIG_UNSUPPORTED: 400,
+    ErrorCode.AUTH_FAILED: 403,
+}
+
+
+class VmferryError(Exception):
+    """An error with a stable :class:`ErrorCode` and a message a user can act on."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"error: {self.message} [{self.code}]"
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(ErrorCode(self.code), 500) if isinstance(
+            self.code, ErrorCode
+        ) else 500
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": str(self.code), "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmferryError:
+        return cls(str(data.get("code", ErrorCode.INTERNAL_ERROR)), str(data.get("message", "")))
