@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     NO_SUPPORT = "no-support"
     AUTH_FAILED = "auth-failed"
     CONNECT_FAILED = "connect-failed"
+    # the connection broke after the request was sent: it may or may not have been carried out
+    RPC_FAILED = "rpc-failed"
     NO_FREE_PORT = "no-free-port"
     QEMU_FAILED = "qemu-failed"
 

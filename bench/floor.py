@@ -1,0 +1,275 @@
+"""
+The performance floor: a live migration with nothing but two QEMUs and QMP.
+
+No daemon, no job model, no cookie: start a source QEMU and a destination
+QEMU (``-incoming defer -S``), point one at the other over TCP and wait.
+Whatever vmferry adds on top of :func:`bare_migrate` is overhead to measure
+against this.
+
+Usage::
+
+    async with BareQemu(argv_src, qmp_src) as src, BareQemu(argv_dst, qmp_dst) as dst:
+        result = await bare_migrate(src.qmp, dst.qmp)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, cast
+
+from qemu.qmp import QMPClient
+
+from vmferry.errors import ErrorCode, VmferryError
+
+__all__ = ["BareMigration", "BareQemu", "bare_migrate", "guest_argv"]
+
+_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def guest_argv(
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    *,
+    qmp: Path,
+    console: Path,
+    memory_mib: int = 128,
+    incoming: bool = False,
+    binary: str = "qemu-system-x86_64",
+) -> list[str]:
+    """
+    A minimal QEMU command line for the test guest.
+
+    :param qmp: Unix socket QEMU listens on for QMP.
+    :param console: File the serial console is written to.
+    :param incoming: Start as a migration destination: ``-incoming defer``
+        and ``-S`` so the guest only runs after an explicit ``cont``.
+    """
+    argv = [
+        binary,
+        "-accel", "tcg",
+        "-machine", "pc",
+        "-m", f"{memory_mib}M",
+        "-smp", "1",
+        "-nodefaults",
+        "-display", "none",
+        "-no-user-config",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", cmdline,
+        "-chardev", f"file,id=con0,path={console}",
+        "-serial", "chardev:con0",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+    ]
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
+    return argv
+
+
+def _open_log(path: Path | None) -> BinaryIO:
+    return open(path if path else os.devnull, "ab")
+
+
+class BareQemu:
+    """
+    One QEMU process and a QMP connection to it, as an async context manager.
+
+    The process is killed on exit, whatever happened inside the block.
+
+    :param argv: QEMU command line; must open QMP on the unix socket *qmp*.
+    :param qmp: Path of that socket.
+    :param log: Where QEMU's stdout/stderr go (default: discarded).
+    :param timeout: Seconds to wait for the QMP socket.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        qmp: Path,
+        *,
+        log: Path | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.argv = list(argv)
+        self.qmp_path = qmp
+        self.log = log
+        self.timeout = timeout
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient(qmp.name)
+
+    async def start(self) -> None:
+        """Spawn QEMU and connect to its QMP socket."""
+        out = _open_log(self.log)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        finally:
+            out.close()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.returncode is not None:
+                raise VmferryError(
+                    ErrorCode.QEMU_FAILED,
+                    f"QEMU exited with status {self.proc.returncode} before QMP was up"
+                    + (f"; see {self.log}" if self.log else ""),
+                )
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                return
+            except Exception as exc:  # ConnectError; the socket may not exist yet
+                if time.monotonic() > deadline:
+                    raise VmferryError(
+                        ErrorCode.OPERATION_TIMEOUT,
+                        f"no QMP on {self.qmp_path} after {self.timeout:g}s: {exc}",
+                    ) from exc
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Kill QEMU (no graceful shutdown: the guest holds nothing worth saving)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.disconnect(), 2)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+    async def execute(self, cmd: str, args: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command and return its ``return`` value."""
+        return await self.qmp.execute(cmd, args)
+
+    async def __aenter__(self) -> BareQemu:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+@dataclass(frozen=True)
+class BareMigration:
+    """What one :func:`bare_migrate` took."""
+
+    #: ``migrate`` issued -> destination running again (after ``cont``), host clock.
+    total_s: float
+    #: ``migrate`` issued -> source reports ``completed``, host clock (poll granularity).
+    migrate_s: float
+    #: QEMU's own figures from the source's final ``query-migrate``.
+    qemu_total_ms: int | None
+    downtime_ms: int | None
+    ram_transferred: int | None
+    #: The URI the destination listened on.
+    uri: str
+    #: Final ``query-migrate`` of the source, as QEMU returned it.
+    info: dict[str, Any] = field(repr=False)
+
+
+async def _wait_status(
+    qmp: QMPClient, cmd: str, done: frozenset[str], deadline: float, poll_s: float
+) -> dict[str, Any]:
+    while True:
+        info = cast(dict[str, Any], await qmp.execute(cmd))
+        if info.get("status") in done:
+            return info
+        if time.monotonic() > deadline:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"{cmd} still reports {info.get('status')!r}; gave up waiting",
+            )
+        await asyncio.sleep(poll_s)
+
+
+async def bare_migrate(
+    src: QMPClient,
+    dst: QMPClient,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    capabilities: Mapping[str, bool] | None = None,
+    parameters: Mapping[str, object] | None = None,
+    limit_s: float = 60.0,
+    poll_s: float = 0.02,
+) -> BareMigration:
+    """
+    Live-migrate a running source QEMU into a waiting destination over TCP.
+
+    The destination must have been started with ``-incoming defer -S``. Its
+    listening port is chosen by QEMU when *port* is 0 (read back from its
+    ``query-migrate``), so concurrent runs never race for a port.
+
+    :param src: QMP of the running source.
+    :param dst: QMP of the destination.
+    :param capabilities: Migration capabilities, set on both sides.
+    :param parameters: Migration parameters (e.g. ``max-bandwidth``), set on the source.
+    :param limit_s: Seconds for the whole migration; the source job is
+        cancelled when they run out.
+    :return: Timings; the source is left in ``postmigrate``, the destination running.
+    :raise VmferryError: ``OPERATION_FAILED`` if QEMU reports the migration
+        failed, ``OPERATION_TIMEOUT`` if it does not finish in time.
+    """
+    deadline = time.monotonic() + limit_s
+    if capabilities:
+        caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+        for side in (src, dst):
+            await side.execute("migrate-set-capabilities", {"capabilities": caps})
+    if parameters:
+        await src.execute("migrate-set-parameters", dict(parameters))
+
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
+    if port == 0:
+        incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
+        addrs = incoming.get("socket-address") or []
+        ports = [a["port"] for a in addrs if a.get("type") in ("inet", "ipv4", "ipv6")]
+        if not ports:
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
+            )
+        port = int(ports[0])
+    uri = f"tcp:{host}:{port}"
+
+    t0 = time.monotonic()
+    await src.execute("migrate", {"uri": uri})
+    try:
+        info = await _wait_status(src, "query-migrate", _TERMINAL, deadline, poll_s)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await src.execute("migrate_cancel")
+        raise
+    t_done = time.monotonic()
+    if info["status"] != "completed":
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"migration {info['status']}: {info.get('error-desc', 'no reason given')}",
+        )
+    # The destination finishes loading a moment after the source is done sending.
+    await _wait_status(dst, "query-migrate", frozenset({"completed"}), deadline, poll_s)
+    await _wait_status(dst, "query-status", frozenset({"paused"}), deadline, poll_s)
+    await dst.execute("cont")
+    t_running = time.monotonic()
+
+    ram = info.get("ram") or {}
+    return BareMigration(
+        total_s=t_running - t0,
+        migrate_s=t_done - t0,
+        qemu_total_ms=info.get("total-time"),
+        downtime_ms=info.get("downtime"),
+        ram_transferred=ram.get("transferred"),
+        uri=uri,
+        info=info,
+    )

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds the vmferry test guest: Debian's cloud kernel and an initramfs whose /init is init.c.
+#   usage: bash guest/build.sh OUTDIR
+# Idempotent: the kernel is fetched once, the initramfs is rebuilt only when init.c (or this
+# script) is newer than it.
+set -euo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mkdir -p "$1"
+out=$(cd "$1" && pwd)
+
+log() { echo "guest: $*" >&2; }
+tmpdirs=()
+trap 'rm -rf "${tmpdirs[@]}"' EXIT
+# The download goes to a private temp dir the _apt sandbox user cannot write to.
+apt_dl=(apt-get download -qq -o APT::Sandbox::User=root)
+
+# --- kernel -----------------------------------------------------------------------------
+build_kernel() {
+  local pkg tmp deb
+  # The meta package only names the versioned image; resolving it keeps us on the current ABI.
+  pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+  if [ -z "$pkg" ]; then
+    log "apt has no linux-image-cloud-amd64; running apt-get update"
+    apt-get update -qq
+    pkg=$(apt-cache depends linux-image-cloud-amd64 |
+      awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+  fi
+  [ -n "$pkg" ] || { log "cannot resolve the package behind linux-image-cloud-amd64"; exit 1; }
+  tmp=$(mktemp -d "$out/.kernel.XXXXXX")
+  tmpdirs+=("$tmp")
+  log "downloading $pkg"
+  if ! (cd "$tmp" && "${apt_dl[@]}" "$pkg" >/dev/null); then
+    # A stale package index points at a file the mirror no longer has.
+    log "download failed; running apt-get update and retrying"
+    apt-get update -qq
+    (cd "$tmp" && "${apt_dl[@]}" "$pkg" >/dev/null)
+  fi
+  deb=$(ls "$tmp"/*.deb | head -n1)
+  dpkg-deb -x "$deb" "$tmp/root"
+  local img
+  img=$(ls "$tmp"/root/boot/vmlinuz-* | head -n1)
+  cp "$img" "$out/vmlinuz.tmp"
+  mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+  log "kernel: $(basename "$img")"
+}
+
+if [ ! -s "$out/vmlinuz" ]; then
+  build_kernel
+fi
+
+# --- initramfs ----------------------------------------------------------------------------
+initrd="$out/initramfs.cpio.gz"
+if [ ! -s "$initrd" ] || [ "$here/init.c" -nt "$initrd" ] || [ "$here/build.sh" -nt "$initrd" ]; then
+  tmp=$(mktemp -d "$out/.initramfs.XXXXXX")
+  tmpdirs+=("$tmp")
+  mkdir -p "$tmp/root/proc" "$tmp/root/dev" "$tmp/root/sys"
+  command -v gcc >/dev/null || { log "gcc is missing: apt-get install gcc libc6-dev"; exit 1; }
+  gcc -static -O2 -Wall -Wextra -Werror -o "$tmp/root/init" "$here/init.c"
+  strip "$tmp/root/init"
+  # The kernel opens /dev/console for init's stdio before init runs; devtmpfs comes later.
+  mknod -m 600 "$tmp/root/dev/console" c 5 1 2>/dev/null || true
+  (cd "$tmp/root" && find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc --owner 0:0 | gzip -9 -n) > "$tmp/initramfs.cpio.gz"
+  mv "$tmp/initramfs.cpio.gz" "$initrd"
+  log "initramfs: $initrd ($(stat -c %s "$initrd") bytes)"
+fi

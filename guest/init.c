@@ -1,0 +1,367 @@
+/*
+ * vmferry test guest: PID 1 of a tiny initramfs.
+ *
+ * It stamps a buffer with a pattern that is a pure function of (page index,
+ * generation), keeps re-stamping random pages at a fixed rate (so live
+ * migration always has dirty memory to chase) and keeps verifying every page
+ * against its generation counter (so memory lost or torn by a migration is
+ * noticed).  A heartbeat line on the serial console tells the host how it is
+ * going:
+ *
+ *   VMFERRY-HB boot=<16 hex> seq=<n> dirtied=<pages> verified=<pages> errors=<n> up_ms=<n>
+ *
+ * Settings come from /proc/cmdline:
+ *   vmferry.stamp_mib=N       buffer size in MiB (default 64)
+ *   vmferry.dirty_mib_s=R     re-stamp rate in MiB/s, may be fractional (default 16, 0 = none)
+ *   vmferry.hb_ms=M           heartbeat period (default 500)
+ *   vmferry.verify_ms=V       time for one full verification pass (default 1000)
+ *   vmferry.corrupt_after=S   self-test: after S seconds corrupt one page behind
+ *                             the generation counter's back (default off)
+ *
+ * PID 1 must never exit (the kernel would panic), so every path ends in a loop.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096u
+#define WORDS_PER_PAGE (PAGE_SIZE / sizeof(uint64_t))
+#define TICK_NS 10000000LL          /* 10 ms between bursts of work */
+#define MAX_DT_NS 250000000LL       /* never catch up more than this at once */
+#define ERR_LINES_PER_SEC 16
+
+struct config {
+	uint64_t stamp_mib;
+	double dirty_mib_s;
+	uint64_t hb_ms;
+	uint64_t verify_ms;
+	int64_t corrupt_after_s; /* < 0: off */
+};
+
+static uint64_t *buf;
+static uint32_t *gen;
+static uint64_t npages;
+static uint64_t boot_id;
+
+static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void out(const char *fmt, ...)
+{
+	char line[256];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= sizeof(line))
+		n = sizeof(line) - 1;
+	/* One write() per line so lines are never interleaved with kernel output mid-way. */
+	for (int off = 0; off < n;) {
+		ssize_t w = write(1, line + off, (size_t)(n - off));
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		off += (int)w;
+	}
+}
+
+static void hang(void) __attribute__((noreturn));
+
+static void hang(void)
+{
+	for (;;)
+		pause();
+}
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void sleep_until(int64_t t)
+{
+	struct timespec ts = { .tv_sec = t / 1000000000LL, .tv_nsec = t % 1000000000LL };
+
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+}
+
+static uint64_t splitmix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+static uint64_t rng_state;
+
+static uint64_t rng_next(void)
+{
+	/* xorshift64*: cheap, good enough to spread dirtying over the buffer. */
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return rng_state * 0x2545f4914f6cdd1dULL;
+}
+
+/* Word k of page i at generation g: seeded per (i, g), so a stale or foreign page never matches. */
+static inline uint64_t page_seed(uint64_t i, uint32_t g)
+{
+	return splitmix64((i << 32) ^ g);
+}
+
+static void stamp_page(uint64_t i)
+{
+	uint64_t *p = buf + i * WORDS_PER_PAGE;
+	uint64_t s = page_seed(i, gen[i]);
+
+	for (unsigned k = 0; k < WORDS_PER_PAGE; k++)
+		p[k] = s + k * 0x9e3779b97f4a7c15ULL;
+}
+
+static int page_ok(uint64_t i)
+{
+	const uint64_t *p = buf + i * WORDS_PER_PAGE;
+	uint64_t s = page_seed(i, gen[i]);
+	uint64_t diff = 0;
+
+	for (unsigned k = 0; k < WORDS_PER_PAGE; k++)
+		diff |= p[k] ^ (s + k * 0x9e3779b97f4a7c15ULL);
+	return diff == 0;
+}
+
+static uint64_t parse_u64(const char *v, uint64_t dflt)
+{
+	char *end;
+	unsigned long long x;
+
+	errno = 0;
+	x = strtoull(v, &end, 10);
+	if (errno || end == v || (*end && *end != ' ' && *end != '\n'))
+		return dflt;
+	return x;
+}
+
+static void read_config(struct config *c)
+{
+	char cmdline[4096];
+	ssize_t n;
+	int fd;
+
+	c->stamp_mib = 64;
+	c->dirty_mib_s = 16;
+	c->hb_ms = 500;
+	c->verify_ms = 1000;
+	c->corrupt_after_s = -1;
+
+	fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	n = read(fd, cmdline, sizeof(cmdline) - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	cmdline[n] = 0;
+
+	for (char *tok = strtok(cmdline, " \n"); tok; tok = strtok(NULL, " \n")) {
+		if (!strncmp(tok, "vmferry.stamp_mib=", 18)) {
+			c->stamp_mib = parse_u64(tok + 18, c->stamp_mib);
+		} else if (!strncmp(tok, "vmferry.dirty_mib_s=", 20)) {
+			char *end;
+			double d = strtod(tok + 20, &end);
+
+			if (end != tok + 20 && d >= 0)
+				c->dirty_mib_s = d;
+		} else if (!strncmp(tok, "vmferry.hb_ms=", 14)) {
+			c->hb_ms = parse_u64(tok + 14, c->hb_ms);
+		} else if (!strncmp(tok, "vmferry.verify_ms=", 18)) {
+			c->verify_ms = parse_u64(tok + 18, c->verify_ms);
+		} else if (!strncmp(tok, "vmferry.corrupt_after=", 22)) {
+			c->corrupt_after_s = (int64_t)parse_u64(tok + 22, (uint64_t)-1);
+		}
+	}
+	if (c->stamp_mib == 0)
+		c->stamp_mib = 1;
+	if (c->hb_ms == 0)
+		c->hb_ms = 500;
+	if (c->verify_ms == 0)
+		c->verify_ms = 1000;
+}
+
+static uint64_t make_boot_id(void)
+{
+	uint64_t id = 0;
+	uint32_t lo, hi;
+
+	/* Early in boot the pool may not be ready; a weak id is still unique enough per boot. */
+	if (getrandom(&id, sizeof(id), GRND_NONBLOCK) == (ssize_t)sizeof(id) && id)
+		return id;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	id = ((uint64_t)hi << 32 | lo) ^ (uint64_t)time(NULL) ^ (uint64_t)now_ns();
+	return splitmix64(id) | 1;
+}
+
+static void setup_console(void)
+{
+	mkdir("/proc", 0555);
+	mkdir("/dev", 0755);
+	mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	/* Without a /dev/console node in the initramfs the kernel gave us no stdio. */
+	if (fcntl(1, F_GETFD) < 0) {
+		int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+
+		if (fd >= 0) {
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
+			if (fd > 2)
+				close(fd);
+		}
+	}
+}
+
+int main(void)
+{
+	struct config c;
+	uint64_t seq = 0, dirtied = 0, verified = 0, errors = 0;
+	uint64_t verify_cursor = 0, err_lines = 0;
+	double dirty_credit = 0, verify_credit = 0;
+	double dirty_per_ns, verify_per_ns;
+	int64_t start, last, next_tick, next_hb, corrupt_at, err_window;
+	int corrupted = 0;
+
+	setup_console();
+	read_config(&c);
+	boot_id = make_boot_id();
+	rng_state = boot_id;
+	start = now_ns();
+
+	npages = c.stamp_mib * (1024 * 1024 / PAGE_SIZE);
+	{
+		struct sysinfo si;
+
+		/* Overcommit would let mmap succeed and the OOM killer then kill PID 1 (a panic). */
+		if (sysinfo(&si) == 0) {
+			uint64_t avail = (uint64_t)si.freeram * si.mem_unit;
+
+			if (npages * (PAGE_SIZE + sizeof(*gen)) > avail / 10 * 9) {
+				out("VMFERRY-FATAL stamp_mib=%llu does not fit in %llu MiB of free guest memory\n",
+				    (unsigned long long)c.stamp_mib,
+				    (unsigned long long)(avail >> 20));
+				hang();
+			}
+		}
+	}
+	buf = mmap(NULL, npages * PAGE_SIZE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	gen = mmap(NULL, npages * sizeof(*gen), PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED || gen == MAP_FAILED) {
+		out("VMFERRY-FATAL cannot allocate %llu MiB: %s\n",
+		    (unsigned long long)c.stamp_mib, strerror(errno));
+		hang();
+	}
+	for (uint64_t i = 0; i < npages; i++) {
+		gen[i] = 1;
+		stamp_page(i);
+	}
+	out("VMFERRY-READY boot=%016llx pages=%llu stamp_ms=%lld\n",
+	    (unsigned long long)boot_id, (unsigned long long)npages,
+	    (long long)((now_ns() - start) / 1000000));
+
+	dirty_per_ns = c.dirty_mib_s * (1024.0 * 1024.0 / PAGE_SIZE) / 1e9;
+	verify_per_ns = (double)npages / ((double)c.verify_ms * 1e6);
+	last = now_ns();
+	next_tick = last;
+	next_hb = last;
+	err_window = last;
+	corrupt_at = c.corrupt_after_s >= 0 ? start + c.corrupt_after_s * 1000000000LL : -1;
+
+	for (;;) {
+		int64_t t = now_ns();
+		int64_t dt = t - last;
+
+		/* A paused or migrating VM must not come back to a burst of catch-up work. */
+		if (dt > MAX_DT_NS)
+			dt = MAX_DT_NS;
+		last = t;
+
+		dirty_credit += dirty_per_ns * (double)dt;
+		while (dirty_credit >= 1.0) {
+			uint64_t i = rng_next() % npages;
+
+			gen[i]++;
+			stamp_page(i);
+			dirtied++;
+			dirty_credit -= 1.0;
+		}
+
+		verify_credit += verify_per_ns * (double)dt;
+		while (verify_credit >= 1.0) {
+			uint64_t i = verify_cursor;
+
+			if (!page_ok(i)) {
+				errors++;
+				if (t - err_window >= 1000000000LL) {
+					err_window = t;
+					err_lines = 0;
+				}
+				if (err_lines++ < ERR_LINES_PER_SEC)
+					out("VMFERRY-ERR page=%llu gen=%u\n",
+					    (unsigned long long)i, gen[i]);
+				/* Repair, so errors counts corruption events, not passes over one bad page. */
+				gen[i]++;
+				stamp_page(i);
+			}
+			verified++;
+			verify_cursor = (verify_cursor + 1) % npages;
+			verify_credit -= 1.0;
+		}
+
+		if (corrupt_at >= 0 && !corrupted && t >= corrupt_at) {
+			uint64_t i = rng_next() % npages;
+
+			/* Behind the generation counter's back: the verifier must catch this. */
+			buf[i * WORDS_PER_PAGE + WORDS_PER_PAGE / 2] ^= 0x5a5a5a5a5a5a5a5aULL;
+			corrupted = 1;
+			out("VMFERRY-CORRUPTED page=%llu\n", (unsigned long long)i);
+		}
+
+		if (t >= next_hb) {
+			seq++;
+			out("VMFERRY-HB boot=%016llx seq=%llu dirtied=%llu verified=%llu errors=%llu up_ms=%lld\n",
+			    (unsigned long long)boot_id, (unsigned long long)seq,
+			    (unsigned long long)dirtied, (unsigned long long)verified,
+			    (unsigned long long)errors, (long long)(t / 1000000));
+			next_hb += (int64_t)c.hb_ms * 1000000LL;
+			if (next_hb <= t)
+				next_hb = t + (int64_t)c.hb_ms * 1000000LL;
+		}
+
+		next_tick += TICK_NS;
+		if (next_tick <= now_ns())
+			next_tick = now_ns() + TICK_NS;
+		sleep_until(next_tick);
+	}
+}

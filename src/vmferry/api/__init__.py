@@ -1,0 +1,1 @@
+"""The wire schema shared by the daemon's HTTP API and the client."""

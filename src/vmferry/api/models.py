@@ -1,0 +1,154 @@
+"""JSON bodies of the ``/v1`` HTTP API (pydantic), shared by daemon and client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class HostInfo(BaseModel):
+    hostname: str
+    uuid: str
+    version: str
+    qemu_version: str = ""
+    features: list[str] = Field(default_factory=list)  # e.g. "migration-v2", "migration-v3"
+
+
+class XmlBody(BaseModel):
+    xml: str
+
+
+class JobInfo(BaseModel):
+    """The job a domain holds right now (sync and async parts)."""
+
+    job: str = "none"  # sync job type
+    job_owner_api: str = ""
+    async_job: str = "none"
+    phase: str = "none"
+    async_owner_api: str = ""
+    async_started: float | None = None
+    flags: int = 0
+
+
+class DomainInfo(BaseModel):
+    name: str
+    uuid: str
+    id: int | None = None  # QEMU pid-independent run id; None when shut off
+    state: str
+    reason: str
+    persistent: bool
+    title: str = ""
+    max_memory_kib: int
+    memory_kib: int
+    vcpus: int
+    domain_type: str = "qemu"
+    job: JobInfo = Field(default_factory=JobInfo)
+
+
+class DomainStateInfo(BaseModel):
+    state: str
+    reason: str
+
+
+class ShutdownRequest(BaseModel):
+    timeout: float = 60.0  # seconds to wait for the guest to power off
+
+
+class ConsoleOutput(BaseModel):
+    offset: int  # offset of the first byte of `data` in the console log
+    next_offset: int
+    data: str
+
+
+class Event(BaseModel):
+    """One domain lifecycle event; streamed as one JSON object per line."""
+
+    type: str
+    domain: str
+    uuid: str
+    reason: str = ""
+    timestamp: float
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- migration ---------------------------------------------------------------------------------
+
+
+class MigrationRequest(BaseModel):
+    """Flags (:class:`vmferry.migration.flags.MigrateFlags` values) and parameters of a migration."""
+
+    flags: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BeginReply(BaseModel):
+    xml: str
+    cookie: str
+
+
+class PrepareRequest(MigrationRequest):
+    xml: str
+    cookie: str | None = None  # None for protocol v2
+
+
+class PrepareReply(BaseModel):
+    uri: str
+    cookie: str
+
+
+class PerformRequest(BaseModel):
+    cookie: str
+    uri: str
+
+
+class Perform2Request(MigrationRequest):
+    uri: str
+
+
+class CookieBody(BaseModel):
+    cookie: str = ""
+
+
+class FinishRequest(BaseModel):
+    cookie: str | None = None
+    cancelled: bool = False
+    v3: bool = True
+
+
+class ConfirmRequest(BaseModel):
+    cookie: str = ""
+    cancelled: bool = False
+
+
+class PeerMigrationRequest(MigrationRequest):
+    """Peer-to-peer: the source daemon runs the whole protocol against ``dest_uri``."""
+
+    dest_uri: str
+
+
+class MigrationResult(BaseModel):
+    steps: dict[str, float] = Field(default_factory=dict)  # seconds per protocol step
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStats(BaseModel):
+    """``domjobinfo``: the running (or last completed) job of a domain."""
+
+    type: str = "none"  # none | unbounded | completed | failed
+    operation: str = ""
+    phase: str = "none"
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class DowntimeBody(BaseModel):
+    downtime_ms: int
+
+
+class SpeedBody(BaseModel):
+    bandwidth_mib_s: int  # 0: unlimited

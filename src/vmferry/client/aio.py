@@ -1,0 +1,232 @@
+"""The asyncio client: :class:`AsyncClient` and its :class:`AsyncEventStream`.
+
+Same methods, arguments and errors as :class:`vmferry.client.sync.Client`,
+awaited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from vmferry.api.models import ConsoleOutput, DomainInfo, DomainStateInfo, Event, HostInfo
+from vmferry.client import calls
+from vmferry.client.calls import Call
+from vmferry.client.transport import (
+    DEFAULT_TIMEOUT,
+    Endpoint,
+    check_status,
+    parse_event_line,
+    parse_uri,
+    read_answer,
+    timeout_for,
+    transport_error,
+    transport_options,
+)
+from vmferry.errors import ErrorCode, VmferryError
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """
+    An asyncio connection to one vmferryd; see :class:`vmferry.client.sync.Client`.
+
+    Use ``async with AsyncClient(uri) as client:`` or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        pki_dir: Path | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.endpoint: Endpoint = parse_uri(uri)
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(**transport_options(self.endpoint, pki_dir)),
+            base_url=self.endpoint.base_url,
+            timeout=timeout_for(None, timeout, None),
+            trust_env=False,
+        )
+
+    @property
+    def uri(self) -> str:
+        return self.endpoint.uri
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def run(self, call: Call[T], *, request_timeout: float | None = None) -> T:
+        """Send *call* and return its parsed answer."""
+        request = self._http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json_body(),
+            timeout=timeout_for(call, self.timeout, request_timeout),
+        )
+        try:
+            response = await self._http.send(request)
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        return read_answer(self.endpoint, call, response)
+
+    # One line per API call; the requests themselves are in vmferry.client.calls.
+
+    async def host(self, *, request_timeout: float | None = None) -> HostInfo:
+        return await self.run(calls.host(), request_timeout=request_timeout)
+
+    async def list_domains(
+        self, all: bool = False, *, request_timeout: float | None = None
+    ) -> list[DomainInfo]:
+        return await self.run(calls.list_domains(all), request_timeout=request_timeout)
+
+    async def define(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.define(xml), request_timeout=request_timeout)
+
+    async def create(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.create(xml), request_timeout=request_timeout)
+
+    async def undefine(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.undefine(name), request_timeout=request_timeout)
+
+    async def start(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.start(name), request_timeout=request_timeout)
+
+    async def shutdown(
+        self,
+        name: str,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the guest's timeout, kept by the daemon
+        *,
+        request_timeout: float | None = None,
+    ) -> DomainInfo:
+        return await self.run(calls.shutdown(name, timeout), request_timeout=request_timeout)
+
+    async def destroy(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.destroy(name), request_timeout=request_timeout)
+
+    async def suspend(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.suspend(name), request_timeout=request_timeout)
+
+    async def resume(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.resume(name), request_timeout=request_timeout)
+
+    async def dominfo(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        return await self.run(calls.dominfo(name), request_timeout=request_timeout)
+
+    async def domstate(self, name: str, *, request_timeout: float | None = None) -> DomainStateInfo:
+        return await self.run(calls.domstate(name), request_timeout=request_timeout)
+
+    async def dumpxml(
+        self,
+        name: str,
+        *,
+        migratable: bool = False,
+        inactive: bool = False,
+        request_timeout: float | None = None,
+    ) -> str:
+        call = calls.dumpxml(name, migratable=migratable, inactive=inactive)
+        return await self.run(call, request_timeout=request_timeout)
+
+    async def console(
+        self, name: str, offset: int = 0, *, request_timeout: float | None = None
+    ) -> ConsoleOutput:
+        return await self.run(calls.console(name, offset), request_timeout=request_timeout)
+
+    def events(self) -> AsyncEventStream:
+        """
+        The daemon's domain events: ``async for event in client.events()``,
+        or ``async with client.events() as events:`` to be subscribed before
+        acting.  No read timeout.
+        """
+        return AsyncEventStream(self)
+
+    async def _open_stream(self, path: str) -> httpx.Response:
+        request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
+        try:
+            response = await self._http.send(request, stream=True)
+            if not response.is_success:
+                await response.aread()
+                await response.aclose()
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        check_status(self.endpoint, "GET", path, response)
+        return response
+
+
+class AsyncEventStream(AsyncIterator[Event]):
+    """The asyncio twin of :class:`vmferry.client.sync.EventStream`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._response: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._pending: list[str] = []
+        self._closed = False
+
+    async def open(self) -> AsyncEventStream:
+        """Subscribe now and wait until the daemon confirms (its first line)."""
+        if self._closed:
+            raise VmferryError(ErrorCode.OPERATION_INVALID, "the event stream is closed")
+        if self._response is None:
+            self._response = await self._client._open_stream(calls.EVENTS_PATH)
+            self._lines = self._response.aiter_lines()
+            line = await self._next_line()
+            if line:
+                self._pending.append(line)
+        return self
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._response is not None:
+            await self._response.aclose()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.open()
+        while True:
+            line = self._pending.pop(0) if self._pending else await self._next_line()
+            if line is None:
+                raise StopAsyncIteration
+            event = parse_event_line(self._client.endpoint, line)
+            if event is not None:
+                return event
+
+    async def _next_line(self) -> str | None:
+        assert self._lines is not None
+        try:
+            return await anext(self._lines, None)
+        except httpx.TransportError as exc:
+            raise transport_error(self._client.endpoint, exc) from exc

@@ -1,0 +1,258 @@
+"""The blocking client: :class:`Client` and its :class:`EventStream`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from vmferry.api.models import ConsoleOutput, DomainInfo, DomainStateInfo, Event, HostInfo
+from vmferry.client import calls
+from vmferry.client.calls import Call
+from vmferry.client.transport import (
+    DEFAULT_TIMEOUT,
+    Endpoint,
+    check_status,
+    parse_event_line,
+    parse_uri,
+    read_answer,
+    timeout_for,
+    transport_error,
+    transport_options,
+)
+from vmferry.errors import ErrorCode, VmferryError
+
+T = TypeVar("T")
+
+
+class Client:
+    """
+    A blocking connection to one vmferryd.
+
+    :param uri: ``unix:///path.sock``, ``tls://host:port`` or ``tcp://host:port``.
+    :param pki_dir: TLS files for ``tls://`` (default ``$VMFERRY_PKI_DIR``,
+        else ``~/.config/vmferry/pki``).
+    :param timeout: Seconds to wait for each answer (``None``: forever);
+        every method takes ``request_timeout`` to override it once.
+    :raise VmferryError: ``INVALID_ARG`` for a bad URI or missing TLS files.
+
+    Nothing is sent until the first call; connection failures raise
+    ``CONNECT_FAILED`` from there.  Errors of the daemon are raised as the
+    daemon's :class:`VmferryError`, code and message unchanged.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        pki_dir: Path | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.endpoint: Endpoint = parse_uri(uri)
+        self.timeout = timeout
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(**transport_options(self.endpoint, pki_dir)),
+            base_url=self.endpoint.base_url,
+            timeout=timeout_for(None, timeout, None),
+            trust_env=False,
+        )
+
+    @property
+    def uri(self) -> str:
+        return self.endpoint.uri
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def run(self, call: Call[T], *, request_timeout: float | None = None) -> T:
+        """Send *call* and return its parsed answer."""
+        request = self._http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json_body(),
+            timeout=timeout_for(call, self.timeout, request_timeout),
+        )
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        return read_answer(self.endpoint, call, response)
+
+    # One line per API call; the requests themselves are in vmferry.client.calls.
+
+    def host(self, *, request_timeout: float | None = None) -> HostInfo:
+        """The daemon's host: name, UUID, versions, features."""
+        return self.run(calls.host(), request_timeout=request_timeout)
+
+    def list_domains(
+        self, all: bool = False, *, request_timeout: float | None = None
+    ) -> list[DomainInfo]:
+        """Running domains, or with *all* also the defined, inactive ones."""
+        return self.run(calls.list_domains(all), request_timeout=request_timeout)
+
+    def define(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Define (or redefine) a persistent domain from its XML."""
+        return self.run(calls.define(xml), request_timeout=request_timeout)
+
+    def create(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Create and start a transient domain from its XML."""
+        return self.run(calls.create(xml), request_timeout=request_timeout)
+
+    def undefine(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Remove a domain's definition (a running domain becomes transient)."""
+        return self.run(calls.undefine(name), request_timeout=request_timeout)
+
+    def start(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Start a defined, inactive domain."""
+        return self.run(calls.start(name), request_timeout=request_timeout)
+
+    def shutdown(
+        self, name: str, timeout: float = 60.0, *, request_timeout: float | None = None
+    ) -> DomainInfo:
+        """Ask the guest to power off and wait up to *timeout* seconds for it."""
+        return self.run(calls.shutdown(name, timeout), request_timeout=request_timeout)
+
+    def destroy(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Stop a domain at once (kill its QEMU)."""
+        return self.run(calls.destroy(name), request_timeout=request_timeout)
+
+    def suspend(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Pause a running domain's vCPUs."""
+        return self.run(calls.suspend(name), request_timeout=request_timeout)
+
+    def resume(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Let a paused domain run again."""
+        return self.run(calls.resume(name), request_timeout=request_timeout)
+
+    def dominfo(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """One domain (by name or UUID)."""
+        return self.run(calls.dominfo(name), request_timeout=request_timeout)
+
+    def domstate(self, name: str, *, request_timeout: float | None = None) -> DomainStateInfo:
+        """A domain's state and its reason."""
+        return self.run(calls.domstate(name), request_timeout=request_timeout)
+
+    def dumpxml(
+        self,
+        name: str,
+        *,
+        migratable: bool = False,
+        inactive: bool = False,
+        request_timeout: float | None = None,
+    ) -> str:
+        """A domain's XML: live, *inactive* (the definition) or *migratable*."""
+        call = calls.dumpxml(name, migratable=migratable, inactive=inactive)
+        return self.run(call, request_timeout=request_timeout)
+
+    def console(
+        self, name: str, offset: int = 0, *, request_timeout: float | None = None
+    ) -> ConsoleOutput:
+        """Serial console output captured since the domain started, from *offset* on."""
+        return self.run(calls.console(name, offset), request_timeout=request_timeout)
+
+    def events(self) -> EventStream:
+        """
+        The daemon's domain events, as they happen.
+
+        Iterate it directly, or enter it (``with client.events() as events:``)
+        to be sure the subscription is in place before you act on a domain.
+        The stream has no read timeout.
+        """
+        return EventStream(self)
+
+    def _open_stream(self, path: str) -> httpx.Response:
+        request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
+        try:
+            response = self._http.send(request, stream=True)
+            if not response.is_success:
+                response.read()
+                response.close()
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        check_status(self.endpoint, "GET", path, response)
+        return response
+
+
+class EventStream(Iterator[Event]):
+    """
+    The NDJSON event stream of ``/v1/events``; iterate it for :class:`Event`.
+
+    Iteration ends when the daemon ends the stream; a broken connection
+    raises ``CONNECT_FAILED``.  :meth:`close` (or leaving the ``with``
+    block) unsubscribes.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._response: httpx.Response | None = None
+        self._lines: Iterator[str] | None = None
+        self._pending: list[str] = []
+        self._closed = False
+
+    def open(self) -> EventStream:
+        """
+        Subscribe now and wait until the daemon confirms (its first line);
+        iterating subscribes by itself if this was not called.
+        """
+        if self._closed:
+            raise VmferryError(ErrorCode.OPERATION_INVALID, "the event stream is closed")
+        if self._response is None:
+            self._response = self._client._open_stream(calls.EVENTS_PATH)
+            self._lines = self._response.iter_lines()
+            line = self._next_line()
+            if line:
+                self._pending.append(line)
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        if self._response is not None:
+            self._response.close()
+
+    def __enter__(self) -> EventStream:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> Event:
+        if self._closed:
+            raise StopIteration
+        self.open()
+        while True:
+            line = self._pending.pop(0) if self._pending else self._next_line()
+            if line is None:
+                raise StopIteration
+            event = parse_event_line(self._client.endpoint, line)
+            if event is not None:
+                return event
+
+    def _next_line(self) -> str | None:
+        assert self._lines is not None
+        try:
+            return next(self._lines, None)
+        except httpx.TransportError as exc:
+            raise transport_error(self._client.endpoint, exc) from exc

@@ -1,0 +1,232 @@
+"""Where vmferryd is and how its answers become values or :class:`VmferryError`.
+
+A vmferryd URI names one listener of the daemon:
+
+    unix:///run/vmferry/vmferryd.sock   HTTP over a unix socket
+    tls://host:port                     HTTPS with mutual TLS (``vmferry.pki``)
+    tcp://host:port                     plain HTTP (the daemon decides whether it allows that)
+
+Nothing here does I/O: :class:`~vmferry.client.sync.Client` and
+:class:`~vmferry.client.aio.AsyncClient` both use these helpers, so URI
+rules and error mapping are the same for both.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypedDict, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from vmferry.api.models import Event
+from vmferry.client.calls import Call
+from vmferry.errors import ErrorCode, VmferryError
+
+T = TypeVar("T")
+
+#: Seconds to wait for an answer unless told otherwise; generous because
+#: shutdown and the steps of a migration take long.
+DEFAULT_TIMEOUT = 120.0
+#: Connecting never needs long; a dead host should fail fast.
+CONNECT_TIMEOUT = 15.0
+
+PKI_DIR_ENV = "VMFERRY_PKI_DIR"
+DEFAULT_PKI_DIR = Path("~/.config/vmferry/pki")
+
+Scheme = Literal["unix", "tls", "tcp"]
+_EXAMPLES = "unix:///path/to/vmferryd.sock, tls://host:port or tcp://host:port"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed vmferryd URI."""
+
+    uri: str
+    scheme: Scheme
+    socket_path: str = ""  # unix only
+    host: str = ""  # tls and tcp
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        """The URL httpx sends requests to (the host part names the TLS peer)."""
+        if self.scheme == "unix":
+            return "http://vmferry"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        proto = "https" if self.scheme == "tls" else "http"
+        return f"{proto}://{host}:{self.port}"
+
+
+def parse_uri(uri: str) -> Endpoint:
+    """
+    Parse a vmferryd URI.
+
+    :raise VmferryError: ``INVALID_ARG`` if *uri* is not one of the three forms.
+    """
+
+    def bad(why: str) -> VmferryError:
+        return VmferryError(ErrorCode.INVALID_ARG, f"invalid vmferryd URI '{uri}': {why}")
+
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
+    if parts.query or parts.fragment:
+        raise bad("no query or fragment allowed")
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise bad("expected unix:///absolute/path.sock (three slashes)")
+        return Endpoint(uri, "unix", socket_path=parts.path)
+    if parts.scheme in ("tls", "tcp"):
+        if not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise bad(f"expected {parts.scheme}://host:port")
+        if parts.username or parts.password:
+            raise bad("no user or password allowed")
+        scheme: Scheme = "tls" if parts.scheme == "tls" else "tcp"
+        return Endpoint(uri, scheme, host=parts.hostname, port=port)
+    raise bad(f"unsupported scheme '{parts.scheme}': use {_EXAMPLES}")
+
+
+def resolve_pki_dir(pki_dir: Path | str | None) -> Path:
+    """*pki_dir*, else ``$VMFERRY_PKI_DIR``, else ``~/.config/vmferry/pki``."""
+    if pki_dir is not None:
+        return Path(pki_dir).expanduser()
+    env = os.environ.get(PKI_DIR_ENV)
+    return Path(env).expanduser() if env else DEFAULT_PKI_DIR.expanduser()
+
+
+class TransportOptions(TypedDict):
+    """Keyword arguments shared by ``httpx.HTTPTransport`` and ``httpx.AsyncHTTPTransport``."""
+
+    uds: str | None
+    verify: ssl.SSLContext | bool
+    trust_env: bool
+    retries: int
+
+
+def transport_options(endpoint: Endpoint, pki_dir: Path | str | None) -> TransportOptions:
+    """How to reach *endpoint*; loads the TLS files only for ``tls://``."""
+    verify: ssl.SSLContext | bool = False
+    if endpoint.scheme == "tls":
+        # Lazy: plain unix-socket users need neither the PKI files nor cryptography.
+        from vmferry.pki import client_ssl_context
+
+        verify = client_ssl_context(resolve_pki_dir(pki_dir))
+    return TransportOptions(
+        uds=endpoint.socket_path or None,
+        verify=verify,
+        trust_env=False,  # proxies from the environment must not reroute daemon traffic
+        retries=0,
+    )
+
+
+def timeout_for(
+    call: Call[Any] | None, default: float | None, override: float | None
+) -> httpx.Timeout:
+    """
+    The timeout of one request: *override*, else the client's *default*,
+    raised to the call's own minimum (e.g. a shutdown's guest timeout).
+    ``None`` as the result disables the read timeout (streams).
+    """
+    seconds = override if override is not None else default
+    if seconds is not None and call is not None and call.min_timeout is not None:
+        seconds = max(seconds, call.min_timeout)
+    connect = CONNECT_TIMEOUT if seconds is None else min(seconds, CONNECT_TIMEOUT)
+    return httpx.Timeout(seconds, connect=connect)
+
+
+def transport_error(endpoint: Endpoint, exc: httpx.TransportError) -> VmferryError:
+    """Map an httpx failure to a :class:`VmferryError` naming the daemon."""
+    reason = _reason(exc)
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return VmferryError(
+            ErrorCode.CONNECT_FAILED, f"cannot connect to vmferryd at {endpoint.uri}: {reason}"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return VmferryError(
+            ErrorCode.OPERATION_TIMEOUT,
+            f"no answer from vmferryd at {endpoint.uri} in time ({reason}); "
+            "the operation may still complete: check the domain's state",
+        )
+    return VmferryError(
+        ErrorCode.CONNECT_FAILED, f"lost connection to vmferryd at {endpoint.uri}: {reason}"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    # httpx wraps httpcore's error, which wraps the OSError: its text is what a user recognises.
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+def check_status(endpoint: Endpoint, method: str, path: str, response: httpx.Response) -> None:
+    """
+    Raise the daemon's error for a non-2xx *response* (its body must be read).
+
+    A ``{"code", "message"}`` body is raised unchanged; anything else (a
+    proxy, an older daemon without the route) gets a code of its own.
+    """
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if (
+        isinstance(body, dict)
+        and isinstance(body.get("code"), str)
+        and isinstance(body.get("message"), str)
+    ):
+        raise VmferryError.from_dict(body)
+    status = response.status_code
+    if status in (404, 405):
+        raise VmferryError(
+            ErrorCode.NO_SUPPORT,
+            f"vmferryd at {endpoint.uri} does not support {method} {path} (HTTP {status})",
+        )
+    text = response.text.strip()[:200]
+    raise VmferryError(
+        ErrorCode.INTERNAL_ERROR,
+        f"unexpected answer from vmferryd at {endpoint.uri} to {method} {path}: "
+        f"HTTP {status} {text}",
+    )
+
+
+def read_answer(endpoint: Endpoint, call: Call[T], response: httpx.Response) -> T:
+    """The value of a complete (read) *response* to *call*, or the daemon's error."""
+    check_status(endpoint, call.method, call.path, response)
+    try:
+        return call.parse(response.json())
+    except ValueError as exc:  # also pydantic's ValidationError
+        raise _garbled(endpoint, f"{call.method} {call.path}", exc) from exc
+
+
+def parse_event_line(endpoint: Endpoint, line: str) -> Event | None:
+    """One NDJSON line of ``/v1/events``; ``None`` for a blank (keep-alive) line."""
+    if not line.strip():
+        return None
+    try:
+        return Event.model_validate_json(line)
+    except ValidationError as exc:
+        raise _garbled(endpoint, "the event stream", exc) from exc
+
+
+def _garbled(endpoint: Endpoint, what: str, exc: Exception) -> VmferryError:
+    return VmferryError(
+        ErrorCode.INTERNAL_ERROR,
+        f"unexpected answer from vmferryd at {endpoint.uri} to {what}: {exc}",
+    )

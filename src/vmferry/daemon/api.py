@@ -1,0 +1,135 @@
+"""The ``/v1`` HTTP API of vmferryd (FastAPI), a thin skin over :class:`Driver`.
+
+Routes only translate: every rule lives in the driver and the layers below.
+Errors leave as ``{"code": ..., "message": ...}`` with the driver's text unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from vmferry import __version__
+from vmferry.api.models import (
+    ConsoleOutput,
+    DomainInfo,
+    DomainStateInfo,
+    HostInfo,
+    ShutdownRequest,
+    XmlBody,
+)
+from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate_api import migration_routes
+from vmferry.errors import ErrorCode, VmferryError
+
+log = logging.getLogger(__name__)
+
+
+def _error_response(err: VmferryError) -> JSONResponse:
+    return JSONResponse(status_code=err.http_status, content=err.to_dict())
+
+
+def create_app(driver: MigrationDriver) -> FastAPI:
+    app = FastAPI(title="vmferryd", version=__version__)
+    app.state.driver = driver
+
+    @app.exception_handler(VmferryError)
+    async def _vmferry_error(request: Request, err: VmferryError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(
+            VmferryError(ErrorCode.INVALID_ARG, f"invalid request: {where}: {first.get('msg', '')}")
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error in %s %s", request.method, request.url.path)
+        return _error_response(VmferryError(ErrorCode.INTERNAL_ERROR, f"internal error: {err}"))
+
+    app.include_router(domain_routes(driver))
+    app.include_router(migration_routes(driver))
+    return app
+
+
+def domain_routes(driver: MigrationDriver) -> APIRouter:
+    r = APIRouter(prefix="/v1")
+
+    @r.get("/host")
+    async def host() -> HostInfo:
+        return driver.host_info()
+
+    @r.get("/domains")
+    async def list_domains(all: bool = False) -> list[DomainInfo]:
+        return [driver.info(d) for d in driver.domains() if all or d.active]
+
+    @r.post("/domains")
+    async def define(body: XmlBody) -> DomainInfo:
+        return driver.info(await driver.define(body.xml))
+
+    @r.post("/domains/create")
+    async def create(body: XmlBody) -> DomainInfo:
+        return driver.info(await driver.create(body.xml))
+
+    @r.get("/domains/{name}")
+    async def dominfo(name: str) -> DomainInfo:
+        return driver.info(driver.lookup(name))
+
+    @r.delete("/domains/{name}")
+    async def undefine(name: str) -> DomainInfo:
+        return driver.info(await driver.undefine(driver.lookup(name)))
+
+    @r.post("/domains/{name}/start")
+    async def start(name: str) -> DomainInfo:
+        return driver.info(await driver.start(driver.lookup(name)))
+
+    @r.post("/domains/{name}/shutdown")
+    async def shutdown(name: str, body: ShutdownRequest | None = None) -> DomainInfo:
+        timeout = (body or ShutdownRequest()).timeout
+        return driver.info(await driver.shutdown(driver.lookup(name), timeout))
+
+    @r.post("/domains/{name}/destroy")
+    async def destroy(name: str) -> DomainInfo:
+        return driver.info(await driver.destroy(driver.lookup(name)))
+
+    @r.post("/domains/{name}/suspend")
+    async def suspend(name: str) -> DomainInfo:
+        return driver.info(await driver.suspend(driver.lookup(name)))
+
+    @r.post("/domains/{name}/resume")
+    async def resume(name: str) -> DomainInfo:
+        return driver.info(await driver.resume(driver.lookup(name)))
+
+    @r.get("/domains/{name}/state")
+    async def domstate(name: str) -> DomainStateInfo:
+        dom = driver.lookup(name)
+        return DomainStateInfo(state=str(dom.state), reason=dom.reason)
+
+    @r.get("/domains/{name}/xml")
+    async def dumpxml(name: str, migratable: bool = False, inactive: bool = False) -> XmlBody:
+        dom = driver.lookup(name)
+        return XmlBody(xml=driver.dumpxml(dom, migratable=migratable, inactive=inactive))
+
+    @r.get("/domains/{name}/console")
+    async def console(name: str, offset: int = 0) -> ConsoleOutput:
+        return driver.console(driver.lookup(name), offset)
+
+    @r.get("/events")
+    async def events(request: Request) -> StreamingResponse:
+        async def stream() -> AsyncIterator[bytes]:
+            async with driver.events.subscribe() as queue:
+                yield b"\n"  # lets the client know the subscription is in place
+                while True:
+                    event = await queue.get()
+                    yield event.model_dump_json().encode() + b"\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    return r

@@ -1,0 +1,424 @@
+"""The daemon's domain driver: every lifecycle API, under the job rules.
+
+libvirt's ``qemu_driver.c``: looks a domain up, takes the job an API needs,
+persists, then acts through :class:`~vmferry.qemu.lifecycle.Lifecycle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vmferry import __version__
+from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
+from vmferry.daemon.config import DaemonConfig
+from vmferry.daemon.events import EventBus
+from vmferry.daemon.host import HostIdentity
+from vmferry.daemon.sessions import Sessions
+from vmferry.daemon.state import StateDir, atomic_write
+from vmferry.domain.model import DomainDef
+from vmferry.domain.state import DomainState, EventType, ShutoffReason
+from vmferry.domain.xml import format_domain_xml, parse_domain_xml
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.jobs import DomainJob, Job
+from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.lifecycle import Lifecycle, RunPaths
+
+log = logging.getLogger(__name__)
+
+_CONSOLE_CHUNK = 1 << 20
+# SIGTERM lets QEMU flush disks; SIGKILL follows if it takes longer (libvirt waits 10 s).
+DESTROY_GRACE_S = 5.0
+
+
+class Driver:
+    """All domains of this host and the APIs that act on them."""
+
+    def __init__(self, state: StateDir, config: DaemonConfig, host: HostIdentity) -> None:
+        self.state = state
+        self.config = config
+        self.host = host
+        self.events = EventBus()
+        self._domains: dict[str, QemuDomain] = {}  # by uuid
+        self.lifecycle = Lifecycle(
+            paths_for=self._paths_for,
+            emulator=config.qemu.emulator,
+            emit=self._emit,
+            on_stopped=self._on_stopped,
+        )
+        self.qemu_version = ""
+        self.sessions = Sessions(self._session_closed)
+        self._ports_in_use: set[int] = set()
+        # completed-job statistics of domains that left this host (domjobinfo --completed)
+        self.last_completed: dict[str, dict[str, Any]] = {}
+
+    # -- what the migration layer needs (vmferry.migration.host.MigrationHost) ---------------
+
+    @property
+    def host_uuid(self) -> str:
+        return self.host.uuid
+
+    @property
+    def hostname(self) -> str:
+        return self.host.hostname
+
+    def unpersist_definition(self, dom: QemuDomain) -> None:
+        self.state.remove(self.state.definition_path(dom.name))
+        dom.persistent = None
+        dom.save()
+
+    def acquire_port(self) -> int:
+        cfg = self.config.migration
+        for port in range(cfg.port_min, cfg.port_max + 1):
+            if port in self._ports_in_use:
+                continue
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("", port))
+                except OSError:
+                    continue
+            self._ports_in_use.add(port)
+            return port
+        raise VmferryError(
+            ErrorCode.NO_FREE_PORT,
+            f"no free migration port in {cfg.port_min}-{cfg.port_max} "
+            "(set [migration] port_min/port_max)",
+        )
+
+    def release_port(self, port: int) -> None:
+        self._ports_in_use.discard(port)
+
+    def migration_address(self, requested: str) -> str:
+        return requested or self.config.migration.listen_address or "127.0.0.1"
+
+    def bind_session(self, session: str, dom: QemuDomain) -> None:
+        if not self.sessions.is_open(session):
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID, f"client session {session} is not open"
+            )
+        self.sessions.bind(session, dom.uuid)
+        dom.bound_session = session
+        dom.save()
+
+    def unbind_session(self, dom: QemuDomain) -> None:
+        if dom.bound_session:
+            self.sessions.unbind(dom.bound_session, dom.uuid)
+            dom.bound_session = ""
+            dom.save()
+
+    async def _session_closed(self, session: str, bound: set[str]) -> None:
+        """libvirt's close callbacks: a client left in the middle of a migration."""
+        for uuid in bound:
+            dom = self._domains.get(uuid)
+            if dom is None or dom.bound_session != session:
+                continue
+            dom.bound_session = ""
+            try:
+                await self.session_lost(dom)
+            except Exception:
+                log.exception("cleaning up after the client of %s left", dom.name)
+
+    async def session_lost(self, dom: QemuDomain) -> None:
+        """Overridden by the migration service."""
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def _paths_for(self, name: str) -> RunPaths:
+        return RunPaths(
+            qmp_socket=self.state.qmp_socket(name),
+            console_log=self.state.console_log(name),
+            qemu_log=self.state.qemu_log(name),
+        )
+
+    def domains(self) -> Iterator[QemuDomain]:
+        return iter(sorted(self._domains.values(), key=lambda d: d.name))
+
+    def lookup(self, key: str) -> QemuDomain:
+        """Find a domain by name or UUID."""
+        dom = self._domains.get(key.lower())
+        if dom is None:
+            dom = next((d for d in self._domains.values() if d.name == key), None)
+        if dom is None:
+            raise VmferryError(
+                ErrorCode.NO_DOMAIN, f"Domain not found: no domain with matching name '{key}'"
+            )
+        return dom
+
+    def find(self, name: str, uuid: str) -> QemuDomain | None:
+        """The domain clashing with *name* or *uuid*, if any."""
+        return self._domains.get(uuid) or next(
+            (d for d in self._domains.values() if d.name == name), None
+        )
+
+    def add(self, definition: DomainDef, persistent: DomainDef | None) -> QemuDomain:
+        """Register a new domain object; the caller has checked for clashes."""
+        dom = QemuDomain(
+            definition=definition,
+            persistent=persistent,
+            job=DomainJob(definition.name, wait_timeout=self.config.jobs.wait_timeout),
+            save_status=self._save_status,
+        )
+        dom.job.on_change = dom.save
+        self._domains[definition.uuid] = dom
+        return dom
+
+    def remove(self, dom: QemuDomain) -> None:
+        if dom.completed_job:
+            self.last_completed[dom.name] = dom.completed_job
+        self._domains.pop(dom.uuid, None)
+
+    def check_clash(self, definition: DomainDef, *, allow_inactive_same: bool) -> QemuDomain | None:
+        """libvirt's virDomainObjListAdd rules: one name, one uuid, no clash with a running domain."""
+        other = self.find(definition.name, definition.uuid)
+        if other is None:
+            return None
+        if other.uuid != definition.uuid:
+            raise VmferryError(
+                ErrorCode.DOMAIN_EXISTS,
+                f"domain '{definition.name}' already exists with uuid {other.uuid}",
+            )
+        if other.name != definition.name:
+            raise VmferryError(
+                ErrorCode.DOMAIN_EXISTS,
+                f"domain '{other.name}' is already defined with uuid {other.uuid}",
+            )
+        if other.active and not allow_inactive_same:
+            raise VmferryError(
+                ErrorCode.DOMAIN_EXISTS, f"domain '{other.name}' is already active"
+            )
+        return other
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def _save_status(self, dom: QemuDomain) -> None:
+        path = self.state.status_path(dom.name)
+        if not dom.active and dom.job.async_job == "none":
+            self.state.remove(path)
+            return
+        self.state.write_json(path, self.status_of(dom))
+
+    @staticmethod
+    def status_of(dom: QemuDomain) -> dict[str, Any]:
+        return {
+            "name": dom.name,
+            "uuid": dom.uuid,
+            "state": str(dom.state),
+            "reason": dom.reason,
+            "pid": dom.process.pid if dom.process is not None else None,
+            "run_id": dom.run_id,
+            "persistent": dom.persistent is not None,
+            "job": dom.job.to_status(),
+            "bound_session": dom.bound_session,
+            "xml": format_domain_xml(dom.definition),
+        }
+
+    def persist_definition(self, definition: DomainDef) -> None:
+        atomic_write(self.state.definition_path(definition.name), format_domain_xml(definition))
+
+    def _on_stopped(self, dom: QemuDomain) -> None:
+        self.state.remove(self.state.status_path(dom.name))
+        if dom.persistent is None:
+            self.remove(dom)
+        else:
+            dom.definition = dom.persistent
+
+    def _emit(self, dom: QemuDomain, kind: EventType, reason: str, detail: dict[str, Any]) -> None:
+        self.events.publish(
+            Event(
+                type=str(kind),
+                domain=dom.name,
+                uuid=dom.uuid,
+                reason=reason,
+                timestamp=time.time(),
+                detail=detail,
+            )
+        )
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load definitions, then re-attach to every QEMU left running by an earlier daemon."""
+        self.state.ensure()
+        for name in self.state.list_definitions():
+            text = self.state.read_text(self.state.definition_path(name))
+            if text is None:
+                continue
+            try:
+                definition = parse_domain_xml(text)
+            except VmferryError as err:
+                log.error("skipping definition %s: %s", name, err.message)
+                continue
+            self.add(definition, definition)
+        for name in self.state.list_statuses():
+            await self._reconnect(name)
+
+    async def _reconnect(self, name: str) -> None:
+        path = self.state.status_path(name)
+        status = self.state.read_json(path)
+        live = parse_domain_xml(str(status["xml"]))
+        dom = self.find(live.name, live.uuid)
+        if dom is None:
+            dom = self.add(live, None)
+        else:
+            dom.definition = live
+        dom.state = DomainState(status["state"])
+        dom.reason = str(status["reason"])
+        dom.run_id = status.get("run_id")
+        dom.bound_session = str(status.get("bound_session", ""))
+        pid = status.get("pid")
+        alive = await self.lifecycle.reconnect(dom, int(pid) if pid is not None else None)
+        job = status.get("job") or {}
+        if alive and job.get("async_job", "none") != "none":
+            await self.recover_job(dom, job)
+
+    async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
+        """Resolve an async job interrupted by the restart (overridden by the migration layer)."""
+        log.warning("dropping interrupted job %s of domain %s", job, dom.name)
+        dom.save()
+
+    async def close(self) -> None:
+        """Let go of every QEMU without stopping it: guests outlive the daemon."""
+        for dom in list(self._domains.values()):
+            if dom.monitor is not None:
+                dom.stopping = True
+                await dom.monitor.close()
+            if dom.process is not None:
+                dom.process.close()
+        await self.lifecycle.close()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def host_info(self) -> HostInfo:
+        return HostInfo(
+            hostname=self.host.hostname,
+            uuid=self.host.uuid,
+            version=__version__,
+            qemu_version=self.qemu_version,
+            features=["migration-v2", "migration-v3", "migration-p2p", "migration-offline"],
+        )
+
+    @staticmethod
+    def info(dom: QemuDomain) -> DomainInfo:
+        d = dom.definition
+        return DomainInfo(
+            name=d.name,
+            uuid=d.uuid,
+            id=dom.run_id,
+            state=str(dom.state),
+            reason=dom.reason,
+            persistent=dom.persistent is not None,
+            title=d.title or "",
+            max_memory_kib=d.memory_kib,
+            memory_kib=d.current_memory_kib,
+            vcpus=d.vcpus,
+            domain_type=d.type,
+            job=JobInfo(**dom.job.info()),
+        )
+
+    def dumpxml(self, dom: QemuDomain, *, migratable: bool, inactive: bool) -> str:
+        definition = dom.persistent if inactive and dom.persistent is not None else dom.definition
+        return format_domain_xml(definition, migratable=migratable)
+
+    def console(self, dom: QemuDomain, offset: int) -> ConsoleOutput:
+        path = self.state.console_log(dom.name)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = min(max(offset, 0), size)
+                f.seek(start)
+                data = f.read(_CONSOLE_CHUNK)
+        except FileNotFoundError:
+            return ConsoleOutput(offset=0, next_offset=0, data="")
+        return ConsoleOutput(
+            offset=start, next_offset=start + len(data), data=data.decode("utf-8", "replace")
+        )
+
+    # -- lifecycle APIs -----------------------------------------------------------------------
+
+    async def define(self, xml: str) -> QemuDomain:
+        definition = parse_domain_xml(xml)
+        existing = self.check_clash(definition, allow_inactive_same=True)
+        if existing is None:
+            self.persist_definition(definition)
+            dom = self.add(definition, definition)
+        else:
+            dom = existing
+            async with dom.job.acquire(Job.MODIFY, "define"):
+                self.persist_definition(definition)
+                dom.persistent = definition
+                if not dom.active:
+                    dom.definition = definition
+        self._emit(dom, EventType.DEFINED, "added" if existing is None else "updated", {})
+        return dom
+
+    async def undefine(self, dom: QemuDomain) -> QemuDomain:
+        async with dom.job.acquire(Job.MODIFY, "undefine"):
+            if dom.persistent is None:
+                raise VmferryError(
+                    ErrorCode.OPERATION_INVALID, f"cannot undefine transient domain '{dom.name}'"
+                )
+            self.state.remove(self.state.definition_path(dom.name))
+            dom.persistent = None
+            if not dom.active and dom.job.async_job == "none":
+                self.remove(dom)
+            else:
+                dom.save()
+        self._emit(dom, EventType.UNDEFINED, "removed", {})
+        return dom
+
+    async def create(self, xml: str) -> QemuDomain:
+        definition = parse_domain_xml(xml)
+        existing = self.check_clash(definition, allow_inactive_same=True)
+        dom = existing if existing is not None else self.add(definition, None)
+        async with dom.job.acquire(Job.MODIFY, "create"):
+            dom.definition = definition
+            await self.lifecycle.start(dom)
+        return dom
+
+    async def start(self, dom: QemuDomain) -> QemuDomain:
+        async with dom.job.acquire(Job.MODIFY, "start"):
+            await self.lifecycle.start(dom)
+        return dom
+
+    async def shutdown(self, dom: QemuDomain, timeout: float) -> QemuDomain:
+        async with dom.job.acquire(Job.MODIFY, "shutdown"):
+            mon = dom.require_monitor()
+            await mon.execute("system_powerdown")
+        if not await dom.wait_for(lambda: not dom.active, timeout):
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"domain '{dom.name}' did not shut down within {timeout:g} s; "
+                "the guest may ignore ACPI power button events (use destroy)",
+            )
+        return dom
+
+    async def destroy(self, dom: QemuDomain) -> QemuDomain:
+        async with dom.job.acquire(Job.DESTROY, "destroy"):
+            dom.require_active()
+            await self.lifecycle.stop(dom, ShutoffReason.DESTROYED, grace=DESTROY_GRACE_S)
+        return dom
+
+    async def suspend(self, dom: QemuDomain) -> QemuDomain:
+        async with dom.job.acquire(Job.SUSPEND, "suspend"):
+            mon = dom.require_monitor()
+            if dom.state == DomainState.PAUSED:
+                return dom
+            dom.pending_pause_reason = "user"
+            await mon.execute("stop")
+            await dom.wait_for(lambda: dom.state == DomainState.PAUSED, 5.0)
+        return dom
+
+    async def resume(self, dom: QemuDomain) -> QemuDomain:
+        async with dom.job.acquire(Job.MODIFY, "resume"):
+            mon = dom.require_monitor()
+            if dom.state == DomainState.RUNNING:
+                return dom
+            dom.pending_resume_reason = "unpaused"
+            await mon.execute("cont")
+            await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+        return dom

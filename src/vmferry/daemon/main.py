@@ -1,0 +1,91 @@
+"""``vmferryd``: the per-host daemon that owns this host's QEMU domains."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from vmferry.daemon.api import create_app
+from vmferry.daemon.config import load_config
+from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.host import load_or_create_host_identity
+from vmferry.daemon.listen import parse_listen_uri, serve
+from vmferry.daemon.state import StateDir
+from vmferry.errors import VmferryError
+
+log = logging.getLogger("vmferryd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="vmferryd", description="vmferry host daemon: runs QEMU domains and migrates them"
+    )
+    p.add_argument("--state-dir", required=True, type=Path, help="where definitions and state live")
+    p.add_argument(
+        "--listen",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="unix:///abs/path.sock or tls://HOST:PORT (repeatable)",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plain tcp://HOST:PORT on a loopback address"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def qemu_version(emulator: str) -> str:
+    try:
+        out = subprocess.run(
+            [emulator, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise VmferryError("qemu-failed", f"cannot run QEMU binary '{emulator}': {err}") from err
+    first = out.splitlines()[0] if out else ""
+    return first.removeprefix("QEMU emulator version ").strip()
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    state = StateDir(args.state_dir.resolve())
+    state.ensure()
+    specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
+    host = load_or_create_host_identity(state, config)
+    driver = MigrationDriver(state, config, host)
+    driver.qemu_version = qemu_version(config.qemu.emulator)
+    await driver.load()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
+    try:
+        await serve(create_app(driver), specs, pki_dir=config.tls.pki_dir, stop=stop)
+    finally:
+        await driver.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        asyncio.run(run(args))
+    except VmferryError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Domain run states and their reasons, as libvirt names them (virDomainState*Reason)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class DomainState(StrEnum):
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # being shut down
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+
+
+class RunningReason(StrEnum):
+    UNKNOWN = "unknown"
+    BOOTED = "booted"
+    MIGRATED = "migrated"
+    UNPAUSED = "unpaused"
+    MIGRATION_CANCELED = "migration-canceled"
+    POSTCOPY = "post-copy"
+    POSTCOPY_FAILED = "post-copy-failed"
+
+
+class PausedReason(StrEnum):
+    UNKNOWN = "unknown"
+    USER = "user"
+    MIGRATION = "migration"
+    SHUTTING_DOWN = "shutting-down"
+    STARTING_UP = "starting-up"
+    CRASHED = "crashed"
+    IOERROR = "ioerror"
+    POSTCOPY = "post-copy"
+    POSTCOPY_FAILED = "post-copy-failed"
+    API_ERROR = "api-error"
+    # vmferry's own: the outcome of an outgoing migration is not known yet
+    # (source recovered in perform3_done and the destination cannot be asked).
+    MIGRATION_UNRESOLVED = "migration-unresolved"
+
+
+class ShutoffReason(StrEnum):
+    UNKNOWN = "unknown"
+    SHUTDOWN = "shutdown"
+    DESTROYED = "destroyed"
+    CRASHED = "crashed"
+    MIGRATED = "migrated"
+    FAILED = "failed"
+    DAEMON = "daemon"
+
+
+class ShutdownReason(StrEnum):
+    UNKNOWN = "unknown"
+    USER = "user"
+
+
+class EventType(StrEnum):
+    DEFINED = "defined"
+    UNDEFINED = "undefined"
+    STARTED = "started"
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    STOPPED = "stopped"
+    SHUTDOWN = "shutdown"
+    MIGRATION_ITERATION = "migration-iteration"
+    JOB_COMPLETED = "job-completed"

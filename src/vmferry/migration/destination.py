@@ -1,0 +1,248 @@
+"""The destination side: Prepare and Finish (both protocols).
+
+Failure rule of each step, as in libvirt:
+
+* **Prepare** fails: the incoming QEMU is killed, its port released, a domain
+  object made for it removed, the job ended.
+* **Finish** ``cancelled`` or failing: the incoming QEMU is killed (the source
+  resumes in Confirm). v3 Finish fails hard; v2 Finish is lenient once the
+  stream arrived, because the v2 source is already gone.
+* **Finish** succeeds: the guest resumes here (or stays paused with --suspend)
+  and the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from vmferry.domain.model import DomainDef
+from vmferry.domain.state import DomainState, PausedReason, RunningReason, ShutoffReason
+from vmferry.domain.xml import parse_domain_xml
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.jobs import AsyncJob
+from vmferry.migration import params as mparams
+from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.host import MigrationHost
+from vmferry.migration.params import MigrationParams
+from vmferry.migration.phase import MigrationPhase
+from vmferry.qemu.domain import QemuDomain
+
+log = logging.getLogger(__name__)
+
+# How long Finish waits for the incoming stream to complete after the source said it sent it all.
+FINISH_WAIT_S = 60.0
+
+
+async def prepare(
+    host: MigrationHost,
+    xml: str,
+    cookie_in: str | None,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    session: str = "",
+    api: str = "migrate-prepare",
+) -> tuple[str, str]:
+    """Get ready for an incoming guest; return (URI the source must send to, cookie)."""
+    params.validate(flags)
+    definition = parse_domain_xml(xml)
+    original_name = definition.name
+    if params.dname:
+        definition = replace(definition, name=params.dname)
+    if cookie_in is not None:
+        parse_cookie(
+            cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
+        )
+    existing = host.check_clash(definition, allow_inactive_same=True)
+    if existing is not None and existing.active:
+        raise VmferryError(
+            ErrorCode.DOMAIN_EXISTS, f"domain '{existing.name}' is already active on this host"
+        )
+    dom = existing if existing is not None else host.add(definition, None)
+    await dom.job.start_async(
+        AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags)
+    )
+    dom.migration.created_here = existing is None
+    dom.migration.flags = int(flags)
+    dom.migration.params = params.to_dict()
+    dom.definition = definition
+    uri = ""
+    try:
+        if not flags & MigrateFlags.OFFLINE:
+            uri = await _start_incoming(host, dom, flags, params)
+    except BaseException:
+        await _discard(host, dom)
+        raise
+    if session:
+        host.bind_session(session, dom)
+    dom.job.continue_(cleanup=_prepare_cleanup(host, dom))
+    cookie = MigrationCookie(
+        name=original_name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
+    )
+    if not flags & MigrateFlags.OFFLINE:
+        cookie.capabilities = mparams.capabilities(flags, source=False)
+    return uri, cookie.to_xml()
+
+
+async def _start_incoming(
+    host: MigrationHost, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams
+) -> str:
+    address = host.migration_address(params.listen_address)
+    port = host.acquire_port()
+    dom.migration.port = port
+    await host.lifecycle.start(dom, incoming=True)
+    mon = dom.require_monitor()
+    await mparams.apply(mon, params, flags, source=False)
+    listen = f"[{address}]" if ":" in address else address
+    await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:{port}"})
+    return f"tcp:{listen}:{port}"
+
+
+def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-untyped-def]
+    async def cleanup() -> None:
+        # The incoming QEMU died before Finish.
+        _release(host, dom)
+        dom.job.finish_async()
+        if dom.migration.created_here and dom.persistent is None:
+            host.remove(dom)
+
+    return cleanup
+
+
+def _release(host: MigrationHost, dom: QemuDomain) -> None:
+    if dom.migration.port:
+        host.release_port(dom.migration.port)
+        dom.migration.port = 0
+    host.unbind_session(dom)
+
+
+async def _discard(host: MigrationHost, dom: QemuDomain) -> None:
+    """Undo a Prepare: kill the incoming QEMU, release what it held, end the job."""
+    _release(host, dom)
+    if dom.active:
+        await host.lifecycle.stop(dom, ShutoffReason.FAILED)
+    dom.job.finish_async()
+    if dom.migration.created_here and dom.persistent is None:
+        host.remove(dom)
+    elif dom.persistent is not None:
+        dom.definition = dom.persistent
+
+
+async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
+    """The connection that prepared *dom* closed before Finish (libvirt's autodestroy)."""
+    if dom.job.async_job != AsyncJob.MIGRATION_IN or dom.job.owned:
+        return
+    log.warning("client of incoming migration of %s went away: destroying it", dom.name)
+    dom.job.start_phase(AsyncJob.MIGRATION_IN, MigrationPhase.FINISH3, "autodestroy")
+    await _discard(host, dom)
+
+
+async def finish(
+    host: MigrationHost,
+    name: str,
+    cookie_in: str | None,
+    *,
+    cancelled: bool,
+    v3: bool = True,
+    api: str = "migrate-finish",
+) -> tuple[QemuDomain | None, str]:
+    """Resume the guest that arrived, or kill it if the migration was cancelled.
+
+    Returns the domain (None when cancelled) and the cookie for Confirm.
+    """
+    dom = host.lookup(name)
+    phase = MigrationPhase.FINISH3 if v3 else MigrationPhase.FINISH2
+    dom.job.start_phase(AsyncJob.MIGRATION_IN, phase, api)
+    flags = MigrateFlags(dom.migration.flags)
+    cookie = None
+    if cookie_in:
+        cookie = parse_cookie(
+            cookie_in,
+            name=_original_name(dom, cookie_in),
+            uuid=dom.uuid,
+            local_hostuuid=host.host_uuid,
+        )
+    if cancelled:
+        await _discard(host, dom)
+        return None, ""
+    try:
+        if flags & MigrateFlags.OFFLINE:
+            _persist(host, dom, cookie, flags)
+        else:
+            await _finish_active(host, dom, cookie, flags, v3=v3)
+    except BaseException:
+        await _discard(host, dom)
+        raise
+    _release(host, dom)
+    dom.job.finish_async()
+    out = MigrationCookie(
+        name=cookie.name if cookie else dom.name,
+        uuid=dom.uuid,
+        hostname=host.hostname,
+        hostuuid=host.host_uuid,
+    )
+    if cookie is not None and "stopped" in cookie.statistics:
+        out.statistics = {"downtime": (time.time() - cookie.statistics["stopped"]) * 1000}
+    return dom, out.to_xml()
+
+
+def _original_name(dom: QemuDomain, cookie_xml: str) -> str:
+    # With --dname the cookie still carries the source's name.
+    import defusedxml.ElementTree as SafeET
+
+    return str(SafeET.fromstring(cookie_xml).findtext("name", dom.name))
+
+
+async def _finish_active(
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie: MigrationCookie | None,
+    flags: MigrateFlags,
+    *,
+    v3: bool,
+) -> None:
+    mon = dom.require_monitor()
+    done = await dom.wait_for(
+        lambda: dom.migration.status in ("completed", "failed", "cancelled")
+        or not mon.connected,
+        FINISH_WAIT_S,
+    )
+    if not mon.connected:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"domain '{dom.name}' died while receiving the migration stream",
+        )
+    if not done or dom.migration.status != "completed":
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"incoming migration of '{dom.name}' did not complete "
+            f"(status {dom.migration.status})",
+        )
+    _persist(host, dom, cookie, flags)
+    if flags & MigrateFlags.PAUSED:
+        dom.set_state(DomainState.PAUSED, PausedReason.USER)
+        return
+    dom.pending_resume_reason = RunningReason.MIGRATED
+    try:
+        await mon.execute("cont")
+    except VmferryError:
+        if v3:
+            raise
+        log.error("v2 finish: could not resume %s; leaving it paused", dom.name)
+        return
+    await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+
+
+def _persist(
+    host: MigrationHost, dom: QemuDomain, cookie: MigrationCookie | None, flags: MigrateFlags
+) -> None:
+    if not flags & MigrateFlags.PERSIST_DEST:
+        return
+    definition: DomainDef = dom.definition
+    if cookie is not None and cookie.persistent_xml:
+        definition = replace(parse_domain_xml(cookie.persistent_xml), name=dom.name)
+    host.persist_definition(definition)
+    dom.persistent = definition

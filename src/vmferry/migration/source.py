@@ -1,0 +1,299 @@
+"""The source side: Begin, Perform (v3 and v2) and Confirm.
+
+Failure rule of each step, as in libvirt:
+
+* **Begin** fails: the job ends, the guest was never touched.
+* **Perform3** fails: the migration is cancelled, the guest resumes here, the
+  job ends (the client must not Confirm; it tells Finish "cancelled").
+* **Perform3** succeeds: phase ``perform3_done``, guest paused here, job kept.
+* **Confirm3** ``cancelled``: resume the guest here. Otherwise kill the source QEMU.
+* **Perform2** (v2 has no Confirm): kill the source on success, resume on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vmferry.domain.state import DomainState, EventType, RunningReason, ShutoffReason
+from vmferry.domain.xml import check_abi_stability, format_domain_xml, parse_domain_xml
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.jobs import AsyncJob
+from vmferry.migration import params as mparams
+from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.host import MigrationHost
+from vmferry.migration.params import MigrationParams
+from vmferry.migration.phase import MigrationPhase
+from vmferry.migration.stats import completed_stats, from_query_migrate
+from vmferry.qemu.domain import QemuDomain
+
+log = logging.getLogger(__name__)
+
+_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def _cookie(host: MigrationHost, dom: QemuDomain) -> MigrationCookie:
+    return MigrationCookie(
+        name=dom.name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
+    )
+
+
+# -- Begin ------------------------------------------------------------------------------------
+
+
+async def begin(
+    host: MigrationHost,
+    dom: QemuDomain,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    api: str = "migrate-begin",
+    session: str = "",
+) -> tuple[str, str]:
+    """Start the migration-out job; return (domain XML for the destination, cookie)."""
+    params.validate(flags)
+    offline = bool(flags & MigrateFlags.OFFLINE)
+    if offline:
+        if dom.persistent is None:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID, "offline migration needs a persistent domain"
+            )
+    else:
+        dom.require_active()
+    await dom.job.start_async(
+        AsyncJob.MIGRATION_OUT, api, MigrationPhase.BEGIN3, flags=int(flags)
+    )
+    try:
+        xml = _destination_xml(dom, params, offline=offline)
+        dom.migration.flags = int(flags)
+        dom.migration.params = params.to_dict()
+        dom.migration.was_running = dom.state == DomainState.RUNNING
+        cookie = _cookie(host, dom)
+        if not offline:
+            cookie.capabilities = mparams.capabilities(flags, source=True)
+    except BaseException:
+        dom.job.finish_async()
+        raise
+    if session:
+        host.bind_session(session, dom)
+    dom.job.continue_(cleanup=_job_cleanup(dom))
+    return xml, cookie.to_xml()
+
+
+def _destination_xml(dom: QemuDomain, params: MigrationParams, *, offline: bool) -> str:
+    source_def = dom.persistent if offline and dom.persistent is not None else dom.definition
+    if not params.dest_xml:
+        return format_domain_xml(source_def, migratable=True)
+    dest_def = parse_domain_xml(params.dest_xml)
+    check_abi_stability(source_def, dest_def)
+    return format_domain_xml(dest_def, migratable=True)
+
+
+def _job_cleanup(dom: QemuDomain):  # type: ignore[no-untyped-def]
+    async def cleanup() -> None:
+        # The source QEMU died between steps: nothing left to migrate.
+        dom.job.finish_async()
+
+    return cleanup
+
+
+# -- Perform -----------------------------------------------------------------------------------
+
+
+async def perform3(
+    host: MigrationHost, dom: QemuDomain, cookie_in: str, uri: str, *, api: str = "migrate-perform"
+) -> str:
+    """Send the guest to *uri*; on success leave it paused here for Confirm."""
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
+    flags = MigrateFlags(dom.migration.flags)
+    try:
+        if not flags & MigrateFlags.OFFLINE:
+            parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
+            await _run(dom, uri, flags, MigrationParams.from_dict(dom.migration.params))
+    except BaseException:
+        await _restore_after_failure(dom, flags)
+        dom.job.finish_async()
+        raise
+    dom.job.set_phase(MigrationPhase.PERFORM3_DONE)
+    cookie = _cookie(host, dom)
+    cookie.statistics = _sent_statistics(dom)
+    if flags & MigrateFlags.PERSIST_DEST and dom.persistent is not None:
+        cookie.persistent_xml = format_domain_xml(dom.persistent, migratable=True)
+        cookie.mandatory.append("persistent")
+    dom.job.continue_(cleanup=_job_cleanup(dom))
+    return cookie.to_xml()
+
+
+async def perform2(
+    host: MigrationHost,
+    dom: QemuDomain,
+    uri: str,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    api: str = "migrate-perform2",
+) -> None:
+    """Protocol v2: migrate, then kill the source on success or resume it on failure."""
+    params.validate(flags)
+    dom.require_active()
+    await dom.job.start_async(AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags))
+    dom.migration.flags = int(flags)
+    dom.migration.params = params.to_dict()
+    dom.migration.was_running = dom.state == DomainState.RUNNING
+    try:
+        await _run(dom, uri, flags, params)
+    except BaseException:
+        await _restore_after_failure(dom, flags)
+        dom.job.finish_async()
+        raise
+    try:
+        await _complete(host, dom, flags)
+    finally:
+        dom.job.finish_async()
+
+
+async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: MigrationParams) -> None:
+    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end."""
+    mon = dom.require_monitor()
+    dom.migration.status = "setup"
+    dom.migration.iteration = 0
+    dom.migration.started = time.time()
+    dom.migration.stopped = 0.0
+    await mparams.apply(mon, params, flags, source=True)
+    if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
+        dom.pending_pause_reason = "migration"
+        await mon.execute("stop")
+    if dom.job.abort_requested:
+        raise _aborted()
+    await mon.execute("migrate", {"uri": uri})
+    try:
+        await _wait_completion(dom, params.timeout_suspend_s)
+    except BaseException:
+        if dom.monitor is not None and dom.monitor.connected:
+            await _cancel(dom)
+        raise
+
+
+async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
+    suspend_at = time.monotonic() + timeout_suspend_s if timeout_suspend_s > 0 else None
+
+    def settled() -> bool:
+        return (
+            dom.migration.status in _TERMINAL
+            or dom.job.abort_requested
+            or dom.monitor is None
+            or not dom.monitor.connected
+        )
+
+    while True:
+        left = None if suspend_at is None else max(0.0, suspend_at - time.monotonic())
+        await dom.wait_for(settled, left)
+        if dom.monitor is None or not dom.monitor.connected:
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"domain '{dom.name}' unexpectedly shut down during migration",
+            )
+        if dom.job.abort_requested:
+            raise _aborted()
+        status = dom.migration.status
+        if status == "completed":
+            info = await dom.monitor.execute("query-migrate")
+            dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
+            return
+        if status in ("failed", "cancelled"):
+            info = await dom.monitor.execute("query-migrate")
+            desc = info.get("error-desc", "") if isinstance(info, dict) else ""
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"migration of domain '{dom.name}' {status}" + (f": {desc}" if desc else ""),
+            )
+        if suspend_at is not None and time.monotonic() >= suspend_at:
+            suspend_at = None
+            if dom.state == DomainState.RUNNING:
+                log.info("suspending %s so that its migration completes", dom.name)
+                dom.pending_pause_reason = "migration"
+                await dom.monitor.execute("stop")
+
+
+def _aborted() -> VmferryError:
+    return VmferryError(ErrorCode.OPERATION_ABORTED, "job 'migration out' canceled by client")
+
+
+async def _cancel(dom: QemuDomain) -> None:
+    """migrate_cancel and wait until QEMU says the migration is over."""
+    mon = dom.monitor
+    if mon is None or dom.migration.status in ("failed", "cancelled", "none"):
+        return
+    try:
+        await mon.execute("migrate_cancel")
+        await dom.wait_for(
+            lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0
+        )
+    except VmferryError as err:
+        log.warning("cancelling migration of %s: %s", dom.name, err.message)
+
+
+async def _restore_after_failure(dom: QemuDomain, flags: MigrateFlags) -> None:
+    """Put the source back as it was: parameters reset, guest running if it was."""
+    mon = dom.monitor
+    if mon is None or not mon.connected:
+        return
+    try:
+        await mparams.reset(mon, flags, source=True)
+        if dom.migration.was_running and dom.state != DomainState.RUNNING:
+            dom.pending_resume_reason = RunningReason.MIGRATION_CANCELED
+            await mon.execute("cont")
+            await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+    except VmferryError as err:
+        log.error("could not restore domain %s after a failed migration: %s", dom.name, err)
+
+
+def _sent_statistics(dom: QemuDomain) -> dict[str, float]:
+    stats = {"started": dom.migration.started, "sent": time.time()}
+    if dom.migration.stopped:
+        stats["stopped"] = dom.migration.stopped
+    return stats
+
+
+# -- Confirm ------------------------------------------------------------------------------------
+
+
+async def confirm3(
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie_in: str,
+    *,
+    cancelled: bool,
+    api: str = "migrate-confirm",
+) -> None:
+    """Kill the source after a successful Finish, or resume it when the migration was cancelled."""
+    phase = MigrationPhase.CONFIRM3_CANCELLED if cancelled else MigrationPhase.CONFIRM3
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, phase, api)
+    host.unbind_session(dom)
+    flags = MigrateFlags(dom.migration.flags)
+    try:
+        if cookie_in and not cancelled:
+            cookie = parse_cookie(
+                cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
+            )
+            dom.completed_job = completed_stats(dom, cookie.statistics)
+        if cancelled:
+            await _restore_after_failure(dom, flags)
+        else:
+            await _complete(host, dom, flags)
+    finally:
+        dom.job.finish_async()
+
+
+async def _complete(host: MigrationHost, dom: QemuDomain, flags: MigrateFlags) -> None:
+    """The guest runs on the destination now: stop it here and drop what must go."""
+    if dom.completed_job is None:
+        dom.completed_job = completed_stats(dom, {})
+    if dom.active:
+        await host.lifecycle.stop(dom, ShutoffReason.MIGRATED)
+    if flags & MigrateFlags.UNDEFINE_SOURCE and dom.persistent is not None:
+        host.unpersist_definition(dom)
+        host.lifecycle.emit(dom, EventType.UNDEFINED, "removed", {})
+    if dom.persistent is None and not dom.active:
+        host.remove(dom)

@@ -1,0 +1,48 @@
+"""Migration statistics: QEMU's query-migrate turned into domjobinfo fields."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vmferry.qemu.domain import QemuDomain
+
+
+def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any]:
+    """Map a ``query-migrate`` answer to libvirt's job statistics names."""
+    ram = info.get("ram", {}) or {}
+    stats: dict[str, Any] = {
+        "status": info.get("status", "none"),
+        "time_elapsed_ms": int((time.time() - started) * 1000) if started else 0,
+        "data_total": int(ram.get("total", 0)),
+        "data_processed": int(ram.get("transferred", 0)),
+        "data_remaining": int(ram.get("remaining", 0)),
+        "memory_bps": int(float(ram.get("mbps", 0.0)) * 1e6 / 8),
+        "memory_dirty_rate": int(ram.get("dirty-pages-rate", 0)),
+        "memory_page_size": int(ram.get("page-size", 4096)),
+        "memory_iteration": int(ram.get("dirty-sync-count", 0)),
+        "memory_normal_bytes": int(ram.get("normal-bytes", 0)),
+    }
+    for qemu_key, key in (
+        ("total-time", "total_time_ms"),
+        ("setup-time", "setup_time_ms"),
+        ("downtime", "downtime_ms"),
+        ("expected-downtime", "expected_downtime_ms"),
+        ("cpu-throttle-percentage", "auto_converge_throttle"),
+    ):
+        if qemu_key in info:
+            stats[key] = int(info[qemu_key])
+    if info.get("error-desc"):
+        stats["error"] = str(info["error-desc"])
+    return stats
+
+
+def completed_stats(dom: QemuDomain, remote: dict[str, float]) -> dict[str, Any]:
+    """Statistics of a finished migration, as ``domjobinfo --completed`` shows them."""
+    stats = dict(dom.migration.stats)
+    stats["status"] = "completed"
+    if dom.migration.started:
+        stats["time_elapsed_ms"] = int((time.time() - dom.migration.started) * 1000)
+    if "downtime" in remote:
+        stats["downtime_ms"] = int(remote["downtime"])
+    return stats

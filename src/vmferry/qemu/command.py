@@ -1,0 +1,218 @@
+"""The QEMU command line of a domain (libvirt's ``qemu_command.c``).
+
+:func:`build_argv` turns a :class:`~vmferry.domain.model.DomainDef` into the
+argv of ``qemu-system-x86_64``. QEMU starts paused (``-S``) with a QMP
+monitor; the daemon finishes setup over QMP and then sends ``cont``.
+
+The argv is a pure function of the definition, so a migration's source and
+destination, given the same XML, build the same machine: devices are added
+in a fixed order, which is what keeps QEMU's automatic PCI slot assignment
+(and so the guest ABI) identical on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry.domain.model import CharDef, DiskDef, DomainDef
+from vmferry.domain.xml import disk_index
+from vmferry.errors import ErrorCode, VmferryError
+
+DEFAULT_EMULATOR = "qemu-system-x86_64"
+
+_BOOT_LETTERS = {"hd": "c", "cdrom": "d", "network": "n"}
+_NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
+_VIDEO_DEVICES = {"vga": "VGA", "cirrus": "cirrus-vga", "virtio": "virtio-vga"}
+# cache mode -> (cache.direct, cache.no-flush, guest-visible write cache), as libvirt maps them
+_CACHE_MODES = {
+    "none": (True, False, True),
+    "writeback": (False, False, True),
+    "writethrough": (False, False, False),
+    "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+_IDE_UNITS = 4  # PIIX: two buses, master and slave
+_SATA_PORTS = 6  # ICH9 AHCI
+
+
+@dataclass(frozen=True)
+class QemuPaths:
+    """Host paths a domain's QEMU uses."""
+
+    #: QMP monitor socket; QEMU listens on it.
+    qmp_socket: Path
+    #: Everything the guest writes to serial port 0.
+    console_log: Path
+
+
+def _esc(value: str | Path) -> str:
+    # QEMU's option parser: a literal comma inside a value is written twice.
+    return str(value).replace(",", ",,")
+
+
+def is_q35(machine: str) -> bool:
+    """Whether *machine* is a Q35 machine type (built-in AHCI, no IDE)."""
+    return machine == "q35" or "-q35-" in machine or machine.startswith("pc-q35")
+
+
+def check_supported(d: DomainDef) -> None:
+    """Refuse definitions that parse but that QEMU cannot run as asked.
+
+    :raise VmferryError: `CONFIG_UNSUPPORTED`.
+    """
+
+    def refuse(message: str) -> None:
+        raise VmferryError(ErrorCode.CONFIG_UNSUPPORTED, message)
+
+    if d.cpu is not None and d.cpu.mode == "host-passthrough" and d.type != "kvm":
+        refuse("CPU mode 'host-passthrough' needs <domain type='kvm'>")
+    q35 = is_q35(d.os.machine)
+    for disk in d.devices.disks:
+        index = disk_index(disk.target_dev)
+        if disk.target_bus == "ide":
+            if q35:
+                refuse(f"disk '{disk.target_dev}': machine '{d.os.machine}' has no IDE bus")
+            if index >= _IDE_UNITS:
+                refuse(f"disk '{disk.target_dev}': IDE supports hda to hdd only")
+        if disk.target_bus == "sata" and index >= _SATA_PORTS:
+            refuse(f"disk '{disk.target_dev}': SATA supports sda to sdf only")
+        if disk.readonly and disk.device == "disk" and disk.target_bus != "virtio":
+            refuse(f"disk '{disk.target_dev}': read-only disks need bus 'virtio'")
+
+
+def build_argv(
+    d: DomainDef, paths: QemuPaths, *, incoming: bool = False, emulator: str | None = None
+) -> list[str]:
+    """The QEMU command line for *d*.
+
+    :param paths: where the QMP socket and the serial console log go.
+    :param incoming: start as a migration destination (``-incoming defer``).
+    :param emulator: QEMU binary; default ``<devices><emulator>``, else
+        ``qemu-system-x86_64`` from ``PATH``.
+    :raise VmferryError: `CONFIG_UNSUPPORTED` (see :func:`check_supported`).
+    """
+    check_supported(d)
+    argv = [emulator or d.devices.emulator or DEFAULT_EMULATOR]
+    argv += ["-name", f"guest={d.name},debug-threads=on", "-uuid", d.uuid]
+    argv += ["-no-user-config", "-nodefaults", "-display", "none", "-S", "-no-shutdown"]
+
+    machine = _esc(d.os.machine)
+    if not d.features.acpi:
+        machine += ",acpi=off"
+    argv += ["-machine", machine, "-accel", "kvm" if d.type == "kvm" else "tcg"]
+    if d.cpu is not None:
+        # 'max' is TCG's (and KVM's) closest match to the host that is still migratable.
+        cpu = {"host-passthrough": "host", "host-model": "max"}.get(d.cpu.mode, d.cpu.model)
+        argv += ["-cpu", cpu]
+    argv += ["-m", f"size={d.memory_kib}k", "-smp", str(d.vcpus)]
+    argv += ["-rtc", f"base={d.clock_offset}"]
+    if d.on_reboot != "restart":
+        argv.append("-no-reboot")
+
+    if d.os.kernel:
+        argv += ["-kernel", d.os.kernel]
+    if d.os.initrd:
+        argv += ["-initrd", d.os.initrd]
+    if d.os.cmdline:
+        argv += ["-append", d.os.cmdline]
+    if d.os.boot_devs:
+        argv += ["-boot", "order=" + "".join(_BOOT_LETTERS[b] for b in d.os.boot_devs)]
+
+    argv += [
+        "-chardev", f"socket,id=charmonitor,path={_esc(paths.qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=charmonitor,id=monitor,mode=control",
+    ]
+    for serial in d.devices.serials:
+        argv += _serial_args(serial, paths.console_log)
+
+    # PCI devices in a fixed order: QEMU assigns slots in the order it creates them.
+    if d.devices.video in _VIDEO_DEVICES:
+        argv += ["-device", f"{_VIDEO_DEVICES[d.devices.video]},id=video0"]
+    if not is_q35(d.os.machine) and any(x.target_bus == "sata" for x in d.devices.disks):
+        argv += ["-device", "ahci,id=sata0"]
+    for disk in d.devices.disks:
+        argv += _disk_args(disk, q35=is_q35(d.os.machine))
+    for i, nic in enumerate(d.devices.interfaces):
+        argv += ["-netdev", f"user,id=hostnet{i}"]
+        argv += ["-device", f"{_NIC_DEVICES[nic.model]},netdev=hostnet{i},id=net{i},mac={nic.mac}"]
+    if d.devices.memballoon == "virtio":
+        argv += ["-device", "virtio-balloon-pci,id=balloon0"]
+
+    for g in d.devices.graphics:
+        host = f"[{g.listen}]" if ":" in g.listen else g.listen
+        if g.autoport:
+            # QEMU takes the first free display from 0 up, like libvirt's port allocator.
+            argv += ["-vnc", f"{host}:0,to=99"]
+        else:
+            argv += ["-vnc", f"{host}:{g.port - 5900}"]
+
+    if incoming:
+        argv += ["-incoming", "defer"]
+    argv += ["-msg", "timestamp=on"]
+    return argv
+
+
+def _serial_args(serial: CharDef, console_log: Path) -> list[str]:
+    port = serial.target_port
+    chardev_id = f"charserial{port}"
+    if serial.type == "pty":
+        backend = f"pty,id={chardev_id}"
+    elif serial.type == "file":
+        backend = f"file,id={chardev_id},path={_esc(serial.path)}"
+        backend += ",append=on" if serial.append else ""
+    else:
+        backend = f"socket,id={chardev_id},path={_esc(serial.path)}"
+        backend += ",server=on,wait=off" if serial.mode == "bind" else ""
+    if port == 0:
+        # The daemon shows the console from this log whatever the backend is.
+        backend += f",logfile={_esc(console_log)},logappend=on"
+    return [
+        "-chardev", backend,
+        "-device", f"isa-serial,chardev={chardev_id},id=serial{port},index={port}",
+    ]
+
+
+def _disk_args(disk: DiskDef, *, q35: bool) -> list[str]:
+    index = disk_index(disk.target_dev)
+    args: list[str] = []
+    props = []
+    if disk.source_file:
+        file_node, fmt_node = f"file-{disk.target_dev}", f"fmt-{disk.target_dev}"
+        cache: dict[str, bool] = {}
+        if disk.cache in _CACHE_MODES:
+            direct, no_flush, write_cache = _CACHE_MODES[disk.cache]
+            cache = {"direct": direct, "no-flush": no_flush}
+            props.append(f"write-cache={'on' if write_cache else 'off'}")
+        protocol: dict[str, object] = {
+            "driver": "file",
+            "filename": disk.source_file,
+            "node-name": file_node,
+            "auto-read-only": True,
+            "discard": "unmap",
+        }
+        fmt: dict[str, object] = {
+            "driver": disk.driver_type,
+            "node-name": fmt_node,
+            "file": file_node,
+            "read-only": disk.readonly,
+        }
+        if cache:
+            protocol["cache"] = fmt["cache"] = cache
+        # JSON spares escaping the path for QEMU's option syntax.
+        args += ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt)]
+        props.insert(0, f"drive={fmt_node}")
+
+    if disk.target_bus == "virtio":
+        driver, where, dev_id = "virtio-blk-pci", "", f"virtio-disk{index}"
+    else:
+        driver = "ide-cd" if disk.device == "cdrom" else "ide-hd"
+        if disk.target_bus == "ide":
+            where = f"bus=ide.{index // 2},unit={index % 2}"
+            dev_id = f"ide0-{index // 2}-{index % 2}"
+        else:
+            where = f"bus={'ide' if q35 else 'sata0'}.{index}"
+            dev_id = f"sata0-0-{index}"
+    device = ",".join(p for p in (driver, where, *props, f"id={dev_id}") if p)
+    return [*args, "-device", device]

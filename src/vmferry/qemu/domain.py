@@ -1,0 +1,117 @@
+"""The live domain object: definition, run state, job, and the QEMU behind it.
+
+This is libvirt's ``virDomainObj`` plus ``qemuDomainObjPrivate``: everything the
+daemon knows about one domain. Who may change it is decided by its
+:class:`~vmferry.jobs.DomainJob`; the object itself only records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry.domain.model import DomainDef
+from vmferry.domain.state import DomainState
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.jobs import DomainJob
+from vmferry.qemu.monitor import Monitor
+from vmferry.qemu.process import QemuProcess
+
+
+@dataclass
+class MigrationProgress:
+    """What QEMU said about the current migration (MIGRATION events, query-migrate)."""
+
+    status: str = "none"
+    iteration: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    started: float = 0.0
+    stopped: float = 0.0  # when the source's vCPUs paused for the switchover
+    # bookkeeping of the migration job (libvirt keeps these in the job's private data)
+    flags: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    was_running: bool = False
+    port: int = 0
+    created_here: bool = False  # the destination made the domain object for this migration
+
+
+@dataclass
+class QemuDomain:
+    """One domain known to the daemon, running or not."""
+
+    definition: DomainDef  # the live definition (or the persistent one when shut off)
+    persistent: DomainDef | None  # None: transient
+    job: DomainJob
+    state: DomainState = DomainState.SHUTOFF
+    reason: str = "unknown"
+    run_id: int | None = None
+    process: QemuProcess | None = None
+    monitor: Monitor | None = None
+    migration: MigrationProgress = field(default_factory=MigrationProgress)
+    completed_job: dict[str, Any] | None = None
+    # the reason the next STOP/RESUME event should carry (libvirt's "pausedReason" bookkeeping)
+    pending_pause_reason: str = ""
+    pending_resume_reason: str = ""
+    # set while the daemon itself stops QEMU, so the exit is not taken for a crash
+    stopping: bool = False
+    # client session bound to this domain (Prepare's caller: libvirt's autodestroy)
+    bound_session: str = ""
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    save_status: Callable[[QemuDomain], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def uuid(self) -> str:
+        return self.definition.uuid
+
+    @property
+    def active(self) -> bool:
+        return self.state not in (DomainState.SHUTOFF, DomainState.CRASHED)
+
+    def set_state(self, state: DomainState, reason: str) -> None:
+        self.state = state
+        self.reason = str(reason)
+        self.save()
+        self.notify()
+
+    def save(self) -> None:
+        if self.save_status is not None:
+            self.save_status(self)
+
+    def notify(self) -> None:
+        """Wake every :meth:`wait_for` caller so it re-checks its predicate."""
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def require_active(self) -> None:
+        if not self.active:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running"
+            )
+
+    def require_monitor(self) -> Monitor:
+        if self.monitor is None or not self.monitor.connected:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running"
+            )
+        return self.monitor
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until *predicate* holds, re-checked on every change; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return predicate()
+        return True

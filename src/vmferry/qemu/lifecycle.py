@@ -1,0 +1,287 @@
+"""Starting, stopping, reconnecting to and watching a domain's QEMU.
+
+libvirt's ``qemu_process.c``: the only place that creates or kills a QEMU
+process, and the place where QEMU's events become domain states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmferry.domain.state import (
+    DomainState,
+    EventType,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.jobs import AsyncJob
+from vmferry.qemu.command import QemuPaths, build_argv
+from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.launch import launch, reattach
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[QemuDomain, EventType, str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one domain's QEMU keeps its sockets and logs on this host."""
+
+    qmp_socket: Path
+    console_log: Path
+    qemu_log: Path
+
+
+class Lifecycle:
+    """Starts and stops QEMU for domains and keeps their state in step with QEMU's events.
+
+    :param paths_for: run paths of a domain, by name.
+    :param emulator: QEMU binary used when the definition names none.
+    :param emit: publishes a lifecycle event.
+    :param on_stopped: called once a domain's QEMU is gone and its state is shut off
+        (the daemon drops the status file and forgets transient domains there).
+    """
+
+    def __init__(
+        self,
+        *,
+        paths_for: Callable[[str], RunPaths],
+        emulator: str,
+        emit: Emit,
+        on_stopped: Callable[[QemuDomain], None],
+    ) -> None:
+        self._paths_for = paths_for
+        self._emulator = emulator
+        self._emit = emit
+        self._on_stopped = on_stopped
+        self._next_id = 1
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def emit(self, dom: QemuDomain, kind: EventType, reason: str, detail: dict[str, Any]) -> None:
+        self._emit(dom, kind, reason, detail)
+
+    def reserve_ids(self, used: int) -> None:
+        self._next_id = max(self._next_id, used + 1)
+
+    def paths(self, dom: QemuDomain) -> RunPaths:
+        return self._paths_for(dom.name)
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(self, dom: QemuDomain, *, incoming: bool = False, paused: bool = False) -> None:
+        """Launch QEMU for *dom*; run the guest unless *incoming* or *paused*.
+
+        An incoming domain waits with ``-incoming defer`` for ``migrate-incoming``.
+        """
+        if dom.active:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID, f"domain '{dom.name}' is already running"
+            )
+        paths = self.paths(dom)
+        argv = build_argv(
+            dom.definition,
+            QemuPaths(qmp_socket=paths.qmp_socket, console_log=paths.console_log),
+            incoming=incoming,
+            emulator=dom.definition.devices.emulator or self._emulator,
+        )
+        for stale in (paths.qmp_socket, paths.console_log):
+            stale.unlink(missing_ok=True)
+        dom.run_id = self._next_id
+        self._next_id += 1
+        dom.stopping = False
+        # Persisted before the process exists, so a restart can find a QEMU we lost track of.
+        dom.set_state(DomainState.PAUSED, PausedReason.STARTING_UP)
+        try:
+            proc, mon = await launch(
+                argv, qmp_socket=paths.qmp_socket, log_path=paths.qemu_log, name=dom.name
+            )
+        except BaseException:
+            self._forget(dom, ShutoffReason.FAILED)
+            raise
+        dom.process, dom.monitor = proc, mon
+        self._watch(dom)
+        dom.save()
+        try:
+            # MIGRATION events are what every migration wait is driven by.
+            await mon.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "events", "state": True}]},
+            )
+            if incoming:
+                dom.set_state(DomainState.PAUSED, PausedReason.MIGRATION)
+                self._emit(dom, EventType.STARTED, "migrated", {})
+            elif paused:
+                dom.set_state(DomainState.PAUSED, PausedReason.USER)
+                self._emit(dom, EventType.STARTED, "booted", {})
+            else:
+                dom.pending_resume_reason = RunningReason.BOOTED
+                await mon.execute("cont")
+                dom.set_state(DomainState.RUNNING, RunningReason.BOOTED)
+                self._emit(dom, EventType.STARTED, "booted", {})
+        except BaseException:
+            await self.stop(dom, ShutoffReason.FAILED)
+            raise
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def stop(self, dom: QemuDomain, reason: ShutoffReason, *, grace: float = 0.0) -> None:
+        """Kill *dom*'s QEMU (SIGTERM for *grace* seconds, then SIGKILL) and mark it shut off."""
+        if dom.process is None and dom.monitor is None:
+            if dom.active:
+                self._forget(dom, reason)
+            return
+        dom.stopping = True
+        mon, proc = dom.monitor, dom.process
+        if mon is not None:
+            await mon.close()
+        if proc is not None:
+            await proc.kill(grace=grace)
+            proc.close()
+        self._forget(dom, reason)
+        await self._cleanup_job(dom)
+
+    def _forget(self, dom: QemuDomain, reason: ShutoffReason) -> None:
+        was_active = dom.process is not None
+        dom.process = None
+        dom.monitor = None
+        dom.run_id = None
+        dom.migration.status = "none"
+        dom.set_state(DomainState.SHUTOFF, reason)
+        if was_active:
+            self._emit(dom, EventType.STOPPED, str(reason), {})
+        self._on_stopped(dom)
+
+    async def _cleanup_job(self, dom: QemuDomain) -> None:
+        # A migration job parked between API calls dies with its QEMU (libvirt's
+        # qemuMigrationJobContinue cleanup callback).
+        if dom.job.async_job != AsyncJob.NONE and not dom.job.owned:
+            await dom.job.run_cleanup()
+
+    # -- watching ----------------------------------------------------------------------------
+
+    def _watch(self, dom: QemuDomain) -> None:
+        proc, mon = dom.process, dom.monitor
+        assert proc is not None and mon is not None
+        mon.add_event_handler(lambda name, data, ts: self._on_event(dom, name, data, ts))
+        mon.on_disconnect(lambda: self._on_gone(dom, proc.pid))
+        proc.on_exit(lambda: self._on_gone(dom, proc.pid))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_gone(self, dom: QemuDomain, pid: int) -> None:
+        """QEMU exited or its monitor closed without the daemon asking: a crash."""
+        if dom.stopping or dom.process is None or dom.process.pid != pid:
+            return
+        log.warning("QEMU of domain %s (pid %d) went away", dom.name, pid)
+        self._spawn(self.stop(dom, ShutoffReason.CRASHED))
+
+    def _on_event(self, dom: QemuDomain, name: str, data: dict[str, Any], ts: float) -> None:
+        handler = _EVENT_HANDLERS.get(name)
+        if handler is not None:
+            handler(self, dom, data, ts)
+        dom.notify()
+
+    def _stop_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        if dom.job.async_job == AsyncJob.MIGRATION_OUT:
+            dom.migration.stopped = ts
+        if dom.state == DomainState.PAUSED:
+            return
+        reason = dom.pending_pause_reason or (
+            PausedReason.MIGRATION
+            if dom.job.async_job == AsyncJob.MIGRATION_OUT
+            else PausedReason.UNKNOWN
+        )
+        dom.pending_pause_reason = ""
+        dom.set_state(DomainState.PAUSED, reason)
+        self._emit(dom, EventType.SUSPENDED, str(reason), {})
+
+    def _resume_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        if dom.state == DomainState.RUNNING:
+            return
+        reason = dom.pending_resume_reason or RunningReason.UNPAUSED
+        dom.pending_resume_reason = ""
+        dom.set_state(DomainState.RUNNING, reason)
+        self._emit(dom, EventType.RESUMED, str(reason), {})
+
+    def _shutdown_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        # -no-shutdown keeps QEMU around after a guest poweroff; on_poweroff decides.
+        self._emit(dom, EventType.SHUTDOWN, "guest" if data.get("guest") else "host", {})
+        if dom.definition.on_poweroff == "preserve":
+            return
+        dom.stopping = True
+        self._spawn(self.stop(dom, ShutoffReason.SHUTDOWN))
+
+    def _migration_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        dom.migration.status = str(data.get("status", "none"))
+
+    def _migration_pass_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        dom.migration.iteration = int(data.get("pass", 0))
+        self._emit(dom, EventType.MIGRATION_ITERATION, "", {"iteration": dom.migration.iteration})
+
+    # -- restart ------------------------------------------------------------------------------
+
+    async def reconnect(self, dom: QemuDomain, pid: int | None) -> bool:
+        """Re-attach to the QEMU of a domain that was running before the daemon restarted.
+
+        Returns False (and marks the domain crashed) when that QEMU is gone.
+        """
+        paths = self.paths(dom)
+        found = None
+        if pid is not None:
+            found = await reattach(
+                pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name
+            )
+        if found is None:
+            dom.process = None
+            self._forget_crashed(dom)
+            return False
+        dom.process, dom.monitor = found
+        if dom.run_id is not None:
+            self.reserve_ids(dom.run_id)
+        else:
+            dom.run_id = self._next_id
+            self._next_id += 1
+        self._watch(dom)
+        status = await dom.monitor.execute("query-status")
+        running = bool(status.get("running"))
+        if running and dom.state != DomainState.RUNNING:
+            dom.set_state(DomainState.RUNNING, RunningReason.UNKNOWN)
+        elif not running and dom.state != DomainState.PAUSED:
+            dom.set_state(DomainState.PAUSED, PausedReason.UNKNOWN)
+        else:
+            dom.save()
+        return True
+
+    def _forget_crashed(self, dom: QemuDomain) -> None:
+        dom.monitor = None
+        dom.run_id = None
+        dom.set_state(DomainState.SHUTOFF, ShutoffReason.CRASHED)
+        self._emit(dom, EventType.STOPPED, str(ShutoffReason.CRASHED), {})
+        self._on_stopped(dom)
+
+    async def close(self) -> None:
+        """Detach from every watched QEMU without touching it (daemon shutdown)."""
+        for task in list(self._tasks):
+            await task
+
+
+_EventHandler = Callable[[Lifecycle, QemuDomain, dict[str, Any], float], None]
+_EVENT_HANDLERS: dict[str, _EventHandler] = {
+    "STOP": Lifecycle._stop_event,
+    "RESUME": Lifecycle._resume_event,
+    "SHUTDOWN": Lifecycle._shutdown_event,
+    "MIGRATION": Lifecycle._migration_event,
+    "MIGRATION_PASS": Lifecycle._migration_pass_event,
+}
+
