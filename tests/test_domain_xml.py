@@ -144,7 +144,7 @@ def test_test_guest_xml_parses() -> None:
     assert [(c.type, c.target_type) for c in d.devices.consoles] == [("pty", "serial")]
     assert d.devices.video == "none"
     assert d.devices.memballoon == "none"
-    assert d.devices.disks == d.devices.interfaces == d.devices.graphics == []
+    assert not d.devices.disks and not d.devices.interfaces and not d.devices.graphics
 
 
 def test_rich_xml_parses() -> None:
@@ -511,14 +511,16 @@ def test_abi_check_passes_for_host_side_changes() -> None:
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (lambda d: setattr(d, "name", "other"), "name 'other' does not match source 'rich.guest+1'"),
+        (lambda d: setattr(d, "name", "other"),
+         "name 'other' does not match source 'rich.guest+1'"),
         (lambda d: setattr(d, "uuid", str(uuid.uuid4())), "uuid"),
         (lambda d: setattr(d, "type", "qemu"), "type 'qemu' does not match source 'kvm'"),
         (lambda d: setattr(d.os, "machine", "pc"), "machine type 'pc'"),
         (lambda d: setattr(d, "memory_kib", 1024), "memory '1024' does not match source '2097152'"),
         (lambda d: setattr(d, "vcpus", 4), "vCPU count"),
         (lambda d: setattr(d, "cpu", None), "CPU"),
-        (lambda d: setattr(d.features, "apic", True), "APIC feature 'on' does not match source 'off'"),
+        (lambda d: setattr(d.features, "apic", True),
+         "APIC feature 'on' does not match source 'off'"),
         (lambda d: setattr(d, "clock_offset", "utc"), "clock offset"),
         (lambda d: d.devices.disks.pop(), "disk count '2' does not match source '3'"),
         (lambda d: setattr(d.devices.disks[1], "target_dev", "vdc"), "disk 1 target 'vdc'"),

@@ -246,7 +246,7 @@ needs_qemu = pytest.mark.skipif(
 async def running_qemu(d: DomainDef, tmp: Path, **kwargs: Any) -> AsyncIterator[QMPClient]:
     """Start QEMU with build_argv(d) and yield a connected QMP client; always kill it."""
     paths = QemuPaths(qmp_socket=tmp / "qmp", console_log=tmp / "console.log")
-    with open(tmp / "qemu.log", "wb") as log:
+    with (tmp / "qemu.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *build_argv(d, paths, **kwargs),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -128,8 +128,8 @@ class MigrationDriver(Driver):
 
     async def job_info(self, dom: QemuDomain, *, completed: bool) -> JobStats:
         if completed:
-            stats = dom.completed_job or self.last_completed.get(dom.name)
-            return JobStats(type="completed" if stats else "none", stats=dict(stats or {}))
+            done = dom.completed_job or self.last_completed.get(dom.name) or {}
+            return JobStats(type="completed" if done else "none", stats=dict(done))
         if dom.job.async_job == AsyncJob.MIGRATION_IN:
             raise VmferryError(
                 ErrorCode.OPERATION_INVALID,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ KEEPALIVE_S = 5.0
 class Sessions:
     """Open sessions and the domains bound to each."""
 
-    def __init__(self, on_close: Callable[[str, set[str]], Awaitable[None]]) -> None:
+    def __init__(self, on_close: Callable[[str, set[str]], Coroutine[Any, Any, None]]) -> None:
         self._bound: dict[str, set[str]] = {}
         self._on_close = on_close
         self._tasks: set[asyncio.Task[None]] = set()
@@ -43,7 +44,7 @@ class Sessions:
             # Runs in a cancelled generator: hand the callbacks to a task of their own.
             bound = self._bound.pop(session, set())
             if bound:
-                task = asyncio.get_running_loop().create_task(self._on_close(session, bound))
+                task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._on_close(session, bound))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
