@@ -212,7 +212,8 @@ class Lifecycle:
         reason = dom.pending_resume_reason or RunningReason.UNPAUSED
         dom.pending_resume_reason = ""
         dom.set_state(DomainState.RUNNING, reason)
-        self._emit(dom, EventType.RESUMED, str(reason), {})
+        if reason != RunningReason.BOOTED:  # the first cont is part of "started"
+            self._emit(dom, EventType.RESUMED, str(reason), {})
 
     def _shutdown_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
         # -no-shutdown keeps QEMU around after a guest poweroff; on_poweroff decides.
