@@ -43,13 +43,17 @@ class Host:
         return f"unix://{self.socket}"
 
     @property
+    def host_uuid(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_DNS, str(self.root)))
+
+    @property
     def log(self) -> Path:
         return self.root / "vmferryd.log"
 
     def write_config(self) -> Path:
         cfg = self.root / "vmferryd.toml"
         cfg.write_text(
-            f'[host]\nhostname = "{self.name}"\nuuid = "{uuid.uuid5(uuid.NAMESPACE_DNS, str(self.root))}"\n'
+            f'[host]\nhostname = "{self.name}"\nuuid = "{self.host_uuid}"\n'
             f"[jobs]\nwait_timeout = 5.0\n"
             f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
         )
@@ -59,9 +63,22 @@ class Host:
         cfg = self.write_config()
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmferry.daemon.main", "--state-dir", str(self.state_dir),
-             "--listen", self.uri, "--config", str(cfg), "--log-level", "debug"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.extra_env},
+            [
+                sys.executable,
+                "-m",
+                "vmferry.daemon.main",
+                "--state-dir",
+                str(self.state_dir),
+                "--listen",
+                self.uri,
+                "--config",
+                str(cfg),
+                "--log-level",
+                "debug",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.extra_env},
         )
         log.close()
         deadline = time.monotonic() + timeout

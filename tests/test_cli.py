@@ -193,7 +193,7 @@ def test_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert client().sent[0].params == {"all": "true"}
     status, out, _ = run(capsys, "list")
-    assert out.splitlines()[2:] == [" 3    vm1     running"]
+    assert out.splitlines()[2:] == [" 3    vm1    running"]
 
 
 def test_list_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,7 +135,11 @@ def test_test_guest_xml_parses() -> None:
     assert d.memory_kib == d.current_memory_kib == 128 * 1024
     assert d.vcpus == 1
     assert (d.os.arch, d.os.machine, d.os.kernel, d.os.initrd) == (
-        "x86_64", "pc", "/abs/vmlinuz", "/abs/initramfs.cpio.gz")
+        "x86_64",
+        "pc",
+        "/abs/vmlinuz",
+        "/abs/initramfs.cpio.gz",
+    )
     assert d.os.cmdline == "console=ttyS0 quiet panic=-1 vmferry.stamp_mib=32"
     assert d.features.acpi and d.features.apic
     assert d.cpu is None
@@ -164,18 +168,39 @@ def test_rich_xml_parses() -> None:
     assert (d.on_poweroff, d.on_reboot, d.on_crash) == ("preserve", "destroy", "restart")
     vda, vdb, sdc = d.devices.disks
     assert (vda.driver_type, vda.cache, vda.target_bus, vda.readonly) == (
-        "qcow2", "none", "virtio", False)
+        "qcow2",
+        "none",
+        "virtio",
+        False,
+    )
     assert (vdb.source_file, vdb.target_bus, vdb.readonly) == (
-        "/var/lib/images/data,1.img", "virtio", True)
+        "/var/lib/images/data,1.img",
+        "virtio",
+        True,
+    )
     assert (sdc.device, sdc.source_file, sdc.target_bus, sdc.readonly) == (
-        "cdrom", "", "sata", True)
+        "cdrom",
+        "",
+        "sata",
+        True,
+    )
     assert [(n.mac, n.model) for n in d.devices.interfaces] == [
-        ("52:54:00:ab:cd:01", "e1000"), ("52:54:00:ab:cd:02", "virtio")]
+        ("52:54:00:ab:cd:01", "e1000"),
+        ("52:54:00:ab:cd:02", "virtio"),
+    ]
     s0, s1 = d.devices.serials
     assert (s0.type, s0.path, s0.append, s0.target_port) == (
-        "file", "/var/log/rich-serial.log", True, 0)
+        "file",
+        "/var/log/rich-serial.log",
+        True,
+        0,
+    )
     assert (s1.type, s1.mode, s1.path, s1.target_port) == (
-        "unix", "bind", "/run/rich-serial1.sock", 1)
+        "unix",
+        "bind",
+        "/run/rich-serial1.sock",
+        1,
+    )
     (g,) = d.devices.graphics
     assert (g.type, g.autoport, g.port, g.listen) == ("vnc", True, -1, "127.0.0.1")
     assert d.devices.video == "vga"
@@ -268,7 +293,8 @@ def test_console_without_serial_defines_the_serial() -> None:
     xml = edit(GUEST_XML, "<serial type='pty'><target port='0'/></serial>", "")
     d = parse_domain_xml(xml)
     assert [(s.type, s.target_port, s.target_type) for s in d.devices.serials] == [
-        ("pty", 0, "isa-serial")]
+        ("pty", 0, "isa-serial")
+    ]
     assert parse_domain_xml(format_domain_xml(d)) == d
 
 
@@ -287,10 +313,16 @@ def test_unknown_element_refused() -> None:
         ("<features><acpi/>", "<features><acpi/><pae/>", "<features/pae>"),
         ("<vcpu>", "<iothreads>1</iothreads><vcpu>", "<iothreads>"),
         ("<on_crash>", "<seclabel type='none'/><on_crash>", "<seclabel>"),
-        ("<target port='0'/></serial>", "<target port='0'/><alias name='x'/></serial>",
-         "<devices/serial/alias>"),
-        ("<domain type='qemu'>", "<domain type='qemu' xmlns:q='urn:q'><q:commandline/>",
-         "<commandline (namespaced)>"),
+        (
+            "<target port='0'/></serial>",
+            "<target port='0'/><alias name='x'/></serial>",
+            "<devices/serial/alias>",
+        ),
+        (
+            "<domain type='qemu'>",
+            "<domain type='qemu' xmlns:q='urn:q'><q:commandline/>",
+            "<commandline (namespaced)>",
+        ),
     ],
 )
 def test_unknown_elements_refused(old: str, new: str, where: str) -> None:
@@ -302,8 +334,11 @@ def test_unknown_elements_refused(old: str, new: str, where: str) -> None:
     ("old", "new", "where"),
     [
         ("<domain type='qemu'>", "<domain type='qemu' id='3'>", "'id' of <domain>"),
-        ("<memballoon model='none'/>", "<memballoon model='none' autodeflate='on'/>",
-         "'autodeflate' of <devices/memballoon>"),
+        (
+            "<memballoon model='none'/>",
+            "<memballoon model='none' autodeflate='on'/>",
+            "'autodeflate' of <devices/memballoon>",
+        ),
         ("<type arch='x86_64'", "<type arch='x86_64' foo='bar'", "'foo' of <os/type>"),
         ("<acpi/>", "<acpi state='on'/>", "'state' of <features/acpi>"),
     ],
@@ -323,12 +358,21 @@ def test_unknown_attribute_refused(old: str, new: str, where: str) -> None:
         ("<video>", "<interface type='network'/><video>", "'network'"),
         ("<video>", "<graphics type='spice'/><video>", "'spice'"),
         ("<video>", "<graphics type='vnc' listen='0.0.0.0'/><video>", "loopback"),
-        ("<video>", "<graphics type='vnc'><listen type='address' address='10.0.0.1'/>"
-                    "</graphics><video>", "loopback"),
-        ("<video>", "<disk type='block'><source dev='/dev/sda'/><target dev='vda'/></disk><video>",
-         "'block'"),
-        ("<video>", "<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/></disk>"
-                    "<video>", "'scsi'"),
+        (
+            "<video>",
+            "<graphics type='vnc'><listen type='address' address='10.0.0.1'/></graphics><video>",
+            "loopback",
+        ),
+        (
+            "<video>",
+            "<disk type='block'><source dev='/dev/sda'/><target dev='vda'/></disk><video>",
+            "'block'",
+        ),
+        (
+            "<video>",
+            "<disk type='file'><source file='/a'/><target dev='sda' bus='scsi'/></disk><video>",
+            "'scsi'",
+        ),
         ("<on_crash>destroy", "<on_crash>coredump-destroy", "coredump-destroy"),
     ],
 )
@@ -353,8 +397,9 @@ def test_billion_laughs_refused() -> None:
 def test_external_entity_refused() -> None:
     xml = (
         '<?xml version="1.0"?>\n<!DOCTYPE domain [<!ENTITY ext SYSTEM "file:///etc/passwd">]>\n'
-        + edit(GUEST_XML, "<name>guest1</name>",
-               "<name>guest1</name><description>&ext;</description>")
+        + edit(
+            GUEST_XML, "<name>guest1</name>", "<name>guest1</name><description>&ext;</description>"
+        )
     )
     refused(xml, ErrorCode.XML_ERROR)
 
@@ -430,16 +475,28 @@ def test_bad_memory_refused(memory: str, needle: str) -> None:
         ("<name>guest1</name>", "<name>guest1</name><name>b</name>", "only once"),
         ("<kernel>/abs/vmlinuz</kernel>", "<kernel>vmlinuz</kernel>", "absolute"),
         ("<features><acpi/>", "<features>text<acpi/>", "unexpected text"),
-        ("<video>", "<interface type='user'><mac address='01:00:5e:00:00:01'/></interface>"
-                    "<video>", "multicast"),
-        ("<video>", "<interface type='user'><mac address='52:54:00:zz:00:01'/></interface>"
-                    "<video>", "malformed MAC"),
-        ("<video>", "<disk type='file'><source file='/a'/><target dev='xda'/></disk><video>",
-         "invalid disk target"),
+        (
+            "<video>",
+            "<interface type='user'><mac address='01:00:5e:00:00:01'/></interface><video>",
+            "multicast",
+        ),
+        (
+            "<video>",
+            "<interface type='user'><mac address='52:54:00:zz:00:01'/></interface><video>",
+            "malformed MAC",
+        ),
+        (
+            "<video>",
+            "<disk type='file'><source file='/a'/><target dev='xda'/></disk><video>",
+            "invalid disk target",
+        ),
         ("<video>", "<disk type='file'><target dev='vda'/></disk><video>", "source"),
-        ("<video>", "<disk type='file'><source file='/a'/><target dev='vda'/></disk>"
-                    "<disk type='file'><source file='/b'/><target dev='vda'/></disk><video>",
-         "used twice"),
+        (
+            "<video>",
+            "<disk type='file'><source file='/a'/><target dev='vda'/></disk>"
+            "<disk type='file'><source file='/b'/><target dev='vda'/></disk><video>",
+            "used twice",
+        ),
         ("<video>", "<graphics type='vnc' port='80'/><video>", "port"),
     ],
 )
@@ -448,8 +505,9 @@ def test_invalid_values_refused(old: str, new: str, needle: str) -> None:
 
 
 def test_console_must_match_serial() -> None:
-    xml = edit(GUEST_XML, "<console type='pty'>",
-               "<console type='file'><source path='/tmp/x.log'/>")
+    xml = edit(
+        GUEST_XML, "<console type='pty'>", "<console type='file'><source path='/tmp/x.log'/>"
+    )
     assert "same backend" in refused(xml, ErrorCode.CONFIG_UNSUPPORTED)
 
 
@@ -511,16 +569,20 @@ def test_abi_check_passes_for_host_side_changes() -> None:
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (lambda d: setattr(d, "name", "other"),
-         "name 'other' does not match source 'rich.guest+1'"),
+        (
+            lambda d: setattr(d, "name", "other"),
+            "name 'other' does not match source 'rich.guest+1'",
+        ),
         (lambda d: setattr(d, "uuid", str(uuid.uuid4())), "uuid"),
         (lambda d: setattr(d, "type", "qemu"), "type 'qemu' does not match source 'kvm'"),
         (lambda d: setattr(d.os, "machine", "pc"), "machine type 'pc'"),
         (lambda d: setattr(d, "memory_kib", 1024), "memory '1024' does not match source '2097152'"),
         (lambda d: setattr(d, "vcpus", 4), "vCPU count"),
         (lambda d: setattr(d, "cpu", None), "CPU"),
-        (lambda d: setattr(d.features, "apic", True),
-         "APIC feature 'on' does not match source 'off'"),
+        (
+            lambda d: setattr(d.features, "apic", True),
+            "APIC feature 'on' does not match source 'off'",
+        ),
         (lambda d: setattr(d, "clock_offset", "utc"), "clock offset"),
         (lambda d: d.devices.disks.pop(), "disk count '2' does not match source '3'"),
         (lambda d: setattr(d.devices.disks[1], "target_dev", "vdc"), "disk 1 target 'vdc'"),

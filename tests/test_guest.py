@@ -93,9 +93,16 @@ def test_guest_xml_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     (tmp_path / "initramfs.cpio.gz").write_bytes(b"i")
     monkeypatch.setenv("VMFERRY_GUEST_DIR", str(tmp_path))
     root = ET.fromstring(
-        guest_xml("g<1>", memory_mib=256, stamp_mib=64, dirty_mib_s=0.5, hb_ms=250,
-                  vcpus=2, uuid="6b7e3c0a-3f0e-4d7b-9a43-1f3e5c2d9b10",
-                  extra_cmdline="vmferry.corrupt_after=3")
+        guest_xml(
+            "g<1>",
+            memory_mib=256,
+            stamp_mib=64,
+            dirty_mib_s=0.5,
+            hb_ms=250,
+            vcpus=2,
+            uuid="6b7e3c0a-3f0e-4d7b-9a43-1f3e5c2d9b10",
+            extra_cmdline="vmferry.corrupt_after=3",
+        )
     )
     assert root.tag == "domain" and root.get("type") == "qemu"
     assert root.findtext("name") == "g<1>"
@@ -110,14 +117,25 @@ def test_guest_xml_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert root.findtext("os/initrd") == str(tmp_path / "initramfs.cpio.gz")
     args = (root.findtext("os/cmdline") or "").split()
     assert args[:3] == ["console=ttyS0", "quiet", "panic=-1"]
-    for want in ("vmferry.stamp_mib=64", "vmferry.dirty_mib_s=0.5", "vmferry.hb_ms=250",
-                 "vmferry.corrupt_after=3"):
+    for want in (
+        "vmferry.stamp_mib=64",
+        "vmferry.dirty_mib_s=0.5",
+        "vmferry.hb_ms=250",
+        "vmferry.corrupt_after=3",
+    ):
         assert want in args
     assert root.find("features/acpi") is not None and root.find("features/apic") is not None
     assert [root.findtext(t) for t in ("on_poweroff", "on_reboot", "on_crash")] == [
-        "destroy", "restart", "destroy"]
+        "destroy",
+        "restart",
+        "destroy",
+    ]
     assert [c.tag for c in root.find("devices") or []] == [
-        "serial", "console", "video", "memballoon"]
+        "serial",
+        "console",
+        "video",
+        "memballoon",
+    ]
     assert "<uuid>" not in guest_xml("plain")
     with pytest.raises(VmferryError):
         guest_xml("small", memory_mib=32, stamp_mib=32)
@@ -137,8 +155,14 @@ def workdir() -> Iterator[Path]:
 
 def _argv(workdir: Path, tag: str, cmdline: str, *, incoming: bool = False) -> list[str]:
     kernel, initrd = guest_paths()
-    return guest_argv(kernel, initrd, cmdline, qmp=workdir / f"{tag}.qmp",
-                      console=workdir / f"{tag}.con", incoming=incoming)
+    return guest_argv(
+        kernel,
+        initrd,
+        cmdline,
+        qmp=workdir / f"{tag}.qmp",
+        console=workdir / f"{tag}.con",
+        incoming=incoming,
+    )
 
 
 def _console(path: Path) -> str:
@@ -165,6 +189,7 @@ def _beats_after(n: int) -> Callable[[str], list[Heartbeat] | None]:
     def pred(text: str) -> list[Heartbeat] | None:
         beats = parse_heartbeats(text)
         return beats if len(beats) >= n else None
+
     return pred
 
 
@@ -178,8 +203,7 @@ async def test_boot_heartbeats_grow_without_errors(workdir: Path) -> None:
         boot_s = time.monotonic() - t0
         beats = await _wait_console(con, _beats_after(5), 10)
     text = _console(con)
-    print(f"\nguest boot: first heartbeat {boot_s:.2f}s after spawn "
-          f"(guest up_ms={beats[0].up_ms})")
+    print(f"\nguest boot: first heartbeat {boot_s:.2f}s after spawn (guest up_ms={beats[0].up_ms})")
     assert "VMFERRY-READY boot=" + beats[0].boot in text
     assert text.index("VMFERRY-READY") < text.index("VMFERRY-HB")
     assert "VMFERRY-FATAL" not in text
@@ -196,8 +220,9 @@ async def test_boot_heartbeats_grow_without_errors(workdir: Path) -> None:
 
 @pytest.mark.qemu
 async def test_corrupt_after_is_detected(workdir: Path) -> None:
-    cmd = guest_cmdline(stamp_mib=8, dirty_mib_s=1, hb_ms=250,
-                        extra_cmdline="vmferry.corrupt_after=1")
+    cmd = guest_cmdline(
+        stamp_mib=8, dirty_mib_s=1, hb_ms=250, extra_cmdline="vmferry.corrupt_after=1"
+    )
     con = workdir / "g.con"
     async with BareQemu(_argv(workdir, "g", cmd), workdir / "g.qmp", log=workdir / "g.log"):
         first = (await _wait_console(con, _beats_after(1), 20))[0]
@@ -219,11 +244,13 @@ async def test_corrupt_after_is_detected(workdir: Path) -> None:
 async def test_bare_live_migration_keeps_guest_running(workdir: Path) -> None:
     cmd = guest_cmdline(stamp_mib=32, dirty_mib_s=4, hb_ms=250)
     src_con, dst_con = workdir / "src.con", workdir / "dst.con"
-    async with BareQemu(_argv(workdir, "src", cmd), workdir / "src.qmp",
-                        log=workdir / "src.log") as src:
+    async with BareQemu(
+        _argv(workdir, "src", cmd), workdir / "src.qmp", log=workdir / "src.log"
+    ) as src:
         await _wait_console(src_con, _beats_after(2), 20)
-        async with BareQemu(_argv(workdir, "dst", cmd, incoming=True), workdir / "dst.qmp",
-                            log=workdir / "dst.log") as dst:
+        async with BareQemu(
+            _argv(workdir, "dst", cmd, incoming=True), workdir / "dst.qmp", log=workdir / "dst.log"
+        ) as dst:
             result = await bare_migrate(src.qmp, dst.qmp, limit_s=20)
             before = last_heartbeat(_console(src_con))
             assert before is not None
@@ -231,9 +258,11 @@ async def test_bare_live_migration_keeps_guest_running(workdir: Path) -> None:
             assert status["status"] == "postmigrate"
             after = (await _wait_console(dst_con, _beats_after(4), 10))[-1]
             dst_status = await dst.execute("query-status")
-    print(f"\nbare migration: {result.total_s:.2f}s to destination running "
-          f"(QEMU total {result.qemu_total_ms} ms, downtime {result.downtime_ms} ms, "
-          f"{(result.ram_transferred or 0) >> 20} MiB sent)")
+    print(
+        f"\nbare migration: {result.total_s:.2f}s to destination running "
+        f"(QEMU total {result.qemu_total_ms} ms, downtime {result.downtime_ms} ms, "
+        f"{(result.ram_transferred or 0) >> 20} MiB sent)"
+    )
     assert dst_status["status"] == "running"
     assert result.info["status"] == "completed"
     check_continuity(before, after)

@@ -23,8 +23,14 @@ UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 PATHS = QemuPaths(qmp_socket=Path("/run/vf/g.qmp"), console_log=Path("/var/log/vf/g.console.log"))
 
 
-def domain_xml(devices: str = "", *, machine: str = "pc", extra: str = "",
-               dtype: str = "qemu", os_extra: str = "") -> str:
+def domain_xml(
+    devices: str = "",
+    *,
+    machine: str = "pc",
+    extra: str = "",
+    dtype: str = "qemu",
+    os_extra: str = "",
+) -> str:
     return f"""<domain type='{dtype}'>
   <name>guest1</name>
   <uuid>{UUID}</uuid>
@@ -58,9 +64,13 @@ def option_value(argv: list[str], option: str) -> str:
 
 
 def test_basic_argv() -> None:
-    xml = domain_xml(extra="<features><acpi/></features>", os_extra=(
-        "<kernel>/k/vmlinuz</kernel><initrd>/k/initrd</initrd>"
-        "<cmdline>console=ttyS0 a=b,c</cmdline>"))
+    xml = domain_xml(
+        extra="<features><acpi/></features>",
+        os_extra=(
+            "<kernel>/k/vmlinuz</kernel><initrd>/k/initrd</initrd>"
+            "<cmdline>console=ttyS0 a=b,c</cmdline>"
+        ),
+    )
     argv = argv_of(xml)
     assert argv[0] == "qemu-system-x86_64"
     assert option_value(argv, "-name") == "guest=guest1,debug-threads=on"
@@ -82,20 +92,22 @@ def test_basic_argv() -> None:
     chardevs = option_values(argv, "-chardev")
     assert chardevs[0] == "socket,id=charmonitor,path=/run/vf/g.qmp,server=on,wait=off"
     assert option_value(argv, "-mon") == "chardev=charmonitor,id=monitor,mode=control"
-    assert chardevs[1] == (
-        "pty,id=charserial0,logfile=/var/log/vf/g.console.log,logappend=on")
-    assert option_values(argv, "-device") == [
-        "isa-serial,chardev=charserial0,id=serial0,index=0"]
+    assert chardevs[1] == ("pty,id=charserial0,logfile=/var/log/vf/g.console.log,logappend=on")
+    assert option_values(argv, "-device") == ["isa-serial,chardev=charserial0,id=serial0,index=0"]
     assert "-incoming" not in argv and "-vnc" not in argv and "-netdev" not in argv
     assert option_value(argv, "-msg") == "timestamp=on"
 
 
 def test_machine_accel_cpu_and_lifecycle() -> None:
-    argv = argv_of(domain_xml(
-        dtype="kvm", machine="pc-q35-10.0",
-        extra="<cpu mode='host-passthrough'/><clock offset='localtime'/>"
-              "<on_reboot>destroy</on_reboot>",
-        os_extra="<boot dev='network'/><boot dev='hd'/><boot dev='cdrom'/>"))
+    argv = argv_of(
+        domain_xml(
+            dtype="kvm",
+            machine="pc-q35-10.0",
+            extra="<cpu mode='host-passthrough'/><clock offset='localtime'/>"
+            "<on_reboot>destroy</on_reboot>",
+            os_extra="<boot dev='network'/><boot dev='hd'/><boot dev='cdrom'/>",
+        )
+    )
     assert option_value(argv, "-machine") == "pc-q35-10.0,acpi=off"
     assert option_value(argv, "-accel") == "kvm"
     assert option_value(argv, "-cpu") == "host"
@@ -140,7 +152,8 @@ def test_serial_backends() -> None:
         "<serial type='file'><source path='/l/s0.log' append='on'/><target port='0'/></serial>"
         "<serial type='unix'><source mode='bind' path='/r/s1.sock'/><target port='1'/></serial>"
         "<serial type='unix'><source mode='connect' path='/r/s2.sock'/><target port='2'/></serial>"
-        "<serial type='pty'><target port='3'/></serial>")
+        "<serial type='pty'><target port='3'/></serial>",
+    )
     argv = argv_of(xml)
     assert option_values(argv, "-chardev")[1:] == [
         "file,id=charserial0,path=/l/s0.log,append=on,"
@@ -150,25 +163,37 @@ def test_serial_backends() -> None:
         "pty,id=charserial3",
     ]
     assert option_values(argv, "-device") == [
-        f"isa-serial,chardev=charserial{i},id=serial{i},index={i}" for i in range(4)]
+        f"isa-serial,chardev=charserial{i},id=serial{i},index={i}" for i in range(4)
+    ]
 
 
 def test_disks() -> None:
-    argv = argv_of(domain_xml(
-        "<disk type='file'><driver name='qemu' type='qcow2' cache='none'/>"
-        "<source file='/i/a,b.qcow2'/><target dev='vda'/></disk>"
-        "<disk type='file'><source file='/i/ro.img'/><target dev='vdb'/><readonly/></disk>"
-        "<disk type='file'><driver name='qemu' type='raw' cache='writethrough'/>"
-        "<source file='/i/h.img'/><target dev='hdc' bus='ide'/></disk>"
-        "<disk type='file' device='cdrom'><target dev='sdb' bus='sata'/></disk>"))
+    argv = argv_of(
+        domain_xml(
+            "<disk type='file'><driver name='qemu' type='qcow2' cache='none'/>"
+            "<source file='/i/a,b.qcow2'/><target dev='vda'/></disk>"
+            "<disk type='file'><source file='/i/ro.img'/><target dev='vdb'/><readonly/></disk>"
+            "<disk type='file'><driver name='qemu' type='raw' cache='writethrough'/>"
+            "<source file='/i/h.img'/><target dev='hdc' bus='ide'/></disk>"
+            "<disk type='file' device='cdrom'><target dev='sdb' bus='sata'/></disk>"
+        )
+    )
     blockdevs = [json.loads(b) for b in option_values(argv, "-blockdev")]
     assert blockdevs[0] == {
-        "driver": "file", "filename": "/i/a,b.qcow2", "node-name": "file-vda",
-        "auto-read-only": True, "discard": "unmap",
-        "cache": {"direct": True, "no-flush": False}}
+        "driver": "file",
+        "filename": "/i/a,b.qcow2",
+        "node-name": "file-vda",
+        "auto-read-only": True,
+        "discard": "unmap",
+        "cache": {"direct": True, "no-flush": False},
+    }
     assert blockdevs[1] == {
-        "driver": "qcow2", "node-name": "fmt-vda", "file": "file-vda", "read-only": False,
-        "cache": {"direct": True, "no-flush": False}}
+        "driver": "qcow2",
+        "node-name": "fmt-vda",
+        "file": "file-vda",
+        "read-only": False,
+        "cache": {"direct": True, "no-flush": False},
+    }
     assert blockdevs[3]["read-only"] is True and "cache" not in blockdevs[3]
     assert blockdevs[5]["cache"] == {"direct": False, "no-flush": False}
     assert len(blockdevs) == 6  # the empty CD-ROM has no backend
@@ -183,9 +208,11 @@ def test_disks() -> None:
 
 
 def test_q35_sata_uses_the_builtin_ahci() -> None:
-    argv = argv_of(domain_xml(
-        "<disk type='file'><source file='/i/a.img'/><target dev='sdc'/></disk>",
-        machine="q35"))
+    argv = argv_of(
+        domain_xml(
+            "<disk type='file'><source file='/i/a.img'/><target dev='sdc'/></disk>", machine="q35"
+        )
+    )
     devices = option_values(argv, "-device")
     assert "ahci,id=sata0" not in devices
     assert devices[-1] == "ide-hd,bus=ide.2,drive=fmt-sdc,id=sata0-0-2"
@@ -197,8 +224,11 @@ def test_q35_sata_uses_the_builtin_ahci() -> None:
         ("<disk type='file'><source file='/a'/><target dev='hda'/></disk>", "q35", "no IDE"),
         ("<disk type='file'><source file='/a'/><target dev='hde'/></disk>", "pc", "hda to hdd"),
         ("<disk type='file'><source file='/a'/><target dev='sdg'/></disk>", "pc", "sda to sdf"),
-        ("<disk type='file'><source file='/a'/><target dev='sda'/><readonly/></disk>", "pc",
-         "read-only"),
+        (
+            "<disk type='file'><source file='/a'/><target dev='sda'/><readonly/></disk>",
+            "pc",
+            "read-only",
+        ),
     ],
 )
 def test_unsupported_disks(devices: str, machine: str, needle: str) -> None:
@@ -216,11 +246,14 @@ def test_network_graphics_video_balloon() -> None:
         "<interface type='user'><mac address='52:54:00:00:00:03'/><model type='rtl8139'/>"
         "</interface>"
         "<graphics type='vnc' autoport='yes'/>"
-        "<video><model type='vga'/></video>").replace(
-        "<memballoon model='none'/>", "<memballoon model='virtio'/>")
+        "<video><model type='vga'/></video>"
+    ).replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
     argv = argv_of(xml)
-    assert option_values(argv, "-netdev") == ["user,id=hostnet0", "user,id=hostnet1",
-                                              "user,id=hostnet2"]
+    assert option_values(argv, "-netdev") == [
+        "user,id=hostnet0",
+        "user,id=hostnet1",
+        "user,id=hostnet2",
+    ]
     assert option_values(argv, "-device")[1:] == [
         "VGA,id=video0",
         "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:00:00:01",
@@ -249,7 +282,10 @@ async def running_qemu(d: DomainDef, tmp: Path, **kwargs: Any) -> AsyncIterator[
     with (tmp / "qemu.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *build_argv(d, paths, **kwargs),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     qmp = QMPClient(d.name)
     try:
         for _ in range(200):
@@ -259,7 +295,8 @@ async def running_qemu(d: DomainDef, tmp: Path, **kwargs: Any) -> AsyncIterator[
                 await asyncio.wait_for(proc.wait(), 0.05)
         if proc.returncode is not None:
             raise AssertionError(
-                f"QEMU exited with {proc.returncode}: {(tmp / 'qemu.log').read_text()}")
+                f"QEMU exited with {proc.returncode}: {(tmp / 'qemu.log').read_text()}"
+            )
         await qmp.connect(str(paths.qmp_socket))
         yield qmp
     finally:
@@ -308,8 +345,11 @@ async def test_real_qemu_devices(tmp: Path, machine: str) -> None:
     qemu_img("create", "-f", "qcow2", str(tmp / "a,1.qcow2"), "64M")
     qemu_img("create", "-f", "raw", str(tmp / "ro.img"), "1M")
     qemu_img("create", "-f", "raw", str(tmp / "s.img"), "1M")
-    ide = "" if machine == "q35" else (
-        "<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk>")
+    ide = (
+        ""
+        if machine == "q35"
+        else ("<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/></disk>")
+    )
     xml = domain_xml(
         f"<disk type='file'><driver name='qemu' type='qcow2' cache='writethrough'/>"
         f"<source file='{tmp}/a,1.qcow2'/><target dev='vda'/></disk>"
@@ -321,7 +361,8 @@ async def test_real_qemu_devices(tmp: Path, machine: str) -> None:
         "<interface type='user'><mac address='52:54:00:12:34:57'/><model type='e1000'/>"
         "</interface>"
         "<graphics type='vnc' autoport='yes'/><video><model type='vga'/></video>",
-        machine=machine, extra="<features><acpi/></features>",
+        machine=machine,
+        extra="<features><acpi/></features>",
     ).replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
     d = parse_domain_xml(xml)
     async with running_qemu(d, tmp, incoming=True) as qmp:
@@ -344,8 +385,7 @@ async def test_real_qemu_devices(tmp: Path, machine: str) -> None:
         assert expected <= ids
         assert ("sata0" in ids) == (machine == "pc")
 
-        nets = await qmp.execute("qom-get", {"path": "/machine/peripheral/net0",
-                                             "property": "mac"})
+        nets = await qmp.execute("qom-get", {"path": "/machine/peripheral/net0", "property": "mac"})
         assert nets == "52:54:00:12:34:56"
         vnc = await query(qmp, "query-vnc")
         assert vnc["enabled"] is True and vnc["host"] == "127.0.0.1"
@@ -356,8 +396,11 @@ async def test_real_qemu_devices(tmp: Path, machine: str) -> None:
 @pytest.mark.qemu
 async def test_real_qemu_refuses_what_it_cannot_run(tmp: Path) -> None:
     # the argv check is not a stand-in for QEMU: prove the refused case really fails
-    d = parse_domain_xml(domain_xml(
-        f"<disk type='file'><source file='{tmp}/x.img'/><target dev='sda'/><readonly/></disk>"))
+    d = parse_domain_xml(
+        domain_xml(
+            f"<disk type='file'><source file='{tmp}/x.img'/><target dev='sda'/><readonly/></disk>"
+        )
+    )
     qemu_img("create", "-f", "raw", str(tmp / "x.img"), "1M")
     paths = QemuPaths(tmp / "qmp", tmp / "c.log")
     with pytest.raises(VmferryError):
@@ -366,7 +409,8 @@ async def test_real_qemu_refuses_what_it_cannot_run(tmp: Path) -> None:
     argv = [a.replace('"read-only": false', '"read-only": true') for a in build_argv(d, paths)]
     assert any('"read-only": true' in a for a in argv)
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
     finally:

@@ -35,13 +35,28 @@ Launched = tuple[QemuProcess, Monitor]
 def qemu_argv(sock: Path, uuid: str, *, qmp: bool = True) -> list[str]:
     """A QEMU that sits paused (-S) with no kernel, QMP on *sock*."""
     argv = [
-        "qemu-system-x86_64", "-name", "guest=test", "-uuid", uuid,
-        "-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64",
+        "qemu-system-x86_64",
+        "-name",
+        "guest=test",
+        "-uuid",
+        uuid,
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-m",
+        "64",
     ]
     if qmp:
         argv += [
-            "-chardev", f"socket,id=mon,path={sock},server=on,wait=off",
-            "-mon", "chardev=mon,mode=control",
+            "-chardev",
+            f"socket,id=mon,path={sock},server=on,wait=off",
+            "-mon",
+            "chardev=mon,mode=control",
         ]
     return argv
 
@@ -226,8 +241,10 @@ async def test_external_sigkill_is_noticed(start: Callable[[], Awaitable[Launche
     async with asyncio.timeout(1.0):
         t_exit, t_drop = await asyncio.gather(exited, dropped)
     assert t_exit - t0 < 1.0 and t_drop - t0 < 1.0
-    print(f"\nnoticed SIGKILL: on_exit {1000 * (t_exit - t0):.1f} ms, "
-          f"on_disconnect {1000 * (t_drop - t0):.1f} ms")
+    print(
+        f"\nnoticed SIGKILL: on_exit {1000 * (t_exit - t0):.1f} ms, "
+        f"on_disconnect {1000 * (t_drop - t0):.1f} ms"
+    )
     assert not proc.alive and not mon.connected
     assert proc.returncode == -signal.SIGKILL  # reaped: our child
     assert process_gone(proc.pid)
@@ -307,7 +324,12 @@ HELPER = textwrap.dedent("""
 async def test_reattach_after_daemon_death(tmp: Path, uuid: str) -> None:
     sock = tmp / "m.qmp"
     helper = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HELPER, str(sock), str(tmp / "q.log"), *qemu_argv(sock, uuid),
+        sys.executable,
+        "-c",
+        HELPER,
+        str(sock),
+        str(tmp / "q.log"),
+        *qemu_argv(sock, uuid),
         stdout=subprocess.PIPE,
     )
     out, _ = await helper.communicate()
@@ -382,7 +404,9 @@ async def test_launch_failure_reports_qemu_message(tmp: Path, uuid: str) -> None
     with pytest.raises(VmferryError) as info:
         await launch(
             [*qemu_argv(sock, uuid), "-no-such-option"],
-            qmp_socket=sock, log_path=tmp / "q.log", name="bad",
+            qmp_socket=sock,
+            log_path=tmp / "q.log",
+            name="bad",
         )
     assert info.value.code == ErrorCode.QEMU_FAILED
     assert info.value.message.startswith("QEMU for domain 'bad' failed to start: ")
@@ -391,8 +415,9 @@ async def test_launch_failure_reports_qemu_message(tmp: Path, uuid: str) -> None
     assert not live_pids_with(uuid)
 
     with pytest.raises(VmferryError) as info:
-        await launch(["/nonexistent/qemu", "-S"], qmp_socket=sock,
-                     log_path=tmp / "q.log", name="bad")
+        await launch(
+            ["/nonexistent/qemu", "-S"], qmp_socket=sock, log_path=tmp / "q.log", name="bad"
+        )
     assert info.value.code == ErrorCode.QEMU_FAILED
     assert "/nonexistent/qemu" in info.value.message
 
@@ -401,8 +426,13 @@ async def test_launch_timeout_kills_qemu(tmp: Path, uuid: str) -> None:
     sock = tmp / "m.qmp"
     t0 = time.monotonic()
     with pytest.raises(VmferryError) as info:
-        await launch(qemu_argv(sock, uuid, qmp=False), qmp_socket=sock,
-                     log_path=tmp / "q.log", name="slow", timeout=0.5)
+        await launch(
+            qemu_argv(sock, uuid, qmp=False),
+            qmp_socket=sock,
+            log_path=tmp / "q.log",
+            name="slow",
+            timeout=0.5,
+        )
     assert 0.5 <= time.monotonic() - t0 < 5
     assert info.value.code == ErrorCode.QEMU_FAILED
     assert "failed to start: timed out after 0.5 s" in info.value.message

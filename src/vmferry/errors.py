@@ -60,9 +60,9 @@ class VmferryError(Exception):
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS.get(ErrorCode(self.code), 500) if isinstance(
-            self.code, ErrorCode
-        ) else 500
+        return (
+            HTTP_STATUS.get(ErrorCode(self.code), 500) if isinstance(self.code, ErrorCode) else 500
+        )
 
     def to_dict(self) -> dict[str, str]:
         return {"code": str(self.code), "message": self.message}

@@ -81,7 +81,7 @@ class Event(BaseModel):
 
 
 class MigrationRequest(BaseModel):
-    """Flags (:class:`vmferry.migration.flags.MigrateFlags` values) and parameters of a migration."""
+    """Flags (``MigrateFlags`` values) and parameters of a migration."""
 
     flags: int = 0
     params: dict[str, Any] = Field(default_factory=dict)

@@ -53,8 +53,8 @@ class Context:
 
     uri: str | None
     pki_dir: Path | None = None
-    _clients: list[Client] = field(default_factory=list)
-    _client: Client | None = None
+    _clients: list[Client] = field(default_factory=list, init=False)
+    _client: Client | None = field(default=None, init=False)
 
     @property
     def client(self) -> Client:

@@ -80,6 +80,7 @@ class AsyncClient:
             call.path,
             params=call.params,
             json=call.json_body(),
+            headers=call.headers,
             timeout=timeout_for(call, self.timeout, request_timeout),
         )
         try:
@@ -113,7 +114,7 @@ class AsyncClient:
     async def shutdown(
         self,
         name: str,
-        timeout: float = 60.0,  # noqa: ASYNC109 - the guest's timeout, kept by the daemon
+        timeout: float = 60.0,
         *,
         request_timeout: float | None = None,
     ) -> DomainInfo:
@@ -158,7 +159,13 @@ class AsyncClient:
         """
         return AsyncEventStream(self)
 
-    async def _open_stream(self, path: str) -> httpx.Response:
+    async def open_stream(self, path: str) -> httpx.Response:
+        """
+        Start a long-lived ``GET`` of *path* (no read timeout) and return the
+        streaming response once its status is 2xx; the caller closes it.
+
+        :raise VmferryError: The daemon's error, or ``CONNECT_FAILED``.
+        """
         request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
         try:
             response = await self._http.send(request, stream=True)
@@ -186,7 +193,7 @@ class AsyncEventStream(AsyncIterator[Event]):
         if self._closed:
             raise VmferryError(ErrorCode.OPERATION_INVALID, "the event stream is closed")
         if self._response is None:
-            self._response = await self._client._open_stream(calls.EVENTS_PATH)
+            self._response = await self._client.open_stream(calls.EVENTS_PATH)
             self._lines = self._response.aiter_lines()
             line = await self._next_line()
             if line:

@@ -47,6 +47,7 @@ class Call(Generic[T]):
     body: BaseModel | None = None
     #: Lower bound for the request timeout (seconds), for calls that wait server-side.
     min_timeout: float | None = None
+    headers: dict[str, str] | None = None
 
     def json_body(self) -> Any:
         return None if self.body is None else self.body.model_dump(mode="json")

@@ -85,6 +85,7 @@ class Client:
             call.path,
             params=call.params,
             json=call.json_body(),
+            headers=call.headers,
             timeout=timeout_for(call, self.timeout, request_timeout),
         )
         try:
@@ -175,7 +176,13 @@ class Client:
         """
         return EventStream(self)
 
-    def _open_stream(self, path: str) -> httpx.Response:
+    def open_stream(self, path: str) -> httpx.Response:
+        """
+        Start a long-lived ``GET`` of *path* (no read timeout) and return the
+        streaming response once its status is 2xx; the caller closes it.
+
+        :raise VmferryError: The daemon's error, or ``CONNECT_FAILED``.
+        """
         request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
         try:
             response = self._http.send(request, stream=True)
@@ -212,7 +219,7 @@ class EventStream(Iterator[Event]):
         if self._closed:
             raise VmferryError(ErrorCode.OPERATION_INVALID, "the event stream is closed")
         if self._response is None:
-            self._response = self._client._open_stream(calls.EVENTS_PATH)
+            self._response = self._client.open_stream(calls.EVENTS_PATH)
             self._lines = self._response.iter_lines()
             line = self._next_line()
             if line:

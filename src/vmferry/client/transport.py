@@ -148,14 +148,15 @@ def transport_error(endpoint: Endpoint, exc: httpx.TransportError) -> VmferryErr
         return VmferryError(
             ErrorCode.CONNECT_FAILED, f"cannot connect to vmferryd at {endpoint.uri}: {reason}"
         )
+    # Past this point the request may have reached the daemon: its outcome is unknown.
     if isinstance(exc, httpx.TimeoutException):
         return VmferryError(
-            ErrorCode.OPERATION_TIMEOUT,
+            ErrorCode.RPC_FAILED,
             f"no answer from vmferryd at {endpoint.uri} in time ({reason}); "
             "the operation may still complete: check the domain's state",
         )
     return VmferryError(
-        ErrorCode.CONNECT_FAILED, f"lost connection to vmferryd at {endpoint.uri}: {reason}"
+        ErrorCode.RPC_FAILED, f"lost connection to vmferryd at {endpoint.uri}: {reason}"
     )
 
 

@@ -98,9 +98,7 @@ class Driver:
 
     def bind_session(self, session: str, dom: QemuDomain) -> None:
         if not self.sessions.is_open(session):
-            raise VmferryError(
-                ErrorCode.OPERATION_INVALID, f"client session {session} is not open"
-            )
+            raise VmferryError(ErrorCode.OPERATION_INVALID, f"client session {session} is not open")
         self.sessions.bind(session, dom.uuid)
         dom.bound_session = session
         dom.save()
@@ -173,7 +171,7 @@ class Driver:
         self._domains.pop(dom.uuid, None)
 
     def check_clash(self, definition: DomainDef, *, allow_inactive_same: bool) -> QemuDomain | None:
-        """libvirt's virDomainObjListAdd rules: one name, one uuid, no clash with a running domain."""
+        """virDomainObjListAdd's rules: one name, one uuid, no clash with a running domain."""
         other = self.find(definition.name, definition.uuid)
         if other is None:
             return None
@@ -188,9 +186,7 @@ class Driver:
                 f"domain '{other.name}' is already defined with uuid {other.uuid}",
             )
         if other.active and not allow_inactive_same:
-            raise VmferryError(
-                ErrorCode.DOMAIN_EXISTS, f"domain '{other.name}' is already active"
-            )
+            raise VmferryError(ErrorCode.DOMAIN_EXISTS, f"domain '{other.name}' is already active")
         return other
 
     # -- persistence --------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import load_config
-from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
+from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
 

@@ -68,7 +68,12 @@ class MigrationDriver(Driver):
         self, xml: str, cookie: str | None, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
         return await destination.prepare(
-            self, xml, cookie, MigrateFlags(flags), MigrationParams.from_dict(params), session=session
+            self,
+            xml,
+            cookie,
+            MigrateFlags(flags),
+            MigrationParams.from_dict(params),
+            session=session,
         )
 
     async def migrate_perform(self, name: str, cookie: str, uri: str) -> str:
@@ -83,9 +88,7 @@ class MigrationDriver(Driver):
             self, self.lookup(name), uri, MigrateFlags(flags), MigrationParams.from_dict(params)
         )
 
-    async def migrate_finish(
-        self, name: str, cookie: str | None, cancelled: bool, v3: bool
-    ) -> str:
+    async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
         _, out = await destination.finish(self, name, cookie, cancelled=cancelled, v3=v3)
         return out
 
@@ -98,8 +101,8 @@ class MigrationDriver(Driver):
         self, name: str, dest_uri: str, flags: int, params: dict[str, Any]
     ) -> MigrationResult:
         """Run the whole protocol from here against the destination daemon."""
-        from vmferry.client.migrate import RemoteDestination, open_session
         from vmferry.client import AsyncClient
+        from vmferry.client.migrate import RemoteDestination, open_session
 
         mflags = MigrateFlags(flags) & ~MigrateFlags.PEER2PEER
         mparams = MigrationParams.from_dict(params)
@@ -122,7 +125,11 @@ class MigrationDriver(Driver):
 
     def _completed_stats(self, name: str) -> dict[str, Any]:
         dom = next((d for d in self.domains() if d.name == name), None)
-        return dict(dom.completed_job or {}) if dom is not None else dict(self.last_completed.get(name, {}))
+        return (
+            dict(dom.completed_job or {})
+            if dom is not None
+            else dict(self.last_completed.get(name, {}))
+        )
 
     # -- queries and tuning while a migration runs -------------------------------------------
 
@@ -158,9 +165,7 @@ class MigrationDriver(Driver):
             )
         async with dom.job.acquire(Job.ABORT, "domjobabort"):
             if dom.job.async_job == AsyncJob.NONE:
-                raise VmferryError(
-                    ErrorCode.OPERATION_INVALID, "no job is active on the domain"
-                )
+                raise VmferryError(ErrorCode.OPERATION_INVALID, "no job is active on the domain")
             dom.job.request_abort()
             dom.notify()
             if dom.monitor is not None and dom.migration.status not in ("none", "completed"):

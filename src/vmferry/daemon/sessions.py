@@ -44,7 +44,9 @@ class Sessions:
             # Runs in a cancelled generator: hand the callbacks to a task of their own.
             bound = self._bound.pop(session, set())
             if bound:
-                task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._on_close(session, bound))
+                task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+                    self._on_close(session, bound)
+                )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 

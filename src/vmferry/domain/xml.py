@@ -236,9 +236,7 @@ def parse_domain_xml(text: str) -> DomainDef:
     if len(text) > MAX_XML_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_XML_BYTES:
         raise _xml_error(f"domain XML is larger than {MAX_XML_BYTES // 1024} KiB")
     try:
-        root = SafeET.fromstring(
-            text, forbid_dtd=True, forbid_entities=True, forbid_external=True
-        )
+        root = SafeET.fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except defusedxml.DTDForbidden as exc:
         raise _xml_error(f"domain XML must not contain a DTD ({exc})") from None
     except defusedxml.EntitiesForbidden as exc:
@@ -278,9 +276,7 @@ def _parse_domain(root: _Node) -> DomainDef:
     if current is None:
         current = memory
     if current > memory:
-        raise _xml_error(
-            f"current memory ({current} KiB) must not exceed memory ({memory} KiB)"
-        )
+        raise _xml_error(f"current memory ({current} KiB) must not exceed memory ({memory} KiB)")
 
     vcpus = 1
     vcpu = root.child("vcpu")
@@ -314,8 +310,11 @@ def _parse_domain(root: _Node) -> DomainDef:
         clock.finish()
 
     actions = {}
-    for event, default in (("on_poweroff", "destroy"), ("on_reboot", "restart"),
-                           ("on_crash", "destroy")):
+    for event, default in (
+        ("on_poweroff", "destroy"),
+        ("on_reboot", "restart"),
+        ("on_crash", "destroy"),
+    ):
         value = root.child_text(event)
         if value is not None and value not in model.LIFECYCLE_ACTIONS:
             raise _unsupported(
@@ -448,8 +447,16 @@ def _parse_devices(node: _Node) -> Devices:
         match = next((s for s in serials if s.target_port == console.target_port), None)
         if match is None:
             # libvirt's rule: a serial console without its serial port defines that port.
-            serials.append(CharDef(console.type, console.path, console.append, console.mode,
-                                   console.target_port, "isa-serial"))
+            serials.append(
+                CharDef(
+                    console.type,
+                    console.path,
+                    console.append,
+                    console.mode,
+                    console.target_port,
+                    "isa-serial",
+                )
+            )
         elif _backend(match) != _backend(console):
             raise _unsupported(
                 f"<console> must use the same backend as serial port {match.target_port}"
@@ -604,8 +611,9 @@ def _parse_char(node: _Node, *, console: bool, default_port: int) -> CharDef:
     if not 0 <= port <= 3:
         raise _unsupported(f"serial port {port} is not supported (0 to 3)")
     node.finish()
-    return CharDef(type=ctype, path=path, append=append, mode=mode, target_port=port,
-                   target_type=target_type)
+    return CharDef(
+        type=ctype, path=path, append=append, mode=mode, target_port=port, target_type=target_type
+    )
 
 
 def _parse_graphics(node: _Node) -> GraphicsDef:

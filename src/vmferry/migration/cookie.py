@@ -22,8 +22,19 @@ KNOWN_FEATURES = frozenset({"persistent", "statistics", "capabilities", "locksta
 MANDATORY_CAPABLE = frozenset({"persistent", "lockstate"})
 _MAX_COOKIE = 1 << 20
 
-STAT_FIELDS = ("started", "stopped", "sent", "received", "delta", "downtime", "total_time",
-               "setup_time", "transferred", "remaining", "total")
+STAT_FIELDS = (
+    "started",
+    "stopped",
+    "sent",
+    "received",
+    "delta",
+    "downtime",
+    "total_time",
+    "setup_time",
+    "transferred",
+    "remaining",
+    "total",
+)
 
 
 @dataclass
@@ -57,9 +68,7 @@ class MigrationCookie:
         return ET.tostring(root, encoding="unicode")
 
 
-def parse_cookie(
-    text: str, *, name: str, uuid: str, local_hostuuid: str
-) -> MigrationCookie:
+def parse_cookie(text: str, *, name: str, uuid: str, local_hostuuid: str) -> MigrationCookie:
     """Parse and check a cookie received from the peer.
 
     *name* and *uuid* are the domain's original ones (before any ``--dname``).
@@ -96,9 +105,7 @@ def parse_cookie(
     for feature in root.findall("feature"):
         fname = feature.get("name", "")
         if fname not in KNOWN_FEATURES:
-            raise VmferryError(
-                ErrorCode.NO_SUPPORT, f"Unknown migration cookie feature {fname}"
-            )
+            raise VmferryError(ErrorCode.NO_SUPPORT, f"Unknown migration cookie feature {fname}")
         if fname not in MANDATORY_CAPABLE or fname == "lockstate":
             raise VmferryError(
                 ErrorCode.NO_SUPPORT, f"Unsupported migration cookie feature {fname}"

@@ -62,9 +62,7 @@ async def prepare(
             ErrorCode.DOMAIN_EXISTS, f"domain '{existing.name}' is already active on this host"
         )
     dom = existing if existing is not None else host.add(definition, None)
-    await dom.job.start_async(
-        AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags)
-    )
+    await dom.job.start_async(AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags))
     dom.migration.created_here = existing is None
     dom.migration.flags = int(flags)
     dom.migration.params = params.to_dict()
@@ -206,8 +204,7 @@ async def _finish_active(
 ) -> None:
     mon = dom.require_monitor()
     done = await dom.wait_for(
-        lambda: dom.migration.status in ("completed", "failed", "cancelled")
-        or not mon.connected,
+        lambda: dom.migration.status in ("completed", "failed", "cancelled") or not mon.connected,
         FINISH_WAIT_S,
     )
     if not mon.connected:
@@ -218,8 +215,7 @@ async def _finish_active(
     if not done or dom.migration.status != "completed":
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
-            f"incoming migration of '{dom.name}' did not complete "
-            f"(status {dom.migration.status})",
+            f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
         )
     _persist(host, dom, cookie, flags)
     if flags & MigrateFlags.PAUSED:

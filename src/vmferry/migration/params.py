@@ -44,7 +44,8 @@ class MigrationParams:
         unknown = set(data) - known
         if unknown:
             raise VmferryError(
-                ErrorCode.INVALID_ARG, f"unknown migration parameter(s): {', '.join(sorted(unknown))}"
+                ErrorCode.INVALID_ARG,
+                f"unknown migration parameter(s): {', '.join(sorted(unknown))}",
             )
         return cls(**data)
 
@@ -52,18 +53,14 @@ class MigrationParams:
         if self.bandwidth_mib_s < 0:
             raise VmferryError(ErrorCode.INVALID_ARG, "bandwidth must not be negative")
         if self.parallel_connections and not flags & MigrateFlags.PARALLEL:
-            raise VmferryError(
-                ErrorCode.INVALID_ARG, "parallel connections need the parallel flag"
-            )
+            raise VmferryError(ErrorCode.INVALID_ARG, "parallel connections need the parallel flag")
         if flags & MigrateFlags.PARALLEL and flags & MigrateFlags.COMPRESSED:
             raise VmferryError(
                 ErrorCode.INVALID_ARG, "xbzrle compression cannot be used with parallel migration"
             )
         if flags & MigrateFlags.OFFLINE:
             if not flags & MigrateFlags.PERSIST_DEST:
-                raise VmferryError(
-                    ErrorCode.INVALID_ARG, "offline migration requires --persistent"
-                )
+                raise VmferryError(ErrorCode.INVALID_ARG, "offline migration requires --persistent")
             if flags & MigrateFlags.LIVE:
                 raise VmferryError(
                     ErrorCode.INVALID_ARG, "--live and --offline are mutually exclusive"
@@ -99,7 +96,9 @@ def parameters(params: MigrationParams, flags: MigrateFlags, *, source: bool) ->
     return out
 
 
-async def apply(mon: Monitor, params: MigrationParams, flags: MigrateFlags, *, source: bool) -> None:
+async def apply(
+    mon: Monitor, params: MigrationParams, flags: MigrateFlags, *, source: bool
+) -> None:
     caps = capabilities(flags, source=source)
     await mon.execute(
         "migrate-set-capabilities",

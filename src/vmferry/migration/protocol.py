@@ -27,7 +27,9 @@ UNKNOWN_OUTCOME = frozenset({ErrorCode.RPC_FAILED})
 
 
 class SourceSide(Protocol):
-    async def begin(self, name: str, flags: MigrateFlags, params: MigrationParams) -> tuple[str, str]: ...
+    async def begin(
+        self, name: str, flags: MigrateFlags, params: MigrationParams
+    ) -> tuple[str, str]: ...
 
     async def perform(self, name: str, cookie: str, uri: str) -> str: ...
 
@@ -45,9 +47,7 @@ class DestinationSide(Protocol):
         self, xml: str, cookie: str | None, flags: MigrateFlags, params: MigrationParams
     ) -> tuple[str, str]: ...
 
-    async def finish(
-        self, name: str, cookie: str | None, *, cancelled: bool, v3: bool
-    ) -> str: ...
+    async def finish(self, name: str, cookie: str | None, *, cancelled: bool, v3: bool) -> str: ...
 
     async def state(self, name: str) -> tuple[str, str]:
         """(state, async job) of the domain on the destination."""
@@ -126,9 +126,7 @@ async def migrate_v3(
     try:
         await src.confirm(name, cookie, cancelled=False)
     except VmferryError as err:
-        log.warning(
-            "Guest %s probably left in 'paused' state on source: %s", name, err.message
-        )
+        log.warning("Guest %s probably left in 'paused' state on source: %s", name, err.message)
     times.record("confirm", t)
 
 

@@ -61,9 +61,7 @@ async def begin(
             )
     else:
         dom.require_active()
-    await dom.job.start_async(
-        AsyncJob.MIGRATION_OUT, api, MigrationPhase.BEGIN3, flags=int(flags)
-    )
+    await dom.job.start_async(AsyncJob.MIGRATION_OUT, api, MigrationPhase.BEGIN3, flags=int(flags))
     try:
         xml = _destination_xml(dom, params, offline=offline)
         dom.migration.flags = int(flags)
@@ -137,7 +135,9 @@ async def perform2(
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
     dom.require_active()
-    await dom.job.start_async(AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags))
+    await dom.job.start_async(
+        AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags)
+    )
     dom.migration.flags = int(flags)
     dom.migration.params = params.to_dict()
     dom.migration.was_running = dom.state == DomainState.RUNNING
@@ -227,9 +227,7 @@ async def _cancel(dom: QemuDomain) -> None:
         return
     try:
         await mon.execute("migrate_cancel")
-        await dom.wait_for(
-            lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0
-        )
+        await dom.wait_for(lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0)
     except VmferryError as err:
         log.warning("cancelling migration of %s: %s", dom.name, err.message)
 

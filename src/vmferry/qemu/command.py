@@ -121,8 +121,10 @@ def build_argv(
         argv += ["-boot", "order=" + "".join(_BOOT_LETTERS[b] for b in d.os.boot_devs)]
 
     argv += [
-        "-chardev", f"socket,id=charmonitor,path={_esc(paths.qmp_socket)},server=on,wait=off",
-        "-mon", "chardev=charmonitor,id=monitor,mode=control",
+        "-chardev",
+        f"socket,id=charmonitor,path={_esc(paths.qmp_socket)},server=on,wait=off",
+        "-mon",
+        "chardev=charmonitor,id=monitor,mode=control",
     ]
     for serial in d.devices.serials:
         argv += _serial_args(serial, paths.console_log)
@@ -169,8 +171,10 @@ def _serial_args(serial: CharDef, console_log: Path) -> list[str]:
         # The daemon shows the console from this log whatever the backend is.
         backend += f",logfile={_esc(console_log)},logappend=on"
     return [
-        "-chardev", backend,
-        "-device", f"isa-serial,chardev={chardev_id},id=serial{port},index={port}",
+        "-chardev",
+        backend,
+        "-device",
+        f"isa-serial,chardev={chardev_id},id=serial{port},index={port}",
     ]
 
 

@@ -92,15 +92,11 @@ class QemuDomain:
 
     def require_active(self) -> None:
         if not self.active:
-            raise VmferryError(
-                ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running"
-            )
+            raise VmferryError(ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running")
 
     def require_monitor(self) -> Monitor:
         if self.monitor is None or not self.monitor.connected:
-            raise VmferryError(
-                ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running"
-            )
+            raise VmferryError(ErrorCode.OPERATION_INVALID, f"domain '{self.name}' is not running")
         return self.monitor
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:

@@ -36,7 +36,7 @@ async def launch(
     qmp_socket: Path,
     log_path: Path,
     name: str,
-    timeout: float = 30.0,  # noqa: ASYNC109
+    timeout: float = 30.0,
 ) -> tuple[QemuProcess, Monitor]:
     """
     Start QEMU and connect to its QMP monitor.
@@ -69,7 +69,9 @@ async def launch(
         raise
     logger.info(
         "QEMU for domain '%s' (pid %d) ready in %.3f s",
-        name, proc.pid, time.monotonic() - started,
+        name,
+        proc.pid,
+        time.monotonic() - started,
     )
     return proc, monitor
 
@@ -80,7 +82,7 @@ async def reattach(
     uuid: str,
     qmp_socket: Path,
     name: str,
-    timeout: float = 10.0,  # noqa: ASYNC109
+    timeout: float = 10.0,
 ) -> tuple[QemuProcess, Monitor] | None:
     """
     Find a running QEMU again after a daemon restart and reconnect to QMP.
@@ -125,7 +127,10 @@ class _StartFailure(Exception):
 
 
 async def _connect_when_ready(
-    proc: QemuProcess, qmp_socket: Path, name: str, timeout: float  # noqa: ASYNC109
+    proc: QemuProcess,
+    qmp_socket: Path,
+    name: str,
+    timeout: float,
 ) -> Monitor:
     """Wait for QEMU to create *qmp_socket*, then connect; fail if QEMU exits."""
     deadline = time.monotonic() + timeout

@@ -240,9 +240,7 @@ class Lifecycle:
         paths = self.paths(dom)
         found = None
         if pid is not None:
-            found = await reattach(
-                pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name
-            )
+            found = await reattach(pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name)
         if found is None:
             dom.process = None
             self._forget_crashed(dom)
@@ -285,4 +283,3 @@ _EVENT_HANDLERS: dict[str, _EventHandler] = {
     "MIGRATION": Lifecycle._migration_event,
     "MIGRATION_PASS": Lifecycle._migration_pass_event,
 }
-

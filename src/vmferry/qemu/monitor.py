@@ -75,9 +75,7 @@ class Monitor:
         self._client = client
         self.name = name
         self._handlers: list[EventHandler] = []
-        self._backlog: deque[tuple[str, dict[str, Any], float]] | None = deque(
-            maxlen=_BACKLOG_MAX
-        )
+        self._backlog: deque[tuple[str, dict[str, Any], float]] | None = deque(maxlen=_BACKLOG_MAX)
         self._disconnect_cbs: list[Callable[[], None]] = []
         self._dropped = False  # the connection ended without close()
         self._closing = False
@@ -91,7 +89,11 @@ class Monitor:
 
     @classmethod
     async def connect(
-        cls, socket_path: Path, *, name: str = "", timeout: float = 10.0  # noqa: ASYNC109
+        cls,
+        socket_path: Path,
+        *,
+        name: str = "",
+        timeout: float = 10.0,
     ) -> Monitor:
         """
         Connect to QEMU's QMP socket and negotiate capabilities.
@@ -161,7 +163,7 @@ class Monitor:
         cmd: str,
         args: Mapping[str, object] | None = None,
         *,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,
     ) -> Any:
         """
         Execute a QMP command and return its ``return`` value.

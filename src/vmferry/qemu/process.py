@@ -167,7 +167,7 @@ class QemuProcess:
         self._callbacks.append(cb)
         self._watch()
 
-    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def wait(self, timeout: float | None = None) -> bool:
         """
         Wait for the process to exit.
 

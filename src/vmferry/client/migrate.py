@@ -1,0 +1,199 @@
+"""Client-managed and peer-to-peer migration, run from the client library.
+
+``await migrate(src, dst, name, flags, params)`` drives the protocol across
+two daemons (v3 when both support it, else v2), holding a session on each so
+that a client that dies mid-way is noticed (libvirt's close callbacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from vmferry.api.models import JobStats
+from vmferry.client import migration_calls as mc
+from vmferry.client.aio import AsyncClient
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+from vmferry.migration.protocol import StepTimes, migrate_v2, migrate_v3
+
+ProgressCallback = Callable[[str, JobStats | None], None]
+PROGRESS_POLL_S = 0.5
+
+
+@contextlib.asynccontextmanager
+async def open_session(client: AsyncClient) -> AsyncIterator[str]:
+    """A session on *client*'s daemon for as long as the block runs; yields its id."""
+    response = await client.open_stream(mc.SESSION_PATH)
+    try:
+        lines = response.aiter_lines()
+        first = await anext(lines, "")
+        try:
+            session = str(json.loads(first)["session"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise VmferryError(
+                ErrorCode.INTERNAL_ERROR, f"unexpected session answer from {client.uri}: {first!r}"
+            ) from err
+
+        async def drain() -> None:
+            with contextlib.suppress(Exception):
+                async for _ in lines:
+                    pass
+
+        keepalive = asyncio.create_task(drain())
+        try:
+            yield session
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+    finally:
+        await response.aclose()
+
+
+class RemoteSource:
+    """The source side over HTTP."""
+
+    def __init__(self, client: AsyncClient, session: str) -> None:
+        self.client = client
+        self.session = session
+
+    async def begin(
+        self, name: str, flags: MigrateFlags, params: MigrationParams
+    ) -> tuple[str, str]:
+        reply = await self.client.run(mc.begin(name, int(flags), params.to_dict(), self.session))
+        return reply.xml, reply.cookie
+
+    async def perform(self, name: str, cookie: str, uri: str) -> str:
+        return (await self.client.run(mc.perform(name, cookie, uri))).cookie
+
+    async def confirm(self, name: str, cookie: str, *, cancelled: bool) -> None:
+        await self.client.run(mc.confirm(name, cookie, cancelled))
+
+    async def dumpxml(self, name: str) -> str:
+        return await self.client.dumpxml(name, migratable=True)
+
+    async def perform2(
+        self, name: str, uri: str, flags: MigrateFlags, params: MigrationParams
+    ) -> None:
+        await self.client.run(mc.perform2(name, uri, int(flags), params.to_dict()))
+
+
+class RemoteDestination:
+    """The destination side over HTTP (used by clients and by a p2p source daemon)."""
+
+    def __init__(self, client: AsyncClient, session: str) -> None:
+        self.client = client
+        self.session = session
+
+    async def prepare(
+        self, xml: str, cookie: str | None, flags: MigrateFlags, params: MigrationParams
+    ) -> tuple[str, str]:
+        reply = await self.client.run(
+            mc.prepare(xml, cookie, int(flags), params.to_dict(), self.session)
+        )
+        return reply.uri, reply.cookie
+
+    async def finish(self, name: str, cookie: str | None, *, cancelled: bool, v3: bool) -> str:
+        return (await self.client.run(mc.finish(name, cookie, cancelled, v3))).cookie
+
+    async def state(self, name: str) -> tuple[str, str]:
+        info = await self.client.dominfo(name)
+        return info.state, info.job.async_job
+
+
+@dataclass
+class MigrationReport:
+    """What a finished migration cost, for the CLI's table and the benchmark."""
+
+    wall_s: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+async def migrate(
+    src: AsyncClient,
+    dst: AsyncClient,
+    name: str,
+    flags: MigrateFlags,
+    params: MigrationParams | None = None,
+    *,
+    version: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Migrate *name* from *src*'s host to *dst*'s, the client running the protocol."""
+    params = params or MigrationParams()
+    params.validate(flags)
+    started = time.perf_counter()
+    times = StepTimes()
+    if version is None:
+        features = (await dst.host()).features
+        version = 3 if "migration-v3" in features else 2
+    async with open_session(src) as src_session, open_session(dst) as dst_session:
+        source = RemoteSource(src, src_session)
+        dest = RemoteDestination(dst, dst_session)
+        async with _watch_progress(src, name, progress) as on_step:
+            run = migrate_v3 if version == 3 else migrate_v2
+            await run(source, dest, name, flags, params, on_step=on_step, times=times)
+    report = MigrationReport(wall_s=time.perf_counter() - started, steps=times.steps)
+    report.stats = dict((await dst.run(mc.jobinfo(params.dname or name, completed=True))).stats)
+    with contextlib.suppress(VmferryError):
+        report.stats.update((await src.run(mc.jobinfo(name, completed=True))).stats)
+    return report
+
+
+async def migrate_p2p(
+    src: AsyncClient,
+    dest_uri: str,
+    name: str,
+    flags: MigrateFlags,
+    params: MigrationParams | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
+    params = params or MigrationParams()
+    params.validate(flags)
+    started = time.perf_counter()
+    async with _watch_progress(src, name, progress) as on_step:
+        on_step("perform")
+        result = await src.run(mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict()))
+    return MigrationReport(
+        wall_s=time.perf_counter() - started, steps=result.steps, stats=result.stats
+    )
+
+
+@contextlib.asynccontextmanager
+async def _watch_progress(
+    src: AsyncClient, name: str, progress: ProgressCallback | None
+) -> AsyncIterator[Callable[[str], None]]:
+    """Report each step, and the source's job statistics while data moves."""
+    current = {"step": ""}
+
+    def on_step(step: str) -> None:
+        current["step"] = step
+        if progress is not None:
+            progress(step, None)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_POLL_S)
+            if current["step"] != "perform" or progress is None:
+                continue
+            with contextlib.suppress(VmferryError):
+                stats: JobStats = await src.run(mc.jobinfo(name))
+                progress("perform", stats)
+
+    task = asyncio.create_task(poll()) if progress is not None else None
+    try:
+        yield on_step
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

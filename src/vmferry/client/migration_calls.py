@@ -1,0 +1,145 @@
+"""The requests of the migration APIs (``/v1/.../migrate/...``), described once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmferry.api.models import (
+    BeginReply,
+    ConfirmRequest,
+    CookieBody,
+    DowntimeBody,
+    FinishRequest,
+    JobStats,
+    MigrationRequest,
+    MigrationResult,
+    PeerMigrationRequest,
+    Perform2Request,
+    PerformRequest,
+    PrepareReply,
+    PrepareRequest,
+    SpeedBody,
+)
+from vmferry.client.calls import Call, domain_path, model
+
+SESSION_PATH = "/v1/session"
+SESSION_HEADER = "X-Vmferry-Session"
+# Perform runs as long as QEMU needs to move the guest: no fixed deadline is right,
+# so give it a day; the session's keepalive tells a dead daemon apart.
+LONG_CALL = 24 * 3600.0
+
+
+def _session(session: str) -> dict[str, str] | None:
+    return {SESSION_HEADER: session} if session else None
+
+
+def begin(name: str, flags: int, params: dict[str, Any], session: str) -> Call[BeginReply]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/begin"),
+        model(BeginReply),
+        body=MigrationRequest(flags=flags, params=params),
+        headers=_session(session),
+    )
+
+
+def prepare(
+    xml: str, cookie: str | None, flags: int, params: dict[str, Any], session: str
+) -> Call[PrepareReply]:
+    return Call(
+        "POST",
+        "/v1/migrate/prepare",
+        model(PrepareReply),
+        body=PrepareRequest(xml=xml, cookie=cookie, flags=flags, params=params),
+        headers=_session(session),
+    )
+
+
+def perform(name: str, cookie: str, uri: str) -> Call[CookieBody]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/perform"),
+        model(CookieBody),
+        body=PerformRequest(cookie=cookie, uri=uri),
+        min_timeout=LONG_CALL,
+    )
+
+
+def perform2(name: str, uri: str, flags: int, params: dict[str, Any]) -> Call[CookieBody]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/perform2"),
+        model(CookieBody),
+        body=Perform2Request(uri=uri, flags=flags, params=params),
+        min_timeout=LONG_CALL,
+    )
+
+
+def finish(name: str, cookie: str | None, cancelled: bool, v3: bool) -> Call[CookieBody]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/finish"),
+        model(CookieBody),
+        body=FinishRequest(cookie=cookie, cancelled=cancelled, v3=v3),
+        min_timeout=300.0,
+    )
+
+
+def confirm(name: str, cookie: str, cancelled: bool) -> Call[CookieBody]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/confirm"),
+        model(CookieBody),
+        body=ConfirmRequest(cookie=cookie, cancelled=cancelled),
+    )
+
+
+def migrate_p2p(
+    name: str, dest_uri: str, flags: int, params: dict[str, Any]
+) -> Call[MigrationResult]:
+    return Call(
+        "POST",
+        domain_path(name, "/migrate"),
+        model(MigrationResult),
+        body=PeerMigrationRequest(dest_uri=dest_uri, flags=flags, params=params),
+        min_timeout=LONG_CALL,
+    )
+
+
+def jobinfo(name: str, completed: bool = False) -> Call[JobStats]:
+    return Call(
+        "GET",
+        domain_path(name, "/jobinfo"),
+        model(JobStats),
+        params={"completed": "true" if completed else "false"},
+    )
+
+
+def jobabort(name: str) -> Call[CookieBody]:
+    return Call("POST", domain_path(name, "/jobabort"), model(CookieBody))
+
+
+def get_maxdowntime(name: str) -> Call[DowntimeBody]:
+    return Call("GET", domain_path(name, "/migrate/maxdowntime"), model(DowntimeBody))
+
+
+def set_maxdowntime(name: str, downtime_ms: int) -> Call[DowntimeBody]:
+    return Call(
+        "PUT",
+        domain_path(name, "/migrate/maxdowntime"),
+        model(DowntimeBody),
+        body=DowntimeBody(downtime_ms=downtime_ms),
+    )
+
+
+def get_speed(name: str) -> Call[SpeedBody]:
+    return Call("GET", domain_path(name, "/migrate/speed"), model(SpeedBody))
+
+
+def set_speed(name: str, bandwidth_mib_s: int) -> Call[SpeedBody]:
+    return Call(
+        "PUT",
+        domain_path(name, "/migrate/speed"),
+        model(SpeedBody),
+        body=SpeedBody(bandwidth_mib_s=bandwidth_mib_s),
+    )
