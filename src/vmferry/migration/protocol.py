@@ -85,6 +85,7 @@ async def migrate_v3(
 
     t = step("begin")
     xml, cookie = await src.begin(name, flags, params)
+    begin_cookie = cookie
     times.record("begin", t)
 
     t = step("prepare")
@@ -97,7 +98,9 @@ async def migrate_v3(
     if params.migrate_uri:
         uri = params.migrate_uri
 
-    if not offline:
+    if offline:
+        cookie = begin_cookie  # no Perform: Finish hears from the source's Begin
+    else:
         t = step("perform")
         try:
             cookie = await src.perform(name, cookie, uri)
