@@ -1,8 +1,10 @@
-"""Live migration end to end: two real vmferryd, real QEMU, the guest's memory checked after every hop."""
+"""Live migration end to end: two real vmferryd, real QEMU, guest memory checked after each hop."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -250,12 +252,9 @@ def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host]) -> No
             params = MigrationParams(bandwidth_mib_s=8)
             task = asyncio.create_task(migrate(s, d, "dkill", LIVE, params))
             deadline = time.monotonic() + 20
-            while not b.qemu_pids() and time.monotonic() < deadline:
+            while not b.qemu_pids() and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-            import os
-            import signal
-
             for pid in b.qemu_pids():
                 os.kill(pid, signal.SIGKILL)
             with pytest.raises(VmferryError):
