@@ -28,6 +28,8 @@ class Host:
     name: str
     port_min: int
     extra_env: dict[str, str] = field(default_factory=dict)
+    tls_port: int = 0  # also listen on tls://127.0.0.1:PORT (needs pki_dir)
+    pki_dir: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,6 +49,10 @@ class Host:
         return str(uuid.uuid5(uuid.NAMESPACE_DNS, str(self.root)))
 
     @property
+    def tls_uri(self) -> str:
+        return f"tls://127.0.0.1:{self.tls_port}"
+
+    @property
     def log(self) -> Path:
         return self.root / "vmferryd.log"
 
@@ -55,7 +61,8 @@ class Host:
         cfg.write_text(
             f'[host]\nhostname = "{self.name}"\nuuid = "{self.host_uuid}"\n'
             f"[jobs]\nwait_timeout = 5.0\n"
-            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
+            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 14}\n"
+            + (f'[tls]\npki_dir = "{self.pki_dir}"\n' if self.pki_dir else "")
         )
         return cfg
 
@@ -75,6 +82,7 @@ class Host:
                 str(cfg),
                 "--log-level",
                 "debug",
+                *(["--listen", self.tls_uri] if self.tls_port else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -131,14 +139,19 @@ _next_port = 50000
 
 
 @contextlib.contextmanager
-def hosts(count: int) -> Iterator[list[Host]]:
-    """*count* running daemons; everything they started is killed afterwards."""
+def hosts(count: int, *, pki_dir: Path | None = None) -> Iterator[list[Host]]:
+    """*count* running daemons; everything they started is killed afterwards.
+
+    With *pki_dir* each also listens on mutual TLS on a loopback port.
+    """
     global _next_port
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
     made = []
     try:
         for i in range(count):
             host = Host(root / f"h{i}", f"host{i}", _next_port)
+            if pki_dir is not None:
+                host.pki_dir, host.tls_port = pki_dir, _next_port + 15
             _next_port += 16
             host.root.mkdir()
             made.append(host)
