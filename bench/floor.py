@@ -24,13 +24,28 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, cast
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from vmferry.errors import ErrorCode, VmferryError
 
-__all__ = ["BareMigration", "BareQemu", "bare_migrate", "guest_argv"]
+__all__ = [
+    "FLOOR_CAPABILITIES",
+    "FLOOR_PARAMETERS",
+    "BareHop",
+    "BareMigration",
+    "BareQemu",
+    "bare_hop",
+    "bare_migrate",
+    "guest_argv",
+]
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+#: What vmferry sets for a plain live migration (``vmferry.migration.params``
+#: plus the ``events`` capability every vmferry QEMU gets at start).
+FLOOR_CAPABILITIES: Mapping[str, bool] = {"events": True, "return-path": True}
+#: "Unlimited" bandwidth, as vmferry asks for: QEMU's default would cap at 128 MiB/s.
+FLOOR_PARAMETERS: Mapping[str, object] = {"max-bandwidth": 1 << 40}
 
 
 def guest_argv(
@@ -98,6 +113,9 @@ class BareQemu:
     :param qmp: Path of that socket.
     :param log: Where QEMU's stdout/stderr go (default: discarded).
     :param timeout: Seconds to wait for the QMP socket.
+    :param poll_s: How often to look for the QMP socket while QEMU starts.
+        Kept short: the benchmark times starts, and a coarse poll would be
+        charged to the floor.
     """
 
     def __init__(
@@ -107,11 +125,13 @@ class BareQemu:
         *,
         log: Path | None = None,
         timeout: float = 10.0,
+        poll_s: float = 0.005,
     ) -> None:
         self.argv = list(argv)
         self.qmp_path = qmp
         self.log = log
         self.timeout = timeout
+        self.poll_s = poll_s
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp = QMPClient(qmp.name)
 
@@ -141,7 +161,7 @@ class BareQemu:
                         ErrorCode.OPERATION_TIMEOUT,
                         f"no QMP on {self.qmp_path} after {self.timeout:g}s: {exc}",
                     ) from exc
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(self.poll_s)
 
     async def stop(self) -> None:
         """Kill QEMU (no graceful shutdown: the guest holds nothing worth saving)."""
@@ -282,5 +302,162 @@ async def bare_migrate(
         downtime_ms=info.get("downtime"),
         ram_transferred=ram.get("transferred"),
         uri=uri,
+        info=info,
+    )
+
+
+@dataclass(frozen=True)
+class BareHop:
+    """What one :func:`bare_hop` took; durations in seconds of the host's clock."""
+
+    #: Spawn the destination QEMU until its QMP monitor answers.
+    spawn_s: float
+    #: Capabilities on both sides, ``migrate-incoming``, source parameters.
+    setup_s: float
+    #: ``migrate`` issued until the source reports ``completed`` (event-driven).
+    migrate_s: float
+    #: Until the destination finished loading and runs again after ``cont``.
+    resume_s: float
+    #: Kill the source and reap it.
+    kill_s: float
+    #: The whole hop: spawn through kill.
+    total_s: float
+    #: Guest paused: the source's STOP event until the destination's ``cont`` returned.
+    paused_ms: float
+    #: QEMU's own figures from the source's final ``query-migrate``.
+    qemu_total_ms: int | None
+    qemu_downtime_ms: int | None
+    qemu_setup_ms: int | None
+    ram_transferred: int | None
+    iterations: int | None
+    info: dict[str, Any] = field(repr=False)
+
+
+def _status(event: Mapping[str, Any]) -> str:
+    return str(cast(Mapping[str, Any], event.get("data") or {}).get("status", ""))
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+async def _next_event(listener: EventListener, deadline: float) -> Mapping[str, Any]:
+    try:
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + _left(deadline)):
+            return cast(Mapping[str, Any], await listener.get())
+    except TimeoutError:
+        raise VmferryError(
+            ErrorCode.OPERATION_TIMEOUT, "migration did not finish in time"
+        ) from None
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
+async def bare_hop(
+    src: BareQemu,
+    argv: Sequence[str],
+    qmp: Path,
+    *,
+    log: Path | None = None,
+    host: str = "127.0.0.1",
+    capabilities: Mapping[str, bool] = FLOOR_CAPABILITIES,
+    parameters: Mapping[str, object] = FLOOR_PARAMETERS,
+    limit_s: float = 60.0,
+) -> tuple[BareQemu, BareHop]:
+    """
+    Move a running guest into a new QEMU and kill the old one: the floor of one hop.
+
+    The same work a migration manager must do, and nothing else: spawn the
+    destination (*argv* must contain ``-incoming defer -S``), set capabilities
+    on both sides, listen, migrate, ``cont`` the destination once it has
+    loaded everything, kill the source. Every wait is woken by QEMU's events,
+    never by polling, so no granularity is charged to the floor.
+
+    :param src: The running source; it is stopped (killed) on success.
+    :param qmp: The QMP socket named in *argv*.
+    :return: The destination, now running the guest, and the timings.
+    :raise VmferryError: as :func:`bare_migrate`; the destination is
+        killed and the source left as it is.
+    """
+    deadline = time.monotonic() + limit_s
+    caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+    t0 = time.perf_counter()
+    dst = BareQemu(argv, qmp, log=log)
+    try:
+        await dst.start()
+        t_spawned = time.perf_counter()
+        with (
+            src.qmp.listener(("MIGRATION", "STOP")) as src_events,
+            dst.qmp.listener(("MIGRATION", "RESUME")) as dst_events,
+        ):
+            await dst.execute("migrate-set-capabilities", {"capabilities": caps})
+            await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
+            incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
+            ports = [
+                a["port"]
+                for a in incoming.get("socket-address") or []
+                if a.get("type") in ("inet", "ipv4", "ipv6")
+            ]
+            if not ports:
+                raise VmferryError(
+                    ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
+                )
+            await src.execute("migrate-set-capabilities", {"capabilities": caps})
+            if parameters:
+                await src.execute("migrate-set-parameters", dict(parameters))
+            t_setup = time.perf_counter()
+
+            await src.execute("migrate", {"uri": f"tcp:{host}:{ports[0]}"})
+            stopped = 0.0
+            try:
+                while True:
+                    event = await _next_event(src_events, deadline)
+                    if event["event"] == "STOP":
+                        stopped = _event_time(event)
+                    elif _status(event) in _TERMINAL:
+                        break
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await src.execute("migrate_cancel")
+                raise
+            info = cast(dict[str, Any], await src.execute("query-migrate"))
+            t_migrated = time.perf_counter()
+            if info["status"] != "completed":
+                raise VmferryError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"migration {info['status']}: {info.get('error-desc', 'no reason given')}",
+                )
+            # The destination finishes loading a moment after the source is done sending.
+            while True:
+                event = await _next_event(dst_events, deadline)
+                if _status(event) == "completed":
+                    break
+                if _status(event) == "failed":
+                    raise VmferryError(ErrorCode.OPERATION_FAILED, "incoming migration failed")
+            await dst.execute("cont")
+            resumed = time.time()
+            t_resumed = time.perf_counter()
+    except BaseException:
+        await dst.stop()
+        raise
+    await src.stop()
+    t_end = time.perf_counter()
+    ram = info.get("ram") or {}
+    return dst, BareHop(
+        spawn_s=t_spawned - t0,
+        setup_s=t_setup - t_spawned,
+        migrate_s=t_migrated - t_setup,
+        resume_s=t_resumed - t_migrated,
+        kill_s=t_end - t_resumed,
+        total_s=t_end - t0,
+        paused_ms=(resumed - stopped) * 1000 if stopped else float("nan"),
+        qemu_total_ms=info.get("total-time"),
+        qemu_downtime_ms=info.get("downtime"),
+        qemu_setup_ms=info.get("setup-time"),
+        ram_transferred=ram.get("transferred"),
+        iterations=ram.get("dirty-sync-count"),
         info=info,
     )

@@ -1,4 +1,4 @@
-"""The real daemon over mutual TLS: clients need the CA's client certificate; p2p goes over TLS too."""
+"""The real daemon over mutual TLS: clients need a CA-signed certificate; p2p uses TLS too."""
 
 from __future__ import annotations
 

@@ -13,8 +13,16 @@ from typing import TypeVar
 
 import httpx
 
-from vmferry.api.models import ConsoleOutput, DomainInfo, DomainStateInfo, Event, HostInfo
+from vmferry.api.models import (
+    ConsoleOutput,
+    DomainInfo,
+    DomainStateInfo,
+    Event,
+    HostInfo,
+    JobStats,
+)
 from vmferry.client import calls
+from vmferry.client import migration_calls as mc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -150,6 +158,31 @@ class AsyncClient:
         self, name: str, offset: int = 0, *, request_timeout: float | None = None
     ) -> ConsoleOutput:
         return await self.run(calls.console(name, offset), request_timeout=request_timeout)
+
+    async def jobinfo(
+        self, name: str, completed: bool = False, *, request_timeout: float | None = None
+    ) -> JobStats:
+        return await self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
+
+    async def jobabort(self, name: str, *, request_timeout: float | None = None) -> None:
+        await self.run(mc.jobabort(name), request_timeout=request_timeout)
+
+    async def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
+        call = mc.get_maxdowntime(name)
+        return (await self.run(call, request_timeout=request_timeout)).downtime_ms
+
+    async def set_maxdowntime(
+        self, name: str, downtime_ms: int, *, request_timeout: float | None = None
+    ) -> None:
+        await self.run(mc.set_maxdowntime(name, downtime_ms), request_timeout=request_timeout)
+
+    async def get_speed(self, name: str, *, request_timeout: float | None = None) -> int:
+        return (await self.run(mc.get_speed(name), request_timeout=request_timeout)).bandwidth_mib_s
+
+    async def set_speed(
+        self, name: str, bandwidth_mib_s: int, *, request_timeout: float | None = None
+    ) -> None:
+        await self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
 
     def events(self) -> AsyncEventStream:
         """

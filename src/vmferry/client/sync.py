@@ -9,8 +9,16 @@ from typing import TypeVar
 
 import httpx
 
-from vmferry.api.models import ConsoleOutput, DomainInfo, DomainStateInfo, Event, HostInfo
+from vmferry.api.models import (
+    ConsoleOutput,
+    DomainInfo,
+    DomainStateInfo,
+    Event,
+    HostInfo,
+    JobStats,
+)
 from vmferry.client import calls
+from vmferry.client import migration_calls as mc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -165,6 +173,38 @@ class Client:
     ) -> ConsoleOutput:
         """Serial console output captured since the domain started, from *offset* on."""
         return self.run(calls.console(name, offset), request_timeout=request_timeout)
+
+    # Migration jobs: the requests are in vmferry.client.migration_calls.
+
+    def jobinfo(
+        self, name: str, completed: bool = False, *, request_timeout: float | None = None
+    ) -> JobStats:
+        """The domain's running migration job, or with *completed* the last finished one."""
+        return self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
+
+    def jobabort(self, name: str, *, request_timeout: float | None = None) -> None:
+        """Cancel the domain's running migration (the guest stays on the source)."""
+        self.run(mc.jobabort(name), request_timeout=request_timeout)
+
+    def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
+        """The longest pause (ms) QEMU may take to complete a live migration."""
+        return self.run(mc.get_maxdowntime(name), request_timeout=request_timeout).downtime_ms
+
+    def set_maxdowntime(
+        self, name: str, downtime_ms: int, *, request_timeout: float | None = None
+    ) -> None:
+        """Set the longest pause (ms) QEMU may take to complete a live migration."""
+        self.run(mc.set_maxdowntime(name, downtime_ms), request_timeout=request_timeout)
+
+    def get_speed(self, name: str, *, request_timeout: float | None = None) -> int:
+        """The migration bandwidth limit in MiB/s (0: unlimited)."""
+        return self.run(mc.get_speed(name), request_timeout=request_timeout).bandwidth_mib_s
+
+    def set_speed(
+        self, name: str, bandwidth_mib_s: int, *, request_timeout: float | None = None
+    ) -> None:
+        """Limit the migration bandwidth to *bandwidth_mib_s* MiB/s (0: unlimited)."""
+        self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
 
     def events(self) -> EventStream:
         """
