@@ -59,9 +59,10 @@ async def open_session(client: AsyncClient) -> AsyncIterator[str]:
 class RemoteSource:
     """The source side over HTTP."""
 
-    def __init__(self, client: AsyncClient, session: str) -> None:
+    def __init__(self, client: AsyncClient, session: str, peer_uri: str = "") -> None:
         self.client = client
         self.session = session
+        self.peer_uri = peer_uri  # the destination daemon, for the source to ask if need be
 
     async def begin(
         self, name: str, flags: MigrateFlags, params: MigrationParams
@@ -70,7 +71,7 @@ class RemoteSource:
         return reply.xml, reply.cookie
 
     async def perform(self, name: str, cookie: str, uri: str) -> str:
-        return (await self.client.run(mc.perform(name, cookie, uri))).cookie
+        return (await self.client.run(mc.perform(name, cookie, uri, self.peer_uri))).cookie
 
     async def confirm(self, name: str, cookie: str, *, cancelled: bool) -> None:
         await self.client.run(mc.confirm(name, cookie, cancelled))
@@ -135,7 +136,7 @@ async def migrate(
         features = (await dst.host()).features
         version = 3 if "migration-v3" in features else 2
     async with open_session(src) as src_session, open_session(dst) as dst_session:
-        source = RemoteSource(src, src_session)
+        source = RemoteSource(src, src_session, peer_uri=dst.uri)
         dest = RemoteDestination(dst, dst_session)
         async with _watch_progress(src, name, progress) as on_step:
             run = migrate_v3 if version == 3 else migrate_v2

@@ -55,12 +55,12 @@ def prepare(
     )
 
 
-def perform(name: str, cookie: str, uri: str) -> Call[CookieBody]:
+def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[CookieBody]:
     return Call(
         "POST",
         domain_path(name, "/migrate/perform"),
         model(CookieBody),
-        body=PerformRequest(cookie=cookie, uri=uri),
+        body=PerformRequest(cookie=cookie, uri=uri, peer_uri=peer_uri),
         min_timeout=LONG_CALL,
     )
 

@@ -6,14 +6,15 @@ persists, then acts through :class:`~vmferry.qemu.lifecycle.Lifecycle`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
-from vmferry import __version__
+from vmferry import __version__, failpoints
 from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
@@ -25,6 +26,8 @@ from vmferry.domain.state import DomainState, EventType, ShutoffReason
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob, Job
+from vmferry.migration.phase import MigrationPhase
+from vmferry.migration.recovery import MigrationPeer, bookkeeping, restore_bookkeeping
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle, RunPaths
 
@@ -55,6 +58,9 @@ class Driver:
         self._ports_in_use: set[int] = set()
         # completed-job statistics of domains that left this host (domjobinfo --completed)
         self.last_completed: dict[str, dict[str, Any]] = {}
+        # where each outgoing migration went, by domain uuid (persisted: recovery asks there)
+        self.migration_peers: dict[str, MigrationPeer] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- what the migration layer needs (vmferry.migration.host.MigrationHost) ---------------
 
@@ -163,6 +169,7 @@ class Driver:
         )
         dom.job.on_change = dom.save
         self._domains[definition.uuid] = dom
+        self.last_completed.pop(definition.name, None)
         return dom
 
     def remove(self, dom: QemuDomain) -> None:
@@ -198,8 +205,8 @@ class Driver:
             return
         self.state.write_json(path, self.status_of(dom))
 
-    @staticmethod
-    def status_of(dom: QemuDomain) -> dict[str, Any]:
+    def status_of(self, dom: QemuDomain) -> dict[str, Any]:
+        peer = self.migration_peers.get(dom.uuid)
         return {
             "name": dom.name,
             "uuid": dom.uuid,
@@ -209,6 +216,8 @@ class Driver:
             "run_id": dom.run_id,
             "persistent": dom.persistent is not None,
             "job": dom.job.to_status(),
+            "migration": bookkeeping(dom),
+            "peer": peer.to_dict() if peer is not None else None,
             "bound_session": dom.bound_session,
             "xml": format_domain_xml(dom.definition),
         }
@@ -239,6 +248,7 @@ class Driver:
 
     async def load(self) -> None:
         """Load definitions, then re-attach to every QEMU left running by an earlier daemon."""
+        failpoints.load_from_env()  # a typo in a failpoint must stop the daemon here
         self.state.ensure()
         for name in self.state.list_definitions():
             text = self.state.read_text(self.state.definition_path(name))
@@ -266,19 +276,44 @@ class Driver:
         dom.reason = str(status["reason"])
         dom.run_id = status.get("run_id")
         dom.bound_session = str(status.get("bound_session", ""))
-        pid = status.get("pid")
-        alive = await self.lifecycle.reconnect(dom, int(pid) if pid is not None else None)
+        # Back in memory before anything saves the status again: a second crash during
+        # recovery must find the same job, bookkeeping and peer.
+        restore_bookkeeping(dom, status.get("migration"))
+        peer = MigrationPeer.from_dict(status.get("peer"))
+        if peer is not None:
+            self.migration_peers[dom.uuid] = peer
         job = status.get("job") or {}
-        if alive and job.get("async_job", "none") != "none":
+        try:
+            dom.job.restore(job, MigrationPhase)
+        except VmferryError as err:
+            log.error("domain %s: dropping a job that cannot be restored: %s", name, err.message)
+        pid = status.get("pid")
+        await self.lifecycle.reconnect(dom, int(pid) if pid is not None else None)
+        if dom.job.async_job != "none":
             await self.recover_job(dom, job)
 
     async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
-        """Resolve an async job interrupted by the restart (overridden by the migration layer)."""
+        """Resolve an async job interrupted by the restart (overridden by the migration layer).
+
+        The job is restored (not owned); the domain's QEMU is re-attached, or
+        the domain is shut off already if that QEMU was gone.
+        """
         log.warning("dropping interrupted job %s of domain %s", job, dom.name)
+        dom.job.finish_async()
         dom.save()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run *coro* in the background until it ends or the daemon stops."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Let go of every QEMU without stopping it: guests outlive the daemon."""
+        for task in list(self._background):
+            task.cancel()  # a resolver's job stays persisted for the next daemon
+        if self._background:
+            await asyncio.wait(list(self._background))
         for dom in list(self._domains.values()):
             if dom.monitor is not None:
                 dom.stopping = True

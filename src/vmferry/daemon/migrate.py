@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmferry.api.models import JobStats, MigrationResult
 from vmferry.daemon.driver import Driver
-from vmferry.domain.state import DomainState, PausedReason
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob, Job
-from vmferry.migration import destination, source
+from vmferry.migration import destination, recovery, source
+from vmferry.migration.cookie import parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MIB, UNLIMITED_BANDWIDTH, MigrationParams
 from vmferry.migration.phase import MigrationPhase
-from vmferry.migration.protocol import StepTimes, migrate_v2, migrate_v3
+from vmferry.migration.protocol import DestinationSide, StepTimes, migrate_v2, migrate_v3
+from vmferry.migration.recovery import MigrationPeer, PeerAnswer, PeerProbe
 from vmferry.migration.stats import from_query_migrate
 from vmferry.qemu.domain import QemuDomain
 
+if TYPE_CHECKING:
+    from vmferry.client import AsyncClient
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Every call to another daemon is bounded (Finish's own minimum is longer: it waits for the stream).
+PEER_CALL_TIMEOUT_S = 60.0
+# One question to the destination while resolving an interrupted migration.
+PEER_PROBE_TIMEOUT_S = 5.0
 
 
 class LocalSource:
@@ -56,6 +70,7 @@ class MigrationDriver(Driver):
         self, name: str, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
         dom = self.lookup(name)
+        self.migration_peers.pop(dom.uuid, None)  # Perform names this migration's peer
         return await source.begin(
             self,
             dom,
@@ -76,10 +91,36 @@ class MigrationDriver(Driver):
             session=session,
         )
 
-    async def migrate_perform(self, name: str, cookie: str, uri: str) -> str:
+    async def migrate_perform(self, name: str, cookie: str, uri: str, peer_uri: str = "") -> str:
         dom = self.lookup(name)
+        if peer_uri:
+            self._record_peer(dom, peer_uri, self._peer_host_uuid(dom, cookie))
+        session = dom.bound_session
         self.unbind_session(dom)  # libvirt drops the close callback while Perform runs
-        return await source.perform3(self, dom, cookie, uri)
+        try:
+            return await source.perform3(self, dom, cookie, uri)
+        finally:
+            job = dom.job
+            if session and job.phase == MigrationPhase.PERFORM3_DONE and not job.owned:
+                if self.sessions.is_open(session):
+                    self.bind_session(session, dom)  # ... and registers it again after Perform
+                else:
+                    # The client left while Perform ran: nobody will Finish or Confirm.
+                    self.spawn(self.session_lost(dom))
+
+    def _record_peer(self, dom: QemuDomain, uri: str, host_uuid: str) -> None:
+        """Remember (persisted with the next status save) where *dom* is migrating to."""
+        name = str(dom.migration.params.get("dname") or "") or dom.name
+        self.migration_peers[dom.uuid] = MigrationPeer(uri=uri, name=name, host_uuid=host_uuid)
+
+    def _peer_host_uuid(self, dom: QemuDomain, cookie: str) -> str:
+        try:
+            parsed = parse_cookie(
+                cookie, name=dom.name, uuid=dom.uuid, local_hostuuid=self.host_uuid
+            )
+        except VmferryError:
+            return ""  # Perform refuses this cookie itself
+        return parsed.hostuuid
 
     async def migrate_perform2(
         self, name: str, uri: str, flags: int, params: dict[str, Any]
@@ -107,21 +148,118 @@ class MigrationDriver(Driver):
         mflags = MigrateFlags(flags) & ~MigrateFlags.PEER2PEER
         mparams = MigrationParams.from_dict(params)
         times = StepTimes()
-        async with AsyncClient(dest_uri, pki_dir=self.config.tls.pki_dir) as dconn:
+        dom = self.lookup(name)
+        async with AsyncClient(
+            dest_uri, pki_dir=self.config.tls.pki_dir, timeout=PEER_CALL_TIMEOUT_S
+        ) as dconn:
             host = await dconn.host()
             if host.uuid == self.host.uuid:
                 raise VmferryError(
                     ErrorCode.OPERATION_INVALID,
                     f"Attempt to migrate guest to the same host {host.uuid}",
                 )
-            async with open_session(dconn) as session:
-                dst = RemoteDestination(dconn, session)
-                if "migration-v3" in host.features:
-                    await migrate_v3(LocalSource(self), dst, name, mflags, mparams, times=times)
-                else:
-                    await migrate_v2(LocalSource(self), dst, name, mflags, mparams, times=times)
+            # Recorded before Begin persists the job: recovery must know whom to ask.
+            self.migration_peers[dom.uuid] = MigrationPeer(
+                uri=dest_uri, name=mparams.dname or name, host_uuid=host.uuid
+            )
+            dead = asyncio.Event()
+            keepalive = asyncio.create_task(self._keepalive(dconn, dom, dead))
+            try:
+                async with open_session(dconn) as session:
+                    dst = _WatchedDestination(RemoteDestination(dconn, session), dead, dest_uri)
+                    run = migrate_v3 if "migration-v3" in host.features else migrate_v2
+                    await run(LocalSource(self), dst, name, mflags, mparams, times=times)
+            except VmferryError as err:
+                self._settle_p2p_failure(dom)
+                if dead.is_set():
+                    raise VmferryError(
+                        ErrorCode.OPERATION_FAILED,
+                        f"lost connection to destination host {dest_uri} (no keepalive answer); "
+                        f"{err.message}",
+                    ) from err
+                raise
+            finally:
+                keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keepalive
         completed = self._completed_stats(name)
         return MigrationResult(steps=times.steps, stats=completed)
+
+    async def _keepalive(self, dconn: AsyncClient, dom: QemuDomain, dead: asyncio.Event) -> None:
+        """libvirt's keepalive on the p2p connection: declare the destination dead in bounded time.
+
+        Probes ``/v1/host`` every ``keepalive.interval`` s; after ``keepalive.count``
+        probes in a row without an answer, sets *dead* (every pending call to the
+        destination fails) and cancels a migration whose data is moving.
+        """
+        interval, count = self.config.keepalive.interval, self.config.keepalive.count
+        if interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        misses = 0
+        while misses < count:
+            started = loop.time()
+            try:
+                await dconn.host(request_timeout=interval)
+                misses = 0
+            except VmferryError as err:
+                misses += 1
+                log.warning(
+                    "keepalive %d/%d to %s failed: %s", misses, count, dconn.uri, err.message
+                )
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+        log.error("destination %s is dead: no keepalive answer %d times", dconn.uri, count)
+        dead.set()
+        if dom.job.async_job == AsyncJob.MIGRATION_OUT and dom.job.phase == MigrationPhase.PERFORM3:
+            with contextlib.suppress(VmferryError):
+                await self.job_abort(dom)
+
+    def _settle_p2p_failure(self, dom: QemuDomain) -> None:
+        """A failed p2p run may leave the source in perform3_done (Finish's answer lost)."""
+        job = dom.job
+        if (
+            job.async_job == AsyncJob.MIGRATION_OUT
+            and job.phase == MigrationPhase.PERFORM3_DONE
+            and not job.owned
+        ):
+            self._resolve(dom)
+
+    def _resolve(self, dom: QemuDomain) -> None:
+        """Settle *dom*'s outgoing migration in perform3_done (job not owned) via its peer."""
+        peer = self.migration_peers.get(dom.uuid)
+        probe = self._peer_probe(dom, peer) if peer is not None else None
+        if not recovery.start_resolver(self, dom, probe, self.spawn):
+            dom.job.set_phase(MigrationPhase.CONFIRM3_CANCELLED)
+            dom.job.finish_async()
+
+    def _peer_probe(self, dom: QemuDomain, peer: MigrationPeer) -> PeerProbe:
+        """Ask *peer*'s daemon once where *dom* is (bounded by :data:`PEER_PROBE_TIMEOUT_S`)."""
+        from vmferry.client import AsyncClient
+
+        async def probe() -> PeerAnswer:
+            try:
+                async with AsyncClient(
+                    peer.uri, pki_dir=self.config.tls.pki_dir, timeout=PEER_PROBE_TIMEOUT_S
+                ) as client:
+                    if peer.host_uuid and (await client.host()).uuid != peer.host_uuid:
+                        log.error(
+                            "%s is no longer host %s: cannot ask it", peer.uri, peer.host_uuid
+                        )
+                        return PeerAnswer.UNREACHABLE
+                    info = await client.dominfo(peer.name)
+            except VmferryError as err:
+                if err.code == ErrorCode.NO_DOMAIN:
+                    return PeerAnswer.ABSENT
+                log.info("asking %s about %s: %s", peer.uri, dom.name, err.message)
+                return PeerAnswer.UNREACHABLE
+            except OSError as err:
+                log.info("asking %s about %s: %s", peer.uri, dom.name, err)
+                return PeerAnswer.UNREACHABLE
+            return recovery.classify(
+                info.state, info.job.async_job, same_uuid=info.uuid == dom.uuid
+            )
+
+        return probe
 
     def _completed_stats(self, name: str) -> dict[str, Any]:
         dom = next((d for d in self.domains() if d.name == name), None)
@@ -135,7 +273,7 @@ class MigrationDriver(Driver):
 
     async def job_info(self, dom: QemuDomain, *, completed: bool) -> JobStats:
         if completed:
-            done = dom.completed_job or self.last_completed.get(dom.name) or {}
+            done = dom.completed_job or {}
             return JobStats(type="completed" if done else "none", stats=dict(done))
         if dom.job.async_job == AsyncJob.MIGRATION_IN:
             raise VmferryError(
@@ -189,11 +327,16 @@ class MigrationDriver(Driver):
             raise VmferryError(ErrorCode.INVALID_ARG, "bandwidth must not be negative")
         value = bandwidth_mib_s * MIB if bandwidth_mib_s else UNLIMITED_BANDWIDTH
         async with dom.job.acquire(Job.MIGRATION_OP, "migrate-setspeed"):
-            await dom.require_monitor().execute("migrate-set-parameters", {"max-bandwidth": value})
+            # Kept for the next migration too, as libvirt does for an idle domain.
+            dom.max_speed_mib_s = bandwidth_mib_s
+            if dom.job.async_job == AsyncJob.MIGRATION_OUT and dom.monitor is not None:
+                await dom.monitor.execute("migrate-set-parameters", {"max-bandwidth": value})
 
     async def get_speed(self, dom: QemuDomain) -> int:
         async with dom.job.acquire(Job.QUERY, "migrate-getspeed"):
-            params = await dom.require_monitor().execute("query-migrate-parameters")
+            if dom.job.async_job != AsyncJob.MIGRATION_OUT or dom.monitor is None:
+                return dom.max_speed_mib_s
+            params = await dom.monitor.execute("query-migrate-parameters")
             value = int(params.get("max-bandwidth", 0))
             return 0 if value >= UNLIMITED_BANDWIDTH else value // MIB
 
@@ -210,9 +353,56 @@ class MigrationDriver(Driver):
                 log.warning("client left after Begin of %s: dropping the job", dom.name)
                 job.finish_async()
             elif job.phase == MigrationPhase.PERFORM3_DONE:
-                # Finish's outcome is unknown: leave the guest paused (libvirt does the same).
-                log.warning("client left after Perform of %s: guest stays paused", dom.name)
-                job.set_phase(MigrationPhase.CONFIRM3_CANCELLED)
-                job.finish_async()
-                if dom.state == DomainState.PAUSED:
-                    dom.set_state(DomainState.PAUSED, PausedReason.MIGRATION_UNRESOLVED)
+                # Finish's outcome is unknown: libvirt leaves the guest paused; ask the peer.
+                log.warning("client left after Perform of %s: asking the destination", dom.name)
+                self._resolve(dom)
+
+    # -- recovery after a restart ------------------------------------------------------------
+
+    async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
+        if not dom.active:
+            await recovery.recover_gone(self, dom)
+            return
+        peer = self.migration_peers.get(dom.uuid)
+        probe = self._peer_probe(dom, peer) if peer is not None else None
+        await recovery.recover(self, dom, probe=probe, spawn=self.spawn)
+
+
+class _WatchedDestination:
+    """The destination side of a p2p migration, failing fast once the keepalive gave up."""
+
+    def __init__(self, inner: DestinationSide, dead: asyncio.Event, uri: str) -> None:
+        self._inner = inner
+        self._dead = dead
+        self._uri = uri
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(call)
+        dead = asyncio.ensure_future(self._dead.wait())
+        try:
+            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            dead.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise VmferryError(
+            ErrorCode.RPC_FAILED,
+            f"lost connection to destination host {self._uri}: it stopped answering keepalives",
+        )
+
+    async def prepare(
+        self, xml: str, cookie: str | None, flags: MigrateFlags, params: MigrationParams
+    ) -> tuple[str, str]:
+        return await self._call(self._inner.prepare(xml, cookie, flags, params))
+
+    async def finish(self, name: str, cookie: str | None, *, cancelled: bool, v3: bool) -> str:
+        return await self._call(self._inner.finish(name, cookie, cancelled=cancelled, v3=v3))
+
+    async def state(self, name: str) -> tuple[str, str]:
+        return await self._call(self._inner.state(name))

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from vmferry.domain.model import DomainDef
 from vmferry.domain.state import DomainState, PausedReason, RunningReason, ShutoffReason
 from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
@@ -69,6 +71,8 @@ async def prepare(
     dom.definition = definition
     uri = ""
     try:
+        dom.save()  # recovery needs created_here
+        await failpoint("dst-prepare-before")
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params)
     except BaseException:
@@ -77,6 +81,7 @@ async def prepare(
     if session:
         host.bind_session(session, dom)
     dom.job.continue_(cleanup=_prepare_cleanup(host, dom))
+    await failpoint("dst-prepare-after")
     cookie = MigrationCookie(
         name=original_name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
     )
@@ -167,6 +172,7 @@ async def finish(
         await _discard(host, dom)
         return None, ""
     try:
+        await failpoint("dst-finish-before")
         if flags & MigrateFlags.OFFLINE:
             _persist(host, dom, cookie, flags)
         else:
@@ -176,15 +182,31 @@ async def finish(
         raise
     _release(host, dom)
     dom.job.finish_async()
+    await failpoint("dst-finish-after")
     out = MigrationCookie(
         name=cookie.name if cookie else dom.name,
         uuid=dom.uuid,
         hostname=host.hostname,
         hostuuid=host.host_uuid,
     )
-    if cookie is not None and "stopped" in cookie.statistics:
-        out.statistics = {"downtime": (time.time() - cookie.statistics["stopped"]) * 1000}
+    dom.completed_job = _completed_here(cookie)
+    if "downtime_ms" in dom.completed_job:
+        out.statistics = {"downtime": float(dom.completed_job["downtime_ms"])}
     return dom, out.to_xml()
+
+
+def _completed_here(cookie: MigrationCookie | None) -> dict[str, Any]:
+    """The source's statistics, with the downtime as the guest saw it: paused there, resumed here."""
+    sent = dict(cookie.statistics) if cookie is not None else {}
+    stats: dict[str, Any] = {
+        k: int(v) for k, v in sent.items() if k not in ("started", "sent", "stopped")
+    }
+    stats["status"] = "completed"
+    if "stopped" in sent:
+        stats["downtime_ms"] = int((time.time() - sent["stopped"]) * 1000)
+    if "started" in sent:
+        stats["time_elapsed_ms"] = int((time.time() - sent["started"]) * 1000)
+    return stats
 
 
 def _original_name(dom: QemuDomain, cookie_xml: str) -> str:

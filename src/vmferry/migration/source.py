@@ -18,6 +18,7 @@ import time
 from vmferry.domain.state import DomainState, EventType, RunningReason, ShutoffReason
 from vmferry.domain.xml import check_abi_stability, format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.failpoints import armed, failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
@@ -53,6 +54,8 @@ async def begin(
 ) -> tuple[str, str]:
     """Start the migration-out job; return (domain XML for the destination, cookie)."""
     params.validate(flags)
+    if not params.bandwidth_mib_s:
+        params.bandwidth_mib_s = dom.max_speed_mib_s
     offline = bool(flags & MigrateFlags.OFFLINE)
     if offline:
         if dom.persistent is None:
@@ -67,6 +70,8 @@ async def begin(
         dom.migration.flags = int(flags)
         dom.migration.params = params.to_dict()
         dom.migration.was_running = dom.state == DomainState.RUNNING
+        dom.save()
+        await failpoint("src-begin-before")
         cookie = _cookie(host, dom)
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
@@ -76,6 +81,7 @@ async def begin(
     if session:
         host.bind_session(session, dom)
     dom.job.continue_(cleanup=_job_cleanup(dom))
+    await failpoint("src-begin-after")
     return xml, cookie.to_xml()
 
 
@@ -106,6 +112,7 @@ async def perform3(
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
     flags = MigrateFlags(dom.migration.flags)
     try:
+        await failpoint("src-perform3-before")
         if not flags & MigrateFlags.OFFLINE:
             parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
             await _run(dom, uri, flags, MigrationParams.from_dict(dom.migration.params))
@@ -120,6 +127,7 @@ async def perform3(
         cookie.persistent_xml = format_domain_xml(dom.persistent, migratable=True)
         cookie.mandatory.append("persistent")
     dom.job.continue_(cleanup=_job_cleanup(dom))
+    await failpoint("src-perform3-after")
     return cookie.to_xml()
 
 
@@ -134,6 +142,8 @@ async def perform2(
 ) -> None:
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
+    if not params.bandwidth_mib_s:
+        params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
     await dom.job.start_async(
         AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags)
@@ -141,7 +151,9 @@ async def perform2(
     dom.migration.flags = int(flags)
     dom.migration.params = params.to_dict()
     dom.migration.was_running = dom.state == DomainState.RUNNING
+    dom.save()  # recovery needs was_running
     try:
+        await failpoint("src-perform2-before")
         await _run(dom, uri, flags, params)
     except BaseException:
         await _restore_after_failure(dom, flags)
@@ -151,6 +163,7 @@ async def perform2(
         await _complete(host, dom, flags)
     finally:
         dom.job.finish_async()
+    await failpoint("src-perform2-after")
 
 
 async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: MigrationParams) -> None:
@@ -168,6 +181,9 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
         raise _aborted()
     await mon.execute("migrate", {"uri": uri})
     try:
+        if armed("src-perform-migrating"):
+            await dom.wait_for(lambda: dom.migration.status != "setup", 10.0)
+            await failpoint("src-perform-migrating")
         await _wait_completion(dom, params.timeout_suspend_s)
     except BaseException:
         if dom.monitor is not None and dom.monitor.connected:
@@ -248,7 +264,9 @@ async def _restore_after_failure(dom: QemuDomain, flags: MigrateFlags) -> None:
 
 
 def _sent_statistics(dom: QemuDomain) -> dict[str, float]:
-    stats = {"started": dom.migration.started, "sent": time.time()}
+    # QEMU's figures travel too, so the destination can answer domjobinfo --completed.
+    stats = {k: float(v) for k, v in dom.migration.stats.items() if isinstance(v, int | float)}
+    stats.update(started=dom.migration.started, sent=time.time())
     if dom.migration.stopped:
         stats["stopped"] = dom.migration.stopped
     return stats
@@ -271,6 +289,7 @@ async def confirm3(
     host.unbind_session(dom)
     flags = MigrateFlags(dom.migration.flags)
     try:
+        await failpoint("src-confirm3-before")
         if cookie_in and not cancelled:
             cookie = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
@@ -282,6 +301,7 @@ async def confirm3(
             await _complete(host, dom, flags)
     finally:
         dom.job.finish_async()
+    await failpoint("src-confirm3-after")
 
 
 async def _complete(host: MigrationHost, dom: QemuDomain, flags: MigrateFlags) -> None:

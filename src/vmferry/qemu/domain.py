@@ -53,6 +53,7 @@ class QemuDomain:
     monitor: Monitor | None = None
     migration: MigrationProgress = field(default_factory=MigrationProgress)
     completed_job: dict[str, Any] | None = None
+    max_speed_mib_s: int = 0  # migrate-setspeed; 0: unlimited
     # the reason the next STOP/RESUME event should carry (libvirt's "pausedReason" bookkeeping)
     pending_pause_reason: str = ""
     pending_resume_reason: str = ""

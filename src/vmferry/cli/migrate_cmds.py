@@ -1,0 +1,356 @@
+"""The migration commands of ``vmferry``: ``migrate``, ``domjobinfo``, ``domjobabort`` and tuning.
+
+Names, flags and meanings follow virsh.  ``migrate`` runs the protocol from
+here (client-managed) against the source (``-c URI``) and the destination
+(``DESTURI``), or with ``--p2p`` asks the source daemon to do it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from vmferry.api.models import JobStats
+from vmferry.cli import format as fmt
+from vmferry.cli.context import Arg, Command, Context, arg
+from vmferry.cli.progress import View, open_view
+from vmferry.client import AsyncClient
+from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+
+#: Seconds to wait for the source to accept a domjobabort after Ctrl-C.
+ABORT_WAIT_S = 5.0
+
+NAME = arg("name", metavar="NAME", help="domain name or UUID")
+
+# --flag -> MigrateFlags member, for the plain switches of `migrate`.
+_SWITCHES = {
+    "live": MigrateFlags.LIVE,
+    "offline": MigrateFlags.OFFLINE,
+    "p2p": MigrateFlags.PEER2PEER,
+    "persistent": MigrateFlags.PERSIST_DEST,
+    "undefinesource": MigrateFlags.UNDEFINE_SOURCE,
+    "suspend": MigrateFlags.PAUSED,
+    "auto_converge": MigrateFlags.AUTO_CONVERGE,
+    "compressed": MigrateFlags.COMPRESSED,
+}
+
+
+def _read_xml(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise VmferryError(ErrorCode.INVALID_ARG, f"cannot read {path}: {why}") from exc
+
+
+def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, MigrationParams]:
+    """
+    The flags and parameters that ``vmferry migrate``'s options mean.
+
+    Without ``--live`` and ``--offline`` the migration is virsh's default:
+    not live, the guest paused while its memory moves.
+
+    :raise VmferryError: ``INVALID_ARG`` for options that do not go together
+        or an unreadable ``--xml`` file.
+    """
+    flags = MigrateFlags(0)
+    for option, flag in _SWITCHES.items():
+        if getattr(args, option):
+            flags |= flag
+    params = MigrationParams(
+        bandwidth_mib_s=args.bandwidth or 0,
+        migrate_uri=args.migrateuri or "",
+        listen_address=args.listen_address or "",
+        dname=args.dname or "",
+    )
+    if args.parallel is not None:
+        flags |= MigrateFlags.PARALLEL
+        params.parallel_connections = args.parallel
+    if args.timeout is not None:
+        # virsh: the timeout suspends a live guest that does not converge.
+        if not flags & MigrateFlags.LIVE:
+            raise VmferryError(ErrorCode.INVALID_ARG, "--timeout requires --live")
+        params.timeout_suspend_s = float(args.timeout)
+    if args.v2 and args.p2p:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            "--v2 cannot be used with --p2p: the source daemon chooses the protocol",
+        )
+    if args.xml:
+        params.dest_xml = _read_xml(args.xml)
+    params.validate(flags)
+    return flags, params
+
+
+# -- migrate --------------------------------------------------------------------------------
+
+
+def _ms(stats: Mapping[str, Any], key: str) -> str:
+    value = stats.get(key)
+    return "-" if value is None else f"{int(value)} ms"
+
+
+def summary(report: MigrationReport) -> str:
+    """What ``migrate`` prints at the end: virsh's 100 % line and what it cost."""
+    stats = report.stats
+    steps = ", ".join(f"{step} {seconds * 1000:.0f} ms" for step, seconds in report.steps.items())
+    moved: Any = stats.get("data_processed")
+    pairs: list[tuple[str, object]] = [
+        ("Wall time", f"{report.wall_s:.2f} s"),
+        ("QEMU time", _ms(stats, "total_time_ms")),
+        ("Downtime", _ms(stats, "downtime_ms")),
+        ("Data moved", "-" if moved is None else pretty_bytes(int(moved))),
+    ]
+    if steps:
+        pairs.append(("Steps", steps))
+    return "Migration: [100 %]\n" + fmt.fields(pairs)
+
+
+def report_json(report: MigrationReport, name: str, source: str, dest: str, p2p: bool) -> str:
+    return fmt.to_json(
+        {
+            "domain": name,
+            "source": source,
+            "destination": dest,
+            "p2p": p2p,
+            **dataclasses.asdict(report),
+        }
+    )
+
+
+async def _migrate(
+    ctx: Context,
+    src_uri: str,
+    args: argparse.Namespace,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    view: View,
+) -> MigrationReport:
+    async with AsyncClient(src_uri, pki_dir=ctx.pki_dir) as src:
+        try:
+            if args.p2p:
+                return await migrate_p2p(src, args.desturi, args.name, flags, params, progress=view)
+            async with AsyncClient(args.desturi, pki_dir=ctx.pki_dir) as dst:
+                version = 2 if args.v2 else None
+                return await migrate(
+                    src, dst, args.name, flags, params, version=version, progress=view
+                )
+        except asyncio.CancelledError:
+            # Ctrl-C: like virsh, abort the job rather than leave it running unwatched.
+            with contextlib.suppress(VmferryError, TimeoutError):
+                async with asyncio.timeout(ABORT_WAIT_S):
+                    await src.jobabort(args.name)
+            raise
+
+
+def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
+    flags, params = migration_request(args)
+    if not ctx.uri:
+        raise VmferryError(ErrorCode.INVALID_ARG, "no source vmferryd: use -c URI")
+    # --json keeps stdout for exactly one document: progress goes to stderr then.
+    stream = sys.stderr if args.json else sys.stdout
+    with open_view(stream, verbose=args.verbose) as view:
+        report = asyncio.run(_migrate(ctx, ctx.uri, args, flags, params, view))
+        view.finish(report.stats)
+    if args.json:
+        ctx.out(report_json(report, args.name, ctx.uri, args.desturi, bool(args.p2p)))
+    else:
+        ctx.out(summary(report))
+
+
+# -- domjobinfo -----------------------------------------------------------------------------
+
+
+def pretty_bytes(value: int) -> str:
+    """virsh's capacity: the largest binary unit that keeps the number >= 1, three decimals."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{value} B" if unit == "B" else f"{size:.3f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# (stats key, label, how to show the value), in virsh's order.
+_JOB_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("time_elapsed_ms", "Time elapsed", "ms"),
+    ("data_processed", "Data processed", "bytes"),
+    ("data_remaining", "Data remaining", "bytes"),
+    ("data_total", "Data total", "bytes"),
+    ("memory_bps", "Memory bandwidth", "bps"),
+    ("memory_dirty_rate", "Dirty rate", "pages/s"),
+    ("memory_page_size", "Page size", "bytes"),
+    ("memory_iteration", "Iteration", ""),
+    ("auto_converge_throttle", "Auto converge throttle", "%"),
+    ("setup_time_ms", "Setup time", "ms"),
+    ("expected_downtime_ms", "Expected downtime", "ms"),
+    ("downtime_ms", "Downtime", "ms"),
+    ("total_time_ms", "Total time", "ms"),
+)
+
+
+def _job_value(value: Any, unit: str) -> str:
+    if unit == "bytes":
+        return pretty_bytes(int(value))
+    if unit == "bps":
+        return pretty_bytes(int(value)) + "/s"
+    if unit in ("ms", "pages/s"):
+        return f"{int(value):<12} {unit}"
+    if unit == "%":
+        return f"{int(value)} %"
+    return str(value)
+
+
+def _job_lines(pairs: Iterable[tuple[str, str]]) -> str:
+    pairs = list(pairs)
+    width = max(len(label) for label, _ in pairs) + 2
+    return "\n".join(f"{label + ':':<{width}}{value}".rstrip() for label, value in pairs)
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def job_info(job: JobStats) -> str:
+    """``virsh domjobinfo``'s layout for :class:`JobStats`."""
+    pairs = [("Job type", _capitalized(job.type))]
+    if job.type == "none" and not job.stats:
+        return _job_lines(pairs)
+    if job.operation:
+        pairs.append(("Operation", _capitalized(job.operation)))
+    if job.phase and job.phase != "none":
+        pairs.append(("Phase", job.phase))
+    for key, label, unit in _JOB_FIELDS:
+        if job.stats.get(key) is not None:
+            pairs.append((label, _job_value(job.stats[key], unit)))
+    if job.stats.get("error"):
+        pairs.append(("Error message", str(job.stats["error"])))
+    return _job_lines(pairs)
+
+
+def cmd_domjobinfo(ctx: Context, args: argparse.Namespace) -> None:
+    job = ctx.client.jobinfo(args.name, completed=args.completed)
+    ctx.out(fmt.to_json(job) if args.json else job_info(job))
+
+
+def cmd_domjobabort(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.client.jobabort(args.name)
+
+
+def cmd_setmaxdowntime(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.client.set_maxdowntime(args.name, args.downtime)
+
+
+def cmd_getmaxdowntime(ctx: Context, args: argparse.Namespace) -> None:
+    value = ctx.client.get_maxdowntime(args.name)
+    ctx.out(fmt.to_json({"downtime_ms": value}) if args.json else str(value))
+
+
+def cmd_setspeed(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.client.set_speed(args.name, args.bandwidth)
+
+
+def cmd_getspeed(ctx: Context, args: argparse.Namespace) -> None:
+    value = ctx.client.get_speed(args.name)
+    ctx.out(fmt.to_json({"bandwidth_mib_s": value}) if args.json else str(value))
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def _count(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _switch(name: str, text: str) -> Arg:
+    return arg(f"--{name}", action="store_true", help=text)
+
+
+MIGRATE_ARGS = (
+    NAME,
+    arg("desturi", metavar="DESTURI", help="vmferryd of the destination host"),
+    _switch("live", "live migration: the guest keeps running while its memory moves"),
+    _switch("offline", "move the definition only (needs --persistent)"),
+    _switch("p2p", "peer-to-peer: the source daemon connects to DESTURI itself"),
+    _switch("persistent", "make the domain persistent on the destination"),
+    _switch("undefinesource", "undefine the domain on the source"),
+    _switch("suspend", "leave the domain paused on the destination"),
+    _switch("auto-converge", "throttle the guest's vCPUs when the migration does not converge"),
+    _switch("compressed", "compress repeated pages (xbzrle)"),
+    arg("--dname", metavar="NAME", help="rename the domain on the destination"),
+    arg("--xml", metavar="FILE", help="domain XML for the destination (same ABI)"),
+    arg("--migrateuri", metavar="URI", help="where to send the migration stream (tcp:HOST:PORT)"),
+    arg("--listen-address", metavar="ADDR", help="address the destination listens on"),
+    arg("--bandwidth", type=_count(1), metavar="MiB/s", help="bandwidth limit"),
+    arg(
+        "--timeout",
+        type=_count(1),
+        metavar="N",
+        help="suspend a live guest after N seconds so that its migration completes",
+    ),
+    arg("--parallel", type=_count(1), metavar="N", help="move memory over N connections"),
+    _switch("v2", "use migration protocol v2 (default: v3 when the destination has it)"),
+    _switch("verbose", "show the migration's progress"),
+)
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "migrate",
+        "migrate a domain to another host",
+        cmd_migrate,
+        MIGRATE_ARGS,
+        json=True,
+    ),
+    Command(
+        "domjobinfo",
+        "show the domain's running (or last completed) job",
+        cmd_domjobinfo,
+        (NAME, arg("--completed", action="store_true", help="the last completed job")),
+        json=True,
+    ),
+    Command("domjobabort", "abort the domain's running migration", cmd_domjobabort, (NAME,)),
+    Command(
+        "migrate-setmaxdowntime",
+        "set the longest pause a live migration may take to complete",
+        cmd_setmaxdowntime,
+        (NAME, arg("downtime", type=_count(1), metavar="MS", help="milliseconds")),
+    ),
+    Command(
+        "migrate-getmaxdowntime",
+        "show the longest pause (ms) a live migration may take to complete",
+        cmd_getmaxdowntime,
+        (NAME,),
+        json=True,
+    ),
+    Command(
+        "migrate-setspeed",
+        "set the migration bandwidth limit",
+        cmd_setspeed,
+        (NAME, arg("bandwidth", type=_count(0), metavar="MiB/s", help="0: unlimited")),
+    ),
+    Command(
+        "migrate-getspeed",
+        "show the migration bandwidth limit in MiB/s (0: unlimited)",
+        cmd_getspeed,
+        (NAME,),
+        json=True,
+    ),
+)
