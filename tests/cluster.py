@@ -135,7 +135,8 @@ class Host:
                 os.kill(pid, signal.SIGKILL)
 
 
-_next_port = 50000
+# Spread per process, so parallel test runs rarely race for the same migration ports.
+_next_port = 50000 + (os.getpid() % 900) * 16
 
 
 @contextlib.contextmanager
