@@ -2,7 +2,9 @@
 # Builds the vmferry test guest: Debian's cloud kernel and an initramfs whose /init is init.c.
 #   usage: bash guest/build.sh OUTDIR
 # Idempotent: the kernel is fetched once, the initramfs is rebuilt only when init.c (or this
-# script) is newer than it.
+# script, or a module) is newer than it.
+# The cloud kernel has the ACPI power button and evdev as modules; they are taken from the same
+# package as vmlinuz (OUTDIR/modules) and /init loads them, so the guest can honour a power-off.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -45,21 +47,41 @@ build_kernel() {
   dpkg-deb -x "$deb" "$tmp/root"
   local img
   img=$(ls "$tmp"/root/boot/vmlinuz-* | head -n1)
+  # Modules must come from the very package the kernel came from (vermagic), so both are copied.
+  rm -rf "$out/modules.tmp"
+  mkdir "$out/modules.tmp"
+  for m in "${modules[@]}"; do
+    local ko
+    ko=$(find "$tmp/root/lib/modules" -name "$m.ko" | head -n1)
+    [ -n "$ko" ] || { log "$m.ko is not in $pkg"; exit 1; }
+    cp "$ko" "$out/modules.tmp/"
+  done
   cp "$img" "$out/vmlinuz.tmp"
+  rm -rf "$out/modules"
+  mv "$out/modules.tmp" "$out/modules"
   mv "$out/vmlinuz.tmp" "$out/vmlinuz"
-  log "kernel: $(basename "$img")"
+  log "kernel: $(basename "$img") with ${modules[*]}"
 }
 
-if [ ! -s "$out/vmlinuz" ]; then
+# Loaded by /init in this order: evdev first, so the button's input device gets its event node.
+modules=(evdev button)
+have_modules() {
+  local m
+  for m in "${modules[@]}"; do [ -s "$out/modules/$m.ko" ] || return 1; done
+}
+
+if [ ! -s "$out/vmlinuz" ] || ! have_modules; then
   build_kernel
 fi
 
 # --- initramfs ----------------------------------------------------------------------------
 initrd="$out/initramfs.cpio.gz"
-if [ ! -s "$initrd" ] || [ "$here/init.c" -nt "$initrd" ] || [ "$here/build.sh" -nt "$initrd" ]; then
+if [ ! -s "$initrd" ] || [ "$here/init.c" -nt "$initrd" ] || [ "$here/build.sh" -nt "$initrd" ] ||
+  [ "$out/modules" -nt "$initrd" ]; then
   tmp=$(mktemp -d "$out/.initramfs.XXXXXX")
   tmpdirs+=("$tmp")
-  mkdir -p "$tmp/root/proc" "$tmp/root/dev" "$tmp/root/sys"
+  mkdir -p "$tmp/root/proc" "$tmp/root/dev" "$tmp/root/sys" "$tmp/root/lib/modules"
+  for m in "${modules[@]}"; do cp "$out/modules/$m.ko" "$tmp/root/lib/modules/"; done
   command -v gcc >/dev/null || { log "gcc is missing: apt-get install gcc libc6-dev"; exit 1; }
   gcc -static -O2 -Wall -Wextra -Werror -o "$tmp/root/init" "$here/init.c"
   strip "$tmp/root/init"

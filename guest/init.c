@@ -17,22 +17,38 @@
  *   vmferry.verify_ms=V       time for one full verification pass (default 1000)
  *   vmferry.corrupt_after=S   self-test: after S seconds corrupt one page behind
  *                             the generation counter's back (default off)
+ *   vmferry.ignore_power=1    note ACPI power button presses but do not power off
+ *
+ * ACPI power button: the cloud kernel has the button driver and evdev as
+ * modules, so /init loads them from /lib/modules (build.sh puts them there) and
+ * polls the button's event device once per tick.  A press prints
+ *
+ *   VMFERRY-POWEROFF boot=<16 hex>
+ *
+ * and powers the machine off (or, with vmferry.ignore_power=1, prints
+ * VMFERRY-POWER-IGNORED boot=<16 hex> and goes on).  Without the button the
+ * guest says VMFERRY-WARN once and runs as before.
  *
  * PID 1 must never exit (the kernel would panic), so every path ends in a loop.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/input.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/random.h>
+#include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysinfo.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,6 +57,8 @@
 #define TICK_NS 10000000LL          /* 10 ms between bursts of work */
 #define MAX_DT_NS 250000000LL       /* never catch up more than this at once */
 #define ERR_LINES_PER_SEC 16
+#define MAX_BUTTONS 4
+#define MAX_EVDEV 32
 
 struct config {
 	uint64_t stamp_mib;
@@ -48,12 +66,15 @@ struct config {
 	uint64_t hb_ms;
 	uint64_t verify_ms;
 	int64_t corrupt_after_s; /* < 0: off */
+	int ignore_power;
 };
 
 static uint64_t *buf;
 static uint32_t *gen;
 static uint64_t npages;
 static uint64_t boot_id;
+static int buttons[MAX_BUTTONS];
+static int nbuttons;
 
 static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -173,6 +194,7 @@ static void read_config(struct config *c)
 	c->hb_ms = 500;
 	c->verify_ms = 1000;
 	c->corrupt_after_s = -1;
+	c->ignore_power = 0;
 
 	fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -198,6 +220,8 @@ static void read_config(struct config *c)
 			c->verify_ms = parse_u64(tok + 18, c->verify_ms);
 		} else if (!strncmp(tok, "vmferry.corrupt_after=", 22)) {
 			c->corrupt_after_s = (int64_t)parse_u64(tok + 22, (uint64_t)-1);
+		} else if (!strncmp(tok, "vmferry.ignore_power=", 21)) {
+			c->ignore_power = parse_u64(tok + 21, 0) != 0;
 		}
 	}
 	if (c->stamp_mib == 0)
@@ -241,6 +265,94 @@ static void setup_console(void)
 	}
 }
 
+/* 0 or an errno; EEXIST (built in, or loaded already) counts as success. */
+static int load_module(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int err = 0;
+
+	if (fd < 0)
+		return errno;
+	if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST)
+		err = errno;
+	close(fd);
+	return err;
+}
+
+static int has_key(int fd, unsigned key)
+{
+	unsigned char bits[KEY_MAX / 8 + 1];
+
+	memset(bits, 0, sizeof(bits));
+	if (ioctl(fd, EVIOCGBIT(EV_KEY, sizeof(bits)), bits) < 0)
+		return 0;
+	return (bits[key / 8] >> (key % 8)) & 1;
+}
+
+/*
+ * Loading the modules probes the button and creates its event node before
+ * finit_module returns, so one scan of /dev/input is enough.
+ */
+static void setup_power_button(void)
+{
+	static const char *const mods[] = { "/lib/modules/evdev.ko", "/lib/modules/button.ko" };
+	char path[32];
+
+	for (size_t i = 0; i < sizeof(mods) / sizeof(mods[0]); i++) {
+		int err = load_module(mods[i]);
+
+		if (err) {
+			out("VMFERRY-WARN no power button: cannot load %s: %s\n", mods[i], strerror(err));
+			return;
+		}
+	}
+	for (int i = 0; i < MAX_EVDEV && nbuttons < MAX_BUTTONS; i++) {
+		int fd;
+
+		snprintf(path, sizeof(path), "/dev/input/event%d", i);
+		fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		if (has_key(fd, KEY_POWER))
+			buttons[nbuttons++] = fd;
+		else
+			close(fd);
+	}
+	if (nbuttons == 0)
+		out("VMFERRY-WARN no power button: no input device reports KEY_POWER\n");
+}
+
+/* Drains every button's queue; true when one of them was pressed. */
+static int power_pressed(void)
+{
+	struct input_event ev[16];
+	int pressed = 0;
+
+	for (int b = 0; b < nbuttons; b++) {
+		ssize_t n;
+
+		while ((n = read(buttons[b], ev, sizeof(ev))) > 0) {
+			for (size_t k = 0; k < (size_t)n / sizeof(ev[0]); k++)
+				if (ev[k].type == EV_KEY && ev[k].code == KEY_POWER && ev[k].value == 1)
+					pressed = 1;
+		}
+	}
+	return pressed;
+}
+
+static void power_off(void) __attribute__((noreturn));
+
+static void power_off(void)
+{
+	out("VMFERRY-POWEROFF boot=%016llx\n", (unsigned long long)boot_id);
+	/* The line must leave the UART before the machine is gone. */
+	tcdrain(1);
+	sync();
+	reboot(RB_POWER_OFF);
+	out("VMFERRY-FATAL power off failed: %s\n", strerror(errno));
+	hang();
+}
+
 int main(void)
 {
 	struct config c;
@@ -254,6 +366,7 @@ int main(void)
 	setup_console();
 	read_config(&c);
 	boot_id = make_boot_id();
+	setup_power_button();
 	rng_state = boot_id;
 	start = now_ns();
 
@@ -357,6 +470,12 @@ int main(void)
 			next_hb += (int64_t)c.hb_ms * 1000000LL;
 			if (next_hb <= t)
 				next_hb = t + (int64_t)c.hb_ms * 1000000LL;
+		}
+
+		if (power_pressed()) {
+			if (!c.ignore_power)
+				power_off();
+			out("VMFERRY-POWER-IGNORED boot=%016llx\n", (unsigned long long)boot_id);
 		}
 
 		next_tick += TICK_NS;

@@ -153,7 +153,7 @@ def hosts(count: int, *, pki_dir: Path | None = None) -> Iterator[list[Host]]:
             host = Host(root / f"h{i}", f"host{i}", _next_port)
             if pki_dir is not None:
                 host.pki_dir, host.tls_port = pki_dir, _next_port + 15
-            _next_port += 16
+            _next_port = _next_port + 16 if _next_port < 65000 else 50000
             host.root.mkdir()
             made.append(host)
             host.start()

@@ -105,6 +105,9 @@ class PrepareReply(BaseModel):
 class PerformRequest(BaseModel):
     cookie: str
     uri: str
+    # the destination daemon, as the client reaches it: the source asks it when Finish's
+    # outcome is unknown (client gone after Perform, daemon restart)
+    peer_uri: str = ""
 
 
 class Perform2Request(MigrationRequest):

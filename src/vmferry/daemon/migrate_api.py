@@ -50,7 +50,9 @@ def migration_routes(driver: MigrationDriver) -> APIRouter:
 
     @r.post("/domains/{name}/migrate/perform")
     async def perform(name: str, body: PerformRequest) -> CookieBody:
-        return CookieBody(cookie=await driver.migrate_perform(name, body.cookie, body.uri))
+        return CookieBody(
+            cookie=await driver.migrate_perform(name, body.cookie, body.uri, body.peer_uri)
+        )
 
     @r.post("/domains/{name}/migrate/perform2")
     async def perform2(name: str, body: Perform2Request) -> CookieBody:
