@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -143,3 +144,54 @@ def test_host_identity_is_distinct(tmp_path: object) -> None:
     with hosts(2) as (a, b), a.client() as ca, b.client() as cb:
         assert ca.host().uuid != cb.host().uuid
         assert isinstance(a, Host)
+
+
+def test_qemu_left_by_an_unfinished_start_is_killed() -> None:
+    """The daemon died between spawning QEMU and recording its pid: restart kills that QEMU."""
+    from vmferry.daemon.state import StateDir
+    from vmferry.domain.xml import format_domain_xml, parse_domain_xml
+
+    with hosts(1) as (h,):
+        h.kill(signal.SIGKILL)
+        state = StateDir(h.state_dir)
+        definition = parse_domain_xml(guest_xml("orphan"))
+        sock = state.qmp_socket("orphan")
+        qemu = subprocess.Popen(
+            [
+                "qemu-system-x86_64",
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-chardev",
+                f"socket,id=m,path={sock},server=on,wait=off",
+                "-mon",
+                "chardev=m",
+            ],
+            start_new_session=True,
+        )
+        try:
+            state.write_json(
+                state.status_path("orphan"),
+                {
+                    "name": "orphan",
+                    "uuid": definition.uuid,
+                    "state": "paused",
+                    "reason": "starting-up",
+                    "pid": None,
+                    "run_id": 1,
+                    "persistent": False,
+                    "job": {},
+                    "bound_session": "",
+                    "xml": format_domain_xml(definition),
+                },
+            )
+            h.start()
+            assert qemu.wait(timeout=10) != 0
+            with h.client() as c:
+                assert c.list_domains(all=True) == []
+        finally:
+            qemu.kill()
+            qemu.wait()

@@ -25,6 +25,7 @@ from vmferry.jobs import AsyncJob
 from vmferry.qemu.command import QemuPaths, build_argv
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
+from vmferry.qemu.process import QemuProcess
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,10 @@ class Lifecycle:
         """
         paths = self.paths(dom)
         found = None
-        if pid is not None:
+        if pid is None:
+            # The daemon died while QEMU was starting: that start never finished.
+            await _kill_orphans(str(paths.qmp_socket))
+        else:
             found = await reattach(pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name)
         if found is None:
             dom.process = None
@@ -273,6 +277,28 @@ class Lifecycle:
         """Detach from every watched QEMU without touching it (daemon shutdown)."""
         for task in list(self._tasks):
             await task
+
+
+def _pids_naming(marker: str) -> list[int]:
+    needle = marker.encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+async def _kill_orphans(marker: str) -> None:
+    """Kill QEMU processes whose command line names *marker* (their QMP socket)."""
+    for pid in _pids_naming(marker):
+        proc = QemuProcess.attach(pid, expect_in_cmdline=marker)
+        if proc is not None:
+            log.warning("killing QEMU pid %d left behind by an unfinished start", pid)
+            await proc.kill()
+            proc.close()
 
 
 _EventHandler = Callable[[Lifecycle, QemuDomain, dict[str, Any], float], None]
