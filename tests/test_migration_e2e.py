@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 
@@ -243,28 +244,72 @@ def test_prepare_refused_bad_dest_xml(pair: tuple[Host, Host]) -> None:
     _cleanup(a, "badxml")
 
 
-def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host]) -> None:
+@pytest.mark.parametrize("driver", ["v3", "v2", "p2p"])
+def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host], driver: str) -> None:
     a, b = pair
-    hb = _boot(a, "dkill", dirty_mib_s=16)
+    name = f"dkill{driver}"
+    hb = _boot(a, name, dirty_mib_s=16)
 
     async def run() -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            params = MigrationParams(bandwidth_mib_s=8)
-            task = asyncio.create_task(migrate(s, d, "dkill", LIVE, params))
-            deadline = time.monotonic() + 20
-            while not b.qemu_pids() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
-            for pid in b.qemu_pids():
-                os.kill(pid, signal.SIGKILL)
-            with pytest.raises(VmferryError):
-                await task
+        params = MigrationParams(bandwidth_mib_s=8)
+        if driver == "p2p":
+            task = asyncio.create_task(_p2p(a, b, name, LIVE, params))
+        else:
+            task = asyncio.create_task(
+                _migrate(a, b, name, LIVE, params, version=2 if driver == "v2" else 3)
+            )
+        deadline = time.monotonic() + 20
+        while not b.qemu_pids() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        for pid in b.qemu_pids():
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(VmferryError):
+            await task
 
     _run(run())
-    _assert_only_on(a, b, "dkill", hb)
-    _run(_migrate(a, b, "dkill"))
-    _assert_only_on(b, a, "dkill", hb)
-    _cleanup(b, "dkill")
+    _assert_only_on(a, b, name, hb)
+    _run(_migrate(a, b, name))
+    _assert_only_on(b, a, name, hb)
+    _cleanup(b, name)
+
+
+def test_prepare_refused_no_free_port(pair: tuple[Host, Host]) -> None:
+    a, b = pair
+    hb = _boot(a, "noport")
+    held = []
+    try:
+        for port in range(b.port_min, b.port_min + 15):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", port))
+            sock.listen()
+            held.append(sock)
+        with pytest.raises(VmferryError) as err:
+            _run(_migrate(a, b, "noport"))
+        assert err.value.code == ErrorCode.NO_FREE_PORT
+        assert "port_min" in err.value.message
+    finally:
+        for sock in held:
+            sock.close()
+    _assert_only_on(a, b, "noport", hb)
+    _run(_migrate(a, b, "noport"))
+    _assert_only_on(b, a, "noport", hb)
+    _cleanup(b, "noport")
+
+
+@pytest.mark.parametrize("driver", ["v3", "p2p"])
+def test_finish_fails_source_resumes(driver: str) -> None:
+    with hosts(2) as (a, b):
+        b.kill()
+        b.extra_env["VMFERRY_FAILPOINTS"] = "dst-finish-before=error"
+        b.start()
+        hb = _boot(a, "fin")
+        with pytest.raises(VmferryError) as err:
+            _run(_p2p(a, b, "fin") if driver == "p2p" else _migrate(a, b, "fin"))
+        assert "failpoint dst-finish-before hit" in err.value.message
+        _assert_only_on(a, b, "fin", hb)
+        assert b.qemu_pids() == []
 
 
 def test_perform_fails_connection_refused(pair: tuple[Host, Host]) -> None:
