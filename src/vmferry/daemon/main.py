@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument(
+        "--pki-dir",
+        type=Path,
+        help="TLS files from `vmferry pki init` (overrides [tls] pki_dir)",
+    )
+    p.add_argument(
         "--insecure", action="store_true", help="allow plain tcp://HOST:PORT on a loopback address"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -54,6 +59,8 @@ def qemu_version(emulator: str) -> str:
 
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
+    if args.pki_dir is not None:
+        config.tls.pki_dir = args.pki_dir.resolve()
     state = StateDir(args.state_dir.resolve())
     state.ensure()
     specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
