@@ -431,6 +431,18 @@ int main(void)
 		}
 
 		verify_credit += verify_per_ns * (double)dt;
+
+		/*
+		 * Behind the generation counter's back: the verifier must catch this.  The page is
+		 * the one verified next, in this very tick, so re-stamping cannot repair it unseen.
+		 */
+		if (corrupt_at >= 0 && !corrupted && t >= corrupt_at && verify_credit >= 1.0) {
+			uint64_t i = verify_cursor;
+
+			buf[i * WORDS_PER_PAGE + WORDS_PER_PAGE / 2] ^= 0x5a5a5a5a5a5a5a5aULL;
+			corrupted = 1;
+			out("VMFERRY-CORRUPTED page=%llu\n", (unsigned long long)i);
+		}
 		while (verify_credit >= 1.0) {
 			uint64_t i = verify_cursor;
 
@@ -450,15 +462,6 @@ int main(void)
 			verified++;
 			verify_cursor = (verify_cursor + 1) % npages;
 			verify_credit -= 1.0;
-		}
-
-		if (corrupt_at >= 0 && !corrupted && t >= corrupt_at) {
-			uint64_t i = rng_next() % npages;
-
-			/* Behind the generation counter's back: the verifier must catch this. */
-			buf[i * WORDS_PER_PAGE + WORDS_PER_PAGE / 2] ^= 0x5a5a5a5a5a5a5a5aULL;
-			corrupted = 1;
-			out("VMFERRY-CORRUPTED page=%llu\n", (unsigned long long)i);
 		}
 
 		if (t >= next_hb) {

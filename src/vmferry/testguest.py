@@ -10,6 +10,10 @@ it, and prints a heartbeat on the serial console::
 A migration kept the VM running correctly when the destination's console
 goes on with the same ``boot`` id, a higher ``seq`` and ``errors=0``; see
 :func:`check_continuity`.
+
+An ACPI power button press (``shutdown``) makes the guest print
+``VMFERRY-POWEROFF boot=<id>`` and power off; with ``vmferry.ignore_power=1``
+in *extra_cmdline* it prints ``VMFERRY-POWER-IGNORED boot=<id>`` and runs on.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def guest_cmdline(
     :param stamp_mib: Size of the stamped buffer in MiB.
     :param dirty_mib_s: Re-stamp rate in MiB/s (0: the guest only reads).
     :param hb_ms: Heartbeat period in milliseconds.
-    :param extra_cmdline: Appended as is, e.g. ``"vmferry.corrupt_after=3"``.
+    :param extra_cmdline: Appended as is, e.g. ``"vmferry.corrupt_after=3"`` or
+        ``"vmferry.ignore_power=1"``.
     """
     if stamp_mib < 1 or dirty_mib_s < 0 or hb_ms < 1:
         raise VmferryError(

@@ -196,7 +196,8 @@ class Lifecycle:
     def _stop_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
         if dom.job.async_job == AsyncJob.MIGRATION_OUT:
             dom.migration.stopped = ts
-        if dom.state == DomainState.PAUSED:
+        # The STOP that follows a guest power-off (-no-shutdown) is not a pause.
+        if dom.state == DomainState.PAUSED or dom.stopping:
             return
         reason = dom.pending_pause_reason or (
             PausedReason.MIGRATION
