@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from vmferry.api.models import JobStats
+from vmferry.api.models import HostInfo, JobStats
 from vmferry.client import migration_calls as mc
 from vmferry.client.aio import AsyncClient
 from vmferry.errors import ErrorCode, VmferryError
@@ -132,20 +132,36 @@ async def migrate(
     params.validate(flags)
     started = time.perf_counter()
     times = StepTimes()
-    if version is None:
-        features = (await dst.host()).features
-        version = 3 if "migration-v3" in features else 2
-    async with open_session(src) as src_session, open_session(dst) as dst_session:
+    async with contextlib.AsyncExitStack() as stack:
+        # Independent round trips: one wait instead of three.
+        src_session, dst_session, host = await asyncio.gather(
+            stack.enter_async_context(open_session(src)),
+            stack.enter_async_context(open_session(dst)),
+            _probe(dst) if version is None else _no_probe(),
+        )
+        if version is None:
+            version = 3 if host is not None and "migration-v3" in host.features else 2
         source = RemoteSource(src, src_session, peer_uri=dst.uri)
         dest = RemoteDestination(dst, dst_session)
         async with _watch_progress(src, name, progress) as on_step:
             run = migrate_v3 if version == 3 else migrate_v2
             await run(source, dest, name, flags, params, on_step=on_step, times=times)
     report = MigrationReport(wall_s=time.perf_counter() - started, steps=times.steps)
+    # The destination knows both sides' figures (the source's came in the cookie).
     report.stats = dict((await dst.run(mc.jobinfo(params.dname or name, completed=True))).stats)
-    with contextlib.suppress(VmferryError):
-        report.stats.update((await src.run(mc.jobinfo(name, completed=True))).stats)
+    if "data_processed" not in report.stats:  # v2 has no cookies: ask the source too
+        with contextlib.suppress(VmferryError):
+            source_stats = (await src.run(mc.jobinfo(name, completed=True))).stats
+            report.stats = {**source_stats, **report.stats}
     return report
+
+
+async def _probe(client: AsyncClient) -> HostInfo | None:
+    return await client.host()
+
+
+async def _no_probe() -> HostInfo | None:
+    return None
 
 
 async def migrate_p2p(

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 
 # Polling for the QMP socket starts fast (QEMU usually binds it within tens of
 # milliseconds) and backs off; each wait also ends at once if QEMU exits.
-_POLL_FIRST = 0.005
-_POLL_MAX = 0.1
+# QEMU creates its QMP socket 15-35 ms after exec; a stat() every few ms costs nothing
+# while a long back-off would add its whole step to every start.
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.005
 # How much of QEMU's log an error message quotes.
 _LOG_TAIL_LINES = 5
 _LOG_TAIL_BYTES = 8192
