@@ -1,0 +1,939 @@
+"""
+``make bench``: vmferry's live migration against the bare-QEMU floor.
+
+One guest is migrated back and forth between two ``vmferryd`` (unix sockets
+on this host) while a second, identical guest is migrated back and forth
+between bare QEMU processes driven directly over QMP (:func:`floor.bare_hop`).
+Hops of the two paths alternate, and which one goes first alternates too, so
+that whatever else the machine does hits both alike.
+
+Both guests run the vmferry test guest, which checks its own memory: after
+every hop the bench waits for a heartbeat from the destination and checks it
+continues the source's (same boot id, sequence advanced, no bad pages). A
+corrupted or rebooted guest fails the bench.
+
+Usage::
+
+    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--trace] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmferry.client import AsyncClient
+from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
+from vmferry.errors import VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+from vmferry.testguest import (
+    Heartbeat,
+    check_continuity,
+    guest_cmdline,
+    guest_paths,
+    guest_xml,
+    last_heartbeat,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import BareQemu, bare_hop, guest_argv
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "build" / "bench" / "migrate.json"
+#: The issue's target: vmferry's hop end to end within this factor of the floor's.
+TARGET_RATIO = 1.2
+STEPS = ("begin", "prepare", "perform", "finish", "confirm")
+
+
+@dataclass(frozen=True)
+class GuestShape:
+    memory_mib: int = 192
+    stamp_mib: int = 64
+    dirty_mib_s: float = 16
+    hb_ms: int = 500
+    #: Appended to the guest's kernel command line (e.g. ``vmferry.corrupt_after=2``).
+    extra_cmdline: str = ""
+
+
+# -- daemons -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """One ``vmferryd`` subprocess with its own state dir and unix socket."""
+
+    root: Path
+    name: str
+    port_min: int
+    log_level: str = "info"
+    #: Run through this script's tracing wrapper, writing its records here.
+    trace: Path | None = None
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.root / 'd.sock'}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "vmferryd.toml"
+        config.write_text(
+            f'[host]\nhostname = "{self.name}"\nuuid = "{uuid.uuid4()}"\n'
+            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
+        )
+        with (self.root / "vmferryd.log").open("ab") as log:
+            launcher = (
+                [__file__, TRACE_FLAG, str(self.trace), "--"]
+                if self.trace
+                else ["-m", "vmferry.daemon.main"]
+            )
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *launcher,
+                "--state-dir",
+                str(self.state_dir),
+                "--listen",
+                self.uri,
+                "--config",
+                str(config),
+                "--log-level",
+                self.log_level,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        async with AsyncClient(self.uri, timeout=2.0) as client:
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"vmferryd {self.name} exited; see {self.root}/vmferryd.log")
+                try:
+                    await client.host()
+                    return
+                except VmferryError:
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        # QEMU outlives its daemon by design: kill whatever this daemon started.
+        for pid in _qemu_pids(self.state_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _qemu_pids(marker_dir: Path) -> list[int]:
+    """QEMU processes whose command line names *marker_dir* (i.e. ones we caused)."""
+    marker = str(marker_dir).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+# -- the two paths -------------------------------------------------------------------------------
+
+
+async def _poll_heartbeat(
+    read: Callable[[], Awaitable[str]], after: Heartbeat | None, timeout: float
+) -> Heartbeat:
+    """The newest heartbeat once it is newer than *after* (or the first one)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = await read()
+        hb = last_heartbeat(text)
+        if hb is not None and (after is None or hb.seq > after.seq or hb.boot != after.boot):
+            return hb
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no new heartbeat within {timeout:g} s; console ends:\n{text[-1500:]}")
+
+
+@dataclass
+class VmferryPath:
+    """The guest under vmferry, hopping between two daemons."""
+
+    hosts: tuple[AsyncClient, AsyncClient]
+    name: str
+    p2p: bool
+    here: int = 0
+    boot: Heartbeat | None = None
+    last: Heartbeat | None = None
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "vmferry p2p" if self.p2p else "vmferry v3"
+
+    async def _console(self) -> str:
+        return (await self.hosts[self.here].console(self.name)).data
+
+    async def boot_guest(self, shape: GuestShape, timeout: float) -> None:
+        xml = guest_xml(
+            self.name,
+            memory_mib=shape.memory_mib,
+            stamp_mib=shape.stamp_mib,
+            dirty_mib_s=shape.dirty_mib_s,
+            hb_ms=shape.hb_ms,
+            extra_cmdline=shape.extra_cmdline,
+        )
+        await self.hosts[0].create(xml)
+        self.boot = self.last = await _poll_heartbeat(self._console, None, timeout)
+
+    async def hop(self, dests: Sequence[str]) -> None:
+        src, dst = self.hosts[self.here], self.hosts[1 - self.here]
+        flags = MigrateFlags.LIVE
+        t_start = time.time()
+        t0 = time.perf_counter()
+        report: MigrationReport
+        if self.p2p:
+            report = await migrate_p2p(
+                src, dests[1 - self.here], self.name, flags | MigrateFlags.PEER2PEER
+            )
+        else:
+            report = await migrate(src, dst, self.name, flags, MigrationParams())
+        wall = time.perf_counter() - t0
+        self.here = 1 - self.here
+        stats = report.stats
+        hop: dict[str, Any] = {
+            "to": self.here,
+            "t_start": t_start,
+            "t_end": t_start + wall,
+            "wall_s": wall,
+            "report_wall_s": report.wall_s,
+            "steps_s": dict(report.steps),
+            "other_s": report.wall_s - sum(report.steps.values()),
+            "paused_ms": _num(stats.get("downtime_ms")),
+            "qemu_total_ms": _num(stats.get("total_time_ms")),
+            "qemu_setup_ms": _num(stats.get("setup_time_ms")),
+            "ram_transferred": _num(stats.get("data_processed")),
+            "iterations": _num(stats.get("memory_iteration")),
+        }
+        self.hops.append(hop)
+
+    async def verify(self) -> None:
+        """Wait for the destination's next heartbeat; it must continue the last one."""
+        assert self.last is not None
+        hb = await _poll_heartbeat(self._console, self.last, 30)
+        check_continuity(self.last, hb)
+        self.last = hb
+
+    async def destroy(self) -> None:
+        for client in self.hosts:
+            with contextlib.suppress(VmferryError):
+                await client.destroy(self.name)
+
+
+@dataclass
+class FloorPath:
+    """The same guest under bare QEMU, hopping between fresh QEMU processes."""
+
+    workdir: Path
+    cmdline: str
+    memory_mib: int
+    qemu: BareQemu | None = None
+    console: Path | None = None
+    count: int = 0
+    boot: Heartbeat | None = None
+    last: Heartbeat | None = None
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+    label = "bare QEMU"
+
+    def _argv(self, tag: str, *, incoming: bool) -> tuple[list[str], Path, Path]:
+        kernel, initrd = guest_paths()
+        qmp, console = self.workdir / f"{tag}.qmp", self.workdir / f"{tag}.con"
+        argv = guest_argv(
+            kernel,
+            initrd,
+            self.cmdline,
+            qmp=qmp,
+            console=console,
+            memory_mib=self.memory_mib,
+            incoming=incoming,
+        )
+        return argv, qmp, console
+
+    async def _console(self) -> str:
+        assert self.console is not None
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def boot_guest(self, timeout: float) -> None:
+        argv, qmp, self.console = self._argv("q0", incoming=False)
+        qemu = BareQemu(argv, qmp, log=self.workdir / "q0.log")
+        self.qemu = qemu
+        await qemu.start()
+        await qemu.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+        )
+        self.boot = self.last = await _poll_heartbeat(self._console, None, timeout)
+
+    async def hop(self, dests: Sequence[str]) -> None:
+        assert self.qemu is not None
+        self.count += 1
+        tag = f"q{self.count}"
+        argv, qmp, console = self._argv(tag, incoming=True)
+        dst, result = await bare_hop(self.qemu, argv, qmp, log=self.workdir / f"{tag}.log")
+        self.qemu, self.console = dst, console
+        hop = {k: v for k, v in asdict(result).items() if k != "info"}
+        hop["wall_s"] = result.total_s
+        hop["paused_beyond_qemu_ms"] = result.paused_ms - _num(result.qemu_downtime_ms)
+        self.hops.append(hop)
+
+    async def verify(self) -> None:
+        """Wait for the destination's next heartbeat; it must continue the last one."""
+        assert self.last is not None
+        hb = await _poll_heartbeat(self._console, self.last, 30)
+        check_continuity(self.last, hb)
+        self.last = hb
+
+    async def destroy(self) -> None:
+        if self.qemu is not None:
+            await self.qemu.stop()
+
+
+def _cpu_ns(pids: Sequence[int]) -> int:
+    """CPU time used so far by all threads of *pids* (schedstat: nanoseconds)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+# -- tracing (--trace) ---------------------------------------------------------------------------
+#
+# To say where vmferry's time goes below the five steps, --trace runs each
+# daemon through this script with timing wrappers around what a migration
+# waits for (status-file writes, QMP commands, QEMU start and kill, the API
+# handlers) and records the client's own API calls. The records carry the
+# host's wall clock, so both daemons' and the client's line up per hop.
+# Tracing costs a little itself: the plain run's numbers are the ones to quote.
+
+TRACE_FLAG = "--as-traced-daemon"
+
+Record = tuple[float, float, str, str]  # (wall-clock start, seconds, kind, what)
+
+
+def _traced_daemon(trace: Path, daemon_argv: list[str]) -> int:
+    """Run ``vmferryd`` with timing wrappers; write the records to *trace* on exit."""
+    import atexit
+    import functools
+
+    import vmferry.daemon.driver as driver_mod
+    import vmferry.daemon.main as daemon_main
+    import vmferry.daemon.state as state_mod
+    import vmferry.qemu.launch as launch_mod
+    import vmferry.qemu.lifecycle as lifecycle_mod
+    from vmferry.qemu.domain import QemuDomain
+    from vmferry.qemu.monitor import Monitor
+    from vmferry.qemu.process import QemuProcess
+
+    records: list[Record] = []
+
+    def add(kind: str, what: str, wall: float, started: float) -> None:
+        records.append((wall, time.perf_counter() - started, kind, what))
+
+    def sync(fn: Any, kind: str, what: Callable[..., str]) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            wall, t = time.time(), time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(kind, what(*a, **kw), wall, t)
+
+        return wrapper
+
+    def asynchronous(fn: Any, kind: str, what: Callable[..., str]) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(*a: Any, **kw: Any) -> Any:
+            wall, t = time.time(), time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                add(kind, what(*a, **kw), wall, t)
+
+        return wrapper
+
+    write = sync(state_mod.atomic_write, "status write", lambda *a, **k: _callers())
+    # Patched where they are looked up; setattr, since these are not meant to be replaced.
+    setattr(state_mod, "atomic_write", write)  # noqa: B010
+    setattr(driver_mod, "atomic_write", write)  # noqa: B010
+    patches: list[tuple[Any, str, str, Callable[..., str]]] = [
+        (Monitor, "execute", "qmp", lambda self, cmd, *a, **k: str(cmd)),
+        (Monitor, "close", "qmp close", lambda *a, **k: ""),
+        (lifecycle_mod, "launch", "qemu launch", lambda *a, **k: ""),
+        (QemuProcess, "kill", "qemu kill", lambda *a, **k: ""),
+        # Labelled with the function that waits (two frames up: wrapper, then caller).
+        (QemuDomain, "wait_for", "wait", lambda *a, **k: sys._getframe(2).f_code.co_name),
+        # The daemon's own client to the destination (peer-to-peer).
+        (AsyncClient, "open_stream", "p2p client session", lambda *a, **k: ""),
+        (AsyncClient, "close", "p2p client close", lambda *a, **k: ""),
+    ]
+    for owner, attr, kind, what in patches:
+        setattr(owner, attr, asynchronous(getattr(owner, attr), kind, what))
+    init = sync(AsyncClient.__init__, "p2p client create", lambda *a, **k: "")
+    setattr(AsyncClient, "__init__", init)  # noqa: B010
+
+    # QEMU's own downtime figure, which vmferry's statistics replace with the host-clock one.
+    execute = getattr(Monitor, "execute")  # noqa: B009
+
+    async def traced_execute(self: Any, cmd: str, *a: Any, **kw: Any) -> Any:
+        reply = await execute(self, cmd, *a, **kw)
+        if cmd == "query-migrate" and isinstance(reply, dict) and "downtime" in reply:
+            records.append((time.time(), reply["downtime"] / 1000, "qemu downtime", ""))
+        return reply
+
+    setattr(Monitor, "execute", traced_execute)  # noqa: B010
+
+    # When did QEMU's QMP socket appear, and when did launch() notice it?
+    exists = getattr(launch_mod, "_exists")  # noqa: B009
+
+    def traced_exists(path: Path) -> bool:
+        found = bool(exists(path))
+        records.append((time.time(), 0.0, "socket poll", "found" if found else "absent"))
+        return found
+
+    setattr(launch_mod, "_exists", traced_exists)  # noqa: B010
+
+    # How late does the daemon see QEMU's events (QEMU's timestamp -> handler)?
+    on_event = getattr(lifecycle_mod.Lifecycle, "_on_event")  # noqa: B009
+
+    def traced_on_event(self: Any, dom: Any, name: str, data: dict[str, Any], ts: float) -> None:
+        now = time.time()
+        status = data.get("status") if isinstance(data, dict) else None
+        records.append((ts, now - ts, "qemu event", f"{name} {status or ''}".strip()))
+        on_event(self, dom, name, data, ts)
+
+    setattr(lifecycle_mod.Lifecycle, "_on_event", traced_on_event)  # noqa: B010
+
+    create_app = getattr(daemon_main, "create_app")  # noqa: B009
+
+    def traced_app(driver: Any) -> Any:
+        app = create_app(driver)
+
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["path"].endswith("/session"):
+                await app(scope, receive, send)
+                return
+            wall, t = time.time(), time.perf_counter()
+            try:
+                await app(scope, receive, send)
+            finally:
+                add("api", f"{scope['method']} {scope['path']}", wall, t)
+
+        return asgi
+
+    setattr(daemon_main, "create_app", traced_app)  # noqa: B010
+
+    def dump() -> None:
+        trace.write_text(json.dumps(records))
+
+    atexit.register(dump)
+    return daemon_main.main(daemon_argv)
+
+
+_PLUMBING = frozenset(
+    {"wrapper", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
+)
+
+
+def _callers() -> str:
+    """Who asked for a status write: the first two functions above the plumbing."""
+    names: list[str] = []
+    frame = sys._getframe(2)
+    while frame is not None and len(names) < 2:
+        name = frame.f_code.co_name
+        if name not in _PLUMBING and not name.startswith("<"):
+            names.append(name)
+        frame = frame.f_back  # type: ignore[assignment]
+    return " < ".join(names)
+
+
+def _trace_client(records: list[Record]) -> None:
+    """Record every API call the bench's clients make (in this process)."""
+    run_call = AsyncClient.run
+
+    async def traced(self: AsyncClient, call: Any, **kw: Any) -> Any:
+        wall, t = time.time(), time.perf_counter()
+        try:
+            return await run_call(self, call, **kw)
+        finally:
+            records.append((wall, time.perf_counter() - t, "client", f"{call.method} {call.path}"))
+
+    AsyncClient.run = traced  # type: ignore[method-assign]
+
+
+def _step_of(path: str) -> str | None:
+    tail = path.rsplit("/", 1)[-1]
+    return tail if tail in STEPS else None
+
+
+def trace_breakdown(
+    hops: list[dict[str, Any]], client: list[Record], daemons: list[list[Record]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """
+    Per step, the median over hops of where the time went.
+
+    Each hop's steps are bounded by the client's calls (``.../migrate/<step>``);
+    every daemon record starting inside a step's call is charged to that step.
+    """
+    per_hop: list[dict[str, dict[str, float]]] = []
+    everything = sorted(r for rs in daemons for r in rs)
+    for hop in hops:
+        lo, hi = hop["t_start"], hop["t_end"]
+        calls = [r for r in client if lo <= r[0] <= hi]
+        acc: dict[str, dict[str, float]] = {}
+        for wall, dur, _kind, what in calls:
+            step = _step_of(what.split(" ", 1)[1]) or "client other"
+            bucket = acc.setdefault(step, {})
+            bucket["client call ms"] = bucket.get("client call ms", 0.0) + dur * 1000
+            for r_wall, r_dur, r_kind, r_what in everything:
+                if not wall <= r_wall <= wall + dur:
+                    continue
+                key = _trace_key(r_kind, r_what)
+                if key is None:
+                    continue
+                bucket[key + " ms"] = bucket.get(key + " ms", 0.0) + r_dur * 1000
+                bucket[key + " n"] = bucket.get(key + " n", 0.0) + 1
+                if r_kind == "status write":
+                    who = f"  status write by {r_what} n"
+                    bucket[who] = bucket.get(who, 0.0) + 1
+        events = [r for r in everything if lo <= r[0] <= hi]
+        stops = [r[0] for r in events if r[2] == "qemu event" and r[3] == "STOP"]
+        resumes = [r[0] for r in events if r[2] == "qemu event" and r[3] == "RESUME"]
+        downtime = [r[1] for r in events if r[2] == "qemu downtime"]
+        hop_acc = acc.setdefault("hop", {})
+        if stops and resumes:
+            hop_acc["guest paused, STOP->RESUME event ms"] = (resumes[-1] - stops[0]) * 1000
+        if downtime:
+            hop_acc["QEMU downtime ms"] = downtime[-1] * 1000
+        if stops and resumes and downtime:
+            # Source done sending -> guest running again: what the protocol adds to downtime.
+            hop_acc["paused beyond QEMU downtime ms"] = (
+                (resumes[-1] - stops[0]) - downtime[-1]
+            ) * 1000
+        hop_acc["status writes n"] = sum(1.0 for r in events if r[2] == "status write")
+        hop_acc["status writes ms"] = sum(r[1] for r in events if r[2] == "status write") * 1000
+        prepare = acc.get("prepare")
+        if prepare is not None:
+            polls = [r for r in everything if r[2] == "socket poll" and lo <= r[0] <= hi]
+            found = next((i for i, r in enumerate(polls) if r[3] == "found"), None)
+            if found:
+                prepare["socket polls n"] = found + 1.0
+                # Upper bound of what the poll's back-off added to QEMU's start.
+                prepare["socket found - last miss ms"] = (
+                    polls[found][0] - polls[found - 1][0]
+                ) * 1000
+        per_hop.append(acc)
+    steps = [*STEPS, "client other", "hop"]
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for step in steps:
+        keys = sorted({k for h in per_hop for k in h.get(step, {})})
+        out = {k: summary([h.get(step, {}).get(k, 0.0) for h in per_hop])["median"] for k in keys}
+        if out:
+            result[step] = {k: {"median": v} for k, v in out.items()}
+    return result
+
+
+def _trace_key(kind: str, what: str) -> str | None:
+    if kind in ("socket poll", "qemu downtime"):
+        return None
+    if kind == "qmp":
+        return f"qmp {what}"
+    if kind == "api":
+        step = _step_of(what.split(" ", 1)[-1])
+        return f"daemon handler {step or what}"
+    if kind == "wait":
+        return f"wait in {what}"
+    if kind == "qemu event":
+        return (
+            None
+            if not what.startswith(("MIGRATION completed", "STOP", "RESUME"))
+            else (f"event lag {what}")
+        )
+    return kind
+
+
+def render_trace(breakdown: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["", "traced (median per hop; ms, n = count):"]
+    for step, items in breakdown.items():
+        lines.append(f"  {step}")
+        for key, v in items.items():
+            val = v["median"]
+            lines.append(f"    {key:<44}{val:9.1f}")
+    return "\n".join(lines)
+
+
+# -- statistics and the report -------------------------------------------------------------------
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """median, min and max of the finite *values* (NaN when there are none)."""
+    xs = [v for v in values if not math.isnan(v)]
+    if not xs:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize(hops: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    return {k: summary([_num(h.get(k)) for h in hops]) for k in keys}
+
+
+def step_summary(hops: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {s: summary([_num(h["steps_s"].get(s)) for h in hops]) for s in STEPS}
+
+
+def _ms(s: dict[str, float], scale: float = 1000.0) -> str:
+    if s["n"] == 0:
+        return "n/a"
+    return f"{s['median'] * scale:7.1f}  ({s['min'] * scale:.0f}-{s['max'] * scale:.0f})"
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    if a["n"] == 0 or b["n"] == 0 or b["median"] == 0:
+        return math.nan
+    return a["median"] / b["median"]
+
+
+def render(result: dict[str, Any]) -> str:
+    vm, fl = result["vmferry"], result["floor"]
+    vs, fs = vm["summary"], fl["summary"]
+    lines = [
+        f"{result['hops']} hops each, interleaved; guest {result['guest']['memory_mib']} MiB RAM,"
+        f" {result['guest']['stamp_mib']} MiB stamped, dirtying"
+        f" {result['guest']['dirty_mib_s']:g} MiB/s; TCG",
+        "",
+        f"{'median ms (min-max)':<26}{vm['label']:>22}{'bare QEMU':>22}{'ratio':>9}",
+    ]
+    rows = [
+        ("wall per hop", "wall_s", 1000.0),
+        ("guest paused (host clock)", "paused_ms", 1.0),
+        ("QEMU total_time", "qemu_total_ms", 1.0),
+        ("QEMU setup_time", "qemu_setup_ms", 1.0),
+        ("wall - QEMU total_time", "outside_qemu_ms", 1.0),
+        ("manager CPU time", "manager_cpu_ms", 1.0),
+    ]
+    for title, key, scale in rows:
+        r = _ratio(vs[key], fs[key])
+        lines.append(
+            f"{title:<26}{_ms(vs[key], scale):>22}{_ms(fs[key], scale):>22}"
+            + (f"{r:>8.2f}x" if not math.isnan(r) else f"{'':>9}")
+        )
+    lines.append(f"{'QEMU downtime (floor)':<26}{'':>22}{_ms(fs['qemu_downtime_ms'], 1.0):>22}")
+    lines.append(
+        f"{'  paused - QEMU downtime':<26}{'(--trace)':>22}"
+        f"{_ms(fs['paused_beyond_qemu_ms'], 1.0):>22}"
+    )
+    lines.append(
+        f"{'RAM sent, MiB':<26}{vs['ram_transferred']['median'] / 2**20:>22.1f}"
+        f"{fs['ram_transferred']['median'] / 2**20:>22.1f}"
+    )
+    lines += ["", "where the time goes (median ms):"]
+    pairs = [
+        ("begin", None),
+        ("prepare", ("spawn_s", "setup_s")),
+        ("perform", ("migrate_s",)),
+        ("finish", ("resume_s",)),
+        ("confirm", ("kill_s",)),
+    ]
+    steps = vm["steps"]
+    for step, counterpart in pairs:
+        left = f"  {step:<9}{steps[step]['median'] * 1000:8.1f}"
+        right = ""
+        if counterpart:
+            total = sum(fs[k]["median"] for k in counterpart) * 1000
+            right = (
+                f"   floor {'+'.join(c.removesuffix('_s') for c in counterpart):<12}{total:8.1f}"
+            )
+        lines.append(left + right)
+    lines.append(
+        f"  {'other':<9}{vs['other_s']['median'] * 1000:8.1f}"
+        "   (client: sessions, protocol probe; outside the five steps)"
+    )
+    lines.append(
+        f"  {'stats':<9}{vs['after_s']['median'] * 1000:8.1f}"
+        "   (client: jobinfo calls after the migration, inside the wall time)"
+    )
+    ratio = result["ratio_wall"]
+    verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
+    lines += [
+        "",
+        f"vmferry/floor wall per hop: {ratio:.2f}x (target {TARGET_RATIO}x: {verdict});"
+        f" guest paused: {result['ratio_paused']:.2f}x",
+        f"vmferry adds {result['added_ms']:.0f} ms per hop outside QEMU's own migration;"
+        f" with QEMU's time equal on both paths: {result['ratio_same_qemu']:.2f}x",
+        f"guest heartbeats: {result['verified']}",
+    ]
+    load = result["loadavg"]
+    lines.append(f"load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+    if max(load) > (result["cpus"] or 1):
+        lines.append(
+            "  (the machine was busy with more than this bench: QEMU's own times, and so the"
+            " ratios, are noisy; the 'outside QEMU' figures are the steadier ones)"
+        )
+    return "\n".join(lines)
+
+
+def build_result(
+    args: argparse.Namespace, shape: GuestShape, vm: VmferryPath, fl: FloorPath
+) -> dict[str, Any]:
+    for h in vm.hops:
+        h["outside_qemu_ms"] = h["wall_s"] * 1000 - h["qemu_total_ms"]
+        h["after_s"] = h["wall_s"] - h["report_wall_s"]
+    for h in fl.hops:
+        h["outside_qemu_ms"] = h["wall_s"] * 1000 - _num(h["qemu_total_ms"])
+    common = (
+        "wall_s",
+        "manager_cpu_ms",
+        "paused_ms",
+        "qemu_total_ms",
+        "qemu_setup_ms",
+        "outside_qemu_ms",
+        "ram_transferred",
+        "iterations",
+    )
+    vs = summarize(vm.hops, (*common, "other_s", "after_s", "report_wall_s"))
+    fs = summarize(
+        fl.hops,
+        (
+            *common,
+            "qemu_downtime_ms",
+            "paused_beyond_qemu_ms",
+            "spawn_s",
+            "setup_s",
+            "migrate_s",
+            "resume_s",
+            "kill_s",
+        ),
+    )
+    added_ms = vs["outside_qemu_ms"]["median"] - fs["outside_qemu_ms"]["median"]
+    floor_ms = fs["wall_s"]["median"] * 1000
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hops": args.hops,
+        "mode": "p2p" if args.p2p else "client-managed v3",
+        "guest": asdict(shape),
+        "cpus": os.cpu_count(),
+        "target_ratio": TARGET_RATIO,
+        "ratio_wall": _ratio(vs["wall_s"], fs["wall_s"]),
+        "ratio_paused": _ratio(vs["paused_ms"], fs["paused_ms"]),
+        # Robust to QEMU's own time swinging with the machine's load: vmferry's
+        # added time (outside QEMU's migration) on top of the floor's median hop.
+        "added_ms": added_ms,
+        "ratio_same_qemu": (floor_ms + added_ms) / floor_ms if floor_ms else math.nan,
+        "verified": (
+            f"vmferry boot {vm.boot.boot if vm.boot else '?'} seq "
+            f"{vm.boot.seq if vm.boot else '?'}->{vm.last.seq if vm.last else '?'} errors=0; "
+            f"floor boot {fl.boot.boot if fl.boot else '?'} seq "
+            f"{fl.boot.seq if fl.boot else '?'}->{fl.last.seq if fl.last else '?'} errors=0"
+        ),
+        "vmferry": {
+            "label": vm.label,
+            "summary": vs,
+            "steps": step_summary(vm.hops),
+            "hops": vm.hops,
+        },
+        "floor": {"label": fl.label, "summary": fs, "hops": fl.hops},
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN is not JSON: write null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    # Short: unix socket paths are limited to 107 bytes.
+    d = Path(tempfile.mkdtemp(prefix="vfb", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        if keep:
+            print(f"kept {d}", file=sys.stderr)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    shape = GuestShape(
+        memory_mib=args.memory_mib,
+        stamp_mib=args.stamp_mib,
+        dirty_mib_s=args.dirty_mib_s,
+        extra_cmdline=args.guest_extra,
+    )
+    cmdline = guest_cmdline(
+        stamp_mib=shape.stamp_mib,
+        dirty_mib_s=shape.dirty_mib_s,
+        hb_ms=shape.hb_ms,
+        extra_cmdline=shape.extra_cmdline,
+    )
+    with _workdir(args.keep) as work:
+        base = random.randrange(40000, 48000, 32)
+        daemons = [
+            Daemon(
+                work / f"h{i}",
+                f"bench{i}",
+                base + 16 * i,
+                args.daemon_log_level,
+                trace=work / f"trace{i}.json" if args.trace else None,
+            )
+            for i in range(2)
+        ]
+        client_records: list[Record] = []
+        if args.trace:
+            _trace_client(client_records)
+        (work / "floor").mkdir()
+        fl = FloorPath(work / "floor", cmdline, shape.memory_mib)
+        async with contextlib.AsyncExitStack() as stack:
+            for d in daemons:
+                stack.push_async_callback(d.stop)
+            await asyncio.gather(*(d.start() for d in daemons))
+            clients = tuple([await stack.enter_async_context(AsyncClient(d.uri)) for d in daemons])
+            vm = VmferryPath((clients[0], clients[1]), "bench", args.p2p)
+            stack.push_async_callback(vm.destroy)
+            stack.push_async_callback(fl.destroy)
+            log("booting both guests")
+            await asyncio.gather(vm.boot_guest(shape, 60), fl.boot_guest(60))
+            dests = [d.uri for d in daemons]
+            paths: list[VmferryPath | FloorPath] = [vm, fl]
+            # The CPU the management layer burns per hop: daemons and client, or the driver.
+            managers = {
+                vm.label: [os.getpid(), *(d.proc.pid for d in daemons if d.proc)],
+                fl.label: [os.getpid()],
+            }
+            for i in range(args.hops):
+                # Alternate who goes first, so neither always follows the other's aftermath.
+                for p in paths if i % 2 == 0 else paths[::-1]:
+                    cpu = _cpu_ns(managers[p.label])
+                    await p.hop(dests)
+                    h = p.hops[-1]
+                    h["manager_cpu_ms"] = (_cpu_ns(managers[p.label]) - cpu) / 1e6
+                    await p.verify()
+                    log(f"hop {i + 1:2}/{args.hops} {p.label:<12} {h['wall_s'] * 1000:7.1f} ms")
+        result = build_result(args, shape, vm, fl)
+        if args.trace:
+            traces = [json.loads(d.trace.read_text()) for d in daemons if d.trace]
+            records = [[(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces]
+            result["trace"] = trace_breakdown(vm.hops, client_records, records)
+        return result
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--hops", type=int, default=10, help="migrations per path (default 10)")
+    p.add_argument("--p2p", action="store_true", help="vmferry migrates peer-to-peer")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
+    p.add_argument("--memory-mib", type=int, default=192)
+    p.add_argument("--stamp-mib", type=int, default=64)
+    p.add_argument("--dirty-mib-s", type=float, default=16)
+    p.add_argument(
+        "--guest-extra",
+        default="",
+        metavar="ARGS",
+        help="extra guest kernel arguments, e.g. vmferry.corrupt_after=2 (the bench must fail)",
+    )
+    p.add_argument("--daemon-log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument(
+        "--enforce", action="store_true", help=f"exit 1 when vmferry is over {TARGET_RATIO}x"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, consoles)")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also break vmferry's steps down (status writes, QMP, QEMU start/kill, API)",
+    )
+    args = p.parse_args(argv)
+    if args.hops < 1:
+        p.error("--hops must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [TRACE_FLAG]:
+        return _traced_daemon(Path(argv[1]), argv[3:])
+    args = parse_args(argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    try:
+        result = asyncio.run(run(args))
+    except AssertionError as err:
+        print(f"FAILED: the guest did not survive: {err}", file=sys.stderr)
+        return 1
+    except VmferryError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    result["bench_s"] = time.monotonic() - started
+    result["loadavg"] = [load_before, os.getloadavg()[0]]
+    print(render(result))
+    if "trace" in result:
+        print(render_trace(result["trace"]))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    print(f"\n(bench took {result['bench_s']:.0f} s; results in {args.json})")
+    if args.enforce and not result["ratio_wall"] <= TARGET_RATIO:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
