@@ -112,6 +112,7 @@ class PerformRequest(BaseModel):
 
 class Perform2Request(MigrationRequest):
     uri: str
+    peer_uri: str = ""  # as in PerformRequest
 
 
 class CookieBody(BaseModel):

@@ -87,8 +87,25 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
         )
     if args.xml:
         params.dest_xml = _read_xml(args.xml)
+    if args.policy:
+        params.policy = _policy_ref(args.policy)
+    params.downtime_target_ms = args.downtime_target or 0
+    params.deadline_s = float(args.deadline or 0)
+    if (params.policy or params.deadline_s or params.downtime_target_ms) and not (
+        flags & MigrateFlags.LIVE
+    ):
+        raise VmferryError(
+            ErrorCode.INVALID_ARG, "--policy, --downtime-target and --deadline require --live"
+        )
     params.validate(flags)
     return flags, params
+
+
+def _policy_ref(text: str) -> str:
+    """``--policy``: a built-in name as is; a file (a path, or ``*.toml``) becomes its TOML text."""
+    if "/" in text or text.endswith(".toml") or Path(text).is_file():
+        return _read_xml(text)
+    return text
 
 
 # -- migrate --------------------------------------------------------------------------------
@@ -195,6 +212,12 @@ _JOB_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("expected_downtime_ms", "Expected downtime", "ms"),
     ("downtime_ms", "Downtime", "ms"),
     ("total_time_ms", "Total time", "ms"),
+    ("policy", "Policy", ""),
+    ("policy_downtime_target_ms", "Downtime target", "ms"),
+    ("policy_deadline_s", "Deadline", "s"),
+    ("policy_converges", "Converges", "yes/no"),
+    ("policy_eta_s", "ETA", "s"),
+    ("policy_needed_downtime_ms", "Needed downtime", "ms"),
 )
 
 
@@ -207,6 +230,10 @@ def _job_value(value: Any, unit: str) -> str:
         return f"{int(value):<12} {unit}"
     if unit == "%":
         return f"{int(value)} %"
+    if unit == "s":
+        return f"{float(value):<12g} s"
+    if unit == "yes/no":
+        return "yes" if value else "no"
     return str(value)
 
 
@@ -232,9 +259,21 @@ def job_info(job: JobStats) -> str:
     for key, label, unit in _JOB_FIELDS:
         if job.stats.get(key) is not None:
             pairs.append((label, _job_value(job.stats[key], unit)))
+    for action in job.stats.get("policy_actions") or []:
+        pairs.append(("Policy action", _policy_action(action)))
     if job.stats.get("error"):
         pairs.append(("Error message", str(job.stats["error"])))
     return _job_lines(pairs)
+
+
+def _policy_action(action: Mapping[str, Any]) -> str:
+    """One action of the convergence policy: ``t=3.1s it=4 throttle 60 (why)``."""
+    text = f"t={action.get('t_s', 0)}s it={action.get('iteration', 0)} {action.get('action', '?')}"
+    if "value" in action:
+        text += f" {action['value']}"
+    if action.get("skipped"):
+        return text + f" skipped: {action['skipped']}"
+    return text + (f" ({action['reason']})" if action.get("reason") else "")
 
 
 def cmd_domjobinfo(ctx: Context, args: argparse.Namespace) -> None:
@@ -307,6 +346,24 @@ MIGRATE_ARGS = (
         help="suspend a live guest after N seconds so that its migration completes",
     ),
     arg("--parallel", type=_count(1), metavar="N", help="move memory over N connections"),
+    arg(
+        "--policy",
+        metavar="NAME|FILE",
+        help="convergence policy: a built-in name (vmferry, none, nova, ovirt-minimal-downtime, "
+        "ovirt-postcopy, ovirt-suspend) or a TOML file; default with a contract: vmferry",
+    ),
+    arg(
+        "--downtime-target",
+        type=_count(1),
+        metavar="MS",
+        help="the contract's downtime target in milliseconds",
+    ),
+    arg(
+        "--deadline",
+        type=_count(1),
+        metavar="S",
+        help="the contract's deadline: complete within S seconds, else abort",
+    ),
     _switch("v2", "use migration protocol v2 (default: v3 when the destination has it)"),
     _switch("verbose", "show the migration's progress"),
 )

@@ -82,7 +82,9 @@ class RemoteSource:
     async def perform2(
         self, name: str, uri: str, flags: MigrateFlags, params: MigrationParams
     ) -> None:
-        await self.client.run(mc.perform2(name, uri, int(flags), params.to_dict()))
+        await self.client.run(
+            mc.perform2(name, uri, int(flags), params.to_dict(), peer_uri=self.peer_uri)
+        )
 
 
 class RemoteDestination:

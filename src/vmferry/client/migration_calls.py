@@ -65,12 +65,14 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     )
 
 
-def perform2(name: str, uri: str, flags: int, params: dict[str, Any]) -> Call[CookieBody]:
+def perform2(
+    name: str, uri: str, flags: int, params: dict[str, Any], peer_uri: str = ""
+) -> Call[CookieBody]:
     return Call(
         "POST",
         domain_path(name, "/migrate/perform2"),
         model(CookieBody),
-        body=Perform2Request(uri=uri, flags=flags, params=params),
+        body=Perform2Request(uri=uri, flags=flags, params=params, peer_uri=peer_uri),
         min_timeout=LONG_CALL,
     )
 

@@ -176,6 +176,7 @@ class Driver:
         if dom.completed_job:
             self.last_completed[dom.name] = dom.completed_job
         self._domains.pop(dom.uuid, None)
+        self.migration_peers.pop(dom.uuid, None)
 
     def check_clash(self, definition: DomainDef, *, allow_inactive_same: bool) -> QemuDomain | None:
         """virDomainObjListAdd's rules: one name, one uuid, no clash with a running domain."""

@@ -94,7 +94,8 @@ class MigrationDriver(Driver):
     async def migrate_perform(self, name: str, cookie: str, uri: str, peer_uri: str = "") -> str:
         dom = self.lookup(name)
         if peer_uri:
-            self._record_peer(dom, peer_uri, self._peer_host_uuid(dom, cookie))
+            dname = str(dom.migration.params.get("dname") or "")
+            self._record_peer(dom, peer_uri, self._peer_host_uuid(dom, cookie), dname=dname)
         session = dom.bound_session
         self.unbind_session(dom)  # libvirt drops the close callback while Perform runs
         try:
@@ -108,9 +109,9 @@ class MigrationDriver(Driver):
                     # The client left while Perform ran: nobody will Finish or Confirm.
                     self.spawn(self.session_lost(dom))
 
-    def _record_peer(self, dom: QemuDomain, uri: str, host_uuid: str) -> None:
+    def _record_peer(self, dom: QemuDomain, uri: str, host_uuid: str, *, dname: str) -> None:
         """Remember (persisted with the next status save) where *dom* is migrating to."""
-        name = str(dom.migration.params.get("dname") or "") or dom.name
+        name = dname or dom.name
         self.migration_peers[dom.uuid] = MigrationPeer(uri=uri, name=name, host_uuid=host_uuid)
 
     def _peer_host_uuid(self, dom: QemuDomain, cookie: str) -> str:
@@ -123,11 +124,15 @@ class MigrationDriver(Driver):
         return parsed.hostuuid
 
     async def migrate_perform2(
-        self, name: str, uri: str, flags: int, params: dict[str, Any]
+        self, name: str, uri: str, flags: int, params: dict[str, Any], peer_uri: str = ""
     ) -> None:
-        await source.perform2(
-            self, self.lookup(name), uri, MigrateFlags(flags), MigrationParams.from_dict(params)
-        )
+        dom = self.lookup(name)
+        mparams = MigrationParams.from_dict(params)
+        if peer_uri:
+            self._record_peer(dom, peer_uri, "", dname=mparams.dname)
+        else:
+            self.migration_peers.pop(dom.uuid, None)
+        await source.perform2(self, dom, uri, MigrateFlags(flags), mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
         _, out = await destination.finish(self, name, cookie, cancelled=cancelled, v3=v3)
@@ -165,17 +170,26 @@ class MigrationDriver(Driver):
             dead = asyncio.Event()
             keepalive = asyncio.create_task(self._keepalive(dconn, dom, dead))
             try:
-                async with open_session(dconn) as session:
+                async with contextlib.AsyncExitStack() as stack:
+                    async with asyncio.timeout(PEER_CALL_TIMEOUT_S):
+                        session = await stack.enter_async_context(open_session(dconn))
                     dst = _WatchedDestination(RemoteDestination(dconn, session), dead, dest_uri)
                     run = migrate_v3 if "migration-v3" in host.features else migrate_v2
                     await run(LocalSource(self), dst, name, mflags, mparams, times=times)
+            except TimeoutError:
+                raise VmferryError(
+                    ErrorCode.OPERATION_TIMEOUT,
+                    f"destination host {dest_uri} did not open a session within "
+                    f"{PEER_CALL_TIMEOUT_S:g} s",
+                ) from None
             except VmferryError as err:
                 self._settle_p2p_failure(dom)
                 if dead.is_set():
+                    ka = self.config.keepalive
                     raise VmferryError(
                         ErrorCode.OPERATION_FAILED,
-                        f"lost connection to destination host {dest_uri} (no keepalive answer); "
-                        f"{err.message}",
+                        f"lost connection to destination host {dest_uri}: no answer to "
+                        f"{ka.count} keepalives {ka.interval:g} s apart ({err.message})",
                     ) from err
                 raise
             finally:

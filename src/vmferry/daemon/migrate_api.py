@@ -56,7 +56,7 @@ def migration_routes(driver: MigrationDriver) -> APIRouter:
 
     @r.post("/domains/{name}/migrate/perform2")
     async def perform2(name: str, body: Perform2Request) -> CookieBody:
-        await driver.migrate_perform2(name, body.uri, body.flags, body.params)
+        await driver.migrate_perform2(name, body.uri, body.flags, body.params, body.peer_uri)
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/finish")

@@ -50,6 +50,9 @@ async def prepare(
 ) -> tuple[str, str]:
     """Get ready for an incoming guest; return (URI the source must send to, cookie)."""
     params.validate(flags)
+    if cookie_in is None and api == "migrate-prepare":
+        # v2 (no cookie); persisted as the job's starter, recovery treats v2 differently
+        api = "migrate-prepare2"
     definition = parse_domain_xml(xml)
     original_name = definition.name
     if params.dname:

@@ -32,6 +32,10 @@ class MigrationParams:
     dname: str = ""
     dest_xml: str = ""
     postcopy_bandwidth_mib_s: int = 0
+    # convergence policy (vmferry.migration.policy): a built-in name or a policy's TOML text
+    policy: str = ""
+    downtime_target_ms: int = 0  # the contract: 0: none (QEMU's limit)
+    deadline_s: float = 0.0  # the contract: complete within this long, else abort; 0: none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +71,17 @@ class MigrationParams:
                 )
         if flags & MigrateFlags.POSTCOPY and not flags & MigrateFlags.LIVE:
             raise VmferryError(ErrorCode.INVALID_ARG, "post-copy migration requires --live")
+        self._validate_policy()
+
+    def _validate_policy(self) -> None:
+        if self.downtime_target_ms < 0 or self.deadline_s < 0:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG, "downtime target and deadline must not be negative"
+            )
+        if self.policy:
+            from vmferry.migration.policy.spec import load_policy  # the policy imports this module
+
+            load_policy(self.policy)
 
 
 def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:

@@ -21,6 +21,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import armed, failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
+from vmferry.migration import policy as mpolicy
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -174,6 +175,7 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
     await mparams.apply(mon, params, flags, source=True)
+    await mpolicy.prepare(dom, mon, params, flags)  # the convergence policy's own settings
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
@@ -192,6 +194,19 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
 
 
 async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
+    # The convergence policy, if any, acts at each wake-up; its report joins the statistics.
+    engine = mpolicy.engine_for(dom)
+    try:
+        await _wait_loop(dom, timeout_suspend_s, engine)
+    except BaseException:
+        await mpolicy.finish(dom, None)
+        raise
+    await mpolicy.finish(dom, dom.migration.stats)
+
+
+async def _wait_loop(
+    dom: QemuDomain, timeout_suspend_s: float, engine: mpolicy.Engine | None
+) -> None:
     suspend_at = time.monotonic() + timeout_suspend_s if timeout_suspend_s > 0 else None
 
     def settled() -> bool:
@@ -200,10 +215,13 @@ async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
             or dom.job.abort_requested
             or dom.monitor is None
             or not dom.monitor.connected
+            or (engine is not None and engine.due())
         )
 
     while True:
         left = None if suspend_at is None else max(0.0, suspend_at - time.monotonic())
+        if engine is not None:
+            left = engine.wait_s(left)
         await dom.wait_for(settled, left)
         if dom.monitor is None or not dom.monitor.connected:
             raise VmferryError(
@@ -230,6 +248,8 @@ async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
                 log.info("suspending %s so that its migration completes", dom.name)
                 dom.pending_pause_reason = "migration"
                 await dom.monitor.execute("stop")
+        if engine is not None:
+            await engine.step()
 
 
 def _aborted() -> VmferryError:
