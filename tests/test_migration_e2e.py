@@ -417,3 +417,27 @@ def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
     _assert_running_here(a, "same", hb)
     with Client(a.uri) as c:
         c.destroy("same")
+
+
+def test_v2_client_gone_after_perform_keeps_the_only_copy(pair: tuple[Host, Host]) -> None:
+    """v2 has no Confirm: once Perform2 killed the source, the destination must not be destroyed."""
+    a, b = pair
+    hb = _boot(a, "v2gone")
+    from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
+
+    async def perform_then_vanish() -> None:
+        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
+            async with open_session(s) as ss, open_session(d) as ds:
+                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
+                xml = await src.dumpxml("v2gone")
+                uri, _ = await dst.prepare(xml, None, LIVE, MigrationParams())
+                await src.perform2("v2gone", uri, LIVE, MigrationParams())
+            # the client dies here, before Finish2
+
+    _run(perform_then_vanish())
+    with b.client() as c:
+        deadline = time.monotonic() + 10
+        while c.dominfo("v2gone").job.async_job != "none" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _assert_only_on(b, a, "v2gone", hb)
+    _cleanup(b, "v2gone")

@@ -34,6 +34,8 @@ from vmferry.qemu.domain import QemuDomain
 
 log = logging.getLogger(__name__)
 
+#: The job starter recorded by a v2 Prepare (v2 has no Confirm: see destroy_incoming).
+PREPARE2_API = "migrate-prepare2"
 # How long Finish waits for the incoming stream to complete after the source said it sent it all.
 FINISH_WAIT_S = 60.0
 
@@ -52,7 +54,7 @@ async def prepare(
     params.validate(flags)
     if cookie_in is None and api == "migrate-prepare":
         # v2 (no cookie); persisted as the job's starter, recovery treats v2 differently
-        api = "migrate-prepare2"
+        api = PREPARE2_API
     definition = parse_domain_xml(xml)
     original_name = definition.name
     if params.dname:
@@ -79,7 +81,7 @@ async def prepare(
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params)
     except BaseException:
-        await _discard(host, dom)
+        await discard_incoming(host, dom)
         raise
     if session:
         host.bind_session(session, dom)
@@ -125,7 +127,7 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
     host.unbind_session(dom)
 
 
-async def _discard(host: MigrationHost, dom: QemuDomain) -> None:
+async def discard_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     """Undo a Prepare: kill the incoming QEMU, release what it held, end the job."""
     _release(host, dom)
     if dom.active:
@@ -141,9 +143,20 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     """The connection that prepared *dom* closed before Finish (libvirt's autodestroy)."""
     if dom.job.async_job != AsyncJob.MIGRATION_IN or dom.job.owned:
         return
+    if dom.job.async_started_by == PREPARE2_API and dom.active:
+        # v2: the source kills itself once the stream is complete, so a complete
+        # stream here is the only copy of the guest. Let the stream settle, then decide.
+        await dom.wait_for(
+            lambda: dom.migration.status in ("completed", "failed", "cancelled") or not dom.active,
+            FINISH_WAIT_S,
+        )
+        if dom.migration.status == "completed" and dom.active:
+            log.warning("client of v2 migration of %s left after the stream: resuming", dom.name)
+            await finish(host, dom.name, None, cancelled=False, v3=False, api="autodestroy")
+            return
     log.warning("client of incoming migration of %s went away: destroying it", dom.name)
     dom.job.start_phase(AsyncJob.MIGRATION_IN, MigrationPhase.FINISH3, "autodestroy")
-    await _discard(host, dom)
+    await discard_incoming(host, dom)
 
 
 async def finish(
@@ -172,7 +185,7 @@ async def finish(
             local_hostuuid=host.host_uuid,
         )
     if cancelled:
-        await _discard(host, dom)
+        await discard_incoming(host, dom)
         return None, ""
     try:
         await failpoint("dst-finish-before")
@@ -181,7 +194,7 @@ async def finish(
         else:
             await _finish_active(host, dom, cookie, flags, v3=v3)
     except BaseException:
-        await _discard(host, dom)
+        await discard_incoming(host, dom)
         raise
     _release(host, dom)
     dom.job.finish_async()
@@ -199,7 +212,7 @@ async def finish(
 
 
 def _completed_here(cookie: MigrationCookie | None) -> dict[str, Any]:
-    """The source's statistics, with the downtime as the guest saw it: paused there, resumed here."""
+    """The source's figures, with the downtime the guest saw: paused there, resumed here."""
     sent = dict(cookie.statistics) if cookie is not None else {}
     stats: dict[str, Any] = {
         k: int(v) for k, v in sent.items() if k not in ("started", "sent", "stopped")

@@ -156,9 +156,15 @@ async def migrate_v2(
     t = step("perform")
     try:
         await src.perform2(name, uri, flags, params)
-    except VmferryError:
-        await _finish_quietly(dst, dest_name, v3=False)
-        raise
+    except VmferryError as err:
+        if err.code not in UNKNOWN_OUTCOME:
+            await _finish_quietly(dst, dest_name, v3=False)
+            raise
+        # Perform2's answer was lost: the source may have sent everything and killed itself.
+        # The destination's own stream says which: Finish resumes a complete one, kills the rest.
+        await dst.finish(dest_name, None, cancelled=False, v3=False)
+        times.record("perform", t)
+        return
     times.record("perform", t)
     t = step("finish")
     await dst.finish(dest_name, None, cancelled=False, v3=False)

@@ -65,7 +65,7 @@ from vmferry.migration.host import MigrationHost
 from vmferry.migration.phase import MigrationPhase
 
 # The source's own Confirm actions, reused so recovery does exactly what Confirm would.
-from vmferry.migration.source import _complete, _restore_after_failure
+from vmferry.migration.source import complete_outgoing, restore_source
 from vmferry.qemu.domain import QemuDomain
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ RESOLVE_API = "migration-resolve"
 FIRST_RETRY_S = 0.25
 RETRY_INTERVAL_S = 2.0
 #: The starter of a v2 incoming job (Prepare without a cookie).
-V2_PREPARE_API = "migrate-prepare2"
+V2_PREPARE_API = destination.PREPARE2_API
 #: How long recovery waits for QEMU to end a cancelled migration.
 CANCEL_WAIT_S = 10.0
 
@@ -242,7 +242,7 @@ async def _recover_out(
     elif phase == MigrationPhase.CONFIRM3_CANCELLED:
         await _resume(dom, flags)
     elif phase == MigrationPhase.CONFIRM3:
-        await _complete(host, dom, flags)
+        await complete_outgoing(host, dom, flags)
     else:
         log.error("domain %s: cannot recover migration phase %s", dom.name, phase.label)
     return False
@@ -263,7 +263,7 @@ async def _recover_in(host: MigrationHost, dom: QemuDomain, phase: MigrationPhas
             dom.set_state(DomainState.RUNNING, RunningReason.MIGRATED)
         return
     # Prepare, or a Finish that had not resumed the guest: it never ran here.
-    await destination._discard(host, dom)
+    await destination.discard_incoming(host, dom)
 
 
 async def _cancel(dom: QemuDomain) -> None:
@@ -294,7 +294,7 @@ async def _resume(dom: QemuDomain, flags: MigrateFlags) -> None:
         # Paused for another reason (by the user meanwhile): not the migration's to undo.
         await _reset_params(dom, flags)
         return
-    await _restore_after_failure(dom, flags)
+    await restore_source(dom, flags)
     if (
         not dom.migration.was_running
         and dom.state == DomainState.PAUSED
@@ -371,7 +371,7 @@ async def resolve_outgoing(
             if answer is PeerAnswer.ARRIVED:
                 log.info("domain %s: the destination runs the guest: stopping it here", dom.name)
                 dom.job.set_phase(MigrationPhase.CONFIRM3)
-                await _complete(host, dom, flags)
+                await complete_outgoing(host, dom, flags)
                 break
             if answer is PeerAnswer.ABSENT:
                 log.info("domain %s: the guest never took over there: resuming it", dom.name)

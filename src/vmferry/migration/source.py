@@ -118,7 +118,7 @@ async def perform3(
             parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
             await _run(dom, uri, flags, MigrationParams.from_dict(dom.migration.params))
     except BaseException:
-        await _restore_after_failure(dom, flags)
+        await restore_source(dom, flags)
         dom.job.finish_async()
         raise
     dom.job.set_phase(MigrationPhase.PERFORM3_DONE)
@@ -157,11 +157,11 @@ async def perform2(
         await failpoint("src-perform2-before")
         await _run(dom, uri, flags, params)
     except BaseException:
-        await _restore_after_failure(dom, flags)
+        await restore_source(dom, flags)
         dom.job.finish_async()
         raise
     try:
-        await _complete(host, dom, flags)
+        await complete_outgoing(host, dom, flags)
     finally:
         dom.job.finish_async()
     await failpoint("src-perform2-after")
@@ -268,7 +268,7 @@ async def _cancel(dom: QemuDomain) -> None:
         log.warning("cancelling migration of %s: %s", dom.name, err.message)
 
 
-async def _restore_after_failure(dom: QemuDomain, flags: MigrateFlags) -> None:
+async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     """Put the source back as it was: parameters reset, guest running if it was."""
     mon = dom.monitor
     if mon is None or not mon.connected:
@@ -316,15 +316,15 @@ async def confirm3(
             )
             dom.completed_job = completed_stats(dom, cookie.statistics)
         if cancelled:
-            await _restore_after_failure(dom, flags)
+            await restore_source(dom, flags)
         else:
-            await _complete(host, dom, flags)
+            await complete_outgoing(host, dom, flags)
     finally:
         dom.job.finish_async()
     await failpoint("src-confirm3-after")
 
 
-async def _complete(host: MigrationHost, dom: QemuDomain, flags: MigrateFlags) -> None:
+async def complete_outgoing(host: MigrationHost, dom: QemuDomain, flags: MigrateFlags) -> None:
     """The guest runs on the destination now: stop it here and drop what must go."""
     if dom.completed_job is None:
         dom.completed_job = completed_stats(dom, {})

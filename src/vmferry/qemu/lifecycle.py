@@ -155,6 +155,8 @@ class Lifecycle:
         dom.monitor = None
         dom.run_id = None
         dom.migration.status = "none"
+        # A killed QEMU leaves its socket behind; a clean one removes it itself.
+        self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.set_state(DomainState.SHUTOFF, reason)
         if was_active:
             self._emit(dom, EventType.STOPPED, str(reason), {})
@@ -268,6 +270,7 @@ class Lifecycle:
         return True
 
     def _forget_crashed(self, dom: QemuDomain) -> None:
+        self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.monitor = None
         dom.run_id = None
         dom.set_state(DomainState.SHUTOFF, ShutoffReason.CRASHED)
