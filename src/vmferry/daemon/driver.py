@@ -7,11 +7,13 @@ persists, then acts through :class:`~vmferry.qemu.lifecycle.Lifecycle`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 from vmferry import __version__, failpoints
@@ -56,6 +58,8 @@ class Driver:
         self.qemu_version = ""
         self.sessions = Sessions(self._session_closed)
         self._ports_in_use: set[int] = set()
+        self._written: dict[Path, str] = {}  # status file -> what is on disk
+        self._xml_cache: dict[str, tuple[DomainDef, str]] = {}
         # completed-job statistics of domains that left this host (domjobinfo --completed)
         self.last_completed: dict[str, dict[str, Any]] = {}
         # where each outgoing migration went, by domain uuid (persisted: recovery asks there)
@@ -106,14 +110,12 @@ class Driver:
         if not self.sessions.is_open(session):
             raise VmferryError(ErrorCode.OPERATION_INVALID, f"client session {session} is not open")
         self.sessions.bind(session, dom.uuid)
-        dom.bound_session = session
-        dom.save()
+        dom.bound_session = session  # not persisted: sessions die with the daemon
 
     def unbind_session(self, dom: QemuDomain) -> None:
         if dom.bound_session:
             self.sessions.unbind(dom.bound_session, dom.uuid)
             dom.bound_session = ""
-            dom.save()
 
     async def _session_closed(self, session: str, bound: set[str]) -> None:
         """libvirt's close callbacks: a client left in the middle of a migration."""
@@ -202,9 +204,17 @@ class Driver:
     def _save_status(self, dom: QemuDomain) -> None:
         path = self.state.status_path(dom.name)
         if not dom.active and dom.job.async_job == "none":
+            self._written.pop(path, None)
             self.state.remove(path)
             return
-        self.state.write_json(path, self.status_of(dom))
+        data = json.dumps(self.status_of(dom), sort_keys=True)
+        if self._written.get(path) == data:
+            return  # many saves change nothing on disk (an event re-stating the state)
+        # Status files describe processes that die with the host, like libvirt's files in
+        # /run: the rename keeps them whole across a daemon crash; an fsync would only
+        # protect against a power loss that takes the QEMUs with it, at ~3 ms a write.
+        atomic_write(path, data, durable=False)
+        self._written[path] = data
 
     def status_of(self, dom: QemuDomain) -> dict[str, Any]:
         peer = self.migration_peers.get(dom.uuid)
@@ -219,15 +229,23 @@ class Driver:
             "job": dom.job.to_status(),
             "migration": bookkeeping(dom),
             "peer": peer.to_dict() if peer is not None else None,
-            "bound_session": dom.bound_session,
-            "xml": format_domain_xml(dom.definition),
+            "xml": self._live_xml(dom.definition),
         }
+
+    def _live_xml(self, definition: DomainDef) -> str:
+        # Formatting is the costliest part of a status write; definitions rarely change.
+        cached = self._xml_cache.get(definition.uuid)
+        if cached is None or cached[0] is not definition:
+            cached = self._xml_cache[definition.uuid] = (definition, format_domain_xml(definition))
+        return cached[1]
 
     def persist_definition(self, definition: DomainDef) -> None:
         atomic_write(self.state.definition_path(definition.name), format_domain_xml(definition))
 
     def _on_stopped(self, dom: QemuDomain) -> None:
-        self.state.remove(self.state.status_path(dom.name))
+        path = self.state.status_path(dom.name)
+        self._written.pop(path, None)
+        self.state.remove(path)
         if dom.persistent is None:
             self.remove(dom)
         else:
@@ -276,7 +294,6 @@ class Driver:
         dom.state = DomainState(status["state"])
         dom.reason = str(status["reason"])
         dom.run_id = status.get("run_id")
-        dom.bound_session = str(status.get("bound_session", ""))
         # Back in memory before anything saves the status again: a second crash during
         # recovery must find the same job, bookkeeping and peer.
         restore_bookkeeping(dom, status.get("migration"))

@@ -42,13 +42,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600, durable: bool = True) -> None:
     """
     Replace *path* with *data* so that a crash leaves either the old or the new content.
 
     Writes a temp file in the same directory, fsyncs it, renames it over
     *path* and fsyncs the directory.  On failure the temp file is removed
-    and *path* is untouched.
+    and *path* is untouched.  ``durable=False`` skips both fsyncs: still whole
+    after a process crash, not after a power loss.
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
@@ -60,14 +61,16 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def check_name(name: str) -> str:
