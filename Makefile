@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest test lint demo bench clean
+.PHONY: deps venv guest test lint demo bench faults clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -33,6 +33,14 @@ demo: venv guest
 
 bench: venv guest
 	$(PY) bench/migrate_bench.py
+
+.PHONY: bench-converge
+bench-converge: venv guest
+	$(PY) bench/converge_bench.py
+
+# The whole fault matrix (needs root: network namespaces); writes docs/faults.md.
+faults: venv guest
+	$(PY) -m tests.faults.matrix
 
 clean:
 	rm -rf build .demo

@@ -41,6 +41,8 @@ _SWITCHES = {
     "suspend": MigrateFlags.PAUSED,
     "auto_converge": MigrateFlags.AUTO_CONVERGE,
     "compressed": MigrateFlags.COMPRESSED,
+    "postcopy": MigrateFlags.POSTCOPY,
+    "postcopy_resume": MigrateFlags.POSTCOPY_RESUME,
 }
 
 
@@ -71,6 +73,9 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
         migrate_uri=args.migrateuri or "",
         listen_address=args.listen_address or "",
         dname=args.dname or "",
+        postcopy_bandwidth_mib_s=args.postcopy_bandwidth or 0,
+        postcopy_after_precopy=bool(args.postcopy_after_precopy),
+        postcopy_autoresume=not args.no_postcopy_autoresume,
     )
     if args.parallel is not None:
         flags |= MigrateFlags.PARALLEL
@@ -282,7 +287,11 @@ def cmd_domjobinfo(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_domjobabort(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.jobabort(args.name)
+    ctx.client.jobabort(args.name, postcopy=args.postcopy)
+
+
+def cmd_migrate_postcopy(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.client.start_postcopy(args.name)
 
 
 def cmd_setmaxdowntime(ctx: Context, args: argparse.Namespace) -> None:
@@ -364,6 +373,25 @@ MIGRATE_ARGS = (
         metavar="S",
         help="the contract's deadline: complete within S seconds, else abort",
     ),
+    _switch("postcopy", "enable post-copy (switch with migrate-postcopy or the options below)"),
+    _switch(
+        "postcopy-after-precopy",
+        "switch to post-copy once the first full pass of pre-copy is over",
+    ),
+    arg(
+        "--postcopy-bandwidth",
+        type=_count(1),
+        metavar="MiB/s",
+        help="bandwidth limit of the post-copy phase",
+    ),
+    _switch(
+        "postcopy-resume",
+        "resume a post-copy migration that failed (with --postcopy; DESTURI: where the guest runs)",
+    ),
+    _switch(
+        "no-postcopy-autoresume",
+        "after a post-copy failure, wait for --postcopy-resume instead of resuming automatically",
+    ),
     _switch("v2", "use migration protocol v2 (default: v3 when the destination has it)"),
     _switch("verbose", "show the migration's progress"),
 )
@@ -383,7 +411,25 @@ COMMANDS: tuple[Command, ...] = (
         (NAME, arg("--completed", action="store_true", help="the last completed job")),
         json=True,
     ),
-    Command("domjobabort", "abort the domain's running migration", cmd_domjobabort, (NAME,)),
+    Command(
+        "domjobabort",
+        "abort the domain's running migration",
+        cmd_domjobabort,
+        (
+            NAME,
+            arg(
+                "--postcopy",
+                action="store_true",
+                help="pause a post-copy migration (it cannot be aborted) so it can be resumed",
+            ),
+        ),
+    ),
+    Command(
+        "migrate-postcopy",
+        "switch the domain's running outgoing migration to post-copy",
+        cmd_migrate_postcopy,
+        (NAME,),
+    ),
     Command(
         "migrate-setmaxdowntime",
         "set the longest pause a live migration may take to complete",

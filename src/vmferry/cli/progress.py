@@ -44,7 +44,9 @@ def percent(stats: Mapping[str, Any]) -> int:
 
 
 def eta_s(stats: Mapping[str, Any]) -> float | None:
-    """Seconds left at the current rate (remaining / rate); None while there is no rate."""
+    """Seconds left: the policy engine's prediction, else remaining / rate; None without a rate."""
+    if stats.get("policy_eta_s") is not None:
+        return float(stats["policy_eta_s"])
     rate = _int(stats, "memory_bps")
     return _int(stats, "data_remaining") / rate if rate > 0 else None
 

@@ -164,8 +164,13 @@ class AsyncClient:
     ) -> JobStats:
         return await self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
 
-    async def jobabort(self, name: str, *, request_timeout: float | None = None) -> None:
-        await self.run(mc.jobabort(name), request_timeout=request_timeout)
+    async def jobabort(
+        self, name: str, *, postcopy: bool = False, request_timeout: float | None = None
+    ) -> None:
+        await self.run(mc.jobabort(name, postcopy), request_timeout=request_timeout)
+
+    async def start_postcopy(self, name: str, *, request_timeout: float | None = None) -> None:
+        await self.run(mc.start_postcopy(name), request_timeout=request_timeout)
 
     async def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
         call = mc.get_maxdowntime(name)

@@ -150,12 +150,22 @@ async def migrate(
             await run(source, dest, name, flags, params, on_step=on_step, times=times)
     report = MigrationReport(wall_s=time.perf_counter() - started, steps=times.steps)
     # The destination knows both sides' figures (the source's came in the cookie).
-    report.stats = dict((await dst.run(mc.jobinfo(params.dname or name, completed=True))).stats)
-    if "data_processed" not in report.stats:  # v2 has no cookies: ask the source too
-        with contextlib.suppress(VmferryError):
-            source_stats = (await src.run(mc.jobinfo(name, completed=True))).stats
-            report.stats = {**source_stats, **report.stats}
+    # Both at once: the destination knows the downtime the guest saw, the source
+    # everything else (the policy's actions; all of it in v2, which has no cookies).
+    dest_job, source_job = await asyncio.gather(
+        dst.run(mc.jobinfo(params.dname or name, completed=True)),
+        _completed_or_none(src, name),
+    )
+    report.stats = {**(source_job.stats if source_job else {}), **dest_job.stats}
     return report
+
+
+async def _completed_or_none(client: AsyncClient, name: str) -> JobStats | None:
+    try:
+        job: JobStats = await client.run(mc.jobinfo(name, completed=True))
+    except VmferryError:
+        return None
+    return job
 
 
 async def _probe(client: AsyncClient) -> HostInfo | None:

@@ -117,8 +117,19 @@ def jobinfo(name: str, completed: bool = False) -> Call[JobStats]:
     )
 
 
-def jobabort(name: str) -> Call[CookieBody]:
-    return Call("POST", domain_path(name, "/jobabort"), model(CookieBody))
+def jobabort(name: str, postcopy: bool = False) -> Call[CookieBody]:
+    """Abort the migration; with *postcopy* pause a post-copy migration instead (resumable)."""
+    return Call(
+        "POST",
+        domain_path(name, "/jobabort"),
+        model(CookieBody),
+        params={"postcopy": "true"} if postcopy else None,
+    )
+
+
+def start_postcopy(name: str) -> Call[CookieBody]:
+    """Switch the running outgoing migration to post-copy (``migrate-postcopy``)."""
+    return Call("POST", domain_path(name, "/migrate/postcopy"), model(CookieBody))
 
 
 def get_maxdowntime(name: str) -> Call[DowntimeBody]:

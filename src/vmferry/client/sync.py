@@ -182,9 +182,19 @@ class Client:
         """The domain's running migration job, or with *completed* the last finished one."""
         return self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
 
-    def jobabort(self, name: str, *, request_timeout: float | None = None) -> None:
-        """Cancel the domain's running migration (the guest stays on the source)."""
-        self.run(mc.jobabort(name), request_timeout=request_timeout)
+    def jobabort(
+        self, name: str, *, postcopy: bool = False, request_timeout: float | None = None
+    ) -> None:
+        """Cancel the domain's running migration (the guest stays on the source).
+
+        In post-copy a migration cannot be cancelled; with *postcopy* it is
+        paused instead, to be resumed with ``--postcopy-resume``.
+        """
+        self.run(mc.jobabort(name, postcopy), request_timeout=request_timeout)
+
+    def start_postcopy(self, name: str, *, request_timeout: float | None = None) -> None:
+        """Switch the domain's running outgoing migration to post-copy now."""
+        self.run(mc.start_postcopy(name), request_timeout=request_timeout)
 
     def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
         """The longest pause (ms) QEMU may take to complete a live migration."""

@@ -1,4 +1,12 @@
-"""Migration APIs of the daemon: the protocol steps, peer-to-peer, job info, abort, tuning."""
+"""Migration APIs of the daemon: the protocol steps, peer-to-peer, job info, abort, tuning.
+
+Post-copy: once a Perform returns switched over, the source daemon watches the
+migration until its job ends (:func:`vmferry.migration.recovery.watch_outgoing`):
+it pauses a stream that went silent, marks the job ``postcopy_failed``, and
+resumes it peer-to-peer by itself whenever the destination daemon answers
+(unless ``postcopy_autoresume`` is off); a destination whose Finish failed in
+post-copy completes the migration when QEMU does.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +20,14 @@ from vmferry.api.models import JobStats, MigrationResult
 from vmferry.daemon.driver import Driver
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob, Job
-from vmferry.migration import destination, recovery, source
+from vmferry.migration import destination, postcopy, recovery, source
+from vmferry.migration import policy as mpolicy
 from vmferry.migration.cookie import parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MIB, UNLIMITED_BANDWIDTH, MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.protocol import DestinationSide, StepTimes, migrate_v2, migrate_v3
-from vmferry.migration.recovery import MigrationPeer, PeerAnswer, PeerProbe
+from vmferry.migration.recovery import MigrationPeer, PeerAnswer, PeerProbe, ResumeAttempt
 from vmferry.migration.stats import from_query_migrate
 from vmferry.qemu.domain import QemuDomain
 
@@ -38,19 +47,19 @@ PEER_PROBE_TIMEOUT_S = 5.0
 class LocalSource:
     """The source side of the protocol, called in-process (peer-to-peer)."""
 
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: MigrationDriver) -> None:
         self._driver = driver
 
     async def begin(
         self, name: str, flags: MigrateFlags, params: MigrationParams
     ) -> tuple[str, str]:
-        return await source.begin(self._driver, self._driver.lookup(name), flags, params)
+        return await self._driver.source_begin(self._driver.lookup(name), flags, params)
 
     async def perform(self, name: str, cookie: str, uri: str) -> str:
-        return await source.perform3(self._driver, self._driver.lookup(name), cookie, uri)
+        return await self._driver.source_perform(self._driver.lookup(name), cookie, uri)
 
     async def confirm(self, name: str, cookie: str, *, cancelled: bool) -> None:
-        await source.confirm3(self._driver, self._driver.lookup(name), cookie, cancelled=cancelled)
+        await self._driver.source_confirm(self._driver.lookup(name), cookie, cancelled=cancelled)
 
     async def dumpxml(self, name: str) -> str:
         return self._driver.dumpxml(self._driver.lookup(name), migratable=True, inactive=False)
@@ -64,17 +73,47 @@ class LocalSource:
 class MigrationDriver(Driver):
     """The domain driver plus every migration API."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._postcopy_watched: set[str] = set()  # uuids with a post-copy watcher running
+
+    # -- each source step, for both protocols' callers (the HTTP API and p2p) -----------------
+
+    async def source_begin(
+        self, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams, session: str = ""
+    ) -> tuple[str, str]:
+        if flags & MigrateFlags.POSTCOPY_RESUME:
+            return await source.begin_resume(self, dom, flags, params, session=session)
+        return await source.begin(self, dom, flags, params, session=session)
+
+    async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+        if _resuming(dom, AsyncJob.MIGRATION_OUT):
+            return await source.perform_resume(self, dom, cookie, uri)
+        out = await source.perform3(self, dom, cookie, uri)
+        if postcopy.in_postcopy(dom):
+            self._watch_postcopy(dom)  # from the switch-over on, until the job ends
+        return out
+
+    async def source_confirm(self, dom: QemuDomain, cookie: str, *, cancelled: bool) -> None:
+        if _resuming(dom, AsyncJob.MIGRATION_OUT):
+            await source.confirm_resume(self, dom, cookie, cancelled=cancelled)
+        else:
+            await source.confirm3(self, dom, cookie, cancelled=cancelled)
+        if dom.job.async_job == AsyncJob.MIGRATION_OUT and postcopy.failed(dom):
+            self._watch_postcopy(dom)
+
     # -- protocol steps (client-managed migration calls these one by one) ---------------------
 
     async def migrate_begin(
         self, name: str, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
         dom = self.lookup(name)
-        self.migration_peers.pop(dom.uuid, None)  # Perform names this migration's peer
-        return await source.begin(
-            self,
+        mflags = MigrateFlags(flags)
+        if not mflags & MigrateFlags.POSTCOPY_RESUME:
+            self.migration_peers.pop(dom.uuid, None)  # Perform names this migration's peer
+        return await self.source_begin(
             dom,
-            MigrateFlags(flags) | MigrateFlags.CHANGE_PROTECTION,
+            mflags | MigrateFlags.CHANGE_PROTECTION,
             MigrationParams.from_dict(params),
             session=session,
         )
@@ -82,6 +121,15 @@ class MigrationDriver(Driver):
     async def migrate_prepare(
         self, xml: str, cookie: str | None, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
+        if MigrateFlags(flags) & MigrateFlags.POSTCOPY_RESUME:
+            return await destination.prepare_resume(
+                self,
+                xml,
+                cookie,
+                MigrateFlags(flags),
+                MigrationParams.from_dict(params),
+                session=session,
+            )
         return await destination.prepare(
             self,
             xml,
@@ -99,10 +147,13 @@ class MigrationDriver(Driver):
         session = dom.bound_session
         self.unbind_session(dom)  # libvirt drops the close callback while Perform runs
         try:
-            return await source.perform3(self, dom, cookie, uri)
+            return await self.source_perform(dom, cookie, uri)
         finally:
             job = dom.job
-            if session and job.phase == MigrationPhase.PERFORM3_DONE and not job.owned:
+            kept = job.phase == MigrationPhase.PERFORM3_DONE or _resuming(
+                dom, AsyncJob.MIGRATION_OUT
+            )
+            if session and kept and not job.owned:
                 if self.sessions.is_open(session):
                     self.bind_session(session, dom)  # ... and registers it again after Perform
                 else:
@@ -135,11 +186,95 @@ class MigrationDriver(Driver):
         await source.perform2(self, dom, uri, MigrateFlags(flags), mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
-        _, out = await destination.finish(self, name, cookie, cancelled=cancelled, v3=v3)
+        dom = self.lookup(name)
+        try:
+            if _resuming(dom, AsyncJob.MIGRATION_IN):
+                _, out = await destination.finish_resume(self, dom, cookie, cancelled=cancelled)
+            else:
+                _, out = await destination.finish(self, name, cookie, cancelled=cancelled, v3=v3)
+        except VmferryError:
+            if dom.job.async_job == AsyncJob.MIGRATION_IN and postcopy.failed(dom):
+                self._watch_postcopy(dom)  # QEMU may still complete it unattended
+            raise
         return out
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
-        await source.confirm3(self, self.lookup(name), cookie, cancelled=cancelled)
+        await self.source_confirm(self.lookup(name), cookie, cancelled=cancelled)
+
+    # -- post-copy -----------------------------------------------------------------------------
+
+    async def start_postcopy(self, dom: QemuDomain) -> None:
+        """``migrate-postcopy``: switch the running outgoing migration to post-copy."""
+        await postcopy.start(dom)
+
+    def _watch_postcopy(self, dom: QemuDomain) -> None:
+        """Watch *dom*'s post-copy migration until its job ends (once per domain)."""
+        if dom.uuid in self._postcopy_watched or not dom.active:
+            return
+        if dom.job.async_job == AsyncJob.MIGRATION_OUT:
+            ka = self.config.keepalive
+            watch = recovery.watch_outgoing(
+                self,
+                dom,
+                interval=ka.interval if ka.interval > 0 else 5.0,
+                stall_checks=ka.count,
+                resume=self._resume_attempt(dom),
+            )
+        elif dom.job.async_job == AsyncJob.MIGRATION_IN:
+            watch = recovery.watch_incoming(self, dom)
+        else:
+            return
+        self._postcopy_watched.add(dom.uuid)
+
+        async def run() -> None:
+            try:
+                await watch
+            finally:
+                self._postcopy_watched.discard(dom.uuid)
+
+        self.spawn(run())
+
+    def _resume_attempt(self, dom: QemuDomain) -> ResumeAttempt:
+        """One automatic resume of *dom*'s failed post-copy migration, peer-to-peer."""
+
+        async def attempt() -> bool:
+            peer = self.migration_peers.get(dom.uuid)
+            if peer is None or not dom.migration.params.get("postcopy_autoresume", True):
+                return False
+            if not await self._peer_answers(peer):
+                return False
+            flags = MigrateFlags(dom.migration.flags) | MigrateFlags.POSTCOPY_RESUME
+            flags &= ~(MigrateFlags.PEER2PEER | MigrateFlags.CHANGE_PROTECTION)
+            log.info("domain %s: %s answers again: resuming post-copy", dom.name, peer.uri)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                await self.migrate_p2p(dom.name, peer.uri, int(flags), dict(dom.migration.params))
+            except VmferryError as err:
+                log.warning("domain %s: resuming post-copy failed: %s", dom.name, err.message)
+                return False
+            log.info(
+                "domain %s: post-copy resumed and completed in %.2f s",
+                dom.name,
+                loop.time() - started,
+            )
+            return True
+
+        return attempt
+
+    async def _peer_answers(self, peer: MigrationPeer) -> bool:
+        from vmferry.client import AsyncClient
+
+        ka = self.config.keepalive
+        timeout = min(PEER_PROBE_TIMEOUT_S, ka.interval) if ka.interval > 0 else 1.0
+        try:
+            async with AsyncClient(
+                peer.uri, pki_dir=self.config.tls.pki_dir, timeout=timeout
+            ) as client:
+                host = await client.host(request_timeout=timeout)
+        except (VmferryError, OSError):
+            return False
+        return not peer.host_uuid or host.uuid == peer.host_uuid
 
     # -- peer-to-peer ------------------------------------------------------------------------
 
@@ -231,11 +366,14 @@ class MigrationDriver(Driver):
     def _settle_p2p_failure(self, dom: QemuDomain) -> None:
         """A failed p2p run may leave the source in perform3_done (Finish's answer lost)."""
         job = dom.job
-        if (
-            job.async_job == AsyncJob.MIGRATION_OUT
-            and job.phase == MigrationPhase.PERFORM3_DONE
-            and not job.owned
-        ):
+        if job.async_job != AsyncJob.MIGRATION_OUT or job.owned:
+            return
+        if postcopy.in_postcopy(dom):
+            # Past the switch-over: nothing to resolve, the job is kept for a resume.
+            if dom.active:
+                postcopy.mark_failed(dom)
+            self._watch_postcopy(dom)
+        elif job.phase == MigrationPhase.PERFORM3_DONE:
             self._resolve(dom)
 
     def _resolve(self, dom: QemuDomain) -> None:
@@ -302,6 +440,7 @@ class MigrationDriver(Driver):
             if mon is not None and dom.migration.status not in ("none", "setup"):
                 info = await mon.execute("query-migrate")
                 stats = from_query_migrate(info, started=dom.migration.started)
+                stats.update(mpolicy.live_stats(dom))  # prediction and ETA
             return JobStats(
                 type="unbounded",
                 operation="outgoing migration",
@@ -309,7 +448,8 @@ class MigrationDriver(Driver):
                 stats=stats,
             )
 
-    async def job_abort(self, dom: QemuDomain) -> None:
+    async def job_abort(self, dom: QemuDomain, *, postcopy_pause: bool = False) -> None:
+        """``domjobabort``; with *postcopy_pause* (``--postcopy``) pause a post-copy migration."""
         if dom.job.async_job == AsyncJob.MIGRATION_IN:
             raise VmferryError(
                 ErrorCode.OPERATION_INVALID,
@@ -318,6 +458,23 @@ class MigrationDriver(Driver):
         async with dom.job.acquire(Job.ABORT, "domjobabort"):
             if dom.job.async_job == AsyncJob.NONE:
                 raise VmferryError(ErrorCode.OPERATION_INVALID, "no job is active on the domain")
+            if postcopy.in_postcopy(dom):
+                if not postcopy_pause:
+                    raise VmferryError(
+                        ErrorCode.OPERATION_INVALID, "cannot abort migration in post-copy mode"
+                    )
+                # The administrator wants it paused: no automatic resume behind their back.
+                dom.migration.params["postcopy_autoresume"] = False
+                await postcopy.pause(dom)
+                if not dom.job.owned:
+                    postcopy.mark_failed(dom)
+                dom.save()
+                return
+            if postcopy_pause:
+                raise VmferryError(
+                    ErrorCode.OPERATION_INVALID,
+                    "current job is not outgoing migration in post-copy mode",
+                )
             dom.job.request_abort()
             dom.notify()
             if dom.monitor is not None and dom.migration.status not in ("none", "completed"):
@@ -361,9 +518,16 @@ class MigrationDriver(Driver):
         if job.owned:
             return
         if job.async_job == AsyncJob.MIGRATION_IN:
-            await destination.destroy_incoming(self, dom)
+            await destination.destroy_incoming(self, dom)  # keeps a switched-over guest
+            if dom.job.async_job == AsyncJob.MIGRATION_IN and postcopy.failed(dom):
+                self._watch_postcopy(dom)
         elif job.async_job == AsyncJob.MIGRATION_OUT:
-            if job.phase == MigrationPhase.BEGIN3:
+            if postcopy.in_postcopy(dom):
+                log.warning("client left during post-copy of %s: the job is kept", dom.name)
+                if dom.active:
+                    postcopy.mark_failed(dom)
+                self._watch_postcopy(dom)
+            elif job.phase == MigrationPhase.BEGIN3:
                 log.warning("client left after Begin of %s: dropping the job", dom.name)
                 job.finish_async()
             elif job.phase == MigrationPhase.PERFORM3_DONE:
@@ -379,7 +543,17 @@ class MigrationDriver(Driver):
             return
         peer = self.migration_peers.get(dom.uuid)
         probe = self._peer_probe(dom, peer) if peer is not None else None
-        await recovery.recover(self, dom, probe=probe, spawn=self.spawn)
+        await recovery.recover(
+            self, dom, probe=probe, spawn=self.spawn, keep_postcopy=self._watch_postcopy
+        )
+
+
+def _resuming(dom: QemuDomain, async_job: AsyncJob) -> bool:
+    """Whether *dom*'s *async_job* is resuming a failed post-copy migration."""
+    phase = dom.job.phase
+    return (
+        dom.job.is_active(async_job) and isinstance(phase, MigrationPhase) and phase.is_resume
+    )
 
 
 class _WatchedDestination:

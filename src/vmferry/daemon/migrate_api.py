@@ -84,8 +84,13 @@ def migration_routes(driver: MigrationDriver) -> APIRouter:
         return await driver.job_info(dom, completed=completed)
 
     @r.post("/domains/{name}/jobabort")
-    async def jobabort(name: str) -> CookieBody:
-        await driver.job_abort(driver.lookup(name))
+    async def jobabort(name: str, postcopy: bool = False) -> CookieBody:
+        await driver.job_abort(driver.lookup(name), postcopy_pause=postcopy)
+        return CookieBody()
+
+    @r.post("/domains/{name}/migrate/postcopy")
+    async def start_postcopy(name: str) -> CookieBody:
+        await driver.start_postcopy(driver.lookup(name))
         return CookieBody()
 
     @r.get("/domains/{name}/migrate/maxdowntime")

@@ -9,6 +9,15 @@ Failure rule of each step, as in libvirt:
   stream arrived, because the v2 source is already gone.
 * **Finish** succeeds: the guest resumes here (or stays paused with --suspend)
   and the job ends.
+
+Post-copy: Finish resumes the guest as soon as the stream switched over
+(``running``/``post-copy``) and then waits for QEMU to complete it
+(``running``/``migrated``). From that ``cont`` on the guest is never
+discarded: a failure marks the job ``postcopy_failed`` and keeps it; so does a
+cancelled Finish or a lost client once QEMU switched over, because then only
+this side can ever run the guest again. ``prepare_resume`` (``migrate-recover``
+on a new port) and ``finish_resume`` resume it; a failed try returns to
+``postcopy_failed``.
 """
 
 from __future__ import annotations
@@ -19,12 +28,19 @@ from dataclasses import replace
 from typing import Any
 
 from vmferry.domain.model import DomainDef
-from vmferry.domain.state import DomainState, PausedReason, RunningReason, ShutoffReason
+from vmferry.domain.state import (
+    DomainState,
+    EventType,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
 from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
+from vmferry.migration import postcopy
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -38,6 +54,8 @@ log = logging.getLogger(__name__)
 PREPARE2_API = "migrate-prepare2"
 # How long Finish waits for the incoming stream to complete after the source said it sent it all.
 FINISH_WAIT_S = 60.0
+#: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
+UNATTENDED_API = "migration-unattended"
 
 
 async def prepare(
@@ -143,6 +161,12 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     """The connection that prepared *dom* closed before Finish (libvirt's autodestroy)."""
     if dom.job.async_job != AsyncJob.MIGRATION_IN or dom.job.owned:
         return
+    if postcopy.in_postcopy(dom) and dom.active:
+        # Switched over: the source cannot take the guest back, this side must keep it.
+        log.warning("client of post-copy migration of %s went away: keeping the guest", dom.name)
+        _release(host, dom)
+        postcopy.mark_failed(dom)
+        return
     if dom.job.async_started_by == PREPARE2_API and dom.active:
         # v2: the source kills itself once the stream is complete, so a complete
         # stream here is the only copy of the guest. Let the stream settle, then decide.
@@ -185,15 +209,24 @@ async def finish(
             local_hostuuid=host.host_uuid,
         )
     if cancelled:
+        if postcopy.in_postcopy(dom) and dom.active:
+            _release(host, dom)
+            postcopy.keep_failed(dom)
+            raise postcopy.failed_error(dom, "Finish was cancelled after the switch-over")
         await discard_incoming(host, dom)
         return None, ""
+    resumed_at: float | None = None
     try:
         await failpoint("dst-finish-before")
         if flags & MigrateFlags.OFFLINE:
             _persist(host, dom, cookie, flags)
         else:
-            await _finish_active(host, dom, cookie, flags, v3=v3)
+            resumed_at = await _finish_active(host, dom, cookie, flags, v3=v3)
     except BaseException:
+        if postcopy.in_postcopy(dom) and dom.active:
+            _release(host, dom)
+            postcopy.keep_failed(dom)
+            raise
         await discard_incoming(host, dom)
         raise
     _release(host, dom)
@@ -205,21 +238,30 @@ async def finish(
         hostname=host.hostname,
         hostuuid=host.host_uuid,
     )
-    dom.completed_job = _completed_here(cookie)
+    dom.completed_job = _completed_here(cookie, resumed_at)
     if "downtime_ms" in dom.completed_job:
         out.statistics = {"downtime": float(dom.completed_job["downtime_ms"])}
     return dom, out.to_xml()
 
 
-def _completed_here(cookie: MigrationCookie | None) -> dict[str, Any]:
-    """The source's figures, with the downtime the guest saw: paused there, resumed here."""
+def _completed_here(
+    cookie: MigrationCookie | None, resumed_at: float | None = None
+) -> dict[str, Any]:
+    """The source's figures, with the downtime the guest saw: paused there, resumed here.
+
+    After post-copy the guest resumed here at *resumed_at*, long before the
+    stream completed.
+    """
     sent = dict(cookie.statistics) if cookie is not None else {}
     stats: dict[str, Any] = {
         k: int(v) for k, v in sent.items() if k not in ("started", "sent", "stopped")
     }
     stats["status"] = "completed"
     if "stopped" in sent:
-        stats["downtime_ms"] = int((time.time() - sent["stopped"]) * 1000)
+        resumed = resumed_at if resumed_at is not None else time.time()
+        stats["downtime_ms"] = int((resumed - sent["stopped"]) * 1000)
+    if resumed_at is not None:
+        stats["postcopy"] = 1
     if "started" in sent:
         stats["time_elapsed_ms"] = int((time.time() - sent["started"]) * 1000)
     return stats
@@ -239,17 +281,20 @@ async def _finish_active(
     flags: MigrateFlags,
     *,
     v3: bool,
-) -> None:
+) -> float | None:
+    """Resume the guest once its stream is over; after post-copy return when it resumed."""
     mon = dom.require_monitor()
+    over = ("completed", "failed", "cancelled", *postcopy.POSTCOPY_STATES)
     done = await dom.wait_for(
-        lambda: dom.migration.status in ("completed", "failed", "cancelled") or not mon.connected,
-        FINISH_WAIT_S,
+        lambda: dom.migration.status in over or not mon.connected, FINISH_WAIT_S
     )
     if not mon.connected:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
             f"domain '{dom.name}' died while receiving the migration stream",
         )
+    if dom.migration.status in postcopy.POSTCOPY_STATES:
+        return await _finish_postcopy(host, dom, cookie, flags)
     if not done or dom.migration.status != "completed":
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
@@ -258,7 +303,7 @@ async def _finish_active(
     _persist(host, dom, cookie, flags)
     if flags & MigrateFlags.PAUSED:
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
-        return
+        return None
     dom.pending_resume_reason = RunningReason.MIGRATED
     try:
         await mon.execute("cont")
@@ -266,8 +311,49 @@ async def _finish_active(
         if v3:
             raise
         log.error("v2 finish: could not resume %s; leaving it paused", dom.name)
-        return
+        return None
     await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+    return None
+
+
+async def _finish_postcopy(
+    host: MigrationHost, dom: QemuDomain, cookie: MigrationCookie | None, flags: MigrateFlags
+) -> float:
+    """Run the guest here now, then wait until QEMU pulled the rest of its memory."""
+    mon = dom.require_monitor()
+    _persist(host, dom, cookie, flags)
+    host.unbind_session(dom)  # from the cont on, losing the client must not destroy it
+    dom.pending_resume_reason = RunningReason.POSTCOPY
+    await mon.execute("cont")
+    await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+    resumed_at = time.time()
+    await wait_postcopy_end(dom)
+    _mark_migrated(host, dom)
+    return resumed_at
+
+
+async def wait_postcopy_end(dom: QemuDomain) -> None:
+    """Wait (unbounded) until QEMU completed the incoming post-copy stream.
+
+    :raise VmferryError: post-copy broke (``postcopy-paused``, failed, QEMU gone).
+    """
+    mon = dom.require_monitor()
+    await dom.wait_for(
+        lambda: dom.migration.status in ("completed", "failed", "cancelled", "postcopy-paused")
+        or not mon.connected,
+        None,
+    )
+    if not mon.connected:
+        raise postcopy.failed_error(dom, "QEMU went away")
+    if dom.migration.status != "completed":
+        raise postcopy.failed_error(dom, f"QEMU reports '{dom.migration.status}'")
+
+
+def _mark_migrated(host: MigrationHost, dom: QemuDomain) -> None:
+    # libvirt emits a second resumed/migrated event once post-copy completes.
+    if dom.state == DomainState.RUNNING and dom.reason != RunningReason.MIGRATED:
+        dom.set_state(DomainState.RUNNING, RunningReason.MIGRATED)
+        host.lifecycle.emit(dom, EventType.RESUMED, str(RunningReason.MIGRATED), {})
 
 
 def _persist(
@@ -280,3 +366,114 @@ def _persist(
         definition = replace(parse_domain_xml(cookie.persistent_xml), name=dom.name)
     host.persist_definition(definition)
     dom.persistent = definition
+
+
+# -- post-copy resume -----------------------------------------------------------------------------
+
+
+async def prepare_resume(
+    host: MigrationHost,
+    xml: str,
+    cookie_in: str | None,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    session: str = "",
+    api: str = "migrate-prepare",
+) -> tuple[str, str]:
+    """Listen for the resumed post-copy stream (``migrate-recover`` on a new port).
+
+    Returns (URI the source must send to, cookie).
+    """
+    params.validate(flags)
+    definition = parse_domain_xml(xml)
+    original_name = definition.name
+    if cookie_in is not None:
+        parse_cookie(
+            cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
+        )
+    dom = host.lookup(definition.uuid)
+    await postcopy.take_over(dom)
+    postcopy.check_resumable(dom, AsyncJob.MIGRATION_IN)
+    dom.job.start_phase(AsyncJob.MIGRATION_IN, MigrationPhase.PREPARE_RESUME, api)
+    try:
+        await postcopy.pause(dom)
+        address = host.migration_address(params.listen_address)
+        listen = f"[{address}]" if ":" in address else address
+        port = host.acquire_port()
+        dom.migration.port = port
+        uri = f"tcp:{listen}:{port}"
+        await dom.require_monitor().execute("migrate-recover", {"uri": uri})
+        if session:
+            host.bind_session(session, dom)
+    except BaseException:
+        _release(host, dom)
+        if dom.active:
+            postcopy.keep_failed(dom)
+        raise
+    dom.job.continue_(cleanup=postcopy.end_job(dom))
+    cookie = MigrationCookie(
+        name=original_name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
+    )
+    return uri, cookie.to_xml()
+
+
+async def finish_resume(
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie_in: str | None,
+    *,
+    cancelled: bool,
+    api: str = "migrate-finish",
+) -> tuple[QemuDomain | None, str]:
+    """Wait for the resumed post-copy stream to complete; a failure returns to postcopy_failed."""
+    dom.job.start_phase(AsyncJob.MIGRATION_IN, MigrationPhase.FINISH_RESUME, api)
+    if cancelled:
+        _release(host, dom)
+        postcopy.keep_failed(dom)
+        return None, ""
+    try:
+        mon = dom.require_monitor()
+        # The source saw its side reconnect; this side's events may trail a little.
+        await dom.wait_for(
+            lambda: dom.migration.status != "postcopy-paused" or not mon.connected,
+            postcopy.PAUSE_WAIT_S,
+        )
+        await wait_postcopy_end(dom)
+    except BaseException:
+        _release(host, dom)
+        if dom.active:
+            postcopy.keep_failed(dom)
+        raise
+    await complete_incoming(host, dom)
+    out = MigrationCookie(
+        name=dom.name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
+    )
+    if dom.completed_job and "downtime_ms" in dom.completed_job:
+        out.statistics = {"downtime": float(dom.completed_job["downtime_ms"])}
+    return dom, out.to_xml()
+
+
+async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
+    """The post-copy stream completed: the whole guest is here; end the job."""
+    _release(host, dom)
+    try:
+        if dom.state == DomainState.PAUSED:
+            # Finish never ran (the source or client went away): the guest starts now.
+            dom.pending_resume_reason = RunningReason.MIGRATED
+            await dom.require_monitor().execute("cont")
+            await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
+        else:
+            _mark_migrated(host, dom)
+        stats = dict(dom.completed_job or {})
+        stats["status"] = "completed"
+        dom.completed_job = stats
+    finally:
+        dom.job.finish_async()
+
+
+async def complete_unattended(host: MigrationHost, dom: QemuDomain) -> None:
+    """QEMU completed a failed post-copy migration nobody was resuming: finish it here."""
+    log.info("domain %s: post-copy migration completed unattended", dom.name)
+    dom.job.start_phase(AsyncJob.MIGRATION_IN, MigrationPhase.FINISH_RESUME, UNATTENDED_API)
+    await complete_incoming(host, dom)

@@ -17,6 +17,7 @@ class MigrateFlags(IntFlag):
     AUTO_CONVERGE = 1 << 13
     POSTCOPY = 1 << 15
     PARALLEL = 1 << 17  # multifd
+    POSTCOPY_RESUME = 1 << 18  # resume a post-copy migration that failed (with POSTCOPY)
 
     # flags that mean something to the source only and are not sent to the destination
     @classmethod

@@ -32,6 +32,10 @@ class MigrationParams:
     dname: str = ""
     dest_xml: str = ""
     postcopy_bandwidth_mib_s: int = 0
+    # switch to post-copy once the first full pre-copy pass is over (the source daemon does it)
+    postcopy_after_precopy: bool = False
+    # after a post-copy failure the source daemon resumes by itself once the peer answers
+    postcopy_autoresume: bool = True
     # convergence policy (vmferry.migration.policy): a built-in name or a policy's TOML text
     policy: str = ""
     downtime_target_ms: int = 0  # the contract: 0: none (QEMU's limit)
@@ -69,9 +73,26 @@ class MigrationParams:
                 raise VmferryError(
                     ErrorCode.INVALID_ARG, "--live and --offline are mutually exclusive"
                 )
-        if flags & MigrateFlags.POSTCOPY and not flags & MigrateFlags.LIVE:
-            raise VmferryError(ErrorCode.INVALID_ARG, "post-copy migration requires --live")
+        self._validate_postcopy(flags)
         self._validate_policy()
+
+    def _validate_postcopy(self, flags: MigrateFlags) -> None:
+        postcopy = bool(flags & MigrateFlags.POSTCOPY)
+        if flags & MigrateFlags.POSTCOPY_RESUME and not postcopy:
+            raise VmferryError(ErrorCode.INVALID_ARG, "--postcopy-resume requires --postcopy")
+        if postcopy and not flags & MigrateFlags.LIVE and not flags & MigrateFlags.POSTCOPY_RESUME:
+            raise VmferryError(ErrorCode.INVALID_ARG, "post-copy migration requires --live")
+        if postcopy and flags & MigrateFlags.PAUSED:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                "post-copy migration cannot leave the guest paused (--suspend)",
+            )
+        if self.postcopy_after_precopy and not postcopy:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG, "--postcopy-after-precopy requires --postcopy"
+            )
+        if self.postcopy_bandwidth_mib_s < 0:
+            raise VmferryError(ErrorCode.INVALID_ARG, "post-copy bandwidth must not be negative")
 
     def _validate_policy(self) -> None:
         if self.downtime_target_ms < 0 or self.deadline_s < 0:
@@ -109,6 +130,13 @@ def parameters(params: MigrationParams, flags: MigrateFlags, *, source: bool) ->
         if params.postcopy_bandwidth_mib_s:
             out["max-postcopy-bandwidth"] = params.postcopy_bandwidth_mib_s * MIB
     return out
+
+
+def resume_parameters(params: MigrationParams) -> dict[str, Any]:
+    """The parameters a post-copy resume may set again (libvirt: only the post-copy bandwidth)."""
+    if params.postcopy_bandwidth_mib_s:
+        return {"max-postcopy-bandwidth": params.postcopy_bandwidth_mib_s * MIB}
+    return {}
 
 
 async def apply(

@@ -1,5 +1,10 @@
 """The protocol sequences, run by whoever manages the migration.
 
+A post-copy resume (``MigrateFlags.POSTCOPY_RESUME``) runs the same v3
+sequence; each side's steps resume instead of starting a migration, and every
+failure branch returns both sides to ``postcopy_failed`` instead of resuming
+the source.
+
 The client library runs them against two daemons (client-managed migration);
 the source daemon runs them itself against the destination (peer-to-peer).
 The sequences follow libvirt's ``virDomainMigrateVersion3Full`` and
@@ -95,8 +100,8 @@ async def migrate_v3(
         await _confirm_quietly(src, name, "", cancelled=True)
         raise
     times.record("prepare", t)
-    if params.migrate_uri:
-        uri = params.migrate_uri
+    if params.migrate_uri and not flags & MigrateFlags.POSTCOPY_RESUME:
+        uri = params.migrate_uri  # a resume goes to the new port migrate-recover listens on
 
     if offline:
         cookie = begin_cookie  # no Perform: Finish hears from the source's Begin

@@ -18,7 +18,10 @@ says completed          stream: ask the destination too (libvirt resumes here)
 ``confirm3_cancelled``  resume the guest, drop the job
 ``confirm3``            the guest runs on the destination: kill the source
                         (shut off ``migrated``), undefine it with --undefinesource
-resume phases           (post-copy, not offered) drop the job, guest untouched
+post-copy: ``perform3_  keep the job (libvirt's "return 1", below)
+done``, ``confirm3_
+cancelled``, resume
+phases
 ======================  ==========================================================
 
 ======================  ==========================================================
@@ -29,7 +32,19 @@ destination phase       action
 ``finish2``             the v2 source is gone: ``cont`` if the stream completed
                         (else kill), drop the job
 ``finish3``             running already: keep it, drop the job; else kill
+post-copy: any phase    keep the job (libvirt's "return 1", below)
+once QEMU switched
+over
 ======================  ==========================================================
+
+**Post-copy ("return 1").** Once QEMU switched over, neither side may be
+killed or resumed: the job is kept in phase ``postcopy_failed``, unowned. A
+stream QEMU already completed is finished at once (the source killed, the
+destination running ``migrated``); a stream still flowing completes
+unattended (:func:`watch_outgoing`, :func:`watch_incoming`); a broken one is
+marked failed (source paused, destination running, reason
+``post-copy-failed``) and waits for a resume, which the source's watcher
+attempts by itself while the destination answers.
 
 Where libvirt leaves the source paused (``perform3_done``), vmferry asks the
 peer daemon whether the guest arrived: running there with no incoming job
@@ -49,6 +64,7 @@ would have done to its definition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -58,7 +74,7 @@ from typing import Any
 from vmferry.domain.state import DomainState, EventType, PausedReason, RunningReason
 from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
-from vmferry.migration import destination
+from vmferry.migration import destination, postcopy, source
 from vmferry.migration import params as mparams
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -98,6 +114,10 @@ class PeerAnswer(StrEnum):
 #: Asks the destination daemon once; provided by the daemon (it owns the client).
 PeerProbe = Callable[[], Awaitable[PeerAnswer]]
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+#: Takes over a post-copy job that recovery kept (the daemon starts its watcher).
+KeepPostcopy = Callable[[QemuDomain], None]
+#: One attempt to resume a failed post-copy migration; True when it completed.
+ResumeAttempt = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -162,7 +182,12 @@ def restore_bookkeeping(dom: QemuDomain, data: Any) -> None:
 
 
 async def recover(
-    host: MigrationHost, dom: QemuDomain, *, probe: PeerProbe | None, spawn: Spawn
+    host: MigrationHost,
+    dom: QemuDomain,
+    *,
+    probe: PeerProbe | None,
+    spawn: Spawn,
+    keep_postcopy: KeepPostcopy | None = None,
 ) -> None:
     """Resolve the restored migration job of *dom*, whose QEMU is back under control.
 
@@ -181,9 +206,12 @@ async def recover(
     log.info("domain %s: recovering %s job in phase %s", dom.name, job, phase.label)
     dom.job.start_phase(job, phase, RECOVERY_API)
     dom.bound_session = ""  # the sessions died with the old daemon
+    kept = False
     try:
         await _refresh_status(dom)
-        if job is AsyncJob.MIGRATION_OUT:
+        if _keeps_postcopy(dom, phase):
+            kept = handed_over = await _keep_postcopy(host, dom)
+        elif job is AsyncJob.MIGRATION_OUT:
             handed_over = await _recover_out(host, dom, phase, probe, spawn)
         else:
             await _recover_in(host, dom, phase)
@@ -193,6 +221,174 @@ async def recover(
         handed_over = False
     if not handed_over:
         dom.job.finish_async()
+    elif kept and keep_postcopy is not None:
+        keep_postcopy(dom)
+
+
+def _keeps_postcopy(dom: QemuDomain, phase: MigrationPhase) -> bool:
+    """Whether *phase* is one where a switched-over migration must be kept (libvirt's 1)."""
+    if phase.is_resume:
+        return True
+    if not postcopy.in_postcopy(dom):
+        return False
+    if dom.job.async_job is AsyncJob.MIGRATION_OUT:
+        # perform3: the destination never resumed the guest (Finish comes after Perform
+        # returned), so the source can still take it back: cancelled as in pre-copy.
+        return phase in (MigrationPhase.PERFORM3_DONE, MigrationPhase.CONFIRM3_CANCELLED)
+    return True  # the destination: prepare or finish3, QEMU switched over
+
+
+async def _keep_postcopy(host: MigrationHost, dom: QemuDomain) -> bool:
+    """Keep a post-copy job across the restart; False when it could be completed at once."""
+    status = dom.migration.status
+    log.info("domain %s: post-copy migration kept across the restart (QEMU: %s)", dom.name, status)
+    if status == "completed":
+        if dom.job.async_job is AsyncJob.MIGRATION_OUT:
+            dom.job.set_phase(MigrationPhase.CONFIRM_RESUME)
+            await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))
+        else:
+            dom.job.set_phase(MigrationPhase.FINISH_RESUME)
+            await destination.complete_incoming(host, dom)
+        return False
+    if status in postcopy.ALIVE_STATES:
+        # Still streaming: the watcher completes it when QEMU does.
+        dom.job.set_phase(MigrationPhase.POSTCOPY_FAILED)
+    else:
+        postcopy.mark_failed(dom)
+    dom.job.continue_(cleanup=postcopy.end_job(dom))
+    return True
+
+
+# -- post-copy watchers ---------------------------------------------------------------------------
+
+#: Resume attempts: first after FIRST_RESUME_S, doubling up to MAX_RESUME_S.
+FIRST_RESUME_S = 0.5
+MAX_RESUME_S = 5.0
+
+
+async def watch_outgoing(
+    host: MigrationHost,
+    dom: QemuDomain,
+    *,
+    interval: float,
+    stall_checks: int,
+    resume: ResumeAttempt | None,
+) -> None:
+    """Stand by an outgoing migration from its switch to post-copy until its job ends.
+
+    Every *interval* seconds, while no API owns the job:
+
+    * a stream that moved nothing for *stall_checks* looks in a row is
+      paused (``migrate-pause``): a cut link leaves TCP silent for many
+      minutes, and only a paused stream can be resumed;
+    * a broken stream (``postcopy-paused``) marks the job ``postcopy_failed``;
+    * a failed job is resumed by *resume* (None: wait for ``--postcopy-resume``),
+      retried with a growing delay while it fails;
+    * a failed job QEMU completed anyway is completed here (the source killed).
+    """
+    loop = asyncio.get_running_loop()
+    last, still = -1, 0
+    retry_at, delay = 0.0, FIRST_RESUME_S
+
+    def ended() -> bool:
+        return not dom.active or dom.job.async_job is not AsyncJob.MIGRATION_OUT
+
+    try:
+        while not ended():
+            await dom.wait_for(
+                lambda: ended() or dom.migration.status in ("completed", "postcopy-paused"),
+                interval,
+            )
+            await asyncio.sleep(0)  # let the step that waits for the same event go first
+            job, status = dom.job, dom.migration.status
+            if ended():
+                break
+            if job.owned:
+                last, still = -1, 0
+                await asyncio.sleep(interval)
+                continue
+            if status == "completed":
+                if job.phase == MigrationPhase.POSTCOPY_FAILED:
+                    await source.complete_unattended(host, dom)
+                    break
+                await asyncio.sleep(interval)  # Confirm comes
+                continue
+            if status == "postcopy-active":
+                moved = await _transferred(dom)
+                still = still + 1 if moved is not None and moved == last else 0
+                last = moved if moved is not None else last
+                if still >= stall_checks:
+                    log.warning(
+                        "domain %s: post-copy stream moved nothing for %.1f s: pausing it",
+                        dom.name,
+                        still * interval,
+                    )
+                    still = 0
+                    with contextlib.suppress(VmferryError):
+                        await postcopy.pause(dom)
+                continue  # paced by the wait above: no event comes while it streams
+            last, still = -1, 0
+            if status != "postcopy-paused":
+                await asyncio.sleep(interval)
+                continue
+            if job.phase in (MigrationPhase.PERFORM3_DONE, MigrationPhase.CONFIRM3_CANCELLED):
+                postcopy.mark_failed(dom)
+            if job.phase != MigrationPhase.POSTCOPY_FAILED or resume is None:
+                await asyncio.sleep(interval)
+                continue
+            if loop.time() < retry_at:
+                await asyncio.sleep(min(interval, retry_at - loop.time()))
+                continue
+            if await resume():
+                delay = FIRST_RESUME_S
+            else:
+                retry_at, delay = loop.time() + delay, min(delay * 2, MAX_RESUME_S)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("domain %s: watching the post-copy migration failed", dom.name)
+
+
+async def _transferred(dom: QemuDomain) -> int | None:
+    """Bytes the stream moved so far; None when it cannot tell or nothing is left to move."""
+    mon = dom.monitor
+    if mon is None or not mon.connected:
+        return None
+    try:
+        info = await mon.execute("query-migrate")
+    except VmferryError:
+        return None
+    ram = info.get("ram", {}) if isinstance(info, dict) else {}
+    if not isinstance(ram, dict) or not ram.get("remaining", 1):
+        return None
+    return int(ram.get("transferred", 0))
+
+
+async def watch_incoming(host: MigrationHost, dom: QemuDomain, *, interval: float = 1.0) -> None:
+    """Complete a failed incoming post-copy migration that QEMU completes unattended."""
+
+    def ended() -> bool:
+        return not dom.active or dom.job.async_job is not AsyncJob.MIGRATION_IN
+
+    try:
+        while not ended():
+            await dom.wait_for(lambda: ended() or dom.migration.status == "completed", interval)
+            await asyncio.sleep(0)
+            if ended():
+                break
+            job = dom.job
+            if (
+                dom.migration.status == "completed"
+                and not job.owned
+                and job.phase == MigrationPhase.POSTCOPY_FAILED
+            ):
+                await destination.complete_unattended(host, dom)
+                break
+            await asyncio.sleep(interval)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("domain %s: watching the incoming post-copy migration failed", dom.name)
 
 
 async def recover_gone(host: MigrationHost, dom: QemuDomain) -> None:

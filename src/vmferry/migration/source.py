@@ -8,10 +8,18 @@ Failure rule of each step, as in libvirt:
 * **Perform3** succeeds: phase ``perform3_done``, guest paused here, job kept.
 * **Confirm3** ``cancelled``: resume the guest here. Otherwise kill the source QEMU.
 * **Perform2** (v2 has no Confirm): kill the source on success, resume on failure.
+
+Post-copy (``--postcopy``): Perform is done once QEMU switched over
+(``postcopy-active``; the guest stays paused here, reason ``post-copy``).
+From then on nothing is rolled back: a cancelled Confirm marks the job
+``postcopy_failed`` and keeps it (:mod:`vmferry.migration.postcopy`). The
+resume steps (``begin_resume``, ``perform_resume``, ``confirm_resume``) put
+the job back to ``postcopy_failed`` whenever they fail, so they can be retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -22,6 +30,7 @@ from vmferry.failpoints import armed, failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
+from vmferry.migration import postcopy
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -33,6 +42,11 @@ from vmferry.qemu.domain import QemuDomain
 log = logging.getLogger(__name__)
 
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+#: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
+UNATTENDED_API = "migration-unattended"
+
+# The convergence policies may switch a migration to post-copy through this.
+mpolicy.register_postcopy_switch(postcopy.switch)
 
 
 def _cookie(host: MigrationHost, dom: QemuDomain) -> MigrationCookie:
@@ -146,6 +160,11 @@ async def perform2(
     if not params.bandwidth_mib_s:
         params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
+    if flags & MigrateFlags.POSTCOPY:
+        # v2 has no Finish before the source is killed: nothing would resume the guest there.
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID, "post-copy migration requires migration protocol v3"
+        )
     await dom.job.start_async(
         AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags)
     )
@@ -186,18 +205,22 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
         if armed("src-perform-migrating"):
             await dom.wait_for(lambda: dom.migration.status != "setup", 10.0)
             await failpoint("src-perform-migrating")
-        await _wait_completion(dom, params.timeout_suspend_s)
+        await _wait_completion(
+            dom, params.timeout_suspend_s, after_precopy=params.postcopy_after_precopy
+        )
     except BaseException:
         if dom.monitor is not None and dom.monitor.connected:
             await _cancel(dom)
         raise
 
 
-async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
+async def _wait_completion(
+    dom: QemuDomain, timeout_suspend_s: float, *, after_precopy: bool = False
+) -> None:
     # The convergence policy, if any, acts at each wake-up; its report joins the statistics.
     engine = mpolicy.engine_for(dom)
     try:
-        await _wait_loop(dom, timeout_suspend_s, engine)
+        await _wait_loop(dom, timeout_suspend_s, engine, after_precopy=after_precopy)
     except BaseException:
         await mpolicy.finish(dom, None)
         raise
@@ -205,13 +228,24 @@ async def _wait_completion(dom: QemuDomain, timeout_suspend_s: float) -> None:
 
 
 async def _wait_loop(
-    dom: QemuDomain, timeout_suspend_s: float, engine: mpolicy.Engine | None
+    dom: QemuDomain,
+    timeout_suspend_s: float,
+    engine: mpolicy.Engine | None,
+    *,
+    after_precopy: bool = False,
 ) -> None:
     suspend_at = time.monotonic() + timeout_suspend_s if timeout_suspend_s > 0 else None
+    switch_pending = after_precopy
+
+    def precopy_done() -> bool:
+        # MIGRATION_PASS 2 starts once the first full pass is over.
+        return switch_pending and dom.migration.iteration >= 2
 
     def settled() -> bool:
         return (
             dom.migration.status in _TERMINAL
+            or dom.migration.status in postcopy.POSTCOPY_STATES
+            or precopy_done()
             or dom.job.abort_requested
             or dom.monitor is None
             or not dom.monitor.connected
@@ -231,10 +265,15 @@ async def _wait_loop(
         if dom.job.abort_requested:
             raise _aborted()
         status = dom.migration.status
-        if status == "completed":
+        if status == "completed" or status in postcopy.POSTCOPY_STATES:
+            # Switched to post-copy: the guest runs there from Finish on; Perform is done.
             info = await dom.monitor.execute("query-migrate")
             dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
             return
+        if precopy_done() and status == "active":
+            switch_pending = False
+            await postcopy.switch(dom)
+            continue
         if status in ("failed", "cancelled"):
             info = await dom.monitor.execute("query-migrate")
             desc = info.get("error-desc", "") if isinstance(info, dict) else ""
@@ -308,6 +347,11 @@ async def confirm3(
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, phase, api)
     host.unbind_session(dom)
     flags = MigrateFlags(dom.migration.flags)
+    if cancelled and postcopy.in_postcopy(dom):
+        # The destination may run the guest already: never resume it here.
+        postcopy.keep_failed(dom)
+        await failpoint("src-confirm3-after")
+        return
     try:
         await failpoint("src-confirm3-before")
         if cookie_in and not cancelled:
@@ -318,10 +362,26 @@ async def confirm3(
         if cancelled:
             await restore_source(dom, flags)
         else:
+            await _settle_stream(dom)
             await complete_outgoing(host, dom, flags)
     finally:
         dom.job.finish_async()
     await failpoint("src-confirm3-after")
+
+
+async def _settle_stream(dom: QemuDomain) -> None:
+    # After post-copy the destination completes a moment before this side says so.
+    if dom.migration.status not in postcopy.POSTCOPY_STATES:
+        return
+    await dom.wait_for(
+        lambda: dom.migration.status not in postcopy.POSTCOPY_STATES or not dom.active,
+        postcopy.PAUSE_WAIT_S,
+    )
+    mon = dom.monitor
+    if dom.migration.status == "completed" and mon is not None and mon.connected:
+        with contextlib.suppress(VmferryError):
+            info = await mon.execute("query-migrate")
+            dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
 
 
 async def complete_outgoing(host: MigrationHost, dom: QemuDomain, flags: MigrateFlags) -> None:
@@ -335,3 +395,106 @@ async def complete_outgoing(host: MigrationHost, dom: QemuDomain, flags: Migrate
         host.lifecycle.emit(dom, EventType.UNDEFINED, "removed", {})
     if dom.persistent is None and not dom.active:
         host.remove(dom)
+
+
+# -- post-copy resume -----------------------------------------------------------------------------
+
+
+async def begin_resume(
+    host: MigrationHost,
+    dom: QemuDomain,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    api: str = "migrate-begin",
+    session: str = "",
+) -> tuple[str, str]:
+    """Begin resuming a failed post-copy migration: QEMU paused, (domain XML, cookie) out."""
+    params.validate(flags)
+    postcopy.check_resumable(dom, AsyncJob.MIGRATION_OUT)
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.BEGIN_RESUME, api)
+    try:
+        await postcopy.pause(dom)
+        if params.postcopy_bandwidth_mib_s:
+            dom.migration.params["postcopy_bandwidth_mib_s"] = params.postcopy_bandwidth_mib_s
+        xml = format_domain_xml(dom.definition, migratable=True)
+        cookie = _cookie(host, dom)
+        if session:
+            host.bind_session(session, dom)
+    except BaseException:
+        postcopy.keep_failed(dom)
+        raise
+    dom.job.continue_(cleanup=postcopy.end_job(dom))
+    return xml, cookie.to_xml()
+
+
+async def perform_resume(
+    host: MigrationHost, dom: QemuDomain, cookie_in: str, uri: str, *, api: str = "migrate-perform"
+) -> str:
+    """Reconnect the post-copy stream to the destination's ``migrate-recover`` at *uri*."""
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM_RESUME, api)
+    try:
+        parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
+        mon = dom.require_monitor()
+        values = mparams.resume_parameters(MigrationParams.from_dict(dom.migration.params))
+        if values:
+            await mon.execute("migrate-set-parameters", values)
+        # Every event of this resume comes after the command: a postcopy-paused seen from
+        # here on means the reconnection failed.
+        dom.migration.status = "postcopy-recover-setup"
+        try:
+            await mon.execute("migrate", {"uri": uri, "resume": True})
+        except VmferryError:
+            dom.migration.status = "postcopy-paused"
+            raise
+        await dom.wait_for(
+            lambda: dom.migration.status not in ("postcopy-recover-setup", "postcopy-recover")
+            or not mon.connected,
+            postcopy.PAUSE_WAIT_S,
+        )
+        if dom.migration.status not in ("postcopy-active", "completed"):
+            raise postcopy.failed_error(
+                dom, f"resuming did not reconnect (QEMU reports '{dom.migration.status}')"
+            )
+    except BaseException:
+        if dom.active:
+            postcopy.keep_failed(dom)
+        raise
+    dom.job.continue_(cleanup=postcopy.end_job(dom))
+    return _cookie(host, dom).to_xml()
+
+
+async def confirm_resume(
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie_in: str,
+    *,
+    cancelled: bool,
+    api: str = "migrate-confirm",
+) -> None:
+    """The resumed migration completed there: kill the source; else back to postcopy_failed."""
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.CONFIRM_RESUME, api)
+    host.unbind_session(dom)
+    if cancelled:
+        postcopy.keep_failed(dom)
+        return
+    if cookie_in:
+        with_stats = parse_cookie(
+            cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
+        )
+        dom.completed_job = completed_stats(dom, with_stats.statistics)
+    try:
+        await _settle_stream(dom)
+        await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))
+    finally:
+        dom.job.finish_async()
+
+
+async def complete_unattended(host: MigrationHost, dom: QemuDomain) -> None:
+    """QEMU completed a failed post-copy migration nobody was resuming: finish it here."""
+    log.info("domain %s: post-copy migration completed unattended: stopping it here", dom.name)
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.CONFIRM_RESUME, UNATTENDED_API)
+    try:
+        await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))
+    finally:
+        dom.job.finish_async()

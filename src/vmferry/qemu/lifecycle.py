@@ -228,7 +228,34 @@ class Lifecycle:
         self._spawn(self.stop(dom, ShutoffReason.SHUTDOWN))
 
     def _migration_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
-        dom.migration.status = str(data.get("status", "none"))
+        status = str(data.get("status", "none"))
+        dom.migration.status = status
+        if dom.job.async_job == AsyncJob.MIGRATION_OUT:
+            self._postcopy_source_reason(dom, status)
+        elif dom.job.async_job == AsyncJob.MIGRATION_IN:
+            self._postcopy_destination_reason(dom, status)
+
+    def _postcopy_source_reason(self, dom: QemuDomain, status: str) -> None:
+        # libvirt's qemuProcessHandleMigrationStatus: post-copy shows in the paused reason.
+        if dom.state != DomainState.PAUSED:
+            return
+        if status in _POSTCOPY_RUNNING:
+            if dom.reason in (PausedReason.MIGRATION, PausedReason.POSTCOPY_FAILED):
+                dom.set_state(DomainState.PAUSED, PausedReason.POSTCOPY)
+                self._emit(dom, EventType.SUSPENDED, str(PausedReason.POSTCOPY), {})
+        elif status == "postcopy-paused" and dom.reason != PausedReason.POSTCOPY_FAILED:
+            dom.set_state(DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
+            self._emit(dom, EventType.SUSPENDED, str(PausedReason.POSTCOPY_FAILED), {})
+
+    def _postcopy_destination_reason(self, dom: QemuDomain, status: str) -> None:
+        # The guest already runs here once Finish resumed it; only the reason says it waits.
+        if dom.state != DomainState.RUNNING:
+            return
+        if status == "postcopy-paused" and dom.reason != RunningReason.POSTCOPY_FAILED:
+            dom.set_state(DomainState.RUNNING, RunningReason.POSTCOPY_FAILED)
+            self._emit(dom, EventType.RESUMED, str(RunningReason.POSTCOPY_FAILED), {})
+        elif status in _POSTCOPY_RUNNING and dom.reason == RunningReason.POSTCOPY_FAILED:
+            dom.set_state(DomainState.RUNNING, RunningReason.POSTCOPY)
 
     def _migration_pass_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
         dom.migration.iteration = int(data.get("pass", 0))
@@ -304,6 +331,9 @@ async def _kill_orphans(marker: str) -> None:
             await proc.kill()
             proc.close()
 
+
+#: QEMU migration states in which post-copy is alive (or being brought back).
+_POSTCOPY_RUNNING = frozenset({"postcopy-active", "postcopy-recover-setup", "postcopy-recover"})
 
 _EventHandler = Callable[[Lifecycle, QemuDomain, dict[str, Any], float], None]
 _EVENT_HANDLERS: dict[str, _EventHandler] = {

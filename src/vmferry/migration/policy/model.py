@@ -79,13 +79,11 @@ def predict(
         seconds = left / bandwidth_bps
         after = model.dirtied(seconds)
         if after >= left * _STALL:
-            return Prediction(
-                False,
-                passes,
-                math.inf,
-                math.inf,
-                _stall_level(left, bandwidth_bps, model) / bandwidth_bps,
-            )
+            level = _stall_level(left, bandwidth_bps, model)
+            if level > threshold:
+                return Prediction(False, passes, math.inf, math.inf, level / bandwidth_bps)
+            # crawling towards a level under the threshold: it does get there, slowly
+            after = min(after, left * _STALL)
         eta += seconds
         left = after
     return Prediction(False, MAX_PASSES, math.inf, math.inf, left / bandwidth_bps)

@@ -1,0 +1,400 @@
+"""The convergence policy engine: the model, the choice of action, policy files, and real QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Host, hosts, wait_heartbeat
+from vmferry.cli import migrate_cmds
+from vmferry.cli.main import build_parser
+from vmferry.client import AsyncClient
+from vmferry.client import migration_calls as mc
+from vmferry.client.migrate import MigrationReport, migrate
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+from vmferry.migration.policy import (
+    Contract,
+    DirtyModel,
+    Situation,
+    builtin_names,
+    choose,
+    fit,
+    load_policy,
+    parse_policy,
+    predict,
+)
+from vmferry.migration.policy.decide import due_step
+from vmferry.migration.policy.spec import Adaptive
+from vmferry.testguest import check_continuity, guest_xml
+
+MIB = 1 << 20
+GIB = 1 << 30
+TUNE = Adaptive()
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+def test_dirtied_is_linear_then_saturates() -> None:
+    linear = DirtyModel(10 * MIB, math.inf)
+    assert linear.dirtied(2.0) == 20 * MIB
+    bounded = DirtyModel(128 * MIB, 32 * MIB)
+    assert bounded.dirtied(0.001) == pytest.approx(0.128 * MIB, rel=0.01)
+    assert 31.9 * MIB < bounded.dirtied(10.0) <= 32 * MIB
+    assert bounded.dirtied(0) == 0 and DirtyModel(0, 32 * MIB).dirtied(5) == 0
+    assert bounded.throttled(0.25).rate_bps == 32 * MIB
+
+
+def test_predict_slow_writer_converges_with_exact_eta() -> None:
+    # 32 MiB left at 32 MiB/s: a 1 s pass dirties 8 MiB, which fits in 0.3 s of downtime.
+    pred = predict(32 * MIB, 32 * MIB, DirtyModel(8 * MIB, math.inf), 0.3)
+    assert pred.converges and pred.passes == 1
+    assert pred.eta_s == pytest.approx(1.25)
+    assert pred.downtime_s == pytest.approx(0.25)
+
+
+def test_predict_geometric_passes() -> None:
+    # r = 0.5: 64 -> 32 -> 16 -> 8 MiB (<= 9.6 MiB): three passes of 2, 1 and 0.5 s.
+    pred = predict(64 * MIB, 32 * MIB, DirtyModel(16 * MIB, math.inf), 0.3)
+    assert pred.converges and pred.passes == 3
+    assert pred.eta_s == pytest.approx(2 + 1 + 0.5 + 0.25)
+
+
+def test_predict_fast_writer_stalls_at_its_working_set() -> None:
+    # 4x the bandwidth on 32 MiB: every pass finds nearly all 32 MiB dirty again.
+    pred = predict(100 * MIB, 32 * MIB, DirtyModel(128 * MIB, 32 * MIB), 0.3)
+    assert not pred.converges and math.isinf(pred.eta_s)
+    assert 0.9 < pred.needed_downtime_s < 1.0
+    # the same guest converges once the limit covers its working set
+    assert predict(100 * MIB, 32 * MIB, DirtyModel(128 * MIB, 32 * MIB), 1.1).converges
+    # and a linear writer faster than the link never settles: what is left now is needed
+    grow = predict(20 * MIB, 32 * MIB, DirtyModel(64 * MIB, math.inf), 0.3)
+    assert not grow.converges and grow.needed_downtime_s == pytest.approx(20 / 32)
+
+
+def test_predict_crawl_under_the_threshold_still_converges() -> None:
+    # 1.1x on 53 MiB: the passes shrink ever more slowly towards ~290 ms worth of bytes
+    model = DirtyModel(1.1 * 32 * MIB, 52.7 * MIB)
+    pred = predict(12 * MIB, 32 * MIB, model, 0.3)
+    assert pred.converges and pred.passes > 5 and pred.downtime_s <= 0.3
+    stalled = predict(12 * MIB, 32 * MIB, model, 0.25)
+    assert not stalled.converges and 0.25 < stalled.needed_downtime_s < 0.3
+
+
+def test_predict_without_bandwidth() -> None:
+    assert not predict(MIB, 0, DirtyModel(MIB, math.inf), 0.3).converges
+
+
+def test_fit_separates_rate_and_working_set() -> None:
+    truth = DirtyModel(128 * MIB, 32 * MIB)
+    samples = [(t, truth.dirtied(t)) for t in (0.3, 0.85, 3.0)]
+    model = fit(samples, memory_bytes=128 * MIB)
+    assert model is not None
+    assert model.working_set == pytest.approx(32 * MIB, rel=0.1)
+    assert model.rate_bps == pytest.approx(128 * MIB, rel=0.3)
+    # what matters for the decision: one switchover's worth of dirtying
+    assert model.dirtied(0.3) == pytest.approx(truth.dirtied(0.3), rel=0.1)
+
+
+def test_fit_edge_cases() -> None:
+    assert fit([], memory_bytes=GIB) is None
+    assert fit([(1.0, 0.0)], memory_bytes=GIB) == DirtyModel(0.0, math.inf)
+    # one duration: linear, unless an earlier working set is known
+    one = fit([(0.5, 5 * MIB)], memory_bytes=GIB)
+    assert one is not None and math.isinf(one.working_set)
+    assert one.rate_bps == pytest.approx(10 * MIB)
+    hinted = fit([(0.8, 25 * MIB), (0.82, 25.5 * MIB)], memory_bytes=GIB, working_set_hint=32 * MIB)
+    assert hinted is not None and hinted.working_set == 32 * MIB
+    assert hinted.rate_bps > 32 * MIB  # saturating that working set takes a fast writer
+    # a slow writer over a large set stays linear
+    slow = fit([(t, 8 * MIB * t) for t in (0.3, 1.0, 3.0)], memory_bytes=GIB)
+    assert slow is not None and slow.dirtied(1.0) == pytest.approx(8 * MIB, rel=0.05)
+
+
+# -- choosing actions ------------------------------------------------------------------------------
+
+
+def situation(**kw: object) -> Situation:
+    base: dict[str, object] = {
+        "elapsed_s": 5.0,
+        "remaining": 30 * MIB,
+        "bandwidth_bps": 32 * MIB,
+        "model": DirtyModel(128 * MIB, 32 * MIB),
+        "downtime_limit_ms": 300,
+        "throttle_usable": True,
+    }
+    base.update(kw)
+    return Situation(**base)  # type: ignore[arg-type]
+
+
+C30 = Contract(downtime_target_ms=300, deadline_s=30.0)
+
+
+def test_nothing_to_do_when_precopy_converges() -> None:
+    pred, actions = choose(situation(model=DirtyModel(8 * MIB, math.inf)), C30, TUNE)
+    assert actions == [] and pred is not None and pred.converges
+
+
+def test_a_stall_is_answered_with_a_throttle_within_the_target() -> None:
+    _, actions = choose(situation(), C30, TUNE)
+    assert [a.kind for a in actions] == ["throttle"]
+    assert 20 <= actions[0].value <= 99
+    assert "stalls" in actions[0].reason
+    # an ineffective step goes straight to the maximum
+    _, actions = choose(situation(throttle_pct=70, throttle_ineffective=True), C30, TUNE)
+    assert [(a.kind, a.value) for a in actions] == [("throttle", 99)]
+    # a pending step is given its time
+    assert choose(situation(throttle_pct=70, throttle_pending=True), C30, TUNE)[1] == []
+
+
+def test_a_light_stall_needs_a_light_throttle() -> None:
+    light = situation(model=DirtyModel(40 * MIB, 32 * MIB))
+    heavy = situation(model=DirtyModel(400 * MIB, 64 * MIB), remaining=60 * MIB)
+    light_pct = choose(light, C30, TUNE)[1][0].value
+    heavy_pct = choose(heavy, C30, TUNE)[1][0].value
+    assert light_pct < heavy_pct
+
+
+def test_postcopy_before_exceeding_the_target() -> None:
+    s = situation(throttle_usable=False, postcopy_usable=True)
+    assert [a.kind for a in choose(s, C30, TUNE)[1]] == ["postcopy"]
+    s = situation(throttle_pct=99, postcopy_usable=True)
+    assert [a.kind for a in choose(s, C30, TUNE)[1]] == ["postcopy"]
+
+
+def test_nothing_cheaper_left_switches_over_with_the_downtime_it_needs() -> None:
+    _, actions = choose(situation(throttle_usable=False), C30, TUNE)
+    assert [a.kind for a in actions] == ["downtime"]
+    # ~1 s of working set at 32 MiB/s, with headroom: well above the 300 ms target
+    assert 1000 < actions[0].value < 2000
+    assert "no cheaper action" in actions[0].reason
+    # throttled to the maximum, pending: wait; judged useless: switch over
+    assert choose(situation(throttle_pct=99, throttle_pending=True), C30, TUNE)[1] == []
+    assert [a.kind for a in choose(situation(throttle_pct=99), C30, TUNE)[1]] == ["downtime"]
+
+
+def test_deadline_near_switches_over_even_if_a_throttle_could_help() -> None:
+    _, actions = choose(situation(elapsed_s=27.5), C30, TUNE)
+    assert [a.kind for a in actions] == ["downtime"] and "deadline" in actions[0].reason
+    # a converging migration that would end after the deadline is pushed too
+    slow = situation(model=DirtyModel(30 * MIB, math.inf), remaining=120 * MIB, elapsed_s=25.0)
+    assert [a.kind for a in choose(slow, C30, TUNE)[1]] == ["downtime"]
+
+
+def test_after_the_raise_suspend_then_abort() -> None:
+    forced = situation(forced=True, downtime_limit_ms=1500)
+    assert choose(forced, C30, TUNE)[1] == []
+    late = situation(forced=True, elapsed_s=30.5)
+    assert [a.kind for a in choose(late, C30, TUNE)[1]] == ["suspend"]
+    suspended = situation(suspended=True, elapsed_s=31.0)
+    assert choose(suspended, C30, TUNE)[1] == []  # its last bytes still get time
+    gone = situation(suspended=True, elapsed_s=60.0)
+    assert [a.kind for a in choose(gone, C30, TUNE)[1]] == ["abort"]
+
+
+def test_without_a_model_only_the_deadline_counts() -> None:
+    assert choose(situation(model=None), C30, TUNE)[1] == []
+    assert [a.kind for a in choose(situation(model=None, elapsed_s=31), C30, TUNE)[1]] == ["abort"]
+    no_deadline = Contract(downtime_target_ms=300)
+    assert choose(situation(model=None, elapsed_s=1e6), no_deadline, TUNE)[1] == []
+
+
+# -- policies -----------------------------------------------------------------------------------
+
+
+def test_builtin_policies() -> None:
+    assert set(builtin_names()) >= {
+        "vmferry", "none", "nova", "ovirt-minimal-downtime", "ovirt-postcopy", "ovirt-suspend",
+    }  # fmt: skip
+    for name in builtin_names():
+        assert load_policy(name).name == name
+    assert load_policy("vmferry").kind == "adaptive" and load_policy("vmferry").auto_converge
+    ovirt = load_policy("ovirt-minimal-downtime")
+    assert ovirt.initial_downtime(GIB) == 100 and ovirt.monitor_interval_s == 10
+    assert [(s.action, s.value, s.after_iteration) for s in ovirt.schedule(GIB)] == [
+        ("downtime", 150, 1), ("downtime", 200, 2), ("downtime", 300, 3),
+        ("downtime", 400, 4), ("downtime", 500, 6), ("abort", 0, 6),
+    ]  # fmt: skip
+
+
+def test_nova_ramp_matches_novas_defaults() -> None:
+    nova = load_policy("nova")
+    # a 4 GiB guest: 50 ms at the start, +45 ms every 300 s, 500 ms at 3000 s, abort at 3200 s
+    assert nova.initial_downtime(4 * GIB) == 50
+    steps = nova.schedule(4 * GIB)
+    assert (steps[0].value, steps[0].after_s) == (95, 300)
+    assert (steps[-2].value, steps[-2].after_s) == (500, 3000)
+    assert (steps[-1].action, steps[-1].after_s) == ("abort", 3200)
+    # small guests count as 2 GiB
+    assert nova.schedule(128 * MIB)[0].after_s == 150
+
+
+def test_schedule_steps_fire_in_order() -> None:
+    steps = load_policy("ovirt-postcopy").schedule(GIB)
+    assert due_step(steps, 0, iterations=1, elapsed_s=99) is None
+    assert due_step(steps, 0, iterations=2, elapsed_s=0) == steps[0]
+    assert due_step(steps, 2, iterations=2, elapsed_s=0) is None
+    assert due_step(steps, 2, iterations=3, elapsed_s=0) == steps[2]
+    assert due_step(steps, len(steps), iterations=99, elapsed_s=99) is None
+
+
+def test_policy_from_toml_and_its_errors() -> None:
+    policy = parse_policy(
+        'name = "mine"\n[[step]]\nafter_s = 2\ndowntime_ms = 900\n'
+        '[[step]]\nafter_iteration = 5\naction = "throttle"\nthrottle_pct = 40\n'
+    )
+    assert policy.kind == "schedule" and not policy.auto_converge
+    assert [(s.action, s.value) for s in policy.steps] == [("downtime", 900), ("throttle", 40)]
+    assert load_policy('name = "x"\nkind = "none"\n').kind == "none"
+    for bad, words in (
+        ('name = "x"\nbogus = 1\n', "unknown key"),
+        ('name = "x"\n[[step]]\naction = "explode"\nafter_s = 1\n', "step action"),
+        ('name = "x"\n[[step]]\ndowntime_ms = 100\n', "after_iteration or after_s"),
+        ('name = "x"\n[[step]]\nafter_s = 1\ndowntime_ms = 3000000\n', "downtime_ms in"),
+        ('name = "x"\nkind = "magic"\n', "'kind'"),
+        ("name = \n", "not valid TOML"),
+        ('kind = "none"\n', "'name'"),
+        ('name = "x"\n[adaptive]\npreflight = "maybe"\n', "preflight"),
+    ):
+        with pytest.raises(VmferryError) as err:
+            parse_policy(bad)
+        assert err.value.code == ErrorCode.INVALID_ARG and words in err.value.message, bad
+    with pytest.raises(VmferryError) as err:
+        load_policy("no-such-policy")
+    assert err.value.code == ErrorCode.INVALID_ARG and "vmferry" in err.value.message
+
+
+def test_params_and_cli_carry_the_contract(tmp_path: Path) -> None:
+    with pytest.raises(VmferryError):
+        MigrationParams(policy="no-such-policy").validate(MigrateFlags.LIVE)
+    with pytest.raises(VmferryError):
+        MigrationParams(deadline_s=-1).validate(MigrateFlags.LIVE)
+    parser = build_parser()
+    args = parser.parse_args(
+        ["migrate", "--live", "--policy", "nova", "--downtime-target", "500", "--deadline", "60",
+         "g1", "unix:///dst.sock"]
+    )  # fmt: skip
+    _, params = migrate_cmds.migration_request(args)
+    assert (params.policy, params.downtime_target_ms, params.deadline_s) == ("nova", 500, 60.0)
+    path = tmp_path / "p.toml"
+    path.write_text('name = "mine"\nkind = "none"\n')
+    args = parser.parse_args(["migrate", "--live", "--policy", str(path), "g1", "unix:///d.sock"])
+    assert migrate_cmds.migration_request(args)[1].policy == path.read_text()
+    with pytest.raises(VmferryError):
+        migrate_cmds.migration_request(
+            parser.parse_args(["migrate", "--deadline", "5", "g1", "unix:///d.sock"])
+        )
+
+
+# -- real QEMU, two daemons ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Host, Host]]:
+    with hosts(2) as (a, b):
+        yield a, b
+
+
+async def _migrate(src: Host, dst: Host, name: str, params: MigrationParams) -> MigrationReport:
+    async with AsyncClient(src.uri) as s, AsyncClient(dst.uri) as d:
+        return await migrate(s, d, name, MigrateFlags.LIVE, params)
+
+
+def _cleanup(host: Host, name: str) -> None:
+    with host.client() as c:
+        if name in [d.name for d in c.list_domains(all=True)]:
+            c.destroy(name)
+
+
+@pytest.mark.qemu
+def test_default_policy_lands_a_guest_that_outruns_the_link(pair: tuple[Host, Host]) -> None:
+    """4x the bandwidth: QEMU alone never converges; the default policy meets the contract."""
+    a, b = pair
+    with a.client() as c:
+        c.create(guest_xml("busy", dirty_mib_s=128))
+        before = wait_heartbeat(c, "busy")
+    params = MigrationParams(bandwidth_mib_s=32, downtime_target_ms=300, deadline_s=40)
+    started = time.monotonic()
+    report = asyncio.run(_migrate(a, b, "busy", params))
+    assert time.monotonic() - started < 40
+    with b.client() as c:
+        check_continuity(before, wait_heartbeat(c, "busy", after=before))
+    with a.client() as c:
+        job = c.run(mc.jobinfo("busy", completed=True))
+        text = migrate_cmds.job_info(job)
+    stats = job.stats
+    assert job.type == "completed" and stats["policy"] == "vmferry"
+    kinds = [x["action"] for x in stats["policy_actions"]]
+    assert kinds[0] == "downtime" and len(kinds) >= 2, stats["policy_actions"]
+    # it got there by throttling or by a raised limit, and says so
+    assert {"throttle", "downtime"} & set(kinds[1:])
+    assert stats["policy_converges"] is True and "policy_dirty_rate_bps" in stats
+    assert "Policy action" in text and "Policy:" in text
+    forced = [x for x in stats["policy_actions"][1:] if x["action"] == "downtime"]
+    if not forced:  # it got there by throttling: the downtime target held
+        assert int(report.stats["downtime_ms"]) <= 300 + 200  # type: ignore[call-overload]
+    _cleanup(b, "busy")
+
+
+@pytest.mark.qemu
+def test_schedule_from_toml_raises_the_limit_at_iteration_boundaries(
+    pair: tuple[Host, Host],
+) -> None:
+    a, b = pair
+    with a.client() as c:
+        c.create(guest_xml("sched", dirty_mib_s=64))
+        before = wait_heartbeat(c, "sched")
+    policy = (
+        'name = "two-steps"\ninitial_downtime_ms = 100\n'
+        "[[step]]\nafter_iteration = 2\ndowntime_ms = 200\n"
+        "[[step]]\nafter_iteration = 3\ndowntime_ms = 2000\n"
+    )
+    report = asyncio.run(
+        _migrate(a, b, "sched", MigrationParams(bandwidth_mib_s=32, policy=policy, deadline_s=40))
+    )
+    with a.client() as c:
+        stats = c.run(mc.jobinfo("sched", completed=True)).stats
+    actions = stats["policy_actions"]
+    assert [(x["action"], x["value"]) for x in actions] == [
+        ("downtime", 100), ("downtime", 200), ("downtime", 2000),
+    ]  # fmt: skip
+    # each step fired after its boundary, never before
+    assert (
+        stats["policy_actions"][1]["iteration"] > 2 and stats["policy_actions"][2]["iteration"] > 3
+    )
+    assert int(report.stats["downtime_ms"]) < 2000 + 500  # type: ignore[call-overload]
+    with b.client() as c:
+        check_continuity(before, wait_heartbeat(c, "sched", after=before))
+    _cleanup(b, "sched")
+
+
+@pytest.mark.qemu
+def test_deadline_aborts_and_puts_qemu_back(pair: tuple[Host, Host]) -> None:
+    """oVirt's ramp past a 4 s deadline: aborted, guest intact here, QEMU's limit restored."""
+    a, b = pair
+    with a.client() as c:
+        c.create(guest_xml("late", dirty_mib_s=64))
+        before = wait_heartbeat(c, "late")
+        assert c.get_maxdowntime("late") == 300
+    params = MigrationParams(bandwidth_mib_s=32, policy="ovirt-minimal-downtime", deadline_s=4)
+    started = time.monotonic()
+    with pytest.raises(VmferryError) as err:
+        asyncio.run(_migrate(a, b, "late", params))
+    assert err.value.code == ErrorCode.OPERATION_TIMEOUT, err.value.message
+    assert "deadline" in err.value.message and "ovirt-minimal-downtime" in err.value.message
+    assert 4.0 <= time.monotonic() - started < 12
+    with a.client() as c:
+        info = c.dominfo("late")
+        assert (info.state, info.job.async_job) == ("running", "none")
+        check_continuity(before, wait_heartbeat(c, "late", after=before))
+        assert c.get_maxdowntime("late") == 300  # the policy's 100 ms did not stay behind
+    with b.client() as c:
+        assert "late" not in [d.name for d in c.list_domains(all=True)]
+    _cleanup(a, "late")
