@@ -66,24 +66,28 @@ class Host:
         )
         return cfg
 
+    def command(self, cfg: Path) -> list[str]:
+        """The daemon's argv (a subclass may wrap it, e.g. in ``ip netns exec``)."""
+        return [
+            sys.executable,
+            "-m",
+            "vmferry.daemon.main",
+            "--state-dir",
+            str(self.state_dir),
+            "--listen",
+            self.uri,
+            "--config",
+            str(cfg),
+            "--log-level",
+            "debug",
+            *(["--listen", self.tls_uri] if self.tls_port else []),
+        ]
+
     def start(self, timeout: float = 20.0) -> None:
         cfg = self.write_config()
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vmferry.daemon.main",
-                "--state-dir",
-                str(self.state_dir),
-                "--listen",
-                self.uri,
-                "--config",
-                str(cfg),
-                "--log-level",
-                "debug",
-                *(["--listen", self.tls_uri] if self.tls_port else []),
-            ],
+            self.command(cfg),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.extra_env},

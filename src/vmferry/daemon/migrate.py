@@ -551,9 +551,7 @@ class MigrationDriver(Driver):
 def _resuming(dom: QemuDomain, async_job: AsyncJob) -> bool:
     """Whether *dom*'s *async_job* is resuming a failed post-copy migration."""
     phase = dom.job.phase
-    return (
-        dom.job.is_active(async_job) and isinstance(phase, MigrationPhase) and phase.is_resume
-    )
+    return dom.job.is_active(async_job) and isinstance(phase, MigrationPhase) and phase.is_resume
 
 
 class _WatchedDestination:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 PREPARE2_API = "migrate-prepare2"
 # How long Finish waits for the incoming stream to complete after the source said it sent it all.
 FINISH_WAIT_S = 60.0
+#: How long Finish waits for an incoming stream that has not even started.
+STREAM_START_WAIT_S = 5.0
 #: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
 UNATTENDED_API = "migration-unattended"
 
@@ -98,11 +100,12 @@ async def prepare(
         await failpoint("dst-prepare-before")
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params)
+        if session:
+            # The client may have left while Prepare ran: then nobody would Finish it.
+            host.bind_session(session, dom)
     except BaseException:
         await discard_incoming(host, dom)
         raise
-    if session:
-        host.bind_session(session, dom)
     dom.job.continue_(cleanup=_prepare_cleanup(host, dom))
     await failpoint("dst-prepare-after")
     cookie = MigrationCookie(
@@ -284,6 +287,17 @@ async def _finish_active(
 ) -> float | None:
     """Resume the guest once its stream is over; after post-copy return when it resumed."""
     mon = dom.require_monitor()
+    # Finish comes once the source sent everything, or did not say (v2, answer lost): a
+    # stream that never even started will not come, no need to wait for it.
+    waiting = ("none", "setup")  # setup: listening, no connection yet
+    await dom.wait_for(
+        lambda: dom.migration.status not in waiting or not mon.connected, STREAM_START_WAIT_S
+    )
+    if dom.migration.status in waiting and mon.connected:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"no migration stream of '{dom.name}' arrived: the source never started sending it",
+        )
     over = ("completed", "failed", "cancelled", *postcopy.POSTCOPY_STATES)
     done = await dom.wait_for(
         lambda: dom.migration.status in over or not mon.connected, FINISH_WAIT_S
@@ -339,8 +353,10 @@ async def wait_postcopy_end(dom: QemuDomain) -> None:
     """
     mon = dom.require_monitor()
     await dom.wait_for(
-        lambda: dom.migration.status in ("completed", "failed", "cancelled", "postcopy-paused")
-        or not mon.connected,
+        lambda: (
+            dom.migration.status in ("completed", "failed", "cancelled", "postcopy-paused")
+            or not mon.connected
+        ),
         None,
     )
     if not mon.connected:

@@ -183,8 +183,7 @@ def check_resumable(dom: QemuDomain, async_job: AsyncJob) -> None:
     if job.owned:
         raise VmferryError(
             ErrorCode.OPERATION_INVALID,
-            f"migration of domain '{dom.name}' is being actively handled by API "
-            f"'{job.async_api}'",
+            f"migration of domain '{dom.name}' is being actively handled by API '{job.async_api}'",
         )
     if not in_postcopy(dom):
         raise VmferryError(

@@ -87,6 +87,8 @@ async def begin(
         dom.migration.was_running = dom.state == DomainState.RUNNING
         dom.save()
         await failpoint("src-begin-before")
+        if not offline:
+            dom.require_active()  # QEMU may have died meanwhile: its status must not linger
         cookie = _cookie(host, dom)
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
@@ -448,8 +450,10 @@ async def perform_resume(
             dom.migration.status = "postcopy-paused"
             raise
         await dom.wait_for(
-            lambda: dom.migration.status not in ("postcopy-recover-setup", "postcopy-recover")
-            or not mon.connected,
+            lambda: (
+                dom.migration.status not in ("postcopy-recover-setup", "postcopy-recover")
+                or not mon.connected
+            ),
             postcopy.PAUSE_WAIT_S,
         )
         if dom.migration.status not in ("postcopy-active", "completed"):
