@@ -11,6 +11,8 @@ Actions:
   flushing, exactly like a crash or ``kill -9``).
 * ``hang``: the calling task blocks until it is cancelled.
 * ``error``: raise ``VmferryError(INTERNAL_ERROR, "failpoint NAME hit")``.
+* ``pause``: create ``$VMFERRY_FAILPOINTS_DIR/NAME.hit``, wait until ``NAME.release``
+  exists there, then go on as if nothing happened (the fault matrix acts meanwhile).
 
 The points (:data:`POINTS`) sit at each migration phase boundary on both
 sides, ``<step>-before`` once the step's phase is persisted and before its
@@ -31,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -55,7 +58,11 @@ POINTS: frozenset[str] = frozenset(
 )
 
 #: What a failpoint may do.
-ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error"})
+ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error", "pause"})
+
+#: ``pause`` creates ``<name>.hit`` in this directory and waits for ``<name>.release``.
+DIR_ENV = "VMFERRY_FAILPOINTS_DIR"
+PAUSE_POLL_S = 0.05
 
 # name -> action; empty means every failpoint is a no-op (the only check on the hot path)
 _enabled: dict[str, str] = {}
@@ -109,6 +116,16 @@ def armed(name: str) -> bool:
     return bool(_enabled) and name in _enabled
 
 
+async def _pause(name: str) -> None:
+    # Another process releases us through the file system: nothing to wait on but it.
+    where = Path(os.environ.get(DIR_ENV, "."))
+    (where / f"{name}.hit").touch()
+    release = where / f"{name}.release"
+    while not release.exists():  # noqa: ASYNC110
+        await asyncio.sleep(PAUSE_POLL_S)
+    log.warning("failpoint %s released", name)
+
+
 async def failpoint(name: str) -> None:
     """Run the action of failpoint *name*, if it has one."""
     if not _enabled:
@@ -126,4 +143,7 @@ async def failpoint(name: str) -> None:
         await asyncio.sleep(3600)  # pragma: no cover - SIGKILL is not delivered late
     if action == "hang":
         await asyncio.Event().wait()
+    if action == "pause":
+        await _pause(name)
+        return
     raise VmferryError(ErrorCode.INTERNAL_ERROR, f"failpoint {name} hit")

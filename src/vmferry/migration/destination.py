@@ -172,11 +172,18 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
         return
     if dom.job.async_started_by == PREPARE2_API and dom.active:
         # v2: the source kills itself once the stream is complete, so a complete
-        # stream here is the only copy of the guest. Let the stream settle, then decide.
+        # stream here is the only copy of the guest. Let the stream settle, then decide;
+        # one that never started will not come.
         await dom.wait_for(
-            lambda: dom.migration.status in ("completed", "failed", "cancelled") or not dom.active,
-            FINISH_WAIT_S,
+            lambda: dom.migration.status not in ("none", "setup") or not dom.active,
+            STREAM_START_WAIT_S,
         )
+        if dom.migration.status not in ("none", "setup"):
+            await dom.wait_for(
+                lambda: dom.migration.status in ("completed", "failed", "cancelled")
+                or not dom.active,
+                FINISH_WAIT_S,
+            )
         if dom.migration.status == "completed" and dom.active:
             log.warning("client of v2 migration of %s left after the stream: resuming", dom.name)
             await finish(host, dom.name, None, cancelled=False, v3=False, api="autodestroy")

@@ -92,11 +92,11 @@ async def begin(
         cookie = _cookie(host, dom)
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
+        if session:
+            host.bind_session(session, dom)  # fails if the client is already gone
     except BaseException:
         dom.job.finish_async()
         raise
-    if session:
-        host.bind_session(session, dom)
     dom.job.continue_(cleanup=_job_cleanup(dom))
     await failpoint("src-begin-after")
     return xml, cookie.to_xml()

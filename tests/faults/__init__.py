@@ -1,0 +1,1 @@
+"""The fault matrix: every fault at every migration phase boundary, on namespaced hosts."""

@@ -1,0 +1,164 @@
+"""The fault matrix: which faults, at which boundaries, and what each case must end with.
+
+A case is (protocol mode, failpoint, fault). The failpoint names the phase
+boundary where the protocol is stopped (``pause``) while the fault is
+applied. What a correct system must end with depends on where the guest's
+state is at that boundary:
+
+* the source QEMU holds the only copy until the stream completed
+  (:func:`state_moved`): killing it there may lose the guest;
+* once the destination resumed the guest (v3 Finish, or the v2 source killed
+  itself after Perform) the source copy is stale (:func:`committed`): the guest
+  must never run on the source again, and killing the destination QEMU may
+  lose it.
+
+Everywhere else the guest must survive, on exactly one host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    V3 = "v3"  # client-managed, protocol v3
+    P2P = "p2p"  # peer-to-peer (the source daemon runs v3)
+    V2 = "v2"  # client-managed, protocol v2
+
+
+class Fault(StrEnum):
+    KILL_SRC_DAEMON = "kill-src-daemon"
+    KILL_DST_DAEMON = "kill-dst-daemon"
+    KILL_SRC_QEMU = "kill-src-qemu"
+    KILL_DST_QEMU = "kill-dst-qemu"
+    KILL_CLIENT = "kill-client"
+    CUT_LINK = "cut-link"
+
+
+#: The boundaries of each protocol, in the order the protocol passes them.
+V3_POINTS = (
+    "src-begin-before",
+    "src-begin-after",
+    "dst-prepare-before",
+    "dst-prepare-after",
+    "src-perform3-before",
+    "src-perform-migrating",
+    "src-perform3-after",
+    "dst-finish-before",
+    "dst-finish-after",
+    "src-confirm3-before",
+    "src-confirm3-after",
+)
+V2_POINTS = (
+    "dst-prepare-before",
+    "dst-prepare-after",
+    "src-perform2-before",
+    "src-perform-migrating",
+    "src-perform2-after",
+    "dst-finish-before",
+    "dst-finish-after",
+)
+
+
+def points(mode: Mode) -> tuple[str, ...]:
+    return V2_POINTS if mode == Mode.V2 else V3_POINTS
+
+
+def _at_or_after(mode: Mode, point: str, first: str) -> bool:
+    order = points(mode)
+    return order.index(point) >= order.index(first)
+
+
+def state_moved(mode: Mode, point: str) -> bool:
+    """Whether the destination QEMU holds the complete state at *point*."""
+    first = "src-perform2-after" if mode == Mode.V2 else "src-perform3-after"
+    return _at_or_after(mode, point, first)
+
+
+def committed(mode: Mode, point: str) -> bool:
+    """Whether the destination took over at *point* (the source copy is stale or gone)."""
+    first = "src-perform2-after" if mode == Mode.V2 else "dst-finish-after"
+    return _at_or_after(mode, point, first)
+
+
+def src_qemu_exists(mode: Mode, point: str) -> bool:
+    """The source QEMU is stopped by Confirm (v3) or at the end of Perform (v2)."""
+    last = "src-perform-migrating" if mode == Mode.V2 else "src-confirm3-before"
+    return not _at_or_after(mode, point, last) or point == last
+
+
+def dst_qemu_exists(mode: Mode, point: str) -> bool:
+    """The incoming QEMU starts inside Prepare."""
+    return _at_or_after(mode, point, "dst-prepare-after")
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: Mode
+    point: str
+    fault: Fault
+
+    @property
+    def id(self) -> str:
+        return f"{self.mode}/{self.point}/{self.fault}"
+
+    @property
+    def paused_side(self) -> str:
+        """``src`` or ``dst``: whose daemon stops at the failpoint."""
+        return self.point.split("-", 1)[0]
+
+    def applicable(self) -> str:
+        """Why the case cannot happen ("" when it can)."""
+        if self.fault == Fault.KILL_SRC_QEMU and not src_qemu_exists(self.mode, self.point):
+            return "the source QEMU is already gone"
+        if self.fault == Fault.KILL_DST_QEMU and not dst_qemu_exists(self.mode, self.point):
+            return "no destination QEMU yet"
+        return ""
+
+    def loss_allowed(self) -> bool:
+        """Whether the fault killed the QEMU that held the only valid copy of the guest."""
+        if self.fault == Fault.KILL_SRC_QEMU:
+            return not state_moved(self.mode, self.point)
+        if self.fault == Fault.KILL_DST_QEMU:
+            return committed(self.mode, self.point)
+        return False
+
+
+def full_matrix() -> list[Case]:
+    """Every mode x boundary x fault, including the ones that cannot happen (reported N/A)."""
+    return [Case(mode, point, fault) for mode in Mode for point in points(mode) for fault in Fault]
+
+
+def _c(mode: str, point: str, fault: str) -> Case:
+    return Case(Mode(mode), point, Fault(fault))
+
+
+#: What CI runs: every boundary, every fault and every mode at least once (see check_subset).
+CI_SUBSET: tuple[Case, ...] = (
+    _c("v3", "src-begin-before", "kill-src-qemu"),
+    _c("v3", "src-begin-after", "kill-client"),
+    _c("v3", "dst-prepare-before", "kill-client"),
+    _c("p2p", "dst-prepare-after", "cut-link"),
+    _c("v3", "src-perform3-before", "kill-dst-qemu"),
+    _c("p2p", "src-perform-migrating", "kill-dst-daemon"),
+    _c("v3", "src-perform3-after", "kill-src-daemon"),
+    _c("v3", "dst-finish-before", "kill-src-qemu"),
+    _c("p2p", "dst-finish-after", "kill-src-daemon"),
+    _c("v3", "src-confirm3-before", "kill-dst-daemon"),
+    _c("p2p", "src-confirm3-after", "cut-link"),
+    _c("v2", "src-perform2-before", "kill-src-daemon"),
+    _c("v2", "src-perform-migrating", "cut-link"),
+    _c("v2", "src-perform2-after", "kill-dst-daemon"),
+    _c("v2", "dst-finish-before", "kill-client"),
+)
+
+
+def check_subset(cases: tuple[Case, ...]) -> list[str]:
+    """What *cases* leave uncovered: boundaries, faults and modes not hit (or N/A cases)."""
+    missing = [f"{c.id} is not applicable" for c in cases if c.applicable()]
+    missing += [f"mode {m}" for m in Mode if all(c.mode != m for c in cases)]
+    missing += [f"fault {f}" for f in Fault if all(c.fault != f for c in cases)]
+    all_points = set(V3_POINTS) | set(V2_POINTS)
+    missing += [f"boundary {p}" for p in sorted(all_points) if all(c.point != p for c in cases)]
+    return missing

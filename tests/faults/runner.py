@@ -1,0 +1,398 @@
+"""Run one fault-matrix case on a pair of namespaced hosts and judge what it ended with.
+
+The steps of :func:`run_case`:
+
+1. start both daemons, the side of the failpoint with ``<point>=pause``;
+   boot the test guest on the source (host A);
+2. start the client (a process of its own) migrating the guest A -> B and wait
+   until the failpoint is reached;
+3. apply the fault, then release the failpoint;
+4. restart what was killed (after :data:`RESTART_DELAY_S`), or bring the link
+   back (after :data:`LINK_DOWN_S`);
+5. wait (at most :data:`RECOVERY_TIMEOUT_S`) until neither side holds a job
+   and no copy of the guest is paused, stable for :data:`SETTLE_S`;
+6. check: the guest runs on exactly one host with its memory intact (or on
+   none, where the killed QEMU held its only copy), no QEMU left over, no
+   incoming migration port open, no status file of an inactive domain; then a
+   new migration with the same protocol must succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster import wait_heartbeat
+from tests.faults.cases import Case, Fault, Mode, committed
+from tests.faults.pause import DIR_ENV
+from tests.netns import PORT_MAX, PORT_MIN, NetnsHost, NetnsPair, netns_hosts
+from vmferry.api.models import DomainInfo
+from vmferry.errors import VmferryError
+from vmferry.failpoints import ENV_VAR
+from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+
+GUEST = "g"
+REPO = Path(__file__).resolve().parents[2]
+
+#: How long the client may take to reach the failpoint.
+REACH_TIMEOUT_S = 30.0
+#: How long a killed daemon stays dead (unless the client gave up sooner).
+RESTART_DELAY_S = 3.0
+#: How long the link stays cut: longer than the p2p keepalive (3 x 1 s) gives up.
+LINK_DOWN_S = 6.0
+#: Bound on recovery, from the fault to a settled state.
+RECOVERY_TIMEOUT_S = 60.0
+#: A settled state must hold this long (a resolver may still act on it).
+SETTLE_S = 1.5
+#: Bound on the follow-up migration.
+MIGRATE_TIMEOUT_S = 60.0
+
+
+class CaseFailed(Exception):
+    """A check did not hold: the message says which."""
+
+
+@dataclass
+class Result:
+    case: Case
+    verdict: str = "FAIL"  # PASS, LOST (expected: the only copy was killed), FAIL, N/A
+    outcome: str = ""
+    reason: str = ""
+    recover_s: float | None = None
+    wall_s: float = 0.0
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("PASS", "LOST", "N/A")
+
+
+@dataclass
+class _Run:
+    """What one case has going."""
+
+    case: Case
+    net: NetnsPair
+    src: NetnsHost
+    dst: NetnsHost
+    fpdir: Path
+    client: subprocess.Popen[bytes] | None = None
+    client_out: Path | None = None
+
+    def host(self, side: str) -> NetnsHost:
+        return self.src if side == "src" else self.dst
+
+    def env(self, armed: bool) -> dict[str, str]:
+        env = {"PYTHONPATH": str(REPO), DIR_ENV: str(self.fpdir)}
+        if armed:
+            env[ENV_VAR] = f"{self.case.point}=pause"
+        return env
+
+
+def run_case(net: NetnsPair, case: Case, *, keep_logs: Path | None = None) -> Result:
+    """Run *case*; never raises for a failed check (the result says FAIL and why)."""
+    result = Result(case)
+    why = case.applicable()
+    if why:
+        result.verdict, result.outcome = "N/A", why
+        return result
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="vff", dir="/tmp"))
+    try:
+        with netns_hosts(net, root=root, module="tests.faults.pause") as (a, b):
+            run = _Run(case, net, a, b, root / "fp")
+            run.fpdir.mkdir()
+            try:
+                _execute(run, result)
+            except CaseFailed as err:
+                result.verdict, result.reason = "FAIL", str(err)
+            except Exception as err:  # any surprise is this case's failure, not the run's
+                result.verdict, result.reason = "FAIL", f"{type(err).__name__}: {err}"
+            finally:
+                _stop_client(run)
+                with contextlib.suppress(subprocess.SubprocessError):
+                    net.link_up()
+                if not result.ok and keep_logs is not None:
+                    result.logs = _keep_logs(run, keep_logs)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def _execute(run: _Run, result: Result) -> None:
+    case = run.case
+    for side in ("src", "dst"):
+        host = run.host(side)
+        host.extra_env = run.env(armed=side == case.paused_side)
+        host.start()
+    hb0 = _boot(run.src)
+    _start_client(run, run.src, run.dst)
+    _wait_reached(run)
+    t_fault = time.monotonic()
+    killed = _apply_fault(run)
+    (run.fpdir / f"{case.point}.release").touch()
+    if killed:
+        _wait_client(run, RESTART_DELAY_S)
+        for host in killed:
+            host.extra_env = run.env(armed=False)
+            host.start()
+    if case.fault == Fault.CUT_LINK:
+        time.sleep(LINK_DOWN_S)
+        run.net.link_up()
+    where = _wait_settled(run, t_fault, result)
+    client_note = _client_result(run)
+    _check(run, result, where, hb0, client_note)
+
+
+# -- steps ----------------------------------------------------------------------------------------
+
+
+def _boot(host: NetnsHost) -> Heartbeat:
+    with host.client() as c:
+        c.create(guest_xml(GUEST))
+        return wait_heartbeat(c, GUEST)
+
+
+def _start_client(run: _Run, src: NetnsHost, dst: NetnsHost) -> None:
+    # p2p: the source daemon reaches the destination over the veth (TLS)
+    dst_uri = dst.tls_uri if run.case.mode == Mode.P2P else dst.uri
+    run.client_out = run.fpdir / f"client-{time.monotonic_ns()}.out"
+    with run.client_out.open("wb") as out:
+        run.client = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.client", run.case.mode, src.uri, dst_uri, GUEST],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+
+def _wait_reached(run: _Run) -> None:
+    hit = run.fpdir / f"{run.case.point}.hit"
+    deadline = time.monotonic() + REACH_TIMEOUT_S
+    while not hit.exists():
+        assert run.client is not None
+        if run.client.poll() is not None:
+            raise CaseFailed(
+                f"the migration ended before failpoint {run.case.point}: {_client_result(run)}"
+            )
+        if time.monotonic() > deadline:
+            raise CaseFailed(f"failpoint {run.case.point} not reached within {REACH_TIMEOUT_S} s")
+        time.sleep(0.05)
+
+
+def _apply_fault(run: _Run) -> list[NetnsHost]:
+    """Apply the case's fault; return the daemons it killed."""
+    fault = run.case.fault
+    if fault in (Fault.KILL_SRC_DAEMON, Fault.KILL_DST_DAEMON):
+        host = run.src if fault == Fault.KILL_SRC_DAEMON else run.dst
+        host.kill(signal.SIGKILL)
+        return [host]
+    if fault in (Fault.KILL_SRC_QEMU, Fault.KILL_DST_QEMU):
+        host = run.src if fault == Fault.KILL_SRC_QEMU else run.dst
+        pids = host.qemu_pids()
+        if len(pids) != 1:
+            raise CaseFailed(f"expected one QEMU on {host.name} at {run.case.point}, found {pids}")
+        os.kill(pids[0], signal.SIGKILL)
+    elif fault == Fault.KILL_CLIENT:
+        assert run.client is not None
+        run.client.kill()
+        run.client.wait(timeout=10)
+    elif fault == Fault.CUT_LINK:
+        run.net.link_down()
+    return []
+
+
+def _wait_client(run: _Run, timeout: float) -> None:
+    if run.client is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.client.wait(timeout=timeout)
+
+
+def _stop_client(run: _Run) -> None:
+    if run.client is not None and run.client.poll() is None:
+        run.client.kill()
+        run.client.wait(timeout=10)
+
+
+def _client_result(run: _Run) -> str:
+    if run.client is None:
+        return "no client"
+    if run.client.poll() is None:
+        return "client still running"
+    if run.client.returncode == -signal.SIGKILL:
+        return "client killed"
+    assert run.client_out is not None
+    text = run.client_out.read_text(errors="replace").strip()
+    try:
+        answer = json.loads(text.splitlines()[-1])
+    except (ValueError, IndexError):
+        return f"client exited {run.client.returncode}: {text[-300:]}"
+    return "client: ok" if answer["ok"] else f"client: {_tidy(run, answer['error'])}"
+
+
+def _tidy(run: _Run, text: str) -> str:
+    """Run-specific paths and addresses as host names, so tables of two runs compare."""
+    for host, tag in ((run.src, "A"), (run.dst, "B")):
+        text = text.replace(str(host.root), f"<{tag}>").replace(host.address, f"<{tag}-veth>")
+    return text
+
+
+# -- settling and checks --------------------------------------------------------------------------
+
+
+def _domains(host: NetnsHost) -> list[DomainInfo]:
+    with host.client() as c:
+        return [d for d in c.list_domains(all=True) if d.name == GUEST]
+
+
+def _snapshot(run: _Run) -> tuple[dict[str, list[DomainInfo]], str]:
+    """The guest's domain objects on each side, and why this is not settled ("" if it is)."""
+    seen: dict[str, list[DomainInfo]] = {}
+    for side in ("src", "dst"):
+        try:
+            seen[side] = _domains(run.host(side))
+        except VmferryError as err:
+            return seen, f"{side} daemon does not answer: {err}"
+    for side, doms in seen.items():
+        for d in doms:
+            if d.job.async_job != "none" or d.job.job != "none":
+                return seen, f"{side} holds job {d.job.async_job}/{d.job.phase} ({d.job.job})"
+            if d.state not in ("running", "shutoff"):
+                return seen, f"guest {d.state} ({d.reason}) on {side}"
+    if run.client is not None and run.client.poll() is None:
+        return seen, "client still running"
+    return seen, ""
+
+
+def _wait_settled(run: _Run, t_fault: float, result: Result) -> list[str]:
+    """Wait until nothing moves any more; return the sides the guest runs on."""
+    deadline = t_fault + RECOVERY_TIMEOUT_S
+    settled_at: float | None = None
+    why = ""
+    seen: dict[str, list[DomainInfo]] = {}
+    while time.monotonic() < deadline:
+        seen, why = _snapshot(run)
+        now = time.monotonic()
+        if why:
+            settled_at = None
+        elif settled_at is None:
+            settled_at = now
+        elif now - settled_at >= SETTLE_S:
+            result.recover_s = round(settled_at - t_fault, 1)
+            return [s for s, doms in seen.items() for d in doms if d.state == "running"]
+        time.sleep(0.25)
+    raise CaseFailed(f"not recovered within {RECOVERY_TIMEOUT_S:.0f} s: {why}")
+
+
+def _check(run: _Run, result: Result, where: list[str], hb0: Heartbeat, client: str) -> None:
+    case = run.case
+    names = {"src": "A (source)", "dst": "B (destination)"}
+    if len(where) > 1:
+        raise CaseFailed(f"guest runs on both hosts; {client}")
+    if where:
+        side = where[0]
+        result.outcome = f"runs on {names[side]}; {client}"
+        if side == "src" and committed(case.mode, case.point):
+            raise CaseFailed(f"the source resumed a guest the destination had taken over; {client}")
+        with run.host(side).client() as c:
+            hb = wait_heartbeat(c, GUEST, after=hb0, timeout=20)
+        try:
+            check_continuity(hb0, hb)
+        except AssertionError as err:
+            raise CaseFailed(f"{result.outcome}, but {err}") from None
+    else:
+        result.outcome = f"lost; {client}"
+        if not case.loss_allowed():
+            raise CaseFailed(f"guest lost although a copy survived; {client}")
+    problems = _leftovers(run)
+    try:
+        _migrate_again(run, where[0] if where else "")
+    except (CaseFailed, AssertionError, VmferryError) as err:
+        problems.append(str(err))
+    if problems:
+        raise CaseFailed("; ".join(problems))
+    result.verdict = "PASS" if where else "LOST"
+
+
+def _leftovers(run: _Run) -> list[str]:
+    """QEMUs, domains, migration ports and status files that should be gone."""
+    problems = []
+    for side in ("src", "dst"):
+        host = run.host(side)
+        active = [d.name for d in _domains(host) if d.state != "shutoff"]
+        inactive = [d.name for d in _domains(host) if d.state == "shutoff"]
+        if inactive:
+            problems.append(f"{host.name} keeps the shut-off transient guest {inactive}")
+        qemus = host.qemu_pids()
+        if len(qemus) != len(active):
+            problems.append(f"{host.name} has {len(qemus)} QEMU for {len(active)} active domain")
+        ports = {p for p in run.net.listening_ports(side) if PORT_MIN <= p <= PORT_MAX}
+        if ports:
+            problems.append(f"{host.name} still listens on migration port(s) {sorted(ports)}")
+        allowed = {f"{n}.json" for n in active} | {f"{n}.qmp" for n in active}
+        run_dir = host.state_dir / "run"
+        files = sorted(
+            p.name
+            for p in (run_dir.iterdir() if run_dir.exists() else [])
+            if p.name not in allowed and not (p.name.startswith(".") and active)
+        )
+        if files:
+            problems.append(f"{host.name} left {', '.join(files)} in state/run")
+    return problems
+
+
+def _migrate_again(run: _Run, side: str) -> None:
+    """The guest (a fresh one if it was lost) must migrate with the same protocol now."""
+    if not side:
+        side = "src"
+        _boot(run.src)
+    src = run.host(side)
+    dst = run.host("dst" if side == "src" else "src")
+    with src.client() as c:
+        before = wait_heartbeat(c, GUEST)
+    _start_client(run, src, dst)
+    assert run.client is not None
+    try:
+        run.client.wait(timeout=MIGRATE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise CaseFailed(f"new migration still running after {MIGRATE_TIMEOUT_S:.0f} s") from None
+    note = _client_result(run)
+    if note != "client: ok":
+        raise CaseFailed(f"the new migration failed: {note}")
+    with dst.client() as c:
+        info = c.dominfo(GUEST)
+        if info.state != "running":
+            raise CaseFailed(f"after the new migration the guest is {info.state} ({info.reason})")
+        check_continuity(before, wait_heartbeat(c, GUEST, after=before, timeout=20))
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+
+def _keep_logs(run: _Run, dest: Path) -> list[str]:
+    """Copy the daemons' and client's logs of a failed case to *dest*/<case>/."""
+    where = dest / run.case.id.replace("/", "_")
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    kept = []
+    for side in ("src", "dst"):
+        host = run.host(side)
+        for src in [host.log, *sorted((host.state_dir / "log").glob("*.log"))]:
+            if src.exists():
+                target = where / f"{side}-{src.name}"
+                shutil.copyfile(src, target)
+                kept.append(str(target))
+    for out in sorted(run.fpdir.glob("client-*.out")):
+        shutil.copyfile(out, where / out.name)
+        kept.append(str(where / out.name))
+    return kept
