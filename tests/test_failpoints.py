@@ -27,8 +27,8 @@ def test_points_cover_every_phase_boundary() -> None:
         assert {f"{step}-before", f"{step}-after"} <= POINTS
     for step in ("dst-prepare", "dst-finish"):
         assert {f"{step}-before", f"{step}-after"} <= POINTS
-    assert "src-perform-migrating" in POINTS
-    assert len(POINTS) == 13
+    assert {"src-perform-migrating", "dst-postcopy-running"} <= POINTS
+    assert len(POINTS) == 14
 
 
 def test_parse() -> None:

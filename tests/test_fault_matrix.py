@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cases import CI_SUBSET, Case, check_subset
+from tests.faults.cases import CI_SUBSET, Case, Fault, Mode, check_subset, committed
 from tests.faults.matrix import LOGS
 from tests.faults.runner import run_case
 from tests.netns import NetnsPair, available, netns_pair
@@ -30,6 +30,25 @@ def net() -> Iterator[NetnsPair]:
 
 def test_ci_subset_covers_every_boundary_fault_and_mode() -> None:
     assert check_subset(CI_SUBSET) == []
+
+
+def test_postcopy_expectations() -> None:
+    """Until the post-copy stream completed either QEMU may take the guest with it."""
+
+    def case(point: str, fault: Fault) -> Case:
+        return Case(Mode.V3_POSTCOPY, point, fault)
+
+    for point in ("src-perform3-after", "dst-finish-before", "dst-postcopy-running"):
+        assert case(point, Fault.KILL_SRC_QEMU).loss_allowed()
+        assert case(point, Fault.KILL_DST_QEMU).loss_allowed()
+        for fault in (Fault.KILL_CLIENT, Fault.CUT_LINK, Fault.KILL_SRC_DAEMON):
+            assert not case(point, fault).loss_allowed()
+    # Finish returned: the stream completed, the source copy is no longer needed
+    assert not case("src-confirm3-before", Fault.KILL_SRC_QEMU).loss_allowed()
+    assert case("src-confirm3-after", Fault.KILL_SRC_QEMU).applicable()
+    # the destination ran the guest from Finish's cont on: the source must not resume
+    assert not committed(Mode.V3_POSTCOPY, "dst-finish-before")
+    assert committed(Mode.V3_POSTCOPY, "dst-postcopy-running")
 
 
 @pytest.mark.parametrize("case", CI_SUBSET, ids=[c.id for c in CI_SUBSET])

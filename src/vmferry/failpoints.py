@@ -18,7 +18,9 @@ The points (:data:`POINTS`) sit at each migration phase boundary on both
 sides, ``<step>-before`` once the step's phase is persisted and before its
 work, ``<step>-after`` once the work and the new phase are persisted and
 before the answer goes out, plus ``src-perform-migrating`` inside Perform
-after ``migrate`` was issued and QEMU reports the migration active.
+after ``migrate`` was issued and QEMU reports the migration active, and
+``dst-postcopy-running`` inside a post-copy Finish once the guest runs on the
+destination (after ``cont``) and before waiting for the stream to complete.
 
 Usage::
 
@@ -54,7 +56,7 @@ _STEPS = (
 #: Every failpoint the code has.
 POINTS: frozenset[str] = frozenset(
     [f"{step}-{when}" for step in _STEPS for when in ("before", "after")]
-    + ["src-perform-migrating"]
+    + ["src-perform-migrating", "dst-postcopy-running"]
 )
 
 #: What a failpoint may do.

@@ -12,6 +12,13 @@ state is at that boundary:
   must never run on the source again, and killing the destination QEMU may
   lose it.
 
+Post-copy (mode ``v3-postcopy``, boundaries :data:`POSTCOPY_POINTS`, all after
+the switch-over) adds a third state: from the switch until the post-copy
+stream completed (Finish returns only then) the guest's newest state is split
+between the two QEMUs (:func:`split`), and killing *either* may lose it. Before
+the destination ran the guest (Finish's ``cont``) the source may still take it
+back; from ``dst-postcopy-running`` on it must not.
+
 Everywhere else the guest must survive, on exactly one host.
 """
 
@@ -25,6 +32,7 @@ class Mode(StrEnum):
     V3 = "v3"  # client-managed, protocol v3
     P2P = "p2p"  # peer-to-peer (the source daemon runs v3)
     V2 = "v2"  # client-managed, protocol v2
+    V3_POSTCOPY = "v3-postcopy"  # client-managed v3, switched to post-copy after the 1st pass
 
 
 class Fault(StrEnum):
@@ -61,7 +69,20 @@ V2_POINTS = (
 )
 
 
+#: The boundaries where post-copy matters: after the switch with the destination still paused,
+#: with the destination running the guest while post-copy goes on, and Confirm.
+POSTCOPY_POINTS = (
+    "src-perform3-after",
+    "dst-finish-before",
+    "dst-postcopy-running",
+    "src-confirm3-before",
+    "src-confirm3-after",
+)
+
+
 def points(mode: Mode) -> tuple[str, ...]:
+    if mode == Mode.V3_POSTCOPY:
+        return POSTCOPY_POINTS
     return V2_POINTS if mode == Mode.V2 else V3_POINTS
 
 
@@ -72,14 +93,34 @@ def _at_or_after(mode: Mode, point: str, first: str) -> bool:
 
 def state_moved(mode: Mode, point: str) -> bool:
     """Whether the destination QEMU holds the complete state at *point*."""
-    first = "src-perform2-after" if mode == Mode.V2 else "src-perform3-after"
+    first = {
+        Mode.V2: "src-perform2-after",
+        # Finish returns once the post-copy stream completed: Confirm comes after it
+        Mode.V3_POSTCOPY: "src-confirm3-before",
+    }.get(mode, "src-perform3-after")
     return _at_or_after(mode, point, first)
 
 
 def committed(mode: Mode, point: str) -> bool:
     """Whether the destination took over at *point* (the source copy is stale or gone)."""
-    first = "src-perform2-after" if mode == Mode.V2 else "dst-finish-after"
+    first = {
+        Mode.V2: "src-perform2-after",
+        # post-copy: the destination runs the guest from Finish's cont on
+        Mode.V3_POSTCOPY: "dst-postcopy-running",
+    }.get(mode, "dst-finish-after")
     return _at_or_after(mode, point, first)
+
+
+def split(mode: Mode, point: str) -> bool:
+    """Whether the guest's newest state is split between the two QEMUs at *point*.
+
+    From the switch to post-copy until its stream completed the destination has
+    the CPU and device state and some of the memory, the source the rest: no
+    single QEMU holds a copy that can run on its own (QEMU cannot take a
+    switched-over migration back to the source, and vmferry, like libvirt,
+    never resumes the source after the switch).
+    """
+    return mode == Mode.V3_POSTCOPY and not state_moved(mode, point)
 
 
 def src_qemu_exists(mode: Mode, point: str) -> bool:
@@ -90,6 +131,8 @@ def src_qemu_exists(mode: Mode, point: str) -> bool:
 
 def dst_qemu_exists(mode: Mode, point: str) -> bool:
     """The incoming QEMU starts inside Prepare."""
+    if mode == Mode.V3_POSTCOPY:
+        return True  # every post-copy boundary is after the switch
     return _at_or_after(mode, point, "dst-prepare-after")
 
 
@@ -121,7 +164,7 @@ class Case:
         if self.fault == Fault.KILL_SRC_QEMU:
             return not state_moved(self.mode, self.point)
         if self.fault == Fault.KILL_DST_QEMU:
-            return committed(self.mode, self.point)
+            return committed(self.mode, self.point) or split(self.mode, self.point)
         return False
 
 
@@ -151,6 +194,11 @@ CI_SUBSET: tuple[Case, ...] = (
     _c("v2", "src-perform-migrating", "cut-link"),
     _c("v2", "src-perform2-after", "kill-dst-daemon"),
     _c("v2", "dst-finish-before", "kill-client"),
+    # post-copy: the link cut while the destination runs the guest and pulls its pages
+    _c("v3-postcopy", "dst-postcopy-running", "cut-link"),
+    _c("v3-postcopy", "dst-postcopy-running", "kill-src-daemon"),
+    # the destination daemon restarts while its QEMU, still paused, completes the stream
+    _c("v3-postcopy", "dst-finish-before", "kill-dst-daemon"),
 )
 
 
@@ -159,6 +207,6 @@ def check_subset(cases: tuple[Case, ...]) -> list[str]:
     missing = [f"{c.id} is not applicable" for c in cases if c.applicable()]
     missing += [f"mode {m}" for m in Mode if all(c.mode != m for c in cases)]
     missing += [f"fault {f}" for f in Fault if all(c.fault != f for c in cases)]
-    all_points = set(V3_POINTS) | set(V2_POINTS)
+    all_points = set(V3_POINTS) | set(V2_POINTS) | set(POSTCOPY_POINTS)
     missing += [f"boundary {p}" for p in sorted(all_points) if all(c.point != p for c in cases)]
     return missing

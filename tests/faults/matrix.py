@@ -3,8 +3,10 @@
 Usage::
 
     python -m tests.faults.matrix                 # every case; writes docs/faults.md
+                                                  # and docs/faults-postcopy.md
     python -m tests.faults.matrix --subset ci     # the CI subset only; prints the table
     python -m tests.faults.matrix -k v2/ -k p2p/src-perform3   # cases whose id contains ...
+    python -m tests.faults.matrix -k v3-postcopy --output docs/faults-postcopy.md
 
 Needs root (network namespaces), QEMU and the built test guest (``make guest``).
 Logs of failed cases are kept under ``build/faults/<case>/``. Exit status 1
@@ -20,11 +22,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.faults.cases import CI_SUBSET, Case, check_subset, full_matrix
+from tests.faults.cases import CI_SUBSET, Case, Mode, check_subset, full_matrix
 from tests.faults.runner import REPO, Result, run_case
 from tests.netns import available, netns_pair
 
 DOC = REPO / "docs" / "faults.md"
+DOC_POSTCOPY = REPO / "docs" / "faults-postcopy.md"
 LOGS = REPO / "build" / "faults"
 
 
@@ -67,8 +70,41 @@ def summary(results: Sequence[Result]) -> str:
     return ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
 
 
-def document(results: Sequence[Result], wall_s: float) -> str:
+POSTCOPY_INTRO = (
+    "# Fault matrix: post-copy\n\n"
+    "Written by `make faults` (`python -m tests.faults.matrix`, or only these cases:\n"
+    "`python -m tests.faults.matrix -k v3-postcopy --output docs/faults-postcopy.md`);\n"
+    "do not edit by hand. The pre-copy protocols are in [faults.md](faults.md).\n\n"
+    "Mode `v3-postcopy`: client-managed v3 with `--postcopy`; the test guest re-dirties its\n"
+    "32 MiB buffer at 64 MiB/s, faster than the 32 MiB/s bandwidth cap, so pre-copy alone\n"
+    "never completes; `postcopy_after_precopy` switches once the first pass is over, and\n"
+    "a 16 MiB/s post-copy cap keeps the post-copy phase a few seconds long. Boundaries:\n"
+    "after the switch with the destination still paused (`src-perform3-after`,\n"
+    "`dst-finish-before`), with the destination running the guest while post-copy goes on\n"
+    "(`dst-postcopy-running`: inside Finish, after `cont`, before waiting for completion),\n"
+    "and Confirm. Everything else is as in the pre-copy matrix, with these expectations:\n\n"
+    "* until the post-copy stream completed the guest's state is split between the two\n"
+    "  QEMUs: killing either may lose it (**LOST**); a half that can never complete (a\n"
+    "  post-copy job whose other QEMU is gone, unchanged for 6 s) is destroyed by the\n"
+    "  harness, as an operator would, and named in the outcome;\n"
+    "* before the destination ran the guest the source may take it back, but only if the\n"
+    "  destination's console shows no heartbeat of the guest's boot; from\n"
+    "  `dst-postcopy-running` on the guest must never run on the source again;\n"
+    "* every other fault must end with the guest running on the destination with its\n"
+    "  memory intact, no job, QEMU, port or file left over, and a new (post-copy)\n"
+    "  migration succeeding.\n\n"
+)
+
+
+def document(results: Sequence[Result], wall_s: float, *, postcopy: bool = False) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if postcopy:
+        last = f"Last run: {stamp}, {len(results)} cases in {wall_s / 60:.1f} min"
+        return (
+            f"{POSTCOPY_INTRO}{last}: {summary(results)}.\n\n{HEADER}\n"
+            + "\n".join(row(r) for r in results)
+            + "\n"
+        )
     return (
         "# Fault matrix\n\n"
         "Written by `make faults` (`python -m tests.faults.matrix`); do not edit by hand.\n\n"
@@ -104,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.subset == "ci" and not args.patterns:
         for gap in check_subset(CI_SUBSET):
             print(f"warning: CI subset misses {gap}", file=sys.stderr)
-    output = args.output or (DOC if args.subset == "all" and not args.patterns else None)
+    full = args.subset == "all" and not args.patterns
     print(f"{len(cases)} cases", flush=True)
     print(HEADER, flush=True)
     started = time.monotonic()
@@ -115,9 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in failed:
         if r.logs:
             print(f"logs of {r.case.id}: {Path(r.logs[0]).parent}")
-    if output is not None:
-        output.write_text(document(results, wall))
-        print(f"table written to {output}")
+    if args.output is not None:
+        postcopy = all(r.case.mode == Mode.V3_POSTCOPY for r in results)
+        args.output.write_text(document(results, wall, postcopy=postcopy))
+        print(f"table written to {args.output}")
+    elif full:
+        # one run, two tables: the pre-copy protocols and post-copy
+        for doc, postcopy in ((DOC, False), (DOC_POSTCOPY, True)):
+            part = [r for r in results if (r.case.mode == Mode.V3_POSTCOPY) == postcopy]
+            doc.write_text(document(part, sum(r.wall_s for r in part), postcopy=postcopy))
+            print(f"table written to {doc}")
     return 1 if failed else 0
 
 

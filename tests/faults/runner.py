@@ -10,11 +10,17 @@ The steps of :func:`run_case`:
 4. restart what was killed (after :data:`RESTART_DELAY_S`), or bring the link
    back (after :data:`LINK_DOWN_S`);
 5. wait (at most :data:`RECOVERY_TIMEOUT_S`) until neither side holds a job
-   and no copy of the guest is paused, stable for :data:`SETTLE_S`;
+   and no copy of the guest is paused, stable for :data:`SETTLE_S`; or, in
+   post-copy, until one side keeps a *broken half* (a post-copy job whose
+   other QEMU is gone, which nothing can complete), stable for
+   :data:`STUCK_SETTLE_S`;
 6. check: the guest runs on exactly one host with its memory intact (or on
-   none, where the killed QEMU held its only copy), no QEMU left over, no
-   incoming migration port open, no status file of an inactive domain; then a
-   new migration with the same protocol must succeed.
+   none, where the killed QEMU held its only copy: a broken half is then
+   destroyed, as an operator would), and if it runs on the source, it never
+   ran on the destination (no heartbeat of its boot on the destination's
+   console); no QEMU left over, no incoming migration port open, no status
+   file of an inactive domain; then a new migration with the same protocol
+   must succeed.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from tests.netns import PORT_MAX, PORT_MIN, NetnsHost, NetnsPair, netns_hosts
 from vmferry.api.models import DomainInfo
 from vmferry.errors import VmferryError
 from vmferry.failpoints import ENV_VAR
-from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testguest import Heartbeat, check_continuity, guest_xml, parse_heartbeats
 
 GUEST = "g"
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +59,9 @@ LINK_DOWN_S = 6.0
 RECOVERY_TIMEOUT_S = 60.0
 #: A settled state must hold this long (a resolver may still act on it).
 SETTLE_S = 1.5
+#: A broken post-copy half must hold this long: the watchers complete a stream that did
+#: complete within about a second, and retry a resume every few seconds.
+STUCK_SETTLE_S = 6.0
 #: Bound on the follow-up migration.
 MIGRATE_TIMEOUT_S = 60.0
 
@@ -135,7 +144,7 @@ def _execute(run: _Run, result: Result) -> None:
         host = run.host(side)
         host.extra_env = run.env(armed=side == case.paused_side)
         host.start()
-    hb0 = _boot(run.src)
+    hb0 = _boot(run.src, case.mode)
     _start_client(run, run.src, run.dst)
     _wait_reached(run)
     t_fault = time.monotonic()
@@ -149,17 +158,25 @@ def _execute(run: _Run, result: Result) -> None:
     if case.fault == Fault.CUT_LINK:
         time.sleep(LINK_DOWN_S)
         run.net.link_up()
-    where = _wait_settled(run, t_fault, result)
+    where, stuck = _wait_settled(run, t_fault, result)
     client_note = _client_result(run)
-    _check(run, result, where, hb0, client_note)
+    _check(run, result, where, stuck, hb0, client_note)
 
 
 # -- steps ----------------------------------------------------------------------------------------
 
 
-def _boot(host: NetnsHost) -> Heartbeat:
+def _guest_xml(mode: Mode) -> str:
+    if mode == Mode.V3_POSTCOPY:
+        # Re-dirties its 32 MiB buffer faster than the client's pre-copy cap: only the
+        # switch to post-copy lets the migration complete.
+        return guest_xml(GUEST, memory_mib=128, stamp_mib=32, dirty_mib_s=64, hb_ms=200)
+    return guest_xml(GUEST)
+
+
+def _boot(host: NetnsHost, mode: Mode) -> Heartbeat:
     with host.client() as c:
-        c.create(guest_xml(GUEST))
+        c.create(_guest_xml(mode))
         return wait_heartbeat(c, GUEST)
 
 
@@ -255,55 +272,112 @@ def _domains(host: NetnsHost) -> list[DomainInfo]:
         return [d for d in c.list_domains(all=True) if d.name == GUEST]
 
 
-def _snapshot(run: _Run) -> tuple[dict[str, list[DomainInfo]], str]:
-    """The guest's domain objects on each side, and why this is not settled ("" if it is)."""
+_POSTCOPY_REASONS = frozenset({"post-copy", "post-copy-failed"})
+_POSTCOPY_PHASES = frozenset(
+    {
+        "postcopy_failed",
+        "begin_resume",
+        "perform_resume",
+        "confirm_resume",
+        "prepare_resume",
+        "finish_resume",
+    }
+)
+
+
+def _postcopy_job(d: DomainInfo) -> bool:
+    """Whether *d* holds a migration job past the switch to post-copy."""
+    return d.job.async_job in ("migration out", "migration in") and (
+        d.reason in _POSTCOPY_REASONS or d.job.phase in _POSTCOPY_PHASES
+    )
+
+
+def _broken_half(run: _Run, seen: dict[str, list[DomainInfo]]) -> str:
+    """The side keeping a post-copy job whose other QEMU is gone ("" if none).
+
+    Such a half can never complete: the other QEMU held part of the guest.
+    """
+    if run.case.mode != Mode.V3_POSTCOPY or len(seen) != 2:
+        return ""
+    for side, other in (("src", "dst"), ("dst", "src")):
+        if any(_postcopy_job(d) and d.state != "shutoff" for d in seen[side]) and not any(
+            d.state != "shutoff" for d in seen[other]
+        ):
+            return side
+    return ""
+
+
+def _snapshot(run: _Run) -> tuple[dict[str, list[DomainInfo]], str, str]:
+    """The guest's domain objects on each side, why this is not settled ("" if it is),
+    and the side that keeps a broken post-copy half ("" if none)."""
     seen: dict[str, list[DomainInfo]] = {}
     for side in ("src", "dst"):
         try:
             seen[side] = _domains(run.host(side))
         except VmferryError as err:
-            return seen, f"{side} daemon does not answer: {err}"
+            return seen, f"{side} daemon does not answer: {err}", ""
+    if run.client is not None and run.client.poll() is None:
+        return seen, "client still running", ""
+    half = _broken_half(run, seen)
+    if half:
+        return seen, "", half
     for side, doms in seen.items():
         for d in doms:
             if d.job.async_job != "none" or d.job.job != "none":
-                return seen, f"{side} holds job {d.job.async_job}/{d.job.phase} ({d.job.job})"
+                return seen, f"{side} holds job {d.job.async_job}/{d.job.phase} ({d.job.job})", ""
             if d.state not in ("running", "shutoff"):
-                return seen, f"guest {d.state} ({d.reason}) on {side}"
-    if run.client is not None and run.client.poll() is None:
-        return seen, "client still running"
-    return seen, ""
+                return seen, f"guest {d.state} ({d.reason}) on {side}", ""
+    return seen, "", ""
 
 
-def _wait_settled(run: _Run, t_fault: float, result: Result) -> list[str]:
-    """Wait until nothing moves any more; return the sides the guest runs on."""
+def _wait_settled(run: _Run, t_fault: float, result: Result) -> tuple[list[str], str]:
+    """Wait until nothing moves any more.
+
+    Returns the sides the guest runs on, and the side keeping a broken
+    post-copy half ("" if none; it is not among the first).
+    """
     deadline = t_fault + RECOVERY_TIMEOUT_S
     settled_at: float | None = None
-    why = ""
+    why, last = "", ""
     seen: dict[str, list[DomainInfo]] = {}
     while time.monotonic() < deadline:
-        seen, why = _snapshot(run)
+        seen, why, half = _snapshot(run)
         now = time.monotonic()
-        if why:
-            settled_at = None
-        elif settled_at is None:
-            settled_at = now
-        elif now - settled_at >= SETTLE_S:
+        state = why or f"half:{half}"
+        if why or state != last:
+            settled_at = None if why else now
+        elif settled_at is not None and now - settled_at >= (STUCK_SETTLE_S if half else SETTLE_S):
             result.recover_s = round(settled_at - t_fault, 1)
-            return [s for s, doms in seen.items() for d in doms if d.state == "running"]
+            where = [s for s, doms in seen.items() for d in doms if d.state == "running"]
+            return [s for s in where if s != half], half
+        last = state
         time.sleep(0.25)
     raise CaseFailed(f"not recovered within {RECOVERY_TIMEOUT_S:.0f} s: {why}")
 
 
-def _check(run: _Run, result: Result, where: list[str], hb0: Heartbeat, client: str) -> None:
+def _check(
+    run: _Run, result: Result, where: list[str], half: str, hb0: Heartbeat, client: str
+) -> None:
     case = run.case
     names = {"src": "A (source)", "dst": "B (destination)"}
     if len(where) > 1:
         raise CaseFailed(f"guest runs on both hosts; {client}")
-    if where:
+    if half:
+        note = _destroy_half(run, half, hb0)
+        if where or not case.loss_allowed():
+            raise CaseFailed(f"{names[half]} keeps a broken post-copy half ({note}); {client}")
+        result.outcome = f"lost: {names[half]} kept a broken post-copy half ({note}); {client}"
+    elif where:
         side = where[0]
         result.outcome = f"runs on {names[side]}; {client}"
         if side == "src" and committed(case.mode, case.point):
             raise CaseFailed(f"the source resumed a guest the destination had taken over; {client}")
+        if side == "src":
+            ran = _ran_on(run.dst, hb0)
+            if ran is not None:
+                raise CaseFailed(
+                    f"the source resumed the guest after it ran on B (seq {ran.seq}); {client}"
+                )
         with run.host(side).client() as c:
             hb = wait_heartbeat(c, GUEST, after=hb0, timeout=20)
         try:
@@ -322,6 +396,32 @@ def _check(run: _Run, result: Result, where: list[str], hb0: Heartbeat, client: 
     if problems:
         raise CaseFailed("; ".join(problems))
     result.verdict = "PASS" if where else "LOST"
+
+
+def _ran_on(host: NetnsHost, hb0: Heartbeat) -> Heartbeat | None:
+    """The last heartbeat of *hb0*'s boot on *host*'s console (None: it never ran there)."""
+    log = host.state_dir / "log" / f"{GUEST}.console.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    beats = [hb for hb in parse_heartbeats(text) if hb.boot == hb0.boot]
+    return beats[-1] if beats else None
+
+
+def _destroy_half(run: _Run, side: str, hb0: Heartbeat) -> str:
+    """Destroy the broken post-copy half on *side* (what an operator must do); describe it."""
+    host = run.host(side)
+    with host.client() as c:
+        d = c.dominfo(GUEST)
+        note = f"{d.state}/{d.reason}, job {d.job.async_job}/{d.job.phase}"
+        if side == "src" and _ran_on(run.dst, hb0) is not None:
+            note += ", the guest had run on B"
+        c.destroy(GUEST)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = [x for x in c.list_domains(all=True) if x.name == GUEST]
+            if not left or (left[0].state == "shutoff" and left[0].job.async_job == "none"):
+                return note
+            time.sleep(0.1)
+    raise CaseFailed(f"the broken post-copy half on {host.name} ({note}) did not go away")
 
 
 def _leftovers(run: _Run) -> list[str]:
@@ -355,7 +455,7 @@ def _migrate_again(run: _Run, side: str) -> None:
     """The guest (a fresh one if it was lost) must migrate with the same protocol now."""
     if not side:
         side = "src"
-        _boot(run.src)
+        _boot(run.src, run.case.mode)
     src = run.host(side)
     dst = run.host("dst" if side == "src" else "src")
     with src.client() as c:

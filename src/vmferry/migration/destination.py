@@ -180,8 +180,9 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
         )
         if dom.migration.status not in ("none", "setup"):
             await dom.wait_for(
-                lambda: dom.migration.status in ("completed", "failed", "cancelled")
-                or not dom.active,
+                lambda: (
+                    dom.migration.status in ("completed", "failed", "cancelled") or not dom.active
+                ),
                 FINISH_WAIT_S,
             )
         if dom.migration.status == "completed" and dom.active:
@@ -348,6 +349,7 @@ async def _finish_postcopy(
     await mon.execute("cont")
     await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
     resumed_at = time.time()
+    await failpoint("dst-postcopy-running")
     await wait_postcopy_end(dom)
     _mark_migrated(host, dom)
     return resumed_at

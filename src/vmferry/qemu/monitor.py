@@ -61,6 +61,11 @@ class _CallbackListener(EventListener):
         self._deliver(event)
 
 
+#: Sent out of band: QEMU runs them on the monitor's own thread. They are the way out of a
+#: post-copy stall, where QEMU's main loop waits for a page that cannot arrive.
+OUT_OF_BAND = frozenset({"migrate-pause", "migrate-recover"})
+
+
 class Monitor:
     """
     A QMP connection to one QEMU.
@@ -177,6 +182,9 @@ class Monitor:
             raise self._closed_error()
         try:
             async with asyncio.timeout(timeout):
+                if cmd in OUT_OF_BAND:
+                    msg = self._client.make_execute_msg(cmd, args, oob=True)
+                    return await self._client.execute_msg(msg)
                 return await self._client.execute(cmd, args)
         except ExecuteError as err:
             raise VmferryError(
