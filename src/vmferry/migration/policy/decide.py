@@ -14,6 +14,12 @@ Actions, cheapest first, as the adaptive policy ranks them:
 
 Steps 4-6 only happen for a reason: the deadline is near, or nothing cheaper
 is left (throttle at its maximum without effect, no post-copy).
+
+Before any of 2-4, raising the downtime limit up to the target is free (it is
+within the contract), and a predicted stall is not acted on while pre-copy
+still closes in (:func:`hold_reason`): the fit is noisy, and a guest dirtying
+about as fast as the link moves converges on its own a few passes later. The
+hold ends when the passes stop shrinking or the deadline comes near.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ _SLACK = 1.5
 # Raise the limit this much above the stall level, so QEMU switches over at the next check.
 _FORCE_HEADROOM = 1.3
 _FORCE_EXTRA_MS = 50
+#: A pass boundary that leaves at most this share of the previous one's bytes shows progress.
+PROGRESS_RATIO = 0.9
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Situation:
     postcopy_usable: bool = False  # allowed by the flags and offered by this build
     forced: bool = False  # the downtime limit was raised beyond the target
     suspended: bool = False
+    #: Bytes left at the last pass boundaries after the bulk pass, oldest first.
+    pass_remaining: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,9 @@ def choose(s: Situation, c: Contract, tune: Adaptive) -> tuple[Prediction | None
     pred = predict(s.remaining, s.bandwidth_bps, s.model, target_s)
     if s.forced:
         return pred, _forced_follow_up(s, c, time_left)
+    if s.downtime_limit_ms < c.downtime_target_ms:
+        # free: the prediction above already assumes the target as the limit
+        return pred, [Action("downtime", float(c.downtime_target_ms), "up to the downtime target")]
     if pred.converges and pred.eta_s + tune.margin_s <= time_left:
         return pred, []
     # the switchover, if it happened now: the stall level, or what is left if larger
@@ -115,6 +128,8 @@ def choose(s: Situation, c: Contract, tune: Adaptive) -> tuple[Prediction | None
     )
     if time_left <= 2 * stall_s + tune.margin_s:
         return pred, [_why(force, f"deadline in {time_left:.1f} s: switch over now")]
+    if hold_reason(s, c, tune, pred):
+        return pred, []
     throttle_room = s.throttle_usable and s.throttle_pct < tune.throttle_max_pct
     if throttle_room and time_left > tune.throttle_react_s + 2 * stall_s + tune.margin_s:
         if s.throttle_pending:
@@ -136,6 +151,59 @@ def choose(s: Situation, c: Contract, tune: Adaptive) -> tuple[Prediction | None
         else "no cheaper action left (no throttle, no post-copy)"
     )
     return pred, [_why(force, reason + f": switch over with ~{stall_s * 1000:.0f} ms downtime")]
+
+
+def hold_reason(s: Situation, c: Contract, tune: Adaptive, pred: Prediction) -> str:
+    """
+    Why a predicted stall is not acted on yet (empty: act now).
+
+    Pre-copy still closes in when the last pass shrank what is left to at most
+    :data:`PROGRESS_RATIO` of the pass before and, at that pace, reaches the
+    switchover within ``tune.wait_passes`` passes; or when the stall is a near
+    miss (the needed downtime within ``tune.wait_tolerance`` times the target)
+    and the passes shrink, or there is no trend to judge yet (one more pass
+    shows it). Never with the deadline near: then there must still be time for
+    a throttle to work, and a hold costs at most a pass or two.
+
+    :param pred: The prediction under the downtime target.
+    """
+    if pred.converges or s.model is None or s.bandwidth_bps <= 0:
+        return ""  # a late convergence: waiting does not make it earlier
+    time_left = math.inf if c.deadline_s is None else c.deadline_s - s.elapsed_s
+    stall_s = max(s.remaining / s.bandwidth_bps, min(pred.needed_downtime_s, 3600.0))
+    if time_left <= 2 * (tune.throttle_react_s + 2 * stall_s + tune.margin_s):
+        return ""
+    target_s = c.downtime_target_ms / 1000.0
+    needed_ms = pred.needed_downtime_s * 1000
+    near = pred.needed_downtime_s <= tune.wait_tolerance * target_s
+    history = s.pass_remaining
+    if len(history) < 2 or history[-2] <= 0:
+        if near:
+            return (
+                f"pre-copy needs ~{needed_ms:.0f} ms, near the {c.downtime_target_ms} ms "
+                "target: one more pass shows the trend"
+            )
+        return ""
+    ratio = history[-1] / history[-2]
+    if ratio > PROGRESS_RATIO:
+        return ""  # the passes stopped shrinking: the stall is real
+    threshold = s.bandwidth_bps * target_s
+    passes = _passes_to(history[-1], threshold, ratio)
+    shrink = f"the last pass left {ratio:.0%} of the one before"
+    if passes <= tune.wait_passes:
+        return f"{shrink}: ~{passes:.1f} passes to the switchover"
+    if near:
+        return f"{shrink}, and pre-copy needs only ~{needed_ms:.0f} ms"
+    return ""
+
+
+def _passes_to(left: float, threshold: float, ratio: float) -> float:
+    """Passes until *left* shrinks to *threshold*, each leaving *ratio* of the last."""
+    if left <= threshold:
+        return 0.0
+    if ratio <= 0:
+        return 1.0
+    return math.log(threshold / left) / math.log(ratio)
 
 
 def _stall_reason(s: Situation, c: Contract, pred: Prediction) -> str:

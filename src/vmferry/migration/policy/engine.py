@@ -96,6 +96,9 @@ class Engine:
         self.model: DirtyModel | None = None
         self._eta_at: float | None = None
         self._samples: list[tuple[float, float]] = []
+        self._pass_remaining: list[float] = []  # bytes left at each boundary after the bulk pass
+        self._held: set[int] = set()  # iterations at which a predicted stall was not acted on
+        self._hold_reason = ""
         self._fitted: list[tuple[float, float]] | None = None  # the samples self.model is from
         self._seen_it = 0
         self._pass_started = 0.0
@@ -258,6 +261,10 @@ class Engine:
         if iteration == self._seen_it + 1 and self._pass_started and info.get("status") == "active":
             self._samples.append((now - self._pass_started, float(ram.get("remaining", 0))))
             del self._samples[:-8]
+        # Pass 1 sends all of RAM: progress counts from the end of it on.
+        if iteration >= 2 and info.get("status") == "active":
+            self._pass_remaining.append(float(ram.get("remaining", 0)))
+            del self._pass_remaining[:-4]
         self._seen_it = iteration
         self._pass_started = now
 
@@ -332,8 +339,11 @@ class Engine:
                 postcopy_usable=self.postcopy_usable,
                 forced=self._forced,
                 suspended=self._suspended,
+                pass_remaining=tuple(self._pass_remaining),
             )
-            _, actions = decide.choose(situation, self.contract, self.policy.adaptive)
+            pred, actions = decide.choose(situation, self.contract, self.policy.adaptive)
+            if not actions and pred is not None and not pred.converges and not self._forced:
+                self._note_hold(situation, pred, iteration)
             return actions
         deadline = self.contract.deadline_s
         if deadline is not None and elapsed >= deadline:
@@ -341,6 +351,21 @@ class Engine:
         if self.policy.kind == "none":
             return []
         return self._schedule(elapsed, iteration, now)
+
+    def _note_hold(self, situation: Situation, pred: Prediction, iteration: int) -> None:
+        """Keep (and log once a pass) why a predicted stall was left alone."""
+        why = decide.hold_reason(situation, self.contract, self.policy.adaptive, pred)
+        if not why or iteration in self._held:
+            return
+        self._held.add(iteration)
+        self._hold_reason = why
+        log.info(
+            "migration policy %s on %s: holding at iteration %d (%s)",
+            self.policy.name,
+            self.dom.name,
+            iteration,
+            why,
+        )
 
     def _decisive_model(self) -> DirtyModel | None:
         """The model, once it can be trusted to act on.
@@ -510,6 +535,9 @@ class Engine:
                 out["policy_needed_downtime_ms"] = int(pred.needed_downtime_s * 1000)
             if self._eta_at is not None:
                 out["policy_eta_s"] = round(max(0.0, self._eta_at - time.monotonic()), 2)
+        if self._held:
+            out["policy_held_passes"] = len(self._held)
+            out["policy_hold_reason"] = self._hold_reason
         out.update({k: round(v, 1) for k, v in self._preflight.items()})
         return out
 

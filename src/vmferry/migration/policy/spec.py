@@ -68,6 +68,14 @@ class Adaptive:
     throttle_react_s: float = 2.5
     #: Seconds kept in hand before a deadline.
     margin_s: float = 1.0
+    #: A predicted stall needing at most this many times the downtime target is a near
+    #: miss: not acted on while the passes still shrink. The fit is noisy (a sampled
+    #: preflight is +-20 %): a guest at 1x the link reads as anything from 300 to 520 ms
+    #: for a 300 ms target, one at 2x as ~800 ms.
+    wait_tolerance: float = 2.0
+    #: Not acted on either while the passes shrink fast enough to reach the
+    #: switchover within this many passes.
+    wait_passes: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,8 @@ def _adaptive(raw: Any, where: str) -> Adaptive:
         throttle_max_pct=int(top) if top is not None else base.throttle_max_pct,
         throttle_react_s=_or(_number(raw, "throttle_react_s", where), base.throttle_react_s),
         margin_s=_or(_number(raw, "margin_s", where), base.margin_s),
+        wait_tolerance=_or(_number(raw, "wait_tolerance", where, lo=1), base.wait_tolerance),
+        wait_passes=_or(_number(raw, "wait_passes", where), base.wait_passes),
     )
 
 
