@@ -117,6 +117,10 @@ def _convert(where: str, key: str, expected: type, value: Any, base: Path) -> An
         if not isinstance(value, str):
             raise wrong("a string")
         return value
+    if expected is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return list(value)
     raise AssertionError(f"no converter for {expected}")
 
 
