@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest test lint demo bench faults clean
+.PHONY: deps venv guest test lint check demo bench faults clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -23,9 +23,15 @@ guest: deps
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 test: venv guest lint
 	@$(VENV)/bin/pytest -q -ra --durations=15 tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+
+# The fast inner loop: lint, types, layer contracts and the tests that start no QEMU.
+check: lint
+	@$(VENV)/bin/pytest -q -m "not qemu" -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
 demo: venv guest
