@@ -23,9 +23,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.responses import JSONResponse
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmferry.errors import ErrorCode, VmferryError
@@ -188,18 +188,43 @@ class AccessPolicy:
         return permission in self.granted[role]
 
 
-def check_routes(app: Starlette) -> None:
+# Templates without parameters first, so /v1/domains/create is not taken for {name}.
+_COMPILED = sorted(
+    ((method, compile_path(path)[0], perm) for (method, path), perm in PERMISSIONS.items()),
+    key=lambda item: "{" in item[1].pattern,
+)
+
+
+def route_permission(method: str, path: str) -> tuple[str | None, str]:
+    """The permission of a request and the domain it names; None for no known route."""
+    method = "GET" if method == "HEAD" else method
+    for route_method, regex, perm in _COMPILED:
+        if route_method == method and (match := regex.match(path)):
+            return perm, match.groupdict().get("name", "")
+    return None, ""
+
+
+def check_routes(app: FastAPI) -> None:
     """Refuse an app with a route that has no entry in :data:`PERMISSIONS`."""
-    for route in app.routes:
+    routes = {
+        (method.upper(), path)
+        for path, item in app.openapi().get("paths", {}).items()
+        for method in item
+    }
+    for route in app.routes:  # the documentation routes, outside the schema
+        path = getattr(route, "path", None)
         for method in getattr(route, "methods", None) or ():
-            if method != "HEAD" and (method, getattr(route, "path", "")) not in PERMISSIONS:
-                raise AssertionError(f"no permission declared for {method} {route}")
+            if path is not None and method != "HEAD":
+                routes.add((method, path))
+    missing = sorted(routes - PERMISSIONS.keys())
+    if missing:
+        raise AssertionError(f"no permission declared for {missing}")
 
 
-def install_access(app: Starlette, policy: AccessPolicy) -> None:
+def install_access(app: FastAPI, policy: AccessPolicy) -> None:
     """Check every request of *app* against *policy* (and audit); call after adding routes."""
     check_routes(app)
-    app.add_middleware(AccessMiddleware, app_routes=app.router.routes, policy=policy)
+    app.add_middleware(AccessMiddleware, policy=policy)
 
 
 def _denied(message: str) -> JSONResponse:
@@ -218,98 +243,100 @@ def refused_connection(caller: Caller) -> JSONResponse:
 class AccessMiddleware:
     """Checks each request's permission and audits every call that is not a read."""
 
-    # Enough for the JSON of a domain or an error; longer bodies are not inspected.
-    _KEEP = 64 * 1024
-
-    def __init__(self, app: ASGIApp, *, app_routes: Any, policy: AccessPolicy) -> None:
+    def __init__(self, app: ASGIApp, *, policy: AccessPolicy) -> None:
         self.app = app
-        self.routes = app_routes
         self.policy = policy
-
-    def _route(self, scope: Scope) -> tuple[str | None, str]:
-        """The permission of the matched route (None if no route matches) and the domain."""
-        for route in self.routes:
-            match, child = route.matches(scope)
-            if match == Match.FULL:
-                method = "GET" if scope["method"] == "HEAD" else scope["method"]
-                name = child.get("path_params", {}).get("name", "")
-                return PERMISSIONS.get((method, route.path), "?"), str(name)
-        return None, ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         caller: Caller | None = scope.get(CALLER_KEY)
-        permission, domain = self._route(scope)
-        audited = scope["method"] not in ("GET", "HEAD")
-        status = 0
-        body = bytearray()
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and len(body) < self._KEEP:
-                body.extend(message.get("body", b"")[: self._KEEP - len(body)])
-            await send(message)
-
+        permission, _ = route_permission(scope["method"], scope["path"])
         target: ASGIApp = self.app
         if caller is None or caller.role is None:
             target = _denied("no caller identity: requests must come through a vmferryd listener")
+        elif permission is None and caller.role != Role.ADMIN:
+            # Not a known route: only an admin learns whether it exists (404/405).
+            target = _denied(
+                f"{scope['method']} {scope['path']} is no call of role {caller.role!s}"
+            )
         elif permission is not None and not self.policy.allows(caller.role, permission):
             target = _denied(
                 f"permission {permission!r} is denied to role {caller.role!s} "
                 f"(caller: {caller.identity()})"
             )
-        if not audited:
-            await target(scope, receive, send)
-            return
-        try:
-            await target(scope, receive, recording_send)
-        except BaseException:
-            self._audit(scope, caller, domain, status or 500, body)
-            raise
-        self._audit(scope, caller, domain, status, body)
+        await run_audited(target, self.policy, scope, receive, send)
 
-    def _audit(
-        self, scope: Scope, caller: Caller | None, domain: str, status: int, body: bytearray
-    ) -> None:
-        code = ""
-        try:
-            reply = json.loads(body) if body else None
-        except ValueError:
-            reply = None
-        if isinstance(reply, dict):
-            if not domain and isinstance(reply.get("name"), str):
-                domain = reply["name"]  # define and create: the name is in the answer
-            if status >= 400 and isinstance(reply.get("code"), str):
-                code = reply["code"]
-        entry = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            "caller": caller.identity() if caller else "unknown",
-            "uid": caller.uid if caller else None,
-            "pid": caller.pid if caller else None,
-            "subject": caller.subject if caller else "",
-            "role": str(caller.role) if caller and caller.role else "none",
-            "method": scope["method"],
-            "path": scope["path"],
-            "domain": domain,
-            "status": status,
-            "code": code,
-        }
-        audit_log.info(
-            "%s %s domain=%s status=%s%s role=%s caller=%s",
-            entry["method"],
-            entry["path"],
-            domain or "-",
-            status,
-            f" code={code}" if code else "",
-            entry["role"],
-            entry["caller"],
-        )
-        if self.policy.audit_file is not None:
-            write_audit_line(self.policy.audit_file, entry)
+
+# Enough for the JSON of a domain or an error; longer answers are not inspected.
+_KEEP = 64 * 1024
+
+
+async def run_audited(
+    app: ASGIApp, policy: AccessPolicy, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Run *app*; unless the request is a read, write its audit line with the outcome."""
+    if scope["method"] in ("GET", "HEAD"):
+        await app(scope, receive, send)
+        return
+    status = 0
+    body = bytearray()
+
+    async def recording_send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and len(body) < _KEEP:
+            body.extend(message.get("body", b"")[: _KEEP - len(body)])
+        await send(message)
+
+    try:
+        await app(scope, receive, recording_send)
+    except BaseException:
+        _audit(policy, scope, status or 500, body)
+        raise
+    _audit(policy, scope, status, body)
+
+
+def _audit(policy: AccessPolicy, scope: Scope, status: int, body: bytearray) -> None:
+    caller: Caller | None = scope.get(CALLER_KEY)
+    _, domain = route_permission(scope["method"], scope["path"])
+    code = ""
+    try:
+        reply = json.loads(body) if body else None
+    except ValueError:
+        reply = None
+    if isinstance(reply, dict):
+        if not domain and isinstance(reply.get("name"), str):
+            domain = reply["name"]  # define and create: the name is in the answer
+        if status >= 400 and isinstance(reply.get("code"), str):
+            code = reply["code"]
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "caller": caller.identity() if caller else "unknown",
+        "uid": caller.uid if caller else None,
+        "pid": caller.pid if caller else None,
+        "subject": caller.subject if caller else "",
+        "role": str(caller.role) if caller and caller.role else "none",
+        "method": scope["method"],
+        "path": scope["path"],
+        "domain": domain,
+        "status": status,
+        "code": code,
+    }
+    audit_log.info(
+        "%s %s domain=%s status=%s%s role=%s caller=%s",
+        entry["method"],
+        entry["path"],
+        domain or "-",
+        status,
+        f" code={code}" if code else "",
+        entry["role"],
+        entry["caller"],
+    )
+    if policy.audit_file is not None:
+        write_audit_line(policy.audit_file, entry)
 
 
 def write_audit_line(path: Path, entry: dict[str, Any]) -> None:

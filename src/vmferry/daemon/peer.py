@@ -21,7 +21,14 @@ from cryptography import x509
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vmferry.daemon.access import CALLER_KEY, AccessPolicy, Caller, Role, refused_connection
+from vmferry.daemon.access import (
+    CALLER_KEY,
+    AccessPolicy,
+    Caller,
+    Role,
+    refused_connection,
+    run_audited,
+)
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -79,12 +86,12 @@ def identify(
     return Caller(cap, kind, address=_address(transport))
 
 
-def _with_caller(app: ASGIApp, caller: Caller) -> ASGIApp:
+def _with_caller(app: ASGIApp, caller: Caller, policy: AccessPolicy) -> ASGIApp:
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[CALLER_KEY] = caller
             if caller.role is None:
-                await refused_connection(caller)(scope, receive, send)
+                await run_audited(refused_connection(caller), policy, scope, receive, send)
                 return
         await app(scope, receive, send)
 
@@ -97,6 +104,7 @@ def protocol_class(kind: str, readonly: bool, policy: AccessPolicy) -> type[H11P
     class CallerProtocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.app = _with_caller(self.app, identify(transport, kind, readonly, policy))
+            caller = identify(transport, kind, readonly, policy)
+            self.app = _with_caller(self.app, caller, policy)
 
     return CallerProtocol
