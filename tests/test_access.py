@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import grp
 import json
 import os
 import shutil
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from tests.cluster import Host, wait_heartbeat
 from vmferry import pki
 from vmferry.client import Client
+from vmferry.client.calls import Call
 from vmferry.daemon.access import (
     PERMISSIONS,
     READ_ONLY_DEFAULT,
@@ -27,7 +31,7 @@ from vmferry.daemon.access import (
     Role,
     cert_matches,
 )
-from vmferry.daemon.listen import ListenSpec, parse_listen_uri
+from vmferry.daemon.listen import ListenSpec, parse_listen_uri, serve
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import guest_xml
 
@@ -177,13 +181,23 @@ def test_readonly_socket_reads_but_changes_nothing(root: Path) -> None:
         # Every route that is not a read, raw: refused before the body is even looked at.
         transport = httpx.HTTPTransport(uds=str(host.ro_socket))
         with httpx.Client(transport=transport, base_url="http://vmferry") as raw:
-            assert raw.get("/openapi.json").status_code == 200
+            with raw.stream("GET", "/v1/events") as events:
+                assert events.status_code == 200
             for (method, path), perm in PERMISSIONS.items():
-                if perm in READ_ONLY_DEFAULT or path in ("/docs", "/redoc"):
+                r = request(raw, method, path) if path != "/v1/events" else None
+                if r is None:
                     continue
-                r = request(raw, method, path)
+                if perm in READ_ONLY_DEFAULT:
+                    assert r.status_code != 403, (method, path, r.text)
+                    continue
                 assert r.status_code == 403, (method, path, r.text)
                 assert r.json()["code"] == "access-denied" and perm in r.json()["message"]
+            # A path that is no route: 403 to read-only, an admin learns it does not exist.
+            assert raw.post("/v1/nowhere").json()["code"] == "access-denied"
+        with Client(host.uri) as admin:
+            with pytest.raises(VmferryError) as err:
+                admin.run(Call("POST", "/v1/nowhere", parse=lambda _: None))
+            assert err.value.code != ErrorCode.ACCESS_DENIED
 
         # Audit: the admin's define and the refused calls, each with identity and outcome.
         lines = host.audit
@@ -194,13 +208,41 @@ def test_readonly_socket_reads_but_changes_nothing(root: Path) -> None:
         assert ok[0]["role"] == "admin" and ok[0]["uid"] == os.getuid()
         assert ok[0]["pid"] == os.getpid()
         refused = [line for line in lines if line["status"] == 403]
-        assert len(refused) == len(lines) - 1 > 10
+        assert len(refused) == len(lines) - 2 > 10  # and the admin's POST /v1/nowhere
         assert {line["code"] for line in refused} == {"access-denied"}
         assert {line["role"] for line in refused} == {"read-only"}
         assert any(line["domain"] == "d1" and "/start" in str(line["path"]) for line in refused)
         assert "domain=d1 status=200" in host.log.read_text()  # the vmferry.audit logger
     finally:
         host.cleanup()
+
+
+async def test_readonly_socket_group(root: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    spec = ListenSpec("unix", path=root / "ro.sock", readonly=True)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    app = FastAPI()
+    task = asyncio.create_task(
+        serve(
+            app,
+            [spec],
+            pki_dir=None,
+            stop=stop,
+            ready=ready,
+            access=AccessPolicy(readonly_socket_group=group),
+        )
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        st = spec.path.stat()  # type: ignore[union-attr]
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    with pytest.raises(VmferryError, match="no group"):
+        await serve(
+            app, [spec], pki_dir=None, stop=stop, access=AccessPolicy(readonly_socket_group="-x")
+        )
 
 
 @pytest.mark.qemu

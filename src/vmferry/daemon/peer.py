@@ -12,6 +12,7 @@ request of that connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
@@ -65,8 +66,11 @@ def identify(
     cap = Role.READ_ONLY if readonly else Role.ADMIN
     if kind == "unix":
         sock: Any = transport.get_extra_info("socket")
-        pid = uid = gid = None
-        if sock is not None:
+        pid: int | None = None
+        uid: int | None = None
+        gid: int | None = None
+        # The identity is for the record only: the socket mode decided who got in.
+        with contextlib.suppress(OSError, struct.error, AttributeError):
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
             pid, uid, gid = _UCRED.unpack(raw)
         # Whoever can open the socket gets the listener's role: the file mode is the check.
