@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 from fastapi import FastAPI
 
 from tests.cluster import Host, wait_heartbeat
@@ -282,7 +283,16 @@ def test_tls_roles_allow_lists_and_crl(root: Path) -> None:
         '[access]\ntls_admin = ["CN=vmferry client,O=vmferry", "CN=eve,O=vmferry"]\n'
         'readonly_permissions = ["host.read", "domain.read"]\n'
     )
-    host = start_host(root, "t", free_port(), pki_dir=ca, tls_port=free_port(), access_toml=access)
+    ro_port = free_port()
+    host = start_host(
+        root,
+        "t",
+        free_port(),
+        pki_dir=ca,
+        tls_port=free_port(),
+        access_toml=access,
+        more_listen=[f"tls://127.0.0.1:{ro_port}?ro=1"],
+    )
     try:
         with Client(host.tls_uri, pki_dir=ca) as admin:
             admin.define(guest_xml("d1"))
@@ -294,6 +304,12 @@ def test_tls_roles_allow_lists_and_crl(root: Path) -> None:
             with pytest.raises(VmferryError) as err:
                 ro.console("d1")  # taken away by readonly_permissions
             denied(err, "domain.console")
+        # ?ro=1 caps even an admin certificate.
+        with Client(f"tls://127.0.0.1:{ro_port}", pki_dir=ca) as capped:
+            assert capped.dominfo("d1").name == "d1"
+            with pytest.raises(VmferryError) as err:
+                capped.start("d1")
+            denied(err, "domain.start")
         with Client(host.tls_uri, pki_dir=root / "bob") as bob:
             with pytest.raises(VmferryError) as err:
                 bob.host()
@@ -310,11 +326,39 @@ def test_tls_roles_allow_lists_and_crl(root: Path) -> None:
         with Client(host.uri) as local:
             assert [d.name for d in local.list_domains(all=True)] == ["d1"]
 
-        by_subject = {str(line["subject"]): line for line in host.audit}
-        assert by_subject["CN=vmferry client,O=vmferry"]["status"] == 200
-        assert by_subject["CN=vmferry client,O=vmferry"]["domain"] == "d1"
-        assert by_subject["CN=reader,OU=read-only,O=vmferry"]["status"] == 403
-        assert by_subject["CN=bob,O=vmferry"]["role"] == "none"
-        assert "CN=eve,O=vmferry" not in by_subject
+        def outcomes(subject: str) -> list[tuple[object, ...]]:
+            return [
+                (line["path"], line["role"], line["status"], line["domain"])
+                for line in host.audit
+                if line["subject"] == subject
+            ]
+
+        assert outcomes("CN=vmferry client,O=vmferry") == [
+            ("/v1/domains", "admin", 200, "d1"),
+            ("/v1/domains/d1/start", "read-only", 403, "d1"),  # through the ?ro=1 listener
+        ]
+        assert outcomes("CN=reader,OU=read-only,O=vmferry") == [
+            ("/v1/domains/d1", "read-only", 403, "d1")
+        ]
+        assert outcomes("CN=bob,O=vmferry") == [("/v1/domains/d1", "none", 403, "d1")]
+        assert outcomes("CN=eve,O=vmferry") == []
     finally:
         host.cleanup()
+
+
+def test_pki_client_and_revoke_refuse_mistakes(root: Path) -> None:
+    ca, other = root / "ca", root / "other"
+    pki.init_pki(ca)
+    pki.init_pki(other)
+    pki.issue_client(ca, root / "alice", "alice", read_only=True)
+    subject = x509.load_pem_x509_certificate((root / "alice" / pki.CLIENT_CERT).read_bytes())
+    assert subject.subject.rfc4514_string() == "CN=alice,OU=read-only,O=vmferry"
+    assert not (root / "alice" / pki.CA_KEY).exists()
+    with pytest.raises(VmferryError, match="already holds"):
+        pki.issue_client(ca, root / "alice", "alice2")
+    with pytest.raises(VmferryError, match="not issued by"):
+        pki.revoke(ca, other / pki.CLIENT_CERT)
+    first = pki.revoke(ca, root / "alice" / pki.CLIENT_CERT)
+    second = pki.revoke(ca, ca / pki.CLIENT_CERT)
+    crl = x509.load_pem_x509_crl((ca / pki.CRL).read_bytes())
+    assert {entry.serial_number for entry in crl} == {first, second}
