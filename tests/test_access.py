@@ -31,6 +31,7 @@ from vmferry.daemon.access import (
     AccessPolicy,
     Role,
     cert_matches,
+    route_permission,
 )
 from vmferry.daemon.listen import ListenSpec, parse_listen_uri, serve
 from vmferry.errors import ErrorCode, VmferryError
@@ -141,6 +142,17 @@ def test_policy_roles_and_permissions() -> None:
     with pytest.raises(VmferryError) as err:
         AccessPolicy(readonly_permissions=["domain.reed"])
     assert err.value.code == ErrorCode.INVALID_ARG and "domain.reed" in err.value.message
+
+
+def test_every_route_gets_its_own_permission() -> None:
+    # No template shadows another: each concrete path maps back to its own entry.
+    for (method, template), perm in PERMISSIONS.items():
+        assert route_permission(method, template.replace("{name}", "web1")) == (
+            perm,
+            "web1" if "{name}" in template else "",
+        )
+    assert route_permission("HEAD", "/v1/host") == ("host.read", "")
+    assert route_permission("PATCH", "/v1/host") == (None, "")
 
 
 def test_listen_uri_ro() -> None:
