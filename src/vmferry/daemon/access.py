@@ -189,10 +189,10 @@ class AccessPolicy:
 
 
 # Templates without parameters first, so /v1/domains/create is not taken for {name}.
-_COMPILED = sorted(
-    ((method, compile_path(path)[0], perm) for (method, path), perm in PERMISSIONS.items()),
-    key=lambda item: "{" in item[1].pattern,
-)
+_COMPILED = [
+    (method, compile_path(path)[0], perm)
+    for (method, path), perm in sorted(PERMISSIONS.items(), key=lambda item: "{" in item[0][1])
+]
 
 
 def route_permission(method: str, path: str) -> tuple[str | None, str]:
@@ -211,6 +211,7 @@ def check_routes(app: FastAPI) -> None:
         for path, item in app.openapi().get("paths", {}).items()
         for method in item
     }
+    app.openapi_schema = None  # built again when asked, after any later change to the app
     for route in app.routes:  # the documentation routes, outside the schema
         path = getattr(route, "path", None)
         for method in getattr(route, "methods", None) or ():
