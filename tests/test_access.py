@@ -205,6 +205,8 @@ def test_readonly_socket_reads_but_changes_nothing(root: Path) -> None:
                     continue
                 assert r.status_code == 403, (method, path, r.text)
                 assert r.json()["code"] == "access-denied" and perm in r.json()["message"]
+            # A name cannot forge a line of the daemon's log.
+            assert raw.post("/v1/domains/x%0Aforged%20line/start").status_code == 403
             # A path that is no route: 403 to read-only, an admin learns it does not exist.
             assert raw.post("/v1/nowhere").json()["code"] == "access-denied"
         with Client(host.uri) as admin:
@@ -225,7 +227,10 @@ def test_readonly_socket_reads_but_changes_nothing(root: Path) -> None:
         assert {line["code"] for line in refused} == {"access-denied"}
         assert {line["role"] for line in refused} == {"read-only"}
         assert any(line["domain"] == "d1" and "/start" in str(line["path"]) for line in refused)
-        assert "domain=d1 status=200" in host.log.read_text()  # the vmferry.audit logger
+        log_text = host.log.read_text()
+        assert "domain=d1 status=200" in log_text  # the vmferry.audit logger
+        assert "x\\x0aforged line" in log_text
+        assert not any(line.startswith("forged") for line in log_text.splitlines())
     finally:
         host.cleanup()
 

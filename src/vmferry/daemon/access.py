@@ -120,6 +120,14 @@ _SAN_PREFIXES = ("DNS:", "IP:", "email:", "URI:")
 _VALUE_CHAR = r"(?:\\.|[^,+\\])"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """*text* with control characters escaped, so a path or name cannot forge log lines."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _dn_regex(pattern: str) -> re.Pattern[str]:
     parts = [re.escape(p) for p in pattern.split("*")]
     return re.compile(f"{_VALUE_CHAR}*".join(parts), re.DOTALL)
@@ -283,21 +291,29 @@ async def run_audited(
         return
     status = 0
     body = bytearray()
+    done = False
 
     async def recording_send(message: Message) -> None:
-        nonlocal status
+        nonlocal status, done
         if message["type"] == "http.response.start":
             status = message["status"]
-        elif message["type"] == "http.response.body" and len(body) < _KEEP:
-            body.extend(message.get("body", b"")[: _KEEP - len(body)])
+        elif message["type"] == "http.response.body":
+            if len(body) < _KEEP:
+                body.extend(message.get("body", b"")[: _KEEP - len(body)])
+            if not message.get("more_body", False) and not done:
+                # Recorded before the client has the whole answer.
+                done = True
+                _audit(policy, scope, status, body)
         await send(message)
 
     try:
         await app(scope, receive, recording_send)
     except BaseException:
-        _audit(policy, scope, status or 500, body)
+        if not done:
+            _audit(policy, scope, status or 500, body)
         raise
-    _audit(policy, scope, status, body)
+    if not done:
+        _audit(policy, scope, status, body)
 
 
 def _audit(policy: AccessPolicy, scope: Scope, status: int, body: bytearray) -> None:
@@ -328,9 +344,9 @@ def _audit(policy: AccessPolicy, scope: Scope, status: int, body: bytearray) -> 
     }
     audit_log.info(
         "%s %s domain=%s status=%s%s role=%s caller=%s",
-        entry["method"],
-        entry["path"],
-        domain or "-",
+        printable(str(entry["method"])),
+        printable(str(entry["path"])),
+        printable(domain) or "-",
         status,
         f" code={code}" if code else "",
         entry["role"],

@@ -27,6 +27,7 @@ from vmferry.daemon.access import (
     AccessPolicy,
     Caller,
     Role,
+    printable,
     refused_connection,
     run_audited,
 )
@@ -81,7 +82,7 @@ def identify(
         if not der:  # cannot happen with CERT_REQUIRED; refuse rather than guess
             return Caller(None, "tls", subject="(no certificate)", address=_address(transport))
         cert = x509.load_der_x509_certificate(der)
-        subject = cert.subject.rfc4514_string()
+        subject = printable(cert.subject.rfc4514_string())
         role = policy.role_for_cert(subject, _sans(cert))
         if role is not None and readonly:
             role = Role.READ_ONLY
