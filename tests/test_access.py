@@ -33,6 +33,7 @@ from vmferry.daemon.access import (
     cert_matches,
     route_permission,
 )
+from vmferry.daemon.config import load_config
 from vmferry.daemon.listen import ListenSpec, parse_listen_uri, serve
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import guest_xml
@@ -379,3 +380,29 @@ def test_pki_client_and_revoke_refuse_mistakes(root: Path) -> None:
     second = pki.revoke(ca, ca / pki.CLIENT_CERT)
     crl = x509.load_pem_x509_crl((ca / pki.CRL).read_bytes())
     assert {entry.serial_number for entry in crl} == {first, second}
+
+
+def test_access_config(root: Path) -> None:
+    cfg = root / "d.toml"
+    cfg.write_text(
+        '[access]\ntls_admin = ["*"]\nreadonly_permissions = ["domain.*"]\naudit_log = false\n'
+        '[tls]\ncrl = "crl.pem"\n'
+    )
+    config = load_config(cfg)
+    assert config.access.tls_admin == ["*"] and config.access.audit_log is False
+    assert config.tls.crl == root / "crl.pem"
+    cfg.write_text('[access]\naudit_log = "yes"\n')
+    with pytest.raises(VmferryError, match=r"access\.audit_log must be true or false"):
+        load_config(cfg)
+    # A permission that does not exist stops the daemon before it listens.
+    cfg.write_text('[access]\nreadonly_permissions = ["domain.reed"]\n')
+    argv = ["--state-dir", str(root / "s"), "--listen", f"unix://{root}/d.sock"]
+    out = subprocess.run(
+        [sys.executable, "-m", "vmferry.daemon.main", *argv, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "domain.reed" in out.stderr and "[invalid-arg]" in out.stderr
+    assert not (root / "d.sock").exists()
