@@ -91,7 +91,13 @@ def identify(
     return Caller(cap, kind, address=_address(transport))
 
 
-def _with_caller(app: ASGIApp, caller: Caller, policy: AccessPolicy) -> ASGIApp:
+def with_caller(app: ASGIApp, caller: Caller, policy: AccessPolicy) -> ASGIApp:
+    """
+    *app*, seeing *caller* as the peer of every request: what each listener
+    does per connection; in-process tests (an ASGI transport) use it too,
+    since the daemon's app refuses requests without a caller.
+    """
+
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[CALLER_KEY] = caller
@@ -110,6 +116,6 @@ def protocol_class(kind: str, readonly: bool, policy: AccessPolicy) -> type[H11P
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             caller = identify(transport, kind, readonly, policy)
-            self.app = _with_caller(self.app, caller, policy)
+            self.app = with_caller(self.app, caller, policy)
 
     return CallerProtocol
