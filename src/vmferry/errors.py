@@ -27,6 +27,8 @@ class ErrorCode(StrEnum):
     MIGRATE_FINISH_OK = "migrate-finish-ok"
     NO_SUPPORT = "no-support"
     AUTH_FAILED = "auth-failed"
+    # the caller's role lacks the permission of the call (see vmferry.daemon.access)
+    ACCESS_DENIED = "access-denied"
     CONNECT_FAILED = "connect-failed"
     # the connection broke after the request was sent: it may or may not have been carried out
     RPC_FAILED = "rpc-failed"
@@ -44,6 +46,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.XML_ERROR: 400,
     ErrorCode.CONFIG_UNSUPPORTED: 400,
     ErrorCode.AUTH_FAILED: 403,
+    ErrorCode.ACCESS_DENIED: 403,
 }
 
 

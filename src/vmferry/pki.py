@@ -12,6 +12,13 @@ Files in ``DIR`` (mode 0700):
     ca.pem, ca-key.pem          the CA
     server.pem, server-key.pem  the daemon's certificate (serverAuth)
     client.pem, client-key.pem  the clients' certificate (clientAuth)
+    crl.pem                     revoked certificates (``vmferry pki revoke``)
+
+``vmferry pki client DIR OUT NAME [--read-only]`` issues another client
+certificate into a directory of its own (``ca.pem``, ``client.pem``,
+``client-key.pem``: usable as ``--pki-dir``, without the CA key); with
+``--read-only`` its subject carries ``OU=read-only``, which the daemon's
+default ``[access] tls_readonly`` maps to the read-only role.
 
 Keys are EC P-256, written with mode 0600.
 """
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -39,15 +47,19 @@ SERVER_CERT = "server.pem"
 SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client.pem"
 CLIENT_KEY = "client-key.pem"
+CRL = "crl.pem"
+READ_ONLY_UNIT = "read-only"
 
 # Always in the server certificate, so local clients can connect by any loopback name.
 _DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, unit: str = "") -> x509.Name:
+    unit_attr = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit)] if unit else []
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmferry"),
+            *unit_attr,
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -136,13 +148,14 @@ def _make_leaf(
     usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName],
     days: int,
+    unit: str = "",
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     not_before, not_after = _validity(days)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(_name(common_name, unit))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -283,13 +296,27 @@ def _load(dir: Path, ctx: ssl.SSLContext, cert: str, key: str) -> ssl.SSLContext
     return ctx
 
 
-def server_ssl_context(dir: Path) -> ssl.SSLContext:
+def server_ssl_context(dir: Path, crl: Path | None = None) -> ssl.SSLContext:
     """
     The daemon's TLS context: presents ``server.pem`` and requires a client
-    certificate signed by the CA (mutual TLS, TLS >= 1.2).
+    certificate signed by the CA (mutual TLS, TLS >= 1.2) and not revoked.
+
+    :param crl: A revocation list (PEM) checked at every handshake; by
+        default ``DIR/crl.pem`` if it exists.  Read once: restart the daemon
+        after revoking.
     """
     ctx = _load(dir, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), SERVER_CERT, SERVER_KEY)
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if crl is None and (Path(dir) / CRL).is_file():
+        crl = Path(dir) / CRL
+    if crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(crl))
+        except (ssl.SSLError, OSError) as exc:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG, f"cannot load the revocation list {crl}: {exc}"
+            ) from exc
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 
@@ -302,3 +329,113 @@ def client_ssl_context(dir: Path) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _load_ca(dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    ca_path, key_path = _require(dir, CA_CERT, CA_KEY)
+    try:
+        cert = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"cannot load the CA of {dir}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise VmferryError(ErrorCode.INVALID_ARG, f"{key_path} is not an EC key")
+    return key, cert
+
+
+def issue_client(
+    dir: Path, out: Path, name: str, *, read_only: bool = False, days: int = 365
+) -> Path:
+    """
+    Issue a client certificate signed by the CA in *dir* into *out*.
+
+    *out* gets ``ca.pem``, ``client.pem`` and ``client-key.pem`` (mode 0700),
+    so it can be handed to the user as their ``--pki-dir``.  The subject is
+    ``CN=NAME,O=vmferry``, with ``OU=read-only`` if *read_only*.
+
+    :return: The path of the new certificate.
+    :raise VmferryError: ``INVALID_ARG`` without a CA, for an empty *name*,
+        or if *out* already holds a client certificate.
+    """
+    if not name.strip():
+        raise VmferryError(ErrorCode.INVALID_ARG, "a client certificate needs a name (its CN)")
+    if days < 1:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"validity must be >= 1 day, not {days}")
+    ca_key, ca_cert = _load_ca(dir)
+    out = Path(out)
+    if (out / CLIENT_CERT).exists() or (out / CLIENT_KEY).exists():
+        raise VmferryError(
+            ErrorCode.INVALID_ARG, f"{out} already holds a client certificate: choose another"
+        )
+    key, cert = _make_leaf(
+        ca_key,
+        ca_cert,
+        name,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        [],
+        days,
+        unit=READ_ONLY_UNIT if read_only else "",
+    )
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write(out / CLIENT_KEY, _key_pem(key), 0o600)
+        _write(out / CLIENT_CERT, _cert_pem(cert), 0o644)
+        _write(out / CA_CERT, _cert_pem(ca_cert), 0o644)
+    except OSError as exc:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"cannot write to {out}: {exc.strerror}") from exc
+    return out / CLIENT_CERT
+
+
+def revoke(dir: Path, cert_file: Path, *, days: int = 3650) -> int:
+    """
+    Add the certificate in *cert_file* to ``DIR/crl.pem`` (made if missing)
+    and sign the list again; daemons read it when they start.
+
+    :param days: Until when the list is valid: an expired list makes every
+        TLS handshake fail.
+    :return: The revoked certificate's serial number.
+    :raise VmferryError: ``INVALID_ARG`` if the certificate is unreadable or
+        not issued by this CA.
+    """
+    ca_key, ca_cert = _load_ca(dir)
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"cannot read {cert_file}: {exc}") from exc
+    try:
+        cert.verify_directly_issued_by(ca_cert)  # names alone: every host's CA is "vmferry CA"
+    except (ValueError, TypeError, InvalidSignature):
+        raise VmferryError(
+            ErrorCode.INVALID_ARG, f"{cert_file} was not issued by the CA of {dir}"
+        ) from None
+    now = datetime.datetime.now(datetime.UTC)
+    revoked: list[x509.RevokedCertificate] = []
+    crl_path = Path(dir) / CRL
+    if crl_path.exists():
+        try:
+            revoked = list(x509.load_pem_x509_crl(crl_path.read_bytes()))
+        except ValueError as exc:
+            raise VmferryError(ErrorCode.INVALID_ARG, f"cannot read {crl_path}: {exc}") from exc
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(hours=1))
+        .next_update(now + datetime.timedelta(days=days))
+    )
+    for entry in revoked:
+        if entry.serial_number != cert.serial_number:
+            builder = builder.add_revoked_certificate(entry)
+    builder = builder.add_revoked_certificate(
+        x509.RevokedCertificateBuilder()
+        .serial_number(cert.serial_number)
+        .revocation_date(now)
+        .build()
+    )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    try:
+        _write(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as exc:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG, f"cannot write {crl_path}: {exc.strerror}"
+        ) from exc
+    return cert.serial_number

@@ -137,6 +137,26 @@ def cmd_pki_init(ctx: Context, args: argparse.Namespace) -> None:
     ctx.out(f"PKI created in {directory}: copy this directory to every host of the cluster")
 
 
+def cmd_pki_client(ctx: Context, args: argparse.Namespace) -> None:
+    from vmferry.pki import issue_client
+
+    cert = issue_client(
+        Path(args.dir), Path(args.out), args.name, read_only=args.read_only, days=args.days
+    )
+    role = "read-only" if args.read_only else "admin"
+    ctx.out(f"{role} client certificate {cert}: give {args.out} to the user as their --pki-dir")
+
+
+def cmd_pki_revoke(ctx: Context, args: argparse.Namespace) -> None:
+    from vmferry.pki import CRL, revoke
+
+    serial = revoke(Path(args.dir), Path(args.cert))
+    ctx.out(
+        f"revoked serial {serial:x} in {Path(args.dir) / CRL}: copy it to every host "
+        "and restart the daemons"
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -239,6 +259,26 @@ COMMANDS: tuple[Command, ...] = (
             arg("--days", type=_positive, default=3650, help="validity (default 3650)"),
             arg("--force", action="store_true", help="replace an existing CA"),
         ),
+        connect=False,
+    ),
+    Command(
+        "pki client",
+        "issue a client certificate of the CA in DIR into a new directory OUT",
+        cmd_pki_client,
+        (
+            arg("dir", metavar="DIR"),
+            arg("out", metavar="OUT"),
+            arg("name", metavar="NAME", help="the certificate's CN (who it is for)"),
+            arg("--read-only", action="store_true", help="a certificate of the read-only role"),
+            arg("--days", type=_positive, default=365, help="validity (default 365)"),
+        ),
+        connect=False,
+    ),
+    Command(
+        "pki revoke",
+        "revoke a certificate: add it to DIR/crl.pem",
+        cmd_pki_revoke,
+        (arg("dir", metavar="DIR"), arg("cert", metavar="CERT", help="the certificate (PEM)")),
         connect=False,
     ),
 )

@@ -22,6 +22,7 @@ from vmferry.api.models import (
     ShutdownRequest,
     XmlBody,
 )
+from vmferry.daemon.access import AccessPolicy, install_access
 from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.errors import ErrorCode, VmferryError
@@ -33,7 +34,8 @@ def _error_response(err: VmferryError) -> JSONResponse:
     return JSONResponse(status_code=err.http_status, content=err.to_dict())
 
 
-def create_app(driver: MigrationDriver) -> FastAPI:
+def create_app(driver: MigrationDriver, access: AccessPolicy | None = None) -> FastAPI:
+    """The daemon's app; *access* decides who may call what (defaults if None)."""
     app = FastAPI(title="vmferryd", version=__version__)
     app.state.driver = driver
 
@@ -56,6 +58,7 @@ def create_app(driver: MigrationDriver) -> FastAPI:
 
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(driver))
+    install_access(app, access or AccessPolicy())
     return app
 
 

@@ -21,6 +21,16 @@ Every key is optional; an absent file means all defaults::
 
     [tls]
     pki_dir = "/etc/vmferry/pki"   # relative paths are relative to the file
+    crl = "/etc/vmferry/crl.pem"   # revocation list (PEM); unset: PKI_DIR/crl.pem if present
+
+    [access]                 # see docs/security-access.md
+    tls_admin = ["CN=*,O=vmferry"]                 # certificates that are admin
+    tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
+    admin_permissions = ["*"]                      # permission names or patterns
+    readonly_permissions = ["api.read", "host.read", "domain.read",
+                            "domain.console", "events.read"]
+    readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
+    audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
 
     [qemu]
     emulator = "qemu-system-x86_64"
@@ -69,6 +79,25 @@ class KeepaliveConfig:
 @dataclass
 class TlsConfig:
     pki_dir: Path | None = None
+    crl: Path | None = None
+
+
+@dataclass
+class AccessConfig:
+    tls_admin: list[str] = field(default_factory=lambda: ["CN=*,O=vmferry"])
+    tls_readonly: list[str] = field(default_factory=lambda: ["CN=*,OU=read-only,O=vmferry"])
+    admin_permissions: list[str] = field(default_factory=lambda: ["*"])
+    readonly_permissions: list[str] = field(
+        default_factory=lambda: [
+            "api.read",
+            "host.read",
+            "domain.read",
+            "domain.console",
+            "events.read",
+        ]
+    )
+    readonly_socket_group: str = ""
+    audit_log: bool = True
 
 
 @dataclass
@@ -86,10 +115,11 @@ class DaemonConfig:
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
-_PATH_FIELDS = {("tls", "pki_dir")}
+_PATH_FIELDS = {("tls", "pki_dir"), ("tls", "crl")}
 
 
 def _convert(where: str, key: str, expected: type, value: Any, base: Path) -> Any:
@@ -112,6 +142,10 @@ def _convert(where: str, key: str, expected: type, value: Any, base: Path) -> An
     if expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("an integer")
+        return value
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
         return value
     if expected is str:
         if not isinstance(value, str):

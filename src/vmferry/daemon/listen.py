@@ -7,6 +7,10 @@ Listen URIs (``vmferryd --listen URI``, repeatable)::
     tcp://127.0.0.1:PORT                plain HTTP; only with --insecure and on loopback
 
 IPv6 hosts are bracketed: ``tls://[::]:16514``.  Port 0 picks a free port.
+``?ro=1`` makes a listener read-only: a unix socket of mode 0666 (or 0660
+and ``[access] readonly_socket_group``) whose clients, like every client
+of a ``tls://...?ro=1`` listener, have the read-only role
+(see :mod:`vmferry.daemon.access`).
 
 :func:`serve` runs one ``uvicorn.Server`` per listener in the running event
 loop.  It binds the sockets itself, so errors surface as
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import ipaddress
 import logging
 import os
@@ -36,6 +41,8 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from vmferry import pki
+from vmferry.daemon.access import AccessPolicy
+from vmferry.daemon.peer import protocol_class
 from vmferry.daemon.state import UNIX_PATH_MAX
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -55,12 +62,14 @@ class ListenSpec:
     path: Path | None = None
     host: str = ""
     port: int = 0
+    readonly: bool = False  # ?ro=1: its clients are read-only
 
     def __str__(self) -> str:
+        ro = "?ro=1" if self.readonly else ""
         if self.kind == "unix":
-            return f"unix://{self.path}"
+            return f"unix://{self.path}{ro}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.kind}://{host}:{self.port}"
+        return f"{self.kind}://{host}:{self.port}{ro}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -88,8 +97,9 @@ def parse_listen_uri(uri: str, *, insecure: bool) -> ListenSpec:
         port = parts.port
     except ValueError as exc:
         raise bad(str(exc)) from None
-    if parts.query or parts.fragment:
-        raise bad("no query or fragment allowed")
+    if parts.fragment or parts.query not in ("", "ro=1", "ro=0"):
+        raise bad("the only query allowed is ?ro=1 (a read-only listener)")
+    readonly = parts.query == "ro=1"
 
     if parts.scheme == "unix":
         if parts.netloc:
@@ -98,7 +108,7 @@ def parse_listen_uri(uri: str, *, insecure: bool) -> ListenSpec:
             raise bad("the socket path must be absolute")
         if len(os.fsencode(parts.path)) > UNIX_PATH_MAX:
             raise bad(f"a unix socket path is at most {UNIX_PATH_MAX} bytes")
-        return ListenSpec("unix", path=Path(parts.path))
+        return ListenSpec("unix", path=Path(parts.path), readonly=readonly)
 
     if parts.scheme not in ("tls", "tcp"):
         raise bad("use unix:///PATH, tls://HOST:PORT or tcp://HOST:PORT")
@@ -120,7 +130,7 @@ def parse_listen_uri(uri: str, *, insecure: bool) -> ListenSpec:
                 "(tcp://127.0.0.1:PORT) for testing",
             )
     kind: ListenKind = "tls" if parts.scheme == "tls" else "tcp"
-    return ListenSpec(kind, host=host, port=port)
+    return ListenSpec(kind, host=host, port=port, readonly=readonly)
 
 
 class _Server(uvicorn.Server):
@@ -189,14 +199,31 @@ def _inode(path: Path) -> int:
     return path.stat().st_ino
 
 
-def _bind_unix(path: Path) -> socket.socket:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def readonly_socket_mode(spec: ListenSpec, policy: AccessPolicy) -> tuple[int, int]:
+    """Mode and group of a unix socket: 0600; read-only ones 0666, or 0660 and a group."""
+    if not spec.readonly:
+        return 0o600, -1
+    if not policy.readonly_socket_group:
+        return 0o666, -1
+    try:
+        return 0o660, grp.getgrnam(policy.readonly_socket_group).gr_gid
+    except KeyError:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"[access] readonly_socket_group: no group {policy.readonly_socket_group!r}",
+        ) from None
+
+
+def _bind_unix(path: Path, mode: int = 0o600, gid: int = -1) -> socket.socket:
+    path.parent.mkdir(mode=0o700 if mode == 0o600 else 0o755, parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The umask makes the socket 0600 from the start, not only after the chmod.
+    # The umask makes the socket 0600 from the start; a read-only one is opened up after.
     old_umask = os.umask(0o177)
     try:
         sock.bind(str(path))
-        os.chmod(path, 0o600)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
     except OSError:
         sock.close()
         raise
@@ -205,11 +232,11 @@ def _bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-async def _bind(spec: ListenSpec, backlog: int) -> socket.socket:
+async def _bind(spec: ListenSpec, backlog: int, policy: AccessPolicy) -> socket.socket:
     if spec.kind == "unix":
         assert spec.path is not None
         await _check_unix_path(spec.path)
-        sock = _bind_unix(spec.path)
+        sock = _bind_unix(spec.path, *readonly_socket_mode(spec, policy))
     else:
         infos = await asyncio.get_running_loop().getaddrinfo(
             spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -230,8 +257,9 @@ async def _bind(spec: ListenSpec, backlog: int) -> socket.socket:
 
 
 def _address(spec: ListenSpec, sock: socket.socket) -> str:
+    # The URI a client connects to: without ?ro=1, which only the daemon reads.
     if spec.kind == "unix":
-        return str(spec)
+        return f"unix://{spec.path}"
     host, port = sock.getsockname()[:2]
     return str(ListenSpec(spec.kind, host=host, port=port))
 
@@ -261,6 +289,8 @@ async def serve(
     addresses: list[str] | None = None,
     access_log: bool = False,
     graceful_timeout: float = GRACEFUL_TIMEOUT,
+    access: AccessPolicy | None = None,
+    crl: Path | None = None,
 ) -> None:
     """
     Serve *app* on every listener in *specs* until *stop* is set.
@@ -273,6 +303,9 @@ async def serve(
     :param graceful_timeout: Seconds to let open requests finish once
         *stop* is set; then their connections are closed, which handlers of
         long-lived responses (event streams) see as a client disconnect.
+    :param access: Maps connections to roles (TLS allow-lists, read-only
+        socket group); the defaults if None.
+    :param crl: Revocation list for ``tls`` (default ``PKI_DIR/crl.pem`` if it exists).
     :raise VmferryError: ``INVALID_ARG`` without listeners or without a PKI
         for ``tls``; ``OPERATION_FAILED`` if a listener cannot be bound.
     """
@@ -286,7 +319,8 @@ async def serve(
                 "a tls:// listener needs a PKI directory: set [tls] pki_dir or --pki-dir "
                 "(create one with `vmferry pki init DIR`)",
             )
-        ssl_ctx = pki.server_ssl_context(pki_dir)
+        ssl_ctx = pki.server_ssl_context(pki_dir, crl=crl)
+    policy = access if access is not None else AccessPolicy()
 
     sockets: list[socket.socket] = []
     unix_paths: list[tuple[Path, int]] = []  # with the inode, to remove only our own socket
@@ -295,7 +329,7 @@ async def serve(
     try:
         for spec in specs:
             try:
-                sock = await _bind(spec, backlog=128)
+                sock = await _bind(spec, backlog=128, policy=policy)
             except OSError as exc:
                 raise VmferryError(
                     ErrorCode.OPERATION_FAILED,
@@ -317,6 +351,7 @@ async def serve(
                 # A backstop only: _shutdown() closes lingering connections first.
                 timeout_graceful_shutdown=int(graceful_timeout) + 5,
                 ssl_context_factory=_fixed_context(ssl_ctx) if spec.kind == "tls" else None,
+                http=protocol_class(spec.kind, spec.readonly, policy),
             )
             server = _Server(config)
             servers.append(server)
@@ -328,8 +363,8 @@ async def serve(
             await asyncio.sleep(0.01)
         else:
             listening = [_address(spec, sock) for spec, sock in zip(specs, sockets, strict=True)]
-            for address in listening:
-                log.info("listening on %s", address)
+            for spec, address in zip(specs, listening, strict=True):
+                log.info("listening on %s%s", address, " (read-only)" if spec.readonly else "")
             if addresses is not None:
                 addresses[:] = listening
             if ready is not None:

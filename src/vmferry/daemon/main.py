@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
-from vmferry.daemon.config import load_config
+from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         required=True,
         metavar="URI",
-        help="unix:///abs/path.sock or tls://HOST:PORT (repeatable)",
+        help="unix:///abs/path.sock or tls://HOST:PORT (repeatable); "
+        "append ?ro=1 for a read-only listener",
     )
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument(
@@ -57,6 +59,19 @@ def qemu_version(emulator: str) -> str:
     return first.removeprefix("QEMU emulator version ").strip()
 
 
+def access_policy(config: DaemonConfig, state: StateDir) -> AccessPolicy:
+    """The ``[access]`` section, checked; the audit file lives in the state directory."""
+    a = config.access
+    return AccessPolicy(
+        tls_admin=a.tls_admin,
+        tls_readonly=a.tls_readonly,
+        admin_permissions=a.admin_permissions,
+        readonly_permissions=a.readonly_permissions,
+        readonly_socket_group=a.readonly_socket_group,
+        audit_file=state.log_dir / "audit.log" if a.audit_log else None,
+    )
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.pki_dir is not None:
@@ -64,6 +79,7 @@ async def run(args: argparse.Namespace) -> None:
     state = StateDir(args.state_dir.resolve())
     state.ensure()
     specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
+    access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
     driver = MigrationDriver(state, config, host)
     driver.qemu_version = qemu_version(config.qemu.emulator)
@@ -74,7 +90,14 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
-        await serve(create_app(driver), specs, pki_dir=config.tls.pki_dir, stop=stop)
+        await serve(
+            create_app(driver, access),
+            specs,
+            pki_dir=config.tls.pki_dir,
+            stop=stop,
+            access=access,
+            crl=config.tls.crl,
+        )
     finally:
         await driver.close()
 
