@@ -156,3 +156,10 @@ class DowntimeBody(BaseModel):
 
 class SpeedBody(BaseModel):
     bandwidth_mib_s: int  # 0: unlimited
+
+
+#: What every ``/v1`` route may answer besides its reply: ``{code, message}`` (OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused: `{code, message}`"},
+    "5XX": {"model": ErrorBody, "description": "Failed: `{code, message}`"},
+}

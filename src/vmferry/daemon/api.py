@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from vmferry import __version__
 from vmferry.api.models import (
+    ERROR_RESPONSES,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -60,7 +61,7 @@ def create_app(driver: MigrationDriver) -> FastAPI:
 
 
 def domain_routes(driver: MigrationDriver) -> APIRouter:
-    r = APIRouter(prefix="/v1")
+    r = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
     @r.get("/host")
     async def host() -> HostInfo:
