@@ -19,6 +19,7 @@ from vmferry.migration.cookie import (
     MigrationCookie,
     NbdDisk,
     parse_cookie,
+    same_uuid,
 )
 from vmferry.testguest import guest_xml
 
@@ -400,3 +401,10 @@ def test_mutated_cookies_raise_only_vmferry_errors(data: st.DataObject) -> None:
 def test_arbitrary_text_raises_only_vmferry_errors(text: str) -> None:
     with pytest.raises(VmferryError):
         _parse(text)
+
+
+def test_same_uuid_helper() -> None:
+    assert same_uuid(SRC_HOST, SRC_HOST.upper())
+    assert same_uuid(SRC_HOST, SRC_HOST.replace("-", ""))
+    assert not same_uuid(SRC_HOST, DST_HOST)
+    assert not same_uuid("garbage", "garbage")

@@ -239,6 +239,14 @@ def _uuid(text: str, what: str) -> uuidlib.UUID:
         raise _invalid(f"malformed {what} '{text[:64]}' in migration cookie") from None
 
 
+def same_uuid(a: str, b: str) -> bool:
+    """Whether *a* and *b* name the same UUID (any case or spelling); malformed: never."""
+    try:
+        return uuidlib.UUID(a) == uuidlib.UUID(b)
+    except (ValueError, TypeError):
+        return False
+
+
 def _mandatory(root: ET.Element) -> list[str]:
     features = []
     for feature in root.findall("feature"):
