@@ -136,3 +136,29 @@ def test_malformed_cookie_at_finish_is_a_clear_error(pair: tuple[Host, Host]) ->
     _assert_only_on(a, b, "badfin", hb)
     with a.client() as c:
         c.destroy("badfin")
+
+
+def test_finish_checks_the_name_prepare_recorded(pair: tuple[Host, Host]) -> None:
+    """Finish used to read the expected name from the very cookie it was checking."""
+    a, b = pair
+    hb = _boot(a, "fname")
+
+    async def run() -> None:
+        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
+            async with open_session(s) as ss, open_session(d) as ds:
+                source, dest = RemoteSource(s, ss), RemoteDestination(d, ds)
+                xml, cookie = await source.begin("fname", LIVE, MigrationParams())
+                uri, cookie = await dest.prepare(xml, cookie, LIVE, MigrationParams())
+                cookie = await source.perform("fname", cookie, uri)
+                forged = cookie.replace("<name>fname</name>", "<name>other</name>")
+                assert forged != cookie
+                with pytest.raises(VmferryError) as err:
+                    await dest.finish("fname", forged, cancelled=False, v3=True)
+                assert err.value.code == ErrorCode.INVALID_ARG
+                assert "unexpected name other vs fname" in err.value.message
+                await source.confirm("fname", "", cancelled=True)
+
+    asyncio.run(run())
+    _assert_only_on(a, b, "fname", hb)
+    with a.client() as c:
+        c.destroy("fname")
