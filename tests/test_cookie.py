@@ -408,3 +408,33 @@ def test_same_uuid_helper() -> None:
     assert same_uuid(SRC_HOST, SRC_HOST.replace("-", ""))
     assert not same_uuid(SRC_HOST, DST_HOST)
     assert not same_uuid("garbage", "garbage")
+
+
+# libvirt's Begin cookie with the "nop" lock manager: lockstate is mandatory but has no
+# element (no leases); capabilities and the guest CPU ride along.
+LIBVIRT_BEGIN = f"""<qemu-migration>
+  <name>web</name>
+  <uuid>{DOM_UUID}</uuid>
+  <hostname>src.example.org</hostname>
+  <hostuuid>{SRC_HOST}</hostuuid>
+  <feature name='lockstate'/>
+  <cpu mode='custom' match='exact' check='partial'><model fallback='forbid'>qemu64</model></cpu>
+  <capabilities>
+    <cap name='postcopy-ram' auto='no'/>
+    <cap name='pause-before-switchover' auto='yes'/>
+  </capabilities>
+</qemu-migration>
+"""
+
+
+def test_libvirt_begin_cookie_means_the_same() -> None:
+    c = _parse(LIBVIRT_BEGIN)
+    assert c.mandatory == ["lockstate"] and c.lock_driver == "" and c.persistent is None
+    assert c.capabilities == {"postcopy-ram": False, "pause-before-switchover": True}
+    # with memory hotplug in use libvirt marks it mandatory: vmferry cannot honour it
+    hotplug = LIBVIRT_BEGIN.replace(
+        "<feature name='lockstate'/>", "<feature name='lockstate'/><feature name='memory-hotplug'/>"
+    )
+    with pytest.raises(VmferryError) as err:
+        _parse(hotplug)
+    assert err.value.message == "Unsupported migration cookie feature memory-hotplug"
