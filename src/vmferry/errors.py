@@ -41,7 +41,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NO_DOMAIN: 404,
     ErrorCode.DOMAIN_EXISTS: 409,
     ErrorCode.OPERATION_INVALID: 409,
-    ErrorCode.OPERATION_TIMEOUT: 504,
+    # a guest or a lock that did not give way in time: the request conflicts with the state
+    ErrorCode.OPERATION_TIMEOUT: 409,
     ErrorCode.INVALID_ARG: 400,
     ErrorCode.XML_ERROR: 400,
     ErrorCode.CONFIG_UNSUPPORTED: 400,

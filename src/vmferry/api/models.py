@@ -56,8 +56,16 @@ class DomainStateInfo(BaseModel):
     reason: str
 
 
+#: Bounds of numbers the API accepts (QEMU's own limits where it has them).
+MAX_SHUTDOWN_TIMEOUT_S = 86400.0
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's downtime-limit: 2000 s
+MAX_BANDWIDTH_MIB_S = ((1 << 63) - 1) >> 20  # bytes/s must fit QEMU's int64
+MAX_FLAGS = (1 << 32) - 1
+
+
 class ShutdownRequest(BaseModel):
-    timeout: float = 60.0  # seconds to wait for the guest to power off
+    # seconds to wait for the guest to power off
+    timeout: float = Field(default=60.0, ge=0, le=MAX_SHUTDOWN_TIMEOUT_S, allow_inf_nan=False)
 
 
 class ConsoleOutput(BaseModel):
@@ -83,7 +91,7 @@ class Event(BaseModel):
 class MigrationRequest(BaseModel):
     """Flags (``MigrateFlags`` values) and parameters of a migration."""
 
-    flags: int = 0
+    flags: int = Field(default=0, ge=0, le=MAX_FLAGS)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -151,8 +159,15 @@ class JobStats(BaseModel):
 
 
 class DowntimeBody(BaseModel):
-    downtime_ms: int
+    downtime_ms: int = Field(ge=0, le=MAX_DOWNTIME_MS)
 
 
 class SpeedBody(BaseModel):
-    bandwidth_mib_s: int  # 0: unlimited
+    bandwidth_mib_s: int = Field(ge=0, le=MAX_BANDWIDTH_MIB_S)  # 0: unlimited
+
+
+#: What every ``/v1`` route may answer besides its reply: ``{code, message}`` (OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused: `{code, message}`"},
+    "5XX": {"model": ErrorBody, "description": "Failed: `{code, message}`"},
+}

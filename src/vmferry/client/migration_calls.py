@@ -141,7 +141,7 @@ def set_maxdowntime(name: str, downtime_ms: int) -> Call[DowntimeBody]:
         "PUT",
         domain_path(name, "/migrate/maxdowntime"),
         model(DowntimeBody),
-        body=DowntimeBody(downtime_ms=downtime_ms),
+        body=DowntimeBody.model_construct(downtime_ms=downtime_ms),  # the daemon validates
     )
 
 
@@ -154,5 +154,5 @@ def set_speed(name: str, bandwidth_mib_s: int) -> Call[SpeedBody]:
         "PUT",
         domain_path(name, "/migrate/speed"),
         model(SpeedBody),
-        body=SpeedBody(bandwidth_mib_s=bandwidth_mib_s),
+        body=SpeedBody.model_construct(bandwidth_mib_s=bandwidth_mib_s),  # the daemon validates
     )

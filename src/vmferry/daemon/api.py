@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from vmferry import __version__
 from vmferry.api.models import (
+    ERROR_RESPONSES,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -63,7 +64,7 @@ def create_app(driver: MigrationDriver, access: AccessPolicy | None = None) -> F
 
 
 def domain_routes(driver: MigrationDriver) -> APIRouter:
-    r = APIRouter(prefix="/v1")
+    r = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
     @r.get("/host")
     async def host() -> HostInfo:

@@ -22,7 +22,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob, Job
 from vmferry.migration import destination, postcopy, recovery, source
 from vmferry.migration import policy as mpolicy
-from vmferry.migration.cookie import parse_cookie
+from vmferry.migration.cookie import parse_cookie, same_uuid
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MIB, UNLIMITED_BANDWIDTH, MigrationParams
 from vmferry.migration.phase import MigrationPhase
@@ -293,7 +293,7 @@ class MigrationDriver(Driver):
             dest_uri, pki_dir=self.config.tls.pki_dir, timeout=PEER_CALL_TIMEOUT_S
         ) as dconn:
             host = await dconn.host()
-            if host.uuid == self.host.uuid:
+            if same_uuid(host.uuid, self.host.uuid):
                 raise VmferryError(
                     ErrorCode.OPERATION_INVALID,
                     f"Attempt to migrate guest to the same host {host.uuid}",

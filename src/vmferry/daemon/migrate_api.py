@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
 from vmferry.api.models import (
+    ERROR_RESPONSES,
     BeginReply,
     ConfirmRequest,
     CookieBody,
@@ -30,7 +31,7 @@ Session = Annotated[str, Header(alias="X-Vmferry-Session")]
 
 
 def migration_routes(driver: MigrationDriver) -> APIRouter:
-    r = APIRouter(prefix="/v1")
+    r = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
     @r.get("/session")
     async def session() -> StreamingResponse:

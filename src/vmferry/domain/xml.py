@@ -236,6 +236,10 @@ def parse_domain_xml(text: str) -> DomainDef:
     if len(text) > MAX_XML_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_XML_BYTES:
         raise _xml_error(f"domain XML is larger than {MAX_XML_BYTES // 1024} KiB")
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON allows "\ud800")
+        raise _xml_error(f"domain XML is not valid UTF-8 text: {exc.reason}") from None
+    try:
         root = SafeET.fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except defusedxml.DTDForbidden as exc:
         raise _xml_error(f"domain XML must not contain a DTD ({exc})") from None

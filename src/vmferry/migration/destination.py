@@ -46,6 +46,7 @@ from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
+from vmferry.migration.stats import from_cookie
 from vmferry.qemu.domain import QemuDomain
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ async def prepare(
     dom = existing if existing is not None else host.add(definition, None)
     await dom.job.start_async(AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags))
     dom.migration.created_here = existing is None
+    dom.migration.origin_name = original_name  # Finish checks the cookie against it
     dom.migration.flags = int(flags)
     dom.migration.params = params.to_dict()
     dom.definition = definition
@@ -212,13 +214,6 @@ async def finish(
     dom.job.start_phase(AsyncJob.MIGRATION_IN, phase, api)
     flags = MigrateFlags(dom.migration.flags)
     cookie = None
-    if cookie_in:
-        cookie = parse_cookie(
-            cookie_in,
-            name=_original_name(dom, cookie_in),
-            uuid=dom.uuid,
-            local_hostuuid=host.host_uuid,
-        )
     if cancelled:
         if postcopy.in_postcopy(dom) and dom.active:
             _release(host, dom)
@@ -228,6 +223,14 @@ async def finish(
         return None, ""
     resumed_at: float | None = None
     try:
+        if cookie_in:
+            # Checked before anything happens; a bad cookie fails Finish like any error.
+            cookie = parse_cookie(
+                cookie_in,
+                name=dom.migration.origin_name or dom.name,
+                uuid=dom.uuid,
+                local_hostuuid=host.host_uuid,
+            )
         await failpoint("dst-finish-before")
         if flags & MigrateFlags.OFFLINE:
             _persist(host, dom, cookie, flags)
@@ -251,7 +254,7 @@ async def finish(
     )
     dom.completed_job = _completed_here(cookie, resumed_at)
     if "downtime_ms" in dom.completed_job:
-        out.statistics = {"downtime": float(dom.completed_job["downtime_ms"])}
+        out.statistics = {"downtime": int(dom.completed_job["downtime_ms"])}
     return dom, out.to_xml()
 
 
@@ -264,25 +267,17 @@ def _completed_here(
     stream completed.
     """
     sent = dict(cookie.statistics) if cookie is not None else {}
-    stats: dict[str, Any] = {
-        k: int(v) for k, v in sent.items() if k not in ("started", "sent", "stopped")
-    }
+    stats: dict[str, Any] = from_cookie(sent)
     stats["status"] = "completed"
-    if "stopped" in sent:
+    # libvirt's cookie times: ms since the epoch, 0 when not set
+    if sent.get("stopped"):
         resumed = resumed_at if resumed_at is not None else time.time()
-        stats["downtime_ms"] = int((resumed - sent["stopped"]) * 1000)
+        stats["downtime_ms"] = max(0, int(resumed * 1000) - sent["stopped"])
     if resumed_at is not None:
         stats["postcopy"] = 1
-    if "started" in sent:
-        stats["time_elapsed_ms"] = int((time.time() - sent["started"]) * 1000)
+    if sent.get("started"):
+        stats["time_elapsed_ms"] = max(0, int(time.time() * 1000) - sent["started"])
     return stats
-
-
-def _original_name(dom: QemuDomain, cookie_xml: str) -> str:
-    # With --dname the cookie still carries the source's name.
-    import defusedxml.ElementTree as SafeET
-
-    return str(SafeET.fromstring(cookie_xml).findtext("name", dom.name))
 
 
 async def _finish_active(
@@ -387,8 +382,8 @@ def _persist(
     if not flags & MigrateFlags.PERSIST_DEST:
         return
     definition: DomainDef = dom.definition
-    if cookie is not None and cookie.persistent_xml:
-        definition = replace(parse_domain_xml(cookie.persistent_xml), name=dom.name)
+    if cookie is not None and cookie.persistent is not None:
+        definition = replace(cookie.persistent, name=dom.name)
     host.persist_definition(definition)
     dom.persistent = definition
 
@@ -475,7 +470,7 @@ async def finish_resume(
         name=dom.name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
     )
     if dom.completed_job and "downtime_ms" in dom.completed_job:
-        out.statistics = {"downtime": float(dom.completed_job["downtime_ms"])}
+        out.statistics = {"downtime": int(dom.completed_job["downtime_ms"])}
     return dom, out.to_xml()
 
 

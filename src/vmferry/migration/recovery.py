@@ -161,6 +161,7 @@ def bookkeeping(dom: QemuDomain) -> dict[str, Any]:
         "was_running": m.was_running,
         "created_here": m.created_here,
         "port": m.port,
+        "origin_name": m.origin_name,
     }
 
 
@@ -174,6 +175,7 @@ def restore_bookkeeping(dom: QemuDomain, data: Any) -> None:
     m.params = dict(params) if isinstance(params, dict) else {}
     m.was_running = bool(data.get("was_running", False))
     m.created_here = bool(data.get("created_here", False))
+    m.origin_name = str(data.get("origin_name", ""))
     # The port was held by the daemon that died; this one never reserved it.
     m.port = 0
 

@@ -36,7 +36,7 @@ from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
-from vmferry.migration.stats import completed_stats, from_query_migrate
+from vmferry.migration.stats import completed_stats, from_query_migrate, to_cookie
 from vmferry.qemu.domain import QemuDomain
 
 log = logging.getLogger(__name__)
@@ -324,12 +324,15 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
         log.error("could not restore domain %s after a failed migration: %s", dom.name, err)
 
 
-def _sent_statistics(dom: QemuDomain) -> dict[str, float]:
+def _sent_statistics(dom: QemuDomain) -> dict[str, int]:
     # QEMU's figures travel too, so the destination can answer domjobinfo --completed.
-    stats = {k: float(v) for k, v in dom.migration.stats.items() if isinstance(v, int | float)}
-    stats.update(started=dom.migration.started, sent=time.time())
-    if dom.migration.stopped:
-        stats["stopped"] = dom.migration.stopped
+    # libvirt's cookie: times in ms since the epoch (0: not set).
+    stats = to_cookie(dom.migration.stats)
+    stats.update(
+        started=int(dom.migration.started * 1000),
+        stopped=int(dom.migration.stopped * 1000),
+        sent=int(time.time() * 1000),
+    )
     return stats
 
 

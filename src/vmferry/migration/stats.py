@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -37,7 +38,7 @@ def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any
     return stats
 
 
-def completed_stats(dom: QemuDomain, remote: dict[str, float]) -> dict[str, Any]:
+def completed_stats(dom: QemuDomain, remote: dict[str, int]) -> dict[str, Any]:
     """Statistics of a finished migration, as ``domjobinfo --completed`` shows them."""
     stats = dict(dom.migration.stats)
     stats["status"] = "completed"
@@ -46,3 +47,35 @@ def completed_stats(dom: QemuDomain, remote: dict[str, float]) -> dict[str, Any]
     if "downtime" in remote:
         stats["downtime_ms"] = int(remote["downtime"])
     return stats
+
+
+#: vmferry's job statistics that travel in the cookie, with libvirt's cookie names.
+COOKIE_NAMES = {
+    "time_elapsed_ms": "time_elapsed",
+    "downtime_ms": "downtime",
+    "setup_time_ms": "setup_time",
+    "data_total": "memory_total",  # no storage migration: all data is memory
+    "data_processed": "memory_processed",
+    "data_remaining": "memory_remaining",
+    "memory_bps": "memory_bps",
+    "memory_dirty_rate": "memory_dirty_rate",
+    "memory_page_size": "memory_page_size",
+    "memory_iteration": "memory_iteration",
+    "memory_normal_bytes": "memory_normal_bytes",
+    "auto_converge_throttle": "auto_converge_throttle",
+}
+
+
+def to_cookie(stats: dict[str, Any]) -> dict[str, int]:
+    """The figures of *stats* (domjobinfo names) under libvirt's cookie names."""
+    out = {}
+    for key, name in COOKIE_NAMES.items():
+        value = stats.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[name] = max(0, int(value))
+    return out
+
+
+def from_cookie(stats: dict[str, int]) -> dict[str, int]:
+    """The cookie's figures back under domjobinfo names."""
+    return {key: stats[name] for key, name in COOKIE_NAMES.items() if name in stats}

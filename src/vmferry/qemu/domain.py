@@ -37,6 +37,7 @@ class MigrationProgress:
     was_running: bool = False
     port: int = 0
     created_here: bool = False  # the destination made the domain object for this migration
+    origin_name: str = ""  # the destination: the name on the source (before --dname)
 
 
 @dataclass
