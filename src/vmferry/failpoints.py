@@ -21,6 +21,8 @@ before the answer goes out, plus ``src-perform-migrating`` inside Perform
 after ``migrate`` was issued and QEMU reports the migration active, and
 ``dst-postcopy-running`` inside a post-copy Finish once the guest runs on the
 destination (after ``cont``) and before waiting for the stream to complete.
+``status-write`` is an I/O point (:func:`fail_io`): with ``error`` every write of
+a domain's status file fails as on a full disk.
 
 Usage::
 
@@ -31,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -53,10 +56,14 @@ _STEPS = (
     "dst-finish",
 )
 
+#: Synchronous I/O failpoints (:func:`fail_io`): ``error`` makes the write fail with ENOSPC.
+IO_POINTS = ("status-write",)
+
 #: Every failpoint the code has.
 POINTS: frozenset[str] = frozenset(
     [f"{step}-{when}" for step in _STEPS for when in ("before", "after")]
     + ["src-perform-migrating", "dst-postcopy-running"]
+    + list(IO_POINTS)
 )
 
 #: What a failpoint may do.
@@ -126,6 +133,19 @@ async def _pause(name: str) -> None:
     while not release.exists():  # noqa: ASYNC110
         await asyncio.sleep(PAUSE_POLL_S)
     log.warning("failpoint %s released", name)
+
+
+def fail_io(name: str) -> None:
+    """An I/O failpoint: ``error`` raises ``OSError(ENOSPC)`` (a full disk), ``exit`` dies."""
+    if not _enabled:
+        return
+    action = _enabled.get(name)
+    if action == "error":
+        log.warning("failpoint %s hit: %s", name, action)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "exit":
+        log.warning("failpoint %s hit: %s", name, action)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def failpoint(name: str) -> None:
