@@ -40,7 +40,7 @@ class HostIdentity:
 def _parse(state: StateDir, data: object) -> HostIdentity:
     problem = f"{state.host_file} is invalid"
     if not isinstance(data, dict):
-        raise VmferryError(ErrorCode.INTERNAL_ERROR, f"{problem}: remove it to create a new one")
+        raise VmferryError(ErrorCode.INTERNAL_ERROR, f"{problem}: not a JSON object")
     hostname, host_uuid = data.get("hostname"), data.get("uuid")
     try:
         if not isinstance(hostname, str) or not hostname or not isinstance(host_uuid, str):
@@ -49,8 +49,7 @@ def _parse(state: StateDir, data: object) -> HostIdentity:
     except ValueError:
         raise VmferryError(
             ErrorCode.INTERNAL_ERROR,
-            f'{problem} (needs a non-empty "hostname" and a "uuid"): '
-            "fix it, or remove it to create a new host UUID",
+            f'{problem}: it needs a non-empty "hostname" and a "uuid"',
         ) from None
     return HostIdentity(hostname=hostname, uuid=host_uuid)
 
