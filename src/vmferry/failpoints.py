@@ -11,6 +11,7 @@ Actions:
   flushing, exactly like a crash or ``kill -9``).
 * ``hang``: the calling task blocks until it is cancelled.
 * ``error``: raise ``VmferryError(INTERNAL_ERROR, "failpoint NAME hit")``.
+* ``bug``: raise ``RuntimeError`` (an unexpected exception: a bug, a 500).
 * ``pause``: create ``$VMFERRY_FAILPOINTS_DIR/NAME.hit``, wait until ``NAME.release``
   exists there, then go on as if nothing happened (the fault matrix acts meanwhile).
 
@@ -67,7 +68,7 @@ POINTS: frozenset[str] = frozenset(
 )
 
 #: What a failpoint may do.
-ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error", "pause"})
+ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error", "pause", "bug"})
 
 #: ``pause`` creates ``<name>.hit`` in this directory and waits for ``<name>.release``.
 DIR_ENV = "VMFERRY_FAILPOINTS_DIR"
@@ -143,6 +144,8 @@ def fail_io(name: str) -> None:
     if action == "error":
         log.warning("failpoint %s hit: %s", name, action)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "bug":
+        raise RuntimeError(f"failpoint {name}: simulated bug")
     if action == "exit":
         log.warning("failpoint %s hit: %s", name, action)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -168,4 +171,6 @@ async def failpoint(name: str) -> None:
     if action == "pause":
         await _pause(name)
         return
+    if action == "bug":
+        raise RuntimeError(f"failpoint {name}: simulated bug")
     raise VmferryError(ErrorCode.INTERNAL_ERROR, f"failpoint {name} hit")

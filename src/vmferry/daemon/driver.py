@@ -230,8 +230,7 @@ class Driver:
         except OSError as exc:
             raise VmferryError(
                 ErrorCode.OPERATION_FAILED,
-                f"cannot write the status of domain '{dom.name}' to {path}: "
-                f"{exc.strerror or exc}",
+                f"cannot write the status of domain '{dom.name}' to {path}: {exc.strerror or exc}",
             ) from exc
         self._written[path] = data
 
@@ -375,8 +374,10 @@ class Driver:
             if run_id is not None and not isinstance(run_id, int):
                 raise VmferryError(ErrorCode.INTERNAL_ERROR, "run_id is not an integer")
         except (VmferryError, KeyError, ValueError, TypeError) as exc:
-            err = exc if isinstance(exc, VmferryError) else VmferryError(
-                ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
+            err = (
+                exc
+                if isinstance(exc, VmferryError)
+                else VmferryError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             )
             await self._corrupt_status(name, err)
             return

@@ -71,9 +71,7 @@ def _replace_corrupt(state: StateDir, err: VmferryError) -> HostIdentity:
     state.write_json(state.host_file, {"hostname": identity.hostname, "uuid": identity.uuid})
     kept = aside or "nowhere (rename failed)"
     if salvaged:
-        log.error(
-            "%s; kept its host UUID %s, moved the file to %s", err.message, salvaged, kept
-        )
+        log.error("%s; kept its host UUID %s, moved the file to %s", err.message, salvaged, kept)
     else:
         log.error(
             "%s; moved it to %s and generated a NEW host UUID %s: if this host had another "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import load_config
+from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
@@ -59,6 +60,7 @@ def qemu_version(emulator: str) -> str:
 
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
+    install_log_rate_limit(config.limits.error_log_interval)
     if args.pki_dir is not None:
         config.tls.pki_dir = args.pki_dir.resolve()
     state = StateDir(args.state_dir.resolve())
@@ -74,7 +76,9 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
-        await serve(create_app(driver), specs, pki_dir=config.tls.pki_dir, stop=stop)
+        await serve(
+            create_app(driver), specs, pki_dir=config.tls.pki_dir, stop=stop, limits=config.limits
+        )
     finally:
         await driver.close()
 
