@@ -278,14 +278,19 @@ def test_busy_clients_get_503_and_streams_outlive_the_idle_timeout(host: Limited
 def test_rate_limit_filter_counts_what_it_holds_back() -> None:
     flt = RateLimitFilter(interval=60)
 
-    def record(msg: str, level: int = logging.ERROR) -> logging.LogRecord:
-        return logging.LogRecord("x", level, __file__, 1, msg, None, None)
+    def record(msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("x", level, __file__, 1, msg, args, None)
 
-    assert flt.filter(record("boom %s"))
-    assert not any(flt.filter(record("boom %s")) for _ in range(100))
-    assert flt.filter(record("other"))
-    assert flt.filter(record("boom %s", logging.INFO))  # info is never held back
-    flt._seen[("x", logging.ERROR, "boom %s", "")] = (time.monotonic() - 61, 100)
-    again = record("boom %s")
+    assert flt.filter(record("internal error %s on port %d", "0123456789ab", 1))
+    # Only numbers and ids differ: the same error, held back.
+    assert not any(
+        flt.filter(record("internal error %s on port %d", f"{i:012x}", i)) for i in range(100)
+    )
+    assert flt.filter(record("domain %s is corrupt", "a"))
+    assert flt.filter(record("domain %s is corrupt", "b"))  # another domain: its own line
+    assert flt.filter(record("internal error %s", "x", level=logging.INFO))  # info passes
+    key = next(k for k in flt._seen if k[2].startswith("internal error # on port"))
+    flt._seen[key] = (time.monotonic() - 61, flt._seen[key][1])
+    again = record("internal error %s on port %d", "fedcba987654", 7)
     assert flt.filter(again)
-    assert "[100 more like this" in str(again.msg)
+    assert "[100 more like this" in again.getMessage()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Host, hosts
+from vmferry.cli.main import main
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.state import StateDir
@@ -40,7 +41,7 @@ def _states(h: Host) -> dict[str, tuple[str, str]]:
         return {d.name: (d.state, d.reason) for d in c.list_domains(all=True)}
 
 
-def test_corrupt_state_files_do_not_stop_the_daemon() -> None:
+def test_corrupt_state_files_do_not_stop_the_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     with hosts(1) as (h,):
         with h.client() as c:
             for name in ("ok", "empty", "garbage", "badxml", "wrongshape"):
@@ -68,6 +69,9 @@ def test_corrupt_state_files_do_not_stop_the_daemon() -> None:
         assert "status of domain garbage is corrupt" in log
         assert "definition of domain badxml is corrupt" in log
 
+        assert main(["-c", h.uri, "list", "--all"]) == 0  # the CLI shows why
+        listed = capsys.readouterr().out
+        assert re.search(r"garbage\s+shut off \(status-corrupt\)", listed), listed
         # Everything else is managed normally, the reported domains included.
         with h.client() as c:
             assert c.start("empty").state == "running"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -193,12 +194,16 @@ def vmferry_error_response(err: VmferryError) -> JSONResponse:
 # -- log flood control -----------------------------------------------------------------------
 
 
+_VARYING = re.compile(r"[0-9a-fA-F]{8,}|\d+")
+
+
 class RateLimitFilter(logging.Filter):
     """
     Let one of a run of identical warnings/errors through per *interval* seconds.
 
-    Records are the same when logger, level, message template and exception
-    type match.  The first one after a quiet interval carries the count of
+    Records are the same when logger, level, message and exception type
+    match; numbers and long hex ids in the message (ports, pids, error ids)
+    do not count.  The first one after a quiet interval carries the count of
     those held back.  Info and debug records pass untouched.
     """
 
@@ -213,7 +218,11 @@ class RateLimitFilter(logging.Filter):
         if self.interval <= 0 or record.levelno < logging.WARNING:
             return True
         exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
-        key = (record.name, record.levelno, str(record.msg), exc)
+        try:
+            text = _VARYING.sub("#", record.getMessage())
+        except Exception:  # a record with bad arguments: logging reports it itself
+            return True
+        key = (record.name, record.levelno, text, exc)
         now = time.monotonic()
         last = self._seen.get(key)
         if last is not None and now - last[0] < self.interval:
