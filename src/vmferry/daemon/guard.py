@@ -40,7 +40,7 @@ _HTTP_CODES = {
 }
 
 
-def error_body(code: ErrorCode, message: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def error_body(code: ErrorCode | str, message: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """A JSON ``{code, message}`` body and its headers, for a response sent by hand."""
     body = json.dumps({"code": str(code), "message": message}).encode()
     headers = [
@@ -98,7 +98,7 @@ class GuardMiddleware:
         started = False
         answered = False
 
-        async def reply(status: int, code: ErrorCode, message: str, *, close: bool) -> None:
+        async def reply(status: int, code: ErrorCode | str, message: str, *, close: bool) -> None:
             nonlocal started, answered
             body, headers = error_body(code, message)
             if close:  # the rest of the body is unread: the connection cannot be reused
@@ -153,6 +153,9 @@ class GuardMiddleware:
             await self.app(scope, guarded_receive, guarded_send)
         except _Refused:
             return
+        except VmferryError as err:  # raised outside the routes (e.g. by another middleware)
+            if not started:
+                await reply(err.http_status, err.code, err.message, close=False)
         except Exception as err:
             if answered:
                 return

@@ -9,6 +9,10 @@ Layout (``vmferryd --state-dir DIR``)::
     DIR/log/NAME.log           QEMU's stderr
     DIR/log/NAME.console.log   the guest's serial console
 
+A file the daemon cannot use (empty, unreadable, corrupt) is renamed to
+``FILE.corrupt-<UTC time>`` by :meth:`StateDir.move_aside` and never loaded
+again; the daemon goes on without it (see docs/security-robust.md).
+
 A unix socket path holds at most 107 bytes.  When ``run/NAME.qmp`` would be
 longer (a long domain name), the socket is ``run/.<hash>.qmp`` instead, a
 name no domain can have (domain names never start with a dot).  When even
