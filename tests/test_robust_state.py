@@ -84,6 +84,26 @@ def test_corrupt_state_files_do_not_stop_the_daemon(capsys: pytest.CaptureFixtur
         assert _states(h)["garbage"] == ("shutoff", "unknown")
 
 
+def test_corrupt_status_of_a_running_guest_reattaches_its_qemu() -> None:
+    with hosts(1) as (h,):
+        with h.client() as c:
+            c.define(guest_xml("g"))
+            c.start("g")
+        (pid,) = h.qemu_pids()
+        h.kill(signal.SIGKILL)
+        state = StateDir(h.state_dir)
+        state.status_path("g").write_text('{"name": "g", "state": "runn')  # torn write
+        h.start()
+        with h.client() as c:
+            st = c.domstate("g")
+            assert st.state in ("running", "paused") and st.reason == "status-corrupt"
+            assert h.qemu_pids() == [pid]  # the same QEMU, no second one
+            assert c.suspend("g").state == "paused"  # managed through its monitor again
+            assert c.destroy("g").reason == "destroyed"
+        assert h.qemu_pids() == []
+        assert len(_aside(state.status_path("g"))) == 1
+
+
 def test_live_qemu_without_qmp_socket_is_reported_and_destroyable() -> None:
     with hosts(1) as (h,):
         with h.client() as c:
