@@ -141,6 +141,26 @@ def test_every_error_is_code_and_message(host: LimitedHost) -> None:
     assert got == 200 and json.loads(text)["hostname"] == "host0"
 
 
+def test_malformed_http_gets_json_400(host: LimitedHost) -> None:
+    for request in (
+        b"GET /v1/host HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n",
+        b"GET /v1/host HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 16500,  # never ends, past 16 KiB
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(host.socket))
+            for start in range(0, len(request), 4096):  # as a slow client would send it
+                s.sendall(request[start : start + 4096])
+                time.sleep(0.01)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 400"), (request[:60], head)
+        assert_clean_error(400, body, 400, "invalid-arg")
+
+
 def test_body_limit_is_enforced_before_buffering(host: LimitedHost) -> None:
     # Announce 100 MB and send nothing: the answer comes at once, nothing is read.
     with socket.socket(socket.AF_UNIX) as s:

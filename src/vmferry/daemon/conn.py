@@ -102,6 +102,21 @@ class _GuardedH11(H11Protocol):
         if not self.transport.is_closing():
             self._arm()
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a malformed request (bad framing, headers too large), as JSON.
+        body, headers = error_body(ErrorCode.INVALID_ARG, "invalid HTTP request")
+        headers.append((b"connection", b"close"))
+        try:
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:
+            pass  # a response had started already: closing is all that is left
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
