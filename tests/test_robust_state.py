@@ -237,3 +237,22 @@ def test_failed_status_write_leaves_no_half_made_domain() -> None:
             assert [d.name for d in c.list_domains(all=True)] == ["g"]
         assert h.qemu_pids() == []
         assert list((h.state_dir / "run").glob("*.json")) == []
+
+
+def test_failed_definition_write_defines_nothing() -> None:
+    with hosts(1) as (h,):
+        with h.client() as c:
+            c.define(guest_xml("g"))
+        h.kill(signal.SIGKILL)
+        h.extra_env[ENV_VAR] = "definition-write=error"
+        h.start()
+        with h.client() as c:
+            with pytest.raises(VmferryError) as err:
+                c.define(guest_xml("new"))
+            assert err.value.code == ErrorCode.OPERATION_FAILED
+            assert "No space left on device" in err.value.message
+            with pytest.raises(VmferryError):
+                c.define(guest_xml("g", vcpus=2, uuid=c.dominfo("g").uuid))
+            assert [(d.name, d.vcpus) for d in c.list_domains(all=True)] == [("g", 1)]
+            assert c.dumpxml("g", inactive=True) == c.dumpxml("g")
+        assert sorted(p.name for p in (h.state_dir / "qemu").iterdir()) == ["g.xml"]

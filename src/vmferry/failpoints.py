@@ -22,8 +22,8 @@ before the answer goes out, plus ``src-perform-migrating`` inside Perform
 after ``migrate`` was issued and QEMU reports the migration active, and
 ``dst-postcopy-running`` inside a post-copy Finish once the guest runs on the
 destination (after ``cont``) and before waiting for the stream to complete.
-``status-write`` is an I/O point (:func:`fail_io`): with ``error`` every write of
-a domain's status file fails as on a full disk.
+``status-write`` and ``definition-write`` are I/O points (:func:`fail_io`): with
+``error`` every write of a domain's status file (definition) fails as on a full disk.
 
 Usage::
 
@@ -58,7 +58,7 @@ _STEPS = (
 )
 
 #: Synchronous I/O failpoints (:func:`fail_io`): ``error`` makes the write fail with ENOSPC.
-IO_POINTS = ("status-write",)
+IO_POINTS = ("status-write", "definition-write")
 
 #: Every failpoint the code has.
 POINTS: frozenset[str] = frozenset(

@@ -258,7 +258,16 @@ class Driver:
         return cached[1]
 
     def persist_definition(self, definition: DomainDef) -> None:
-        atomic_write(self.state.definition_path(definition.name), format_domain_xml(definition))
+        path = self.state.definition_path(definition.name)
+        try:
+            failpoints.fail_io("definition-write")
+            atomic_write(path, format_domain_xml(definition))
+        except OSError as exc:  # e.g. a full disk: nothing was changed, say so plainly
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"cannot write the definition of domain '{definition.name}' to {path}: "
+                f"{exc.strerror or exc}",
+            ) from exc
 
     def _on_stopped(self, dom: QemuDomain) -> None:
         path = self.state.status_path(dom.name)
