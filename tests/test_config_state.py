@@ -282,9 +282,13 @@ def test_host_identity_first_start_with_override_saves_generated(sdir: StateDir)
 
 
 @pytest.mark.parametrize("content", ["{broken", '["list"]', '{"hostname": "h", "uuid": "zz"}'])
-def test_host_identity_corrupt_file(sdir: StateDir, content: str) -> None:
+def test_host_identity_corrupt_file(
+    sdir: StateDir, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 11: a corrupt host.json no longer stops the daemon; it is never replaced silently.
     sdir.host_file.write_text(content)
-    with pytest.raises(VmferryError) as err:
-        load_or_create_host_identity(sdir, DaemonConfig())
-    assert str(sdir.host_file) in err.value.message
-    assert sdir.host_file.read_text() == content  # never silently replaced
+    identity = load_or_create_host_identity(sdir, DaemonConfig())
+    (aside,) = sdir.root.glob("host.json.corrupt-*")
+    assert aside.read_text() == content
+    assert json.loads(sdir.host_file.read_text())["uuid"] == identity.uuid
+    assert str(sdir.host_file) in caplog.text and "NEW host UUID" in caplog.text

@@ -11,6 +11,7 @@ Actions:
   flushing, exactly like a crash or ``kill -9``).
 * ``hang``: the calling task blocks until it is cancelled.
 * ``error``: raise ``VmferryError(INTERNAL_ERROR, "failpoint NAME hit")``.
+* ``bug``: raise ``RuntimeError`` (an unexpected exception: a bug, a 500).
 * ``pause``: create ``$VMFERRY_FAILPOINTS_DIR/NAME.hit``, wait until ``NAME.release``
   exists there, then go on as if nothing happened (the fault matrix acts meanwhile).
 
@@ -21,6 +22,8 @@ before the answer goes out, plus ``src-perform-migrating`` inside Perform
 after ``migrate`` was issued and QEMU reports the migration active, and
 ``dst-postcopy-running`` inside a post-copy Finish once the guest runs on the
 destination (after ``cont``) and before waiting for the stream to complete.
+``status-write`` and ``definition-write`` are I/O points (:func:`fail_io`): with
+``error`` every write of a domain's status file (definition) fails as on a full disk.
 
 Usage::
 
@@ -31,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -53,14 +57,18 @@ _STEPS = (
     "dst-finish",
 )
 
+#: Synchronous I/O failpoints (:func:`fail_io`): ``error`` makes the write fail with ENOSPC.
+IO_POINTS = ("status-write", "definition-write")
+
 #: Every failpoint the code has.
 POINTS: frozenset[str] = frozenset(
     [f"{step}-{when}" for step in _STEPS for when in ("before", "after")]
     + ["src-perform-migrating", "dst-postcopy-running"]
+    + list(IO_POINTS)
 )
 
 #: What a failpoint may do.
-ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error", "pause"})
+ACTIONS: frozenset[str] = frozenset({"exit", "hang", "error", "pause", "bug"})
 
 #: ``pause`` creates ``<name>.hit`` in this directory and waits for ``<name>.release``.
 DIR_ENV = "VMFERRY_FAILPOINTS_DIR"
@@ -128,6 +136,21 @@ async def _pause(name: str) -> None:
     log.warning("failpoint %s released", name)
 
 
+def fail_io(name: str) -> None:
+    """An I/O failpoint: ``error`` raises ``OSError(ENOSPC)`` (a full disk), ``exit`` dies."""
+    if not _enabled:
+        return
+    action = _enabled.get(name)
+    if action == "error":
+        log.warning("failpoint %s hit: %s", name, action)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "bug":
+        raise RuntimeError(f"failpoint {name}: simulated bug")
+    if action == "exit":
+        log.warning("failpoint %s hit: %s", name, action)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 async def failpoint(name: str) -> None:
     """Run the action of failpoint *name*, if it has one."""
     if not _enabled:
@@ -148,4 +171,6 @@ async def failpoint(name: str) -> None:
     if action == "pause":
         await _pause(name)
         return
+    if action == "bug":
+        raise RuntimeError(f"failpoint {name}: simulated bug")
     raise VmferryError(ErrorCode.INTERNAL_ERROR, f"failpoint {name} hit")

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vmferry.api.models import DomainInfo, DomainStateInfo, Event, HostInfo
+from vmferry.domain.state import ErrorReason
 
 # virsh's words for the states (virshDomainStateToString).
 _STATE_TEXT = {
@@ -70,8 +71,15 @@ def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _listed_state(d: DomainInfo) -> str:
+    # A domain the daemon could not fully load says why, even without --reason.
+    if d.reason in ErrorReason.__members__.values():
+        return f"{state_text(d.state)} ({d.reason})"
+    return state_text(d.state)
+
+
 def domain_list(domains: Iterable[DomainInfo]) -> str:
-    rows = [["-" if d.id is None else str(d.id), d.name, state_text(d.state)] for d in domains]
+    rows = [["-" if d.id is None else str(d.id), d.name, _listed_state(d)] for d in domains]
     return table(["Id", "Name", "State"], rows)
 
 

@@ -24,6 +24,7 @@ from vmferry.api.models import (
     XmlBody,
 )
 from vmferry.daemon.access import AccessPolicy, install_access
+from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
 from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.errors import ErrorCode, VmferryError
@@ -46,16 +47,16 @@ def create_app(driver: MigrationDriver, access: AccessPolicy | None = None) -> F
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
         return _error_response(
-            VmferryError(ErrorCode.INVALID_ARG, f"invalid request: {where}: {first.get('msg', '')}")
+            VmferryError(ErrorCode.INVALID_ARG, validation_message(list(err.errors())))
         )
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error in %s %s", request.method, request.url.path)
-        return _error_response(VmferryError(ErrorCode.INTERNAL_ERROR, f"internal error: {err}"))
+    # 404/405 as {code, message}; 413, 408 and a generic 500 that keeps the connection.
+    install_error_handlers(app)
+    limits = driver.config.limits
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=limits.max_body_bytes, idle_timeout=limits.idle_timeout
+    )
 
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(driver))

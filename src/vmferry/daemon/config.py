@@ -35,6 +35,13 @@ Every key is optional; an absent file means all defaults::
     [qemu]
     emulator = "qemu-system-x86_64"
 
+    [limits]                 # per listener (see docs/security-robust.md)
+    max_body_bytes = 4194304 # larger request bodies get 413 before being read
+    max_clients = 128        # open connections; idle ones are closed to make room
+    handshake_timeout = 10.0 # seconds for a TLS handshake
+    idle_timeout = 30.0      # seconds a connection may sit without a request (or body data)
+    error_log_interval = 10.0  # identical errors are logged once per interval, with a count
+
 Unknown sections or keys and values of the wrong type are errors, so a typo
 never goes unnoticed.
 """
@@ -44,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +114,15 @@ class QemuConfig:
 
 
 @dataclass
+class LimitsConfig:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_clients: int = 128
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    error_log_interval: float = 10.0
+
+
+@dataclass
 class DaemonConfig:
     """All settings of ``vmferryd``, one attribute per TOML section."""
 
@@ -116,6 +133,7 @@ class DaemonConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     qemu: QemuConfig = field(default_factory=QemuConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -183,6 +201,19 @@ def _check(where: str, config: DaemonConfig) -> None:
         raise bad("keepalive.count must be >= 1")
     if not config.qemu.emulator:
         raise bad("qemu.emulator must not be empty")
+    _check_limits(config.limits, bad)
+
+
+def _check_limits(limits: LimitsConfig, bad: Callable[[str], VmferryError]) -> None:
+    if limits.max_body_bytes < 1024:
+        raise bad("limits.max_body_bytes must be >= 1024")
+    if limits.max_clients < 1:
+        raise bad("limits.max_clients must be >= 1")
+    for key in ("handshake_timeout", "idle_timeout"):
+        if getattr(limits, key) <= 0:
+            raise bad(f"limits.{key} must be > 0")
+    if limits.error_log_interval < 0:
+        raise bad("limits.error_log_interval must be >= 0 (0 = log every error)")
 
 
 def load_config(path: Path | None) -> DaemonConfig:

@@ -16,6 +16,8 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import defusedxml.ElementTree as SafeET
+
 from vmferry import __version__, failpoints
 from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
 from vmferry.daemon.config import DaemonConfig
@@ -24,7 +26,7 @@ from vmferry.daemon.host import HostIdentity
 from vmferry.daemon.sessions import Sessions
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.domain.model import DomainDef
-from vmferry.domain.state import DomainState, EventType, ShutoffReason
+from vmferry.domain.state import DomainState, ErrorReason, EventType, ShutoffReason
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob, Job
@@ -38,6 +40,15 @@ log = logging.getLogger(__name__)
 _CONSOLE_CHUNK = 1 << 20
 # SIGTERM lets QEMU flush disks; SIGKILL follows if it takes longer (libvirt waits 10 s).
 DESTROY_GRACE_S = 5.0
+
+
+def _well_formed(text: str) -> bool:
+    """Whether *text* parses as XML at all (a corrupt file does not; a refused one may)."""
+    try:
+        SafeET.fromstring(text)
+    except Exception:  # any parse failure means "not XML"
+        return False
+    return True
 
 
 class Driver:
@@ -213,7 +224,14 @@ class Driver:
         # Status files describe processes that die with the host, like libvirt's files in
         # /run: the rename keeps them whole across a daemon crash; an fsync would only
         # protect against a power loss that takes the QEMUs with it, at ~3 ms a write.
-        atomic_write(path, data, durable=False)
+        try:
+            failpoints.fail_io("status-write")
+            atomic_write(path, data, durable=False)
+        except OSError as exc:
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"cannot write the status of domain '{dom.name}' to {path}: {exc.strerror or exc}",
+            ) from exc
         self._written[path] = data
 
     def status_of(self, dom: QemuDomain) -> dict[str, Any]:
@@ -240,7 +258,16 @@ class Driver:
         return cached[1]
 
     def persist_definition(self, definition: DomainDef) -> None:
-        atomic_write(self.state.definition_path(definition.name), format_domain_xml(definition))
+        path = self.state.definition_path(definition.name)
+        try:
+            failpoints.fail_io("definition-write")
+            atomic_write(path, format_domain_xml(definition))
+        except OSError as exc:  # e.g. a full disk: nothing was changed, say so plainly
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"cannot write the definition of domain '{definition.name}' to {path}: "
+                f"{exc.strerror or exc}",
+            ) from exc
 
     def _on_stopped(self, dom: QemuDomain) -> None:
         path = self.state.status_path(dom.name)
@@ -266,49 +293,134 @@ class Driver:
     # -- start-up ----------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load definitions, then re-attach to every QEMU left running by an earlier daemon."""
+        """Load definitions, then re-attach to every QEMU left running by an earlier daemon.
+
+        A corrupt or unreadable file never stops the daemon: it is moved aside
+        (``NAME.json.corrupt-<time>``), logged, and the domain is reported with
+        reason ``status-corrupt``; every other domain is loaded normally.
+        """
         failpoints.load_from_env()  # a typo in a failpoint must stop the daemon here
         self.state.ensure()
         for name in self.state.list_definitions():
-            text = self.state.read_text(self.state.definition_path(name))
-            if text is None:
-                continue
-            try:
-                definition = parse_domain_xml(text)
-            except VmferryError as err:
-                log.error("skipping definition %s: %s", name, err.message)
-                continue
-            self.add(definition, definition)
+            self._load_definition(name)
         for name in self.state.list_statuses():
-            await self._reconnect(name)
+            try:
+                await self._reconnect(name)
+            except Exception:
+                log.exception("domain %s: cannot re-attach to its QEMU; leaving it alone", name)
+
+    def _load_definition(self, name: str) -> None:
+        path = self.state.definition_path(name)
+        text: str | None = None
+        try:
+            text = self.state.read_state_text(path)
+            if text is None:
+                return
+            definition = parse_domain_xml(text)
+        except VmferryError as err:
+            if text is None or not _well_formed(text):
+                aside = self.state.move_aside(path)
+                log.error(
+                    "definition of domain %s is corrupt (%s); moved to %s",
+                    name,
+                    err.message,
+                    aside or "nowhere (rename failed)",
+                )
+            else:  # well-formed but refused (e.g. by a changed policy): the admin fixes it
+                log.error("skipping definition %s: %s", name, err.message)
+            return
+        self.add(definition, definition)
+
+    async def _corrupt_status(self, name: str, err: VmferryError) -> None:
+        """run/NAME.json cannot be used: keep it aside and report the domain.
+
+        A persistent domain whose QEMU still runs is re-attached through its
+        definition (the pid is found by its QMP socket); a transient one has
+        no definition left, so its QEMU is left alone and logged.
+        """
+        path = self.state.status_path(name)
+        aside = self.state.move_aside(path)
+        self._written.pop(path, None)
+        alive = self.lifecycle.qemu_pids(self.state.qmp_socket(name))
+        dom = self.find(name, "")
+        log.error(
+            "status of domain %s is corrupt (%s); moved to %s",
+            name,
+            err.message,
+            aside or "nowhere (rename failed)",
+        )
+        if dom is None or dom.active:
+            if alive:
+                log.error(
+                    "domain %s: its QEMU (pid %s) has no usable definition; it is left running "
+                    "unmanaged: stop it by hand",
+                    name,
+                    ", ".join(map(str, alive)),
+                )
+            return
+        if alive:
+            dom.state, dom.reason = DomainState.PAUSED, "unknown"
+            await self.lifecycle.reconnect(dom, alive[0])
+            if dom.monitor is None:
+                return  # gone (crashed) or unmanaged (monitor-lost): that reason says more
+            log.warning("domain %s: re-attached to QEMU pid %d", name, alive[0])
+        dom.reason = str(ErrorReason.STATUS_CORRUPT)
+        dom.save()
 
     async def _reconnect(self, name: str) -> None:
         path = self.state.status_path(name)
-        status = self.state.read_json(path)
-        live = parse_domain_xml(str(status["xml"]))
+        try:
+            status = self.state.read_json(path)
+            if status is None:
+                return
+            if not isinstance(status, dict):
+                raise VmferryError(ErrorCode.INTERNAL_ERROR, "not a JSON object")
+            live = parse_domain_xml(str(status["xml"]))
+            state = DomainState(status["state"])
+            pid = status.get("pid")
+            pid = int(pid) if pid is not None else None
+            run_id = status.get("run_id")
+            if run_id is not None and not isinstance(run_id, int):
+                raise VmferryError(ErrorCode.INTERNAL_ERROR, "run_id is not an integer")
+        except (VmferryError, KeyError, ValueError, TypeError) as exc:
+            err = (
+                exc
+                if isinstance(exc, VmferryError)
+                else VmferryError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            )
+            await self._corrupt_status(name, err)
+            return
         dom = self.find(live.name, live.uuid)
         if dom is None:
             dom = self.add(live, None)
         else:
             dom.definition = live
-        dom.state = DomainState(status["state"])
-        dom.reason = str(status["reason"])
-        dom.run_id = status.get("run_id")
+        dom.state = state
+        dom.reason = str(status.get("reason", "unknown"))
+        dom.run_id = run_id
         # Back in memory before anything saves the status again: a second crash during
         # recovery must find the same job, bookkeeping and peer.
-        restore_bookkeeping(dom, status.get("migration"))
+        try:
+            restore_bookkeeping(dom, status.get("migration"))
+        except (ValueError, TypeError) as exc:
+            log.error("domain %s: dropping corrupt migration bookkeeping: %s", name, exc)
         peer = MigrationPeer.from_dict(status.get("peer"))
         if peer is not None:
             self.migration_peers[dom.uuid] = peer
         job = status.get("job") or {}
+        if not isinstance(job, dict):
+            log.error("domain %s: dropping a job that is not a JSON object", name)
+            job = {}
         try:
             dom.job.restore(job, MigrationPhase)
         except VmferryError as err:
             log.error("domain %s: dropping a job that cannot be restored: %s", name, err.message)
-        pid = status.get("pid")
-        await self.lifecycle.reconnect(dom, int(pid) if pid is not None else None)
+        await self.lifecycle.reconnect(dom, pid)
         if dom.job.async_job != "none":
-            await self.recover_job(dom, job)
+            if dom.monitor is None and dom.active:
+                await Driver.recover_job(self, dom, job)  # nothing to recover through
+            else:
+                await self.recover_job(dom, job)
 
     async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
         """Resolve an async job interrupted by the restart (overridden by the migration layer).
@@ -421,12 +533,28 @@ class Driver:
         return dom
 
     async def create(self, xml: str) -> QemuDomain:
+        """Start a domain from *xml*; a refused or failed create leaves everything as it was."""
         definition = parse_domain_xml(xml)
-        existing = self.check_clash(definition, allow_inactive_same=True)
+        # An active domain with this name and uuid is a clash: its definition must not change.
+        existing = self.check_clash(definition, allow_inactive_same=False)
         dom = existing if existing is not None else self.add(definition, None)
-        async with dom.job.acquire(Job.MODIFY, "create"):
-            dom.definition = definition
-            await self.lifecycle.start(dom)
+        try:
+            async with dom.job.acquire(Job.MODIFY, "create"):
+                if dom.active:  # started by another call while this one waited for the job
+                    raise VmferryError(
+                        ErrorCode.DOMAIN_EXISTS, f"domain '{dom.name}' is already active"
+                    )
+                dom.definition = definition
+                try:
+                    await self.lifecycle.start(dom)
+                except BaseException:
+                    if not dom.active and dom.persistent is not None:
+                        dom.definition = dom.persistent
+                    raise
+        except BaseException:
+            if existing is None and not dom.active and dom.job.async_job == "none":
+                self.remove(dom)  # a transient domain that never ran
+            raise
         return dom
 
     async def start(self, dom: QemuDomain) -> QemuDomain:

@@ -27,6 +27,7 @@ import contextlib
 import grp
 import ipaddress
 import logging
+import math
 import os
 import socket
 import ssl
@@ -42,7 +43,9 @@ from starlette.types import ASGIApp
 
 from vmferry import pki
 from vmferry.daemon.access import AccessPolicy
-from vmferry.daemon.peer import protocol_class
+from vmferry.daemon.config import LimitsConfig
+from vmferry.daemon.conn import protocol_class as guarded_protocol
+from vmferry.daemon.peer import protocol_class as caller_protocol
 from vmferry.daemon.state import UNIX_PATH_MAX
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -134,10 +137,41 @@ def parse_listen_uri(uri: str, *, insecure: bool) -> ListenSpec:
 
 
 class _Server(uvicorn.Server):
+    handshake_timeout: float | None = None
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         # uvicorn would replace the daemon's SIGINT/SIGTERM handlers; the daemon sets `stop`.
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's startup for given sockets, plus a TLS handshake timeout (asyncio's is 60 s).
+        if sockets is None or self.handshake_timeout is None:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets:
+            server = await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout if config.ssl else None,
+            )
+            self.servers.append(server)
+        self.started = True
 
 
 def _fixed_context(
@@ -291,6 +325,7 @@ async def serve(
     graceful_timeout: float = GRACEFUL_TIMEOUT,
     access: AccessPolicy | None = None,
     crl: Path | None = None,
+    limits: LimitsConfig | None = None,
 ) -> None:
     """
     Serve *app* on every listener in *specs* until *stop* is set.
@@ -306,11 +341,14 @@ async def serve(
     :param access: Maps connections to roles (TLS allow-lists, read-only
         socket group); the defaults if None.
     :param crl: Revocation list for ``tls`` (default ``PKI_DIR/crl.pem`` if it exists).
+    :param limits: ``max_clients``, ``handshake_timeout`` and ``idle_timeout``
+        of every listener (see :mod:`vmferry.daemon.conn`); defaults if None.
     :raise VmferryError: ``INVALID_ARG`` without listeners or without a PKI
         for ``tls``; ``OPERATION_FAILED`` if a listener cannot be bound.
     """
     if not specs:
         raise VmferryError(ErrorCode.INVALID_ARG, "no listen address given")
+    limits = limits or LimitsConfig()
     ssl_ctx: ssl.SSLContext | None = None
     if any(spec.kind == "tls" for spec in specs):
         if pki_dir is None:
@@ -351,9 +389,18 @@ async def serve(
                 # A backstop only: _shutdown() closes lingering connections first.
                 timeout_graceful_shutdown=int(graceful_timeout) + 5,
                 ssl_context_factory=_fixed_context(ssl_ctx) if spec.kind == "tls" else None,
-                http=protocol_class(spec.kind, spec.readonly, policy),
+                http=caller_protocol(
+                    spec.kind,
+                    spec.readonly,
+                    policy,
+                    base=guarded_protocol(
+                        max_clients=limits.max_clients, idle_timeout=limits.idle_timeout
+                    ),
+                ),
+                timeout_keep_alive=math.ceil(limits.idle_timeout),
             )
             server = _Server(config)
+            server.handshake_timeout = limits.handshake_timeout
             servers.append(server)
             tasks.append(asyncio.create_task(server.serve(sockets=[sock]), name=f"listen {spec}"))
 

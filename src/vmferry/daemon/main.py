@@ -13,6 +13,7 @@ from pathlib import Path
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig, load_config
+from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
@@ -74,6 +75,7 @@ def access_policy(config: DaemonConfig, state: StateDir) -> AccessPolicy:
 
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
+    install_log_rate_limit(config.limits.error_log_interval)
     if args.pki_dir is not None:
         config.tls.pki_dir = args.pki_dir.resolve()
     state = StateDir(args.state_dir.resolve())
@@ -97,6 +99,7 @@ async def run(args: argparse.Namespace) -> None:
             stop=stop,
             access=access,
             crl=config.tls.crl,
+            limits=config.limits,
         )
     finally:
         await driver.close()

@@ -109,13 +109,18 @@ def with_caller(app: ASGIApp, caller: Caller, policy: AccessPolicy) -> ASGIApp:
     return wrapped
 
 
-def protocol_class(kind: str, readonly: bool, policy: AccessPolicy) -> type[H11Protocol]:
-    """A uvicorn HTTP protocol that tags every request with its connection's caller."""
+def protocol_class(
+    kind: str, readonly: bool, policy: AccessPolicy, base: type[H11Protocol] = H11Protocol
+) -> type[H11Protocol]:
+    """A uvicorn HTTP protocol (derived from *base*) that tags every request with its caller."""
 
-    class CallerProtocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    class CallerProtocol(base):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
+            if transport.is_closing():  # refused by the base (max_clients)
+                return
             caller = identify(transport, kind, readonly, policy)
-            self.app = with_caller(self.app, caller, policy)
+            me: H11Protocol = self
+            me.app = with_caller(me.app, caller, policy)
 
     return CallerProtocol

@@ -9,6 +9,10 @@ Layout (``vmferryd --state-dir DIR``)::
     DIR/log/NAME.log           QEMU's stderr
     DIR/log/NAME.console.log   the guest's serial console
 
+A file the daemon cannot use (empty, unreadable, corrupt) is renamed to
+``FILE.corrupt-<UTC time>`` by :meth:`StateDir.move_aside` and never loaded
+again; the daemon goes on without it (see docs/security-robust.md).
+
 A unix socket path holds at most 107 bytes.  When ``run/NAME.qmp`` would be
 longer (a long domain name), the socket is ``run/.<hash>.qmp`` instead, a
 name no domain can have (domain names never start with a dot).  When even
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +188,30 @@ class StateDir:
             return None
 
     @staticmethod
+    def read_state_text(path: Path) -> str | None:
+        """
+        Like :meth:`read_text`, but any other failure is a corrupt state file.
+
+        :raise VmferryError: ``INTERNAL_ERROR`` if the file cannot be read
+            (permissions, a directory, not UTF-8).
+        """
+        try:
+            return StateDir.read_text(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise VmferryError(
+                ErrorCode.INTERNAL_ERROR, f"unreadable state file {path}: {why}"
+            ) from exc
+
+    @staticmethod
     def read_json(path: Path) -> Any:
         """
         The file's JSON value, or None if it does not exist.
 
-        :raise VmferryError: ``INTERNAL_ERROR`` if the file is not valid JSON.
+        :raise VmferryError: ``INTERNAL_ERROR`` if the file is unreadable or
+            not valid JSON (an empty file included).
         """
-        text = StateDir.read_text(path)
+        text = StateDir.read_state_text(path)
         if text is None:
             return None
         try:
@@ -198,6 +220,28 @@ class StateDir:
             raise VmferryError(
                 ErrorCode.INTERNAL_ERROR, f"corrupt state file {path}: {exc}"
             ) from exc
+
+    @staticmethod
+    def move_aside(path: Path) -> Path | None:
+        """
+        Rename a corrupt state file to ``PATH.corrupt-<UTC time>`` for inspection.
+
+        The new name ends in neither ``.json`` nor ``.xml``, so the daemon
+        never loads it again.  Returns the new path, or None if *path* is
+        gone or cannot be renamed (then it is left where it is).
+        """
+        path = Path(path)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.rename(path, target)
+        except OSError:
+            return None
+        return target
 
     @staticmethod
     def write_json(path: Path, value: Any) -> None:

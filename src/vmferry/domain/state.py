@@ -50,6 +50,15 @@ class ShutoffReason(StrEnum):
     DAEMON = "daemon"
 
 
+class ErrorReason(StrEnum):
+    """vmferry's own reasons for a domain the daemon could not fully load (any state)."""
+
+    # run/NAME.json was unreadable or corrupt; it was moved aside
+    STATUS_CORRUPT = "status-corrupt"
+    # QEMU is alive but its QMP monitor cannot be reached: only destroy works (state nostate)
+    MONITOR_LOST = "monitor-lost"
+
+
 class ShutdownReason(StrEnum):
     UNKNOWN = "unknown"
     USER = "user"

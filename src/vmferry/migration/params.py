@@ -7,6 +7,7 @@ side: round trips are the cost a migration pays on top of QEMU's own work.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,36 @@ from vmferry.qemu.monitor import Monitor
 MIB = 1 << 20
 # "Unlimited": QEMU's own default (128 MiB/s) must never be the silent cap.
 UNLIMITED_BANDWIDTH = 1 << 40
+
+
+# A parameter's integers must fit QEMU's int64 parameters.
+_INT_MAX = (1 << 63) - 1
+
+
+def _check_type(key: str, annotation: str, value: Any) -> None:
+    """Refuse a parameter of the wrong JSON type (a client's typo must not become a 500)."""
+    if value is None and annotation.endswith("| None"):
+        return
+    kind = annotation.removesuffix(" | None")
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _INT_MAX
+    elif kind == "float":
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and abs(value) <= _INT_MAX
+        )
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        what = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"migration parameter {key} must be {what.get(kind, 'a string')}",
+        )
 
 
 @dataclass
@@ -55,6 +86,8 @@ class MigrationParams:
                 ErrorCode.INVALID_ARG,
                 f"unknown migration parameter(s): {', '.join(sorted(unknown))}",
             )
+        for key, value in data.items():
+            _check_type(key, str(cls.__dataclass_fields__[key].type), value)
         return cls(**data)
 
     def validate(self, flags: MigrateFlags) -> None:

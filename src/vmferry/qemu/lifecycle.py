@@ -15,6 +15,7 @@ from typing import Any
 
 from vmferry.domain.state import (
     DomainState,
+    ErrorReason,
     EventType,
     PausedReason,
     RunningReason,
@@ -98,9 +99,11 @@ class Lifecycle:
         dom.run_id = self._next_id
         self._next_id += 1
         dom.stopping = False
-        # Persisted before the process exists, so a restart can find a QEMU we lost track of.
-        dom.set_state(DomainState.PAUSED, PausedReason.STARTING_UP)
         try:
+            # Persisted before the process exists, so a restart can find a QEMU we lost track
+            # of; if that write fails (disk full), no QEMU is started and no half-made domain
+            # stays "paused/starting-up".
+            dom.set_state(DomainState.PAUSED, PausedReason.STARTING_UP)
             proc, mon = await launch(
                 argv, qmp_socket=paths.qmp_socket, log_path=paths.qemu_log, name=dom.name
             )
@@ -109,8 +112,8 @@ class Lifecycle:
             raise
         dom.process, dom.monitor = proc, mon
         self._watch(dom)
-        dom.save()
         try:
+            dom.save()
             # MIGRATION events are what every migration wait is driven by.
             await mon.execute(
                 "migrate-set-capabilities",
@@ -274,7 +277,12 @@ class Lifecycle:
             # The daemon died while QEMU was starting: that start never finished.
             await _kill_orphans(str(paths.qmp_socket))
         else:
-            found = await reattach(pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name)
+            try:
+                found = await reattach(
+                    pid, uuid=dom.uuid, qmp_socket=paths.qmp_socket, name=dom.name
+                )
+            except VmferryError as err:
+                return self._unmanaged(dom, pid, err)
         if found is None:
             dom.process = None
             self._forget_crashed(dom)
@@ -296,6 +304,28 @@ class Lifecycle:
             dom.save()
         return True
 
+    def _unmanaged(self, dom: QemuDomain, pid: int, err: VmferryError) -> bool:
+        """A live QEMU whose monitor is out of reach: keep the guest running, allow destroy."""
+        proc = QemuProcess.attach(pid, expect_in_cmdline=dom.uuid)
+        if proc is None:
+            dom.process = None
+            self._forget_crashed(dom)
+            return False
+        log.error(
+            "domain %s: QEMU pid %d is alive but its monitor cannot be reached (%s); "
+            "it is left running unmanaged (state nostate, reason monitor-lost): "
+            "only destroy works",
+            dom.name,
+            pid,
+            err.message,
+        )
+        dom.process, dom.monitor = proc, None
+        if dom.run_id is not None:
+            self.reserve_ids(dom.run_id)
+        proc.on_exit(lambda: self._on_gone(dom, pid))
+        dom.set_state(DomainState.NOSTATE, ErrorReason.MONITOR_LOST)
+        return True
+
     def _forget_crashed(self, dom: QemuDomain) -> None:
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.monitor = None
@@ -303,6 +333,11 @@ class Lifecycle:
         dom.set_state(DomainState.SHUTOFF, ShutoffReason.CRASHED)
         self._emit(dom, EventType.STOPPED, str(ShutoffReason.CRASHED), {})
         self._on_stopped(dom)
+
+    @staticmethod
+    def qemu_pids(qmp_socket: Path) -> list[int]:
+        """Processes whose command line names *qmp_socket* (a domain's QEMU we may not know)."""
+        return _pids_naming(str(qmp_socket))
 
     async def close(self) -> None:
         """Detach from every watched QEMU without touching it (daemon shutdown)."""
