@@ -70,7 +70,7 @@ class LocalSource:
     async def perform2(
         self, name: str, uri: str, flags: MigrateFlags, params: MigrationParams
     ) -> None:
-        await self._driver.source_perform2(self._driver.lookup(name), uri, flags, params)
+        await source.perform2(self._driver, self._driver.lookup(name), uri, flags, params)
 
 
 class MigrationDriver(Driver):
@@ -91,6 +91,10 @@ class MigrationDriver(Driver):
     def perform_limits(self) -> PerformLimits:
         mig = self.config.migration
         return PerformLimits(stall_s=mig.perform_stall_timeout, total_s=mig.perform_timeout)
+
+    async def stream_uri(self, uri: str) -> str:
+        """Whoever gave *uri* (a client, a p2p destination's Prepare): tcp to an allowed network."""
+        return await muri.checked_stream_uri(uri, self.allowed_networks)
 
     async def check_peer(self, uri: str, what: str) -> None:
         """*uri* of another daemon a client asks this one to call (refused unless allowed)."""
@@ -121,21 +125,12 @@ class MigrationDriver(Driver):
         return await source.begin(self, dom, flags, params, session=session)
 
     async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
-        # Whoever gave the URI (a client, a p2p destination's Prepare), only tcp to an
-        # allowed network reaches QEMU.
-        uri = await muri.checked_stream_uri(uri, self.allowed_networks)
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
             return await source.perform_resume(self, dom, cookie, uri)
         out = await source.perform3(self, dom, cookie, uri)
         if postcopy.in_postcopy(dom):
             self._watch_postcopy(dom)  # from the switch-over on, until the job ends
         return out
-
-    async def source_perform2(
-        self, dom: QemuDomain, uri: str, flags: MigrateFlags, params: MigrationParams
-    ) -> None:
-        uri = await muri.checked_stream_uri(uri, self.allowed_networks)
-        await source.perform2(self, dom, uri, flags, params)
 
     async def source_confirm(self, dom: QemuDomain, cookie: str, *, cancelled: bool) -> None:
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
@@ -263,7 +258,7 @@ class MigrationDriver(Driver):
             self._record_peer(dom, peer_uri, "", dname=mparams.dname)
         else:
             self.migration_peers.pop(dom.uuid, None)
-        await self.source_perform2(dom, uri, mflags, mparams)
+        await source.perform2(self, dom, uri, mflags, mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
         dom = self.lookup(name)

@@ -137,6 +137,7 @@ async def perform3(
     try:
         await failpoint("src-perform3-before")
         if not flags & MigrateFlags.OFFLINE:
+            uri = await host.stream_uri(uri)
             parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
             await _run(
                 dom,
@@ -171,6 +172,7 @@ async def perform2(
 ) -> None:
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
+    uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
     if not params.bandwidth_mib_s:
         params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
@@ -546,6 +548,7 @@ async def perform_resume(
     """Reconnect the post-copy stream to the destination's ``migrate-recover`` at *uri*."""
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM_RESUME, api)
     try:
+        uri = await host.stream_uri(uri)
         parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
         mon = dom.require_monitor()
         values = mparams.resume_parameters(MigrationParams.from_dict(dom.migration.params))
