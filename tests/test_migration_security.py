@@ -287,6 +287,24 @@ def test_absurd_parameters_refused_not_500(pair: tuple[Host, Host], params: byte
     _nothing_on(b, "pp")
 
 
+def test_tuning_values_bounded(pair: tuple[Host, Host]) -> None:
+    """migrate-setspeed/-setmaxdowntime: absurd values are invalid-arg, not a QEMU error."""
+    a, _ = pair
+    with a.client() as c:
+        c.create(guest_xml("tune"))
+    for path, body in (
+        ("speed", b'{"bandwidth_mib_s": ' + b"9" * 4000 + b"}"),
+        ("speed", b'{"bandwidth_mib_s": -1}'),
+        ("maxdowntime", b'{"downtime_ms": ' + b"9" * 30 + b"}"),
+        ("maxdowntime", b'{"downtime_ms": 0}'),
+    ):
+        r = _raw(a, "PUT", f"/v1/domains/tune/migrate/{path}", body)
+        assert (r.status_code, r.json()["code"]) == (400, "invalid-arg"), r.text
+    r = _raw(a, "PUT", "/v1/domains/tune/migrate/speed", b'{"bandwidth_mib_s": 100}')
+    assert r.status_code == 200, r.text
+    _destroy(a, "tune")
+
+
 # -- item 4: unclaimed Prepare, Perform timeout, abort, a paused guest -----------------------------
 
 

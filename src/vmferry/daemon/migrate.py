@@ -27,7 +27,13 @@ from vmferry.migration import uri as muri
 from vmferry.migration.cookie import parse_cookie
 from vmferry.migration.flags import MigrateFlags, parse_flags
 from vmferry.migration.host import PerformLimits
-from vmferry.migration.params import MIB, UNLIMITED_BANDWIDTH, MigrationParams
+from vmferry.migration.params import (
+    MAX_BANDWIDTH_MIB_S,
+    MAX_DOWNTIME_MS,
+    MIB,
+    UNLIMITED_BANDWIDTH,
+    MigrationParams,
+)
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.protocol import DestinationSide, StepTimes, migrate_v2, migrate_v3
 from vmferry.migration.recovery import MigrationPeer, PeerAnswer, PeerProbe, ResumeAttempt
@@ -557,8 +563,11 @@ class MigrationDriver(Driver):
                 await source.cancel_stream(dom)
 
     async def set_max_downtime(self, dom: QemuDomain, downtime_ms: int) -> None:
-        if downtime_ms <= 0:
-            raise VmferryError(ErrorCode.INVALID_ARG, "downtime must be a positive number of ms")
+        if not 0 < downtime_ms <= MAX_DOWNTIME_MS:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"downtime must be a positive number of ms, at most {MAX_DOWNTIME_MS}",
+            )
         async with dom.job.acquire(Job.MIGRATION_OP, "migrate-setmaxdowntime"):
             await dom.require_monitor().execute(
                 "migrate-set-parameters", {"downtime-limit": downtime_ms}
@@ -570,8 +579,11 @@ class MigrationDriver(Driver):
             return int(params.get("downtime-limit", 300))
 
     async def set_speed(self, dom: QemuDomain, bandwidth_mib_s: int) -> None:
-        if bandwidth_mib_s < 0:
-            raise VmferryError(ErrorCode.INVALID_ARG, "bandwidth must not be negative")
+        if not 0 <= bandwidth_mib_s <= MAX_BANDWIDTH_MIB_S:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"bandwidth must be between 0 (unlimited) and {MAX_BANDWIDTH_MIB_S} MiB/s",
+            )
         value = bandwidth_mib_s * MIB if bandwidth_mib_s else UNLIMITED_BANDWIDTH
         async with dom.job.acquire(Job.MIGRATION_OP, "migrate-setspeed"):
             # Kept for the next migration too, as libvirt does for an idle domain.
