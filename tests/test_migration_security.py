@@ -331,6 +331,7 @@ def test_prepare_without_session_is_reaped() -> None:
                 return reply.uri
 
         uris = [asyncio.run(prepare(f"stray{i}")) for i in range(3)]
+        prepared = time.monotonic()
         ports = [int(u.rsplit(":", 1)[1]) for u in uris]
         assert len(b.qemu_pids()) == 3
         assert not any(_port_free(p) for p in ports)
@@ -338,6 +339,8 @@ def test_prepare_without_session_is_reaped() -> None:
         while b.qemu_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert b.qemu_pids() == []
+        took = time.monotonic() - prepared
+        print(f"\n3 unclaimed Prepares reaped {took:.1f} s after (limit 2 s, v2: +5 s)")
         with b.client() as c:
             assert [d.name for d in c.list_domains(all=True)] == []
         assert all(_port_free(p) for p in ports)
@@ -408,6 +411,7 @@ def test_perform_to_a_stalled_destination_times_out() -> None:
         assert err.code == ErrorCode.OPERATION_TIMEOUT, err
         assert "perform_stall_timeout" in err.message
         assert took < 20
+        print(f"\nPerform to a SIGSTOPped destination failed after {took:.1f} s (stall limit 3 s)")
         _running_here(a, "stall", hb)
         _nothing_on(b, "stall")
 
