@@ -119,6 +119,7 @@ class Daemon:
                 str(config),
                 "--log-level",
                 self.log_level,
+                "--insecure",  # peers named by unix socket (bench only)
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,

@@ -31,6 +31,9 @@ class Host:
     tls_port: int = 0  # also listen on tls://127.0.0.1:PORT (needs pki_dir)
     pki_dir: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # --insecure: p2p and peer URIs may be unix:// (the tests' daemons talk over unix sockets)
+    insecure: bool = True
+    extra_config: str = ""  # TOML appended to the [migration] section
 
     @property
     def state_dir(self) -> Path:
@@ -62,6 +65,7 @@ class Host:
             f'[host]\nhostname = "{self.name}"\nuuid = "{self.host_uuid}"\n'
             f"[jobs]\nwait_timeout = 5.0\n"
             f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 14}\n"
+            + self.extra_config
             + (f'[tls]\npki_dir = "{self.pki_dir}"\n' if self.pki_dir else "")
         )
         return cfg
@@ -81,6 +85,7 @@ class Host:
             "--log-level",
             "debug",
             *(["--listen", self.tls_uri] if self.tls_port else []),
+            *(["--insecure"] if self.insecure else []),
         ]
 
     def start(self, timeout: float = 20.0) -> None:

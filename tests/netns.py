@@ -18,6 +18,7 @@ removed on the way out, also on failure.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -166,6 +167,10 @@ class NetnsHost(Host):
     def tls_uri(self) -> str:
         return f"tls://{self.address}:{self.tls_port}"
 
+    @property
+    def subnet(self) -> str:
+        return str(ipaddress.ip_network(f"{self.address}/30", strict=False))
+
     def write_config(self) -> Path:
         cfg = self.root / "vmferryd.toml"
         cfg.write_text(
@@ -173,6 +178,8 @@ class NetnsHost(Host):
             "[jobs]\nwait_timeout = 5.0\n"
             f"[migration]\nport_min = {PORT_MIN}\nport_max = {PORT_MAX}\n"
             f'listen_address = "{self.address}"\n'
+            # the stream and the p2p calls go to the peer on the veth /30
+            f'allowed_networks = ["127.0.0.0/8", "::1/128", "{self.subnet}"]\n'
             # the p2p source gives up on a silent destination after ~3 s
             "[keepalive]\ninterval = 1.0\ncount = 3\n"
             f'[tls]\npki_dir = "{self.pki_dir}"\n'

@@ -118,6 +118,7 @@ class DemoHost:
                     self.uri,
                     "--config",
                     str(config),
+                    "--insecure",  # the hops name each other's unix sockets (demo only)
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -14,6 +14,12 @@ Every key is optional; an absent file means all defaults::
     port_max = 49215
     listen_address = ""      # "": the address the destination host is reached by
     bandwidth_mib_s = 0      # default bandwidth limit, 0 = unlimited
+    # where a client may make this host send a migration stream or call a peer daemon
+    allowed_networks = ["127.0.0.0/8", "::1/128"]   # CIDRs; host names are resolved first
+    allowed_listen_addresses = []   # a client's Prepare listen_address; [] = only the default
+    prepare_timeout = 60.0   # s an incoming QEMU prepared without a client session may wait
+    perform_stall_timeout = 60.0   # s a Perform may go without the stream moving
+    perform_timeout = 0.0    # s a Perform may take at all, 0 = no overall limit
 
     [keepalive]
     interval = 5.0           # seconds between keepalive probes, 0 = off
@@ -76,6 +82,12 @@ class MigrationConfig:
     port_max: int = 49215
     listen_address: str = ""
     bandwidth_mib_s: int = 0
+    # migration endpoints a client may ask for (see vmferry.migration.uri)
+    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allowed_listen_addresses: list[str] = field(default_factory=list)
+    prepare_timeout: float = 60.0
+    perform_stall_timeout: float = 60.0
+    perform_timeout: float = 0.0
 
 
 @dataclass
@@ -195,6 +207,7 @@ def _check(where: str, config: DaemonConfig) -> None:
         raise bad("migration.port_min must not be greater than migration.port_max")
     if mig.bandwidth_mib_s < 0:
         raise bad("migration.bandwidth_mib_s must be >= 0 (0 = unlimited)")
+    _check_migration_endpoints(where, mig)
     if config.keepalive.interval < 0:
         raise bad("keepalive.interval must be >= 0 (0 = off)")
     if config.keepalive.count < 1:
@@ -214,6 +227,25 @@ def _check_limits(limits: LimitsConfig, bad: Callable[[str], VmferryError]) -> N
             raise bad(f"limits.{key} must be > 0")
     if limits.error_log_interval < 0:
         raise bad("limits.error_log_interval must be >= 0 (0 = log every error)")
+
+
+def _check_migration_endpoints(where: str, mig: MigrationConfig) -> None:
+    from vmferry.migration.uri import check_host, parse_networks
+
+    try:
+        parse_networks(mig.allowed_networks)
+        for address in [mig.listen_address, *mig.allowed_listen_addresses]:
+            if address:
+                check_host(address, "listen address")
+    except VmferryError as err:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"{where}: migration: {err.message}") from None
+    for key in ("prepare_timeout", "perform_stall_timeout"):
+        if getattr(mig, key) <= 0:
+            raise VmferryError(ErrorCode.INVALID_ARG, f"{where}: migration.{key} must be > 0")
+    if mig.perform_timeout < 0:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG, f"{where}: migration.perform_timeout must be >= 0 (0 = none)"
+        )
 
 
 def load_config(path: Path | None) -> DaemonConfig:

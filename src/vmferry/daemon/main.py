@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="TLS files from `vmferry pki init` (overrides [tls] pki_dir)",
     )
     p.add_argument(
-        "--insecure", action="store_true", help="allow plain tcp://HOST:PORT on a loopback address"
+        "--insecure",
+        action="store_true",
+        help="allow plain tcp://HOST:PORT on a loopback address, and p2p peers over tcp:// "
+        "or unix://",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -85,6 +88,7 @@ async def run(args: argparse.Namespace) -> None:
     host = load_or_create_host_identity(state, config)
     driver = MigrationDriver(state, config, host)
     driver.qemu_version = qemu_version(config.qemu.emulator)
+    driver.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,13 +18,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmferry.api.models import JobStats, MigrationResult
 from vmferry.daemon.driver import Driver
+from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob, Job
 from vmferry.migration import destination, postcopy, recovery, source
 from vmferry.migration import policy as mpolicy
+from vmferry.migration import uri as muri
 from vmferry.migration.cookie import parse_cookie, same_uuid
-from vmferry.migration.flags import MigrateFlags
-from vmferry.migration.params import MIB, UNLIMITED_BANDWIDTH, MigrationParams
+from vmferry.migration.flags import MigrateFlags, parse_flags
+from vmferry.migration.host import PerformLimits
+from vmferry.migration.params import (
+    MAX_BANDWIDTH_MIB_S,
+    MAX_DOWNTIME_MS,
+    MIB,
+    UNLIMITED_BANDWIDTH,
+    MigrationParams,
+)
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.protocol import DestinationSide, StepTimes, migrate_v2, migrate_v3
 from vmferry.migration.recovery import MigrationPeer, PeerAnswer, PeerProbe, ResumeAttempt
@@ -76,6 +85,41 @@ class MigrationDriver(Driver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._postcopy_watched: set[str] = set()  # uuids with a post-copy watcher running
+        self.insecure = False  # vmferryd --insecure: plain tcp:// and unix:// peers allowed
+
+    # -- what a client may make this daemon reach (vmferry.migration.uri) ---------------------
+
+    @property
+    def allowed_networks(self) -> list[muri.IPNetwork]:
+        return muri.parse_networks(self.config.migration.allowed_networks)
+
+    @property
+    def perform_limits(self) -> PerformLimits:
+        mig = self.config.migration
+        return PerformLimits(stall_s=mig.perform_stall_timeout, total_s=mig.perform_timeout)
+
+    async def stream_uri(self, uri: str) -> str:
+        """Whoever gave *uri* (a client, a p2p destination's Prepare): tcp to an allowed network."""
+        return await muri.checked_stream_uri(uri, self.allowed_networks)
+
+    async def check_peer(self, uri: str, what: str) -> None:
+        """*uri* of another daemon a client asks this one to call (refused unless allowed)."""
+        await muri.check_peer_uri(uri, self.allowed_networks, insecure=self.insecure, what=what)
+
+    def migration_address(self, requested: str) -> str:
+        """Where the incoming QEMU listens: a client's choice only if the admin allows it."""
+        default = self.config.migration.listen_address or "127.0.0.1"
+        if not requested:
+            return default
+        muri.check_host(requested, "listen address")
+        allowed = self.config.migration.allowed_listen_addresses or [default]
+        if not any(_same_address(requested, a) for a in allowed):
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID,
+                f"listen address '{requested}' is not allowed on this host "
+                f"([migration] allowed_listen_addresses: {', '.join(allowed)})",
+            )
+        return requested
 
     # -- each source step, for both protocols' callers (the HTTP API and p2p) -----------------
 
@@ -108,7 +152,7 @@ class MigrationDriver(Driver):
         self, name: str, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
         dom = self.lookup(name)
-        mflags = MigrateFlags(flags)
+        mflags = parse_flags(flags)
         if not mflags & MigrateFlags.POSTCOPY_RESUME:
             self.migration_peers.pop(dom.uuid, None)  # Perform names this migration's peer
         return await self.source_begin(
@@ -121,27 +165,21 @@ class MigrationDriver(Driver):
     async def migrate_prepare(
         self, xml: str, cookie: str | None, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
-        if MigrateFlags(flags) & MigrateFlags.POSTCOPY_RESUME:
+        mflags = parse_flags(flags)
+        mparams = MigrationParams.from_dict(params)
+        self.migration_address(mparams.listen_address)  # refused before anything is made
+        if mflags & MigrateFlags.POSTCOPY_RESUME:
             return await destination.prepare_resume(
-                self,
-                xml,
-                cookie,
-                MigrateFlags(flags),
-                MigrationParams.from_dict(params),
-                session=session,
+                self, xml, cookie, mflags, mparams, session=session
             )
-        return await destination.prepare(
-            self,
-            xml,
-            cookie,
-            MigrateFlags(flags),
-            MigrationParams.from_dict(params),
-            session=session,
-        )
+        uri, out = await destination.prepare(self, xml, cookie, mflags, mparams, session=session)
+        self._reap_unclaimed(xml, mparams)
+        return uri, out
 
     async def migrate_perform(self, name: str, cookie: str, uri: str, peer_uri: str = "") -> str:
         dom = self.lookup(name)
         if peer_uri:
+            await self.check_peer(peer_uri, "peer")
             dname = str(dom.migration.params.get("dname") or "")
             self._record_peer(dom, peer_uri, self._peer_host_uuid(dom, cookie), dname=dname)
         session = dom.bound_session
@@ -159,6 +197,47 @@ class MigrationDriver(Driver):
                 else:
                     # The client left while Perform ran: nobody will Finish or Confirm.
                     self.spawn(self.session_lost(dom))
+
+    def _reap_unclaimed(self, xml: str, params: MigrationParams) -> None:
+        """Destroy an incoming migration nobody claims within ``[migration] prepare_timeout``.
+
+        One prepared with a session goes when the session closes; one prepared
+        without (or whose session is gone) goes once its stream is not moving
+        after the timeout, so stray Prepares cannot pile up QEMUs and ports.
+        """
+        dom = self.lookup(params.dname or parse_domain_xml(xml).name)
+        started = dom.job.async_started
+        timeout = self.config.migration.prepare_timeout
+
+        def ours() -> bool:
+            job = dom.job
+            return (
+                job.async_job == AsyncJob.MIGRATION_IN
+                and job.phase == MigrationPhase.PREPARE
+                and job.async_started == started
+            )
+
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(timeout)
+                if not ours():
+                    return  # finished, cancelled or replaced meanwhile
+                if dom.bound_session and self.sessions.is_open(dom.bound_session):
+                    return  # its session's close callback takes care of it
+                if dom.job.owned or dom.migration.status in _STREAM_MOVING:
+                    continue  # a step runs or the stream arrives: look again later
+                log.warning(
+                    "incoming migration of %s was not claimed within %g s: destroying it",
+                    dom.name,
+                    timeout,
+                )
+                try:
+                    await destination.destroy_incoming(self, dom)
+                except Exception:
+                    log.exception("destroying the unclaimed incoming migration of %s", dom.name)
+                return
+
+        self.spawn(reap())
 
     def _record_peer(self, dom: QemuDomain, uri: str, host_uuid: str, *, dname: str) -> None:
         """Remember (persisted with the next status save) where *dom* is migrating to."""
@@ -178,12 +257,14 @@ class MigrationDriver(Driver):
         self, name: str, uri: str, flags: int, params: dict[str, Any], peer_uri: str = ""
     ) -> None:
         dom = self.lookup(name)
+        mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
         if peer_uri:
+            await self.check_peer(peer_uri, "peer")
             self._record_peer(dom, peer_uri, "", dname=mparams.dname)
         else:
             self.migration_peers.pop(dom.uuid, None)
-        await source.perform2(self, dom, uri, MigrateFlags(flags), mparams)
+        await source.perform2(self, dom, uri, mflags, mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
         dom = self.lookup(name)
@@ -285,10 +366,11 @@ class MigrationDriver(Driver):
         from vmferry.client import AsyncClient
         from vmferry.client.migrate import RemoteDestination, open_session
 
-        mflags = MigrateFlags(flags) & ~MigrateFlags.PEER2PEER
+        mflags = parse_flags(flags) & ~MigrateFlags.PEER2PEER
         mparams = MigrationParams.from_dict(params)
         times = StepTimes()
         dom = self.lookup(name)
+        await self.check_peer(dest_uri, "destination")
         async with AsyncClient(
             dest_uri, pki_dir=self.config.tls.pki_dir, timeout=PEER_CALL_TIMEOUT_S
         ) as dconn:
@@ -478,11 +560,14 @@ class MigrationDriver(Driver):
             dom.job.request_abort()
             dom.notify()
             if dom.monitor is not None and dom.migration.status not in ("none", "completed"):
-                await dom.monitor.execute("migrate_cancel")
+                await source.cancel_stream(dom)
 
     async def set_max_downtime(self, dom: QemuDomain, downtime_ms: int) -> None:
-        if downtime_ms <= 0:
-            raise VmferryError(ErrorCode.INVALID_ARG, "downtime must be a positive number of ms")
+        if not 0 < downtime_ms <= MAX_DOWNTIME_MS:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"downtime must be a positive number of ms, at most {MAX_DOWNTIME_MS}",
+            )
         async with dom.job.acquire(Job.MIGRATION_OP, "migrate-setmaxdowntime"):
             await dom.require_monitor().execute(
                 "migrate-set-parameters", {"downtime-limit": downtime_ms}
@@ -494,8 +579,11 @@ class MigrationDriver(Driver):
             return int(params.get("downtime-limit", 300))
 
     async def set_speed(self, dom: QemuDomain, bandwidth_mib_s: int) -> None:
-        if bandwidth_mib_s < 0:
-            raise VmferryError(ErrorCode.INVALID_ARG, "bandwidth must not be negative")
+        if not 0 <= bandwidth_mib_s <= MAX_BANDWIDTH_MIB_S:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"bandwidth must be between 0 (unlimited) and {MAX_BANDWIDTH_MIB_S} MiB/s",
+            )
         value = bandwidth_mib_s * MIB if bandwidth_mib_s else UNLIMITED_BANDWIDTH
         async with dom.job.acquire(Job.MIGRATION_OP, "migrate-setspeed"):
             # Kept for the next migration too, as libvirt does for an idle domain.
@@ -546,6 +634,17 @@ class MigrationDriver(Driver):
         await recovery.recover(
             self, dom, probe=probe, spawn=self.spawn, keep_postcopy=self._watch_postcopy
         )
+
+
+# Incoming stream states in which an unclaimed Prepare is still making progress.
+_STREAM_MOVING = frozenset({"active", "device", "pre-switchover", *postcopy.POSTCOPY_STATES})
+
+
+def _same_address(a: str, b: str) -> bool:
+    ia, ib = muri.ip_literal(a), muri.ip_literal(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
 
 
 def _resuming(dom: QemuDomain, async_job: AsyncJob) -> bool:

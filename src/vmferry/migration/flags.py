@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntFlag
 
+from vmferry.errors import ErrorCode, VmferryError
+
 
 class MigrateFlags(IntFlag):
     LIVE = 1 << 0
@@ -23,3 +25,24 @@ class MigrateFlags(IntFlag):
     @classmethod
     def source_only(cls) -> MigrateFlags:
         return cls.AUTO_CONVERGE | cls.UNDEFINE_SOURCE
+
+
+#: Every bit vmferry knows; anything else from a client is refused, as libvirt's
+#: virCheckFlags does.
+KNOWN_FLAGS = sum(int(flag) for flag in MigrateFlags)
+
+
+def parse_flags(value: object) -> MigrateFlags:
+    """
+    A client's migration flags, refusing unknown bits.
+
+    :raise VmferryError: ``INVALID_ARG`` for a non-integer, a negative value or
+        a bit vmferry does not know (named in hexadecimal).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise VmferryError(ErrorCode.INVALID_ARG, "migration flags must be a non-negative integer")
+    unknown = value & ~KNOWN_FLAGS
+    if unknown:
+        shown = f"0x{unknown:x}" if unknown.bit_length() <= 64 else "beyond bit 63"
+        raise VmferryError(ErrorCode.INVALID_ARG, f"unsupported migration flags {shown}")
+    return MigrateFlags(value)

@@ -11,43 +11,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vmferry.domain.xml import _validate_name as validate_name
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.uri import check_host, parse_migration_uri
 from vmferry.qemu.monitor import Monitor
 
 MIB = 1 << 20
 # "Unlimited": QEMU's own default (128 MiB/s) must never be the silent cap.
 UNLIMITED_BANDWIDTH = 1 << 40
-
-
-# A parameter's integers must fit QEMU's int64 parameters.
-_INT_MAX = (1 << 63) - 1
-
-
-def _check_type(key: str, annotation: str, value: Any) -> None:
-    """Refuse a parameter of the wrong JSON type (a client's typo must not become a 500)."""
-    if value is None and annotation.endswith("| None"):
-        return
-    kind = annotation.removesuffix(" | None")
-    if kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _INT_MAX
-    elif kind == "float":
-        ok = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and abs(value) <= _INT_MAX
-        )
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        what = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
-        raise VmferryError(
-            ErrorCode.INVALID_ARG,
-            f"migration parameter {key} must be {what.get(kind, 'a string')}",
-        )
 
 
 @dataclass
@@ -77,18 +49,24 @@ class MigrationParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MigrationParams:
+        """
+        The parameters a client sent, each of its own type and within its bounds.
+
+        :raise VmferryError: ``INVALID_ARG`` naming the parameter: unknown,
+            wrongly typed, out of range, non-finite or too long.
+        """
         if not data:
             return cls()
+        if not isinstance(data, dict):
+            raise VmferryError(ErrorCode.INVALID_ARG, "migration parameters must be an object")
         known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
+        unknown = {str(k)[:40] for k in data} - known
         if unknown:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
-                f"unknown migration parameter(s): {', '.join(sorted(unknown))}",
+                f"unknown migration parameter(s): {', '.join(sorted(unknown)[:10])}",
             )
-        for key, value in data.items():
-            _check_type(key, str(cls.__dataclass_fields__[key].type), value)
-        return cls(**data)
+        return cls(**{key: _checked(key, value) for key, value in data.items()})
 
     def validate(self, flags: MigrateFlags) -> None:
         if self.bandwidth_mib_s < 0:
@@ -136,6 +114,67 @@ class MigrationParams:
             from vmferry.migration.policy.spec import load_policy  # the policy imports this module
 
             load_policy(self.policy)
+
+
+# Bounds of each parameter (QEMU's own where it has one: downtime-limit <= 2000 s,
+# multifd-channels <= 255); a client's value outside them is refused, never sent on.
+MAX_BANDWIDTH_MIB_S = 1 << 24  # 16 TiB/s: beyond any link
+MAX_DOWNTIME_MS = 2_000_000
+MAX_CHANNELS = 255
+MAX_SECONDS = 10_000_000.0  # about 115 days
+MAX_TEXT = {"dest_xml": 1 << 20, "policy": 64 << 10, "migrate_uri": 300, "listen_address": 253}
+_INTS = {
+    "bandwidth_mib_s": MAX_BANDWIDTH_MIB_S,
+    "postcopy_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S,
+    "downtime_limit_ms": MAX_DOWNTIME_MS,
+    "downtime_target_ms": MAX_DOWNTIME_MS,
+    "parallel_connections": MAX_CHANNELS,
+}
+_FLOATS = ("timeout_suspend_s", "deadline_s")
+_BOOLS = ("postcopy_after_precopy", "postcopy_autoresume")
+
+
+def _checked(key: str, value: Any) -> Any:
+    """*value* of parameter *key* if its type and range are right (see the bounds above)."""
+
+    def bad(why: str) -> VmferryError:
+        return VmferryError(ErrorCode.INVALID_ARG, f"migration parameter '{key}' {why}")
+
+    if key in _INTS:
+        if key == "downtime_limit_ms" and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("must be an integer")
+        if not 0 <= value <= _INTS[key]:
+            raise bad(f"must be between 0 and {_INTS[key]}")
+        return value
+    if key in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("must be a number of seconds")
+        if isinstance(value, int) and value > MAX_SECONDS:
+            raise bad(f"must be between 0 and {MAX_SECONDS:g}")
+        seconds = float(value)
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
+            raise bad(f"must be between 0 and {MAX_SECONDS:g}")
+        return seconds
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if not isinstance(value, str):
+        raise bad("must be a string")
+    if len(value) > MAX_TEXT.get(key, 64):
+        raise bad(f"is longer than {MAX_TEXT.get(key, 64)} characters")
+    if value and key == "migrate_uri":
+        parse_migration_uri(value)
+    elif value and key == "listen_address":
+        check_host(value, "listen address")
+    elif key == "dname" and value:
+        try:
+            validate_name(value)
+        except VmferryError as err:
+            raise bad(f"is not a valid domain name: {err.message}") from None
+    return value
 
 
 def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:

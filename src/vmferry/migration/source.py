@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 from vmferry.domain.state import DomainState, EventType, RunningReason, ShutoffReason
 from vmferry.domain.xml import check_abi_stability, format_domain_xml, parse_domain_xml
@@ -33,7 +34,7 @@ from vmferry.migration import policy as mpolicy
 from vmferry.migration import postcopy
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
-from vmferry.migration.host import MigrationHost
+from vmferry.migration.host import MigrationHost, PerformLimits
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import completed_stats, from_query_migrate, to_cookie
@@ -47,6 +48,11 @@ UNATTENDED_API = "migration-unattended"
 
 # The convergence policies may switch a migration to post-copy through this.
 mpolicy.register_postcopy_switch(postcopy.switch)
+
+
+#: How long ``migrate_cancel`` may take before the stream is yanked out of band: QEMU holds
+#: its big lock while it writes the final device state, so a stalled peer blocks the monitor.
+CANCEL_ANSWER_S = 3.0
 
 
 def _cookie(host: MigrationHost, dom: QemuDomain) -> MigrationCookie:
@@ -131,8 +137,15 @@ async def perform3(
     try:
         await failpoint("src-perform3-before")
         if not flags & MigrateFlags.OFFLINE:
+            uri = await host.stream_uri(uri)
             parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
-            await _run(dom, uri, flags, MigrationParams.from_dict(dom.migration.params))
+            await _run(
+                dom,
+                uri,
+                flags,
+                MigrationParams.from_dict(dom.migration.params),
+                host.perform_limits,
+            )
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -159,6 +172,7 @@ async def perform2(
 ) -> None:
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
+    uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
     if not params.bandwidth_mib_s:
         params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
@@ -176,7 +190,7 @@ async def perform2(
     dom.save()  # recovery needs was_running
     try:
         await failpoint("src-perform2-before")
-        await _run(dom, uri, flags, params)
+        await _run(dom, uri, flags, params, host.perform_limits)
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -188,7 +202,13 @@ async def perform2(
     await failpoint("src-perform2-after")
 
 
-async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: MigrationParams) -> None:
+async def _run(
+    dom: QemuDomain,
+    uri: str,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    limits: PerformLimits | None = None,
+) -> None:
     """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end."""
     mon = dom.require_monitor()
     dom.migration.status = "setup"
@@ -208,7 +228,10 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
             await dom.wait_for(lambda: dom.migration.status != "setup", 10.0)
             await failpoint("src-perform-migrating")
         await _wait_completion(
-            dom, params.timeout_suspend_s, after_precopy=params.postcopy_after_precopy
+            dom,
+            params.timeout_suspend_s,
+            after_precopy=params.postcopy_after_precopy,
+            limits=limits or PerformLimits(),
         )
     except BaseException:
         if dom.monitor is not None and dom.monitor.connected:
@@ -217,12 +240,22 @@ async def _run(dom: QemuDomain, uri: str, flags: MigrateFlags, params: Migration
 
 
 async def _wait_completion(
-    dom: QemuDomain, timeout_suspend_s: float, *, after_precopy: bool = False
+    dom: QemuDomain,
+    timeout_suspend_s: float,
+    *,
+    after_precopy: bool = False,
+    limits: PerformLimits | None = None,
 ) -> None:
     # The convergence policy, if any, acts at each wake-up; its report joins the statistics.
     engine = mpolicy.engine_for(dom)
     try:
-        await _wait_loop(dom, timeout_suspend_s, engine, after_precopy=after_precopy)
+        await _wait_loop(
+            dom,
+            timeout_suspend_s,
+            engine,
+            after_precopy=after_precopy,
+            watchdog=_Watchdog(dom, limits or PerformLimits()),
+        )
     except BaseException:
         await mpolicy.finish(dom, None)
         raise
@@ -235,6 +268,7 @@ async def _wait_loop(
     engine: mpolicy.Engine | None,
     *,
     after_precopy: bool = False,
+    watchdog: _Watchdog | None = None,
 ) -> None:
     suspend_at = time.monotonic() + timeout_suspend_s if timeout_suspend_s > 0 else None
     switch_pending = after_precopy
@@ -258,6 +292,8 @@ async def _wait_loop(
         left = None if suspend_at is None else max(0.0, suspend_at - time.monotonic())
         if engine is not None:
             left = engine.wait_s(left)
+        if watchdog is not None:
+            left = watchdog.wait_s(left)
         await dom.wait_for(settled, left)
         if dom.monitor is None or not dom.monitor.connected:
             raise VmferryError(
@@ -283,6 +319,8 @@ async def _wait_loop(
                 ErrorCode.OPERATION_FAILED,
                 f"migration of domain '{dom.name}' {status}" + (f": {desc}" if desc else ""),
             )
+        if watchdog is not None:
+            await watchdog.check()
         if suspend_at is not None and time.monotonic() >= suspend_at:
             suspend_at = None
             if dom.state == DomainState.RUNNING:
@@ -291,6 +329,57 @@ async def _wait_loop(
                 await dom.monitor.execute("stop")
         if engine is not None:
             await engine.step()
+
+
+class _Watchdog:
+    """Fails a Perform whose stream stopped moving, or that ran past its overall limit."""
+
+    def __init__(self, dom: QemuDomain, limits: PerformLimits) -> None:
+        self._dom = dom
+        self._limits = limits
+        now = time.monotonic()
+        self._deadline = now + limits.total_s if limits.total_s > 0 else None
+        self._last_move = now
+        self._seen: tuple[Any, ...] = ()
+        # Several looks per stall period, so a stall is noticed within ~1/3 of it late.
+        self._every = max(0.2, min(5.0, limits.stall_s / 3))
+        self._next = now + self._every
+
+    def wait_s(self, left: float | None) -> float:
+        until = max(0.0, self._next - time.monotonic())
+        return until if left is None else min(left, until)
+
+    async def check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._every
+        dom = self._dom
+        if self._deadline is not None and now >= self._deadline:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"migration of domain '{dom.name}' did not complete within "
+                f"{self._limits.total_s:g} s ([migration] perform_timeout): cancelled",
+            )
+        mon = dom.monitor
+        seen: tuple[Any, ...] = (dom.migration.status, dom.migration.iteration)
+        if mon is not None and mon.connected:
+            try:
+                info = await mon.execute("query-migrate", timeout=self._every)
+            except VmferryError:
+                info = None  # no answer: QEMU is stuck writing to the peer
+            if isinstance(info, dict):
+                ram = info.get("ram") or {}
+                seen = (info.get("status"), ram.get("transferred"), ram.get("dirty-sync-count"))
+        if seen != self._seen:
+            self._seen, self._last_move = seen, now
+        elif now - self._last_move >= self._limits.stall_s:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"migration of domain '{dom.name}' made no progress for "
+                f"{self._limits.stall_s:g} s ([migration] perform_stall_timeout): "
+                "the destination stopped receiving; cancelled",
+            )
 
 
 def _aborted() -> VmferryError:
@@ -302,11 +391,30 @@ async def _cancel(dom: QemuDomain) -> None:
     mon = dom.monitor
     if mon is None or dom.migration.status in ("failed", "cancelled", "none"):
         return
+    await cancel_stream(dom)
+    await dom.wait_for(lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0)
+
+
+async def cancel_stream(dom: QemuDomain) -> None:
+    """``migrate_cancel``; if QEMU does not answer (stuck writing to the peer), yank the stream.
+
+    ``yank`` runs out of band, so it gets through while the migration holds QEMU's lock.
+    """
+    mon = dom.monitor
+    if mon is None or not mon.connected:
+        return
     try:
-        await mon.execute("migrate_cancel")
-        await dom.wait_for(lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0)
+        await mon.execute("migrate_cancel", timeout=CANCEL_ANSWER_S)
+        return
     except VmferryError as err:
-        log.warning("cancelling migration of %s: %s", dom.name, err.message)
+        if err.code != ErrorCode.OPERATION_TIMEOUT:
+            log.warning("cancelling migration of %s: %s", dom.name, err.message)
+            return
+    log.warning("QEMU of %s does not answer migrate_cancel: yanking the stream", dom.name)
+    try:
+        await mon.execute("yank", {"instances": [{"type": "migration"}]})
+    except VmferryError as err:
+        log.warning("yanking the migration stream of %s: %s", dom.name, err.message)
 
 
 async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
@@ -316,6 +424,10 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
         return
     try:
         await mparams.reset(mon, flags, source=True)
+    except VmferryError as err:
+        # Not a reason to leave the guest paused: the next migration sets them again.
+        log.warning("resetting migration parameters of %s: %s", dom.name, err.message)
+    try:
         if dom.migration.was_running and dom.state != DomainState.RUNNING:
             dom.pending_resume_reason = RunningReason.MIGRATION_CANCELED
             await mon.execute("cont")
@@ -439,6 +551,7 @@ async def perform_resume(
     """Reconnect the post-copy stream to the destination's ``migrate-recover`` at *uri*."""
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM_RESUME, api)
     try:
+        uri = await host.stream_uri(uri)
         parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
         mon = dom.require_monitor()
         values = mparams.resume_parameters(MigrationParams.from_dict(dom.migration.params))

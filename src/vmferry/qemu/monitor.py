@@ -63,7 +63,7 @@ class _CallbackListener(EventListener):
 
 #: Sent out of band: QEMU runs them on the monitor's own thread. They are the way out of a
 #: post-copy stall, where QEMU's main loop waits for a page that cannot arrive.
-OUT_OF_BAND = frozenset({"migrate-pause", "migrate-recover"})
+OUT_OF_BAND = frozenset({"migrate-pause", "migrate-recover", "yank"})
 
 
 class Monitor:
