@@ -122,17 +122,9 @@ def _fuzz(operation: Any, mode: GenerationMode, path: dict[str, str] | None) -> 
     run()
 
 
-# Findings that belong to other parts of issue 11, being fixed on other branches at the time of
-# writing; the lead removes an entry once that branch is merged. Each maps a text the failure
-# report contains to the reason.
-KNOWN = {
-    # part 4 ("robust"): FastAPI's own errors (unparsable JSON body, 404/405) still answer
-    # {"detail": ...} instead of {code, message}; daemon/api.py's handlers are being rewritten.
-    '"detail"': "part 4: FastAPI's generic 4xx bodies are {detail}, not {code, message}",
-    # part 3 ("migsafe"): a Perform URI QEMU cannot parse reaches QEMU and fails there (500);
-    # URIs are to be checked (network schemes only) before QEMU sees them.
-    "QEMU command 'migrate' failed": "part 3: Perform URIs are not validated before QEMU",
-}
+# Known findings awaiting a fix elsewhere: a text the failure report contains -> the reason
+# (the test xfails with it). Empty: every finding of issue 11 is fixed.
+KNOWN: dict[str, str] = {}
 
 
 def test_api_conforms(daemon: TcpHost, api_schema: Any) -> None:
