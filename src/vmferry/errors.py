@@ -32,6 +32,8 @@ class ErrorCode(StrEnum):
     RPC_FAILED = "rpc-failed"
     NO_FREE_PORT = "no-free-port"
     QEMU_FAILED = "qemu-failed"
+    # a path or program outside what the host's configuration allows
+    ACCESS_DENIED = "access-denied"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -44,6 +46,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.XML_ERROR: 400,
     ErrorCode.CONFIG_UNSUPPORTED: 400,
     ErrorCode.AUTH_FAILED: 403,
+    ErrorCode.ACCESS_DENIED: 403,
 }
 
 

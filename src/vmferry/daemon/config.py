@@ -24,6 +24,13 @@ Every key is optional; an absent file means all defaults::
 
     [qemu]
     emulator = "qemu-system-x86_64"
+    emulators = []           # allowed <emulator> values; [] = emulator, resolved in PATH
+    user = "vmferry-qemu"    # QEMU runs as this user; "" or "root" = as root (UNSAFE)
+    group = "vmferry-qemu"   # and group ("" = the user's primary group)
+    sandbox = true           # QEMU's seccomp filter (-sandbox on,...)
+
+    [paths]
+    roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
 
 Unknown sections or keys and values of the wrong type are errors, so a typo
 never goes unnoticed.
@@ -74,6 +81,15 @@ class TlsConfig:
 @dataclass
 class QemuConfig:
     emulator: str = "qemu-system-x86_64"
+    emulators: list[str] = field(default_factory=list)
+    user: str = "vmferry-qemu"
+    group: str = "vmferry-qemu"
+    sandbox: bool = True
+
+
+@dataclass
+class PathsConfig:
+    roots: list[str] = field(default_factory=lambda: ["/var/lib/vmferry/images"])
 
 
 @dataclass
@@ -86,6 +102,7 @@ class DaemonConfig:
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -105,6 +122,10 @@ def _convert(where: str, key: str, expected: type, value: Any, base: Path) -> An
             raise wrong("a non-empty path string")
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong("a number")
@@ -149,6 +170,13 @@ def _check(where: str, config: DaemonConfig) -> None:
         raise bad("keepalive.count must be >= 1")
     if not config.qemu.emulator:
         raise bad("qemu.emulator must not be empty")
+    for key, values in (
+        ("qemu.emulators", config.qemu.emulators),
+        ("paths.roots", config.paths.roots),
+    ):
+        for value in values:
+            if not value.startswith("/"):
+                raise bad(f"{key}: {value!r} is not an absolute path")
 
 
 def load_config(path: Path | None) -> DaemonConfig:

@@ -30,6 +30,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob, Job
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.recovery import MigrationPeer, bookkeeping, restore_bookkeeping
+from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle, RunPaths
 
@@ -43,7 +44,14 @@ DESTROY_GRACE_S = 5.0
 class Driver:
     """All domains of this host and the APIs that act on them."""
 
-    def __init__(self, state: StateDir, config: DaemonConfig, host: HostIdentity) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        config: DaemonConfig,
+        host: HostIdentity,
+        *,
+        confine: Confinement | None = None,
+    ) -> None:
         self.state = state
         self.config = config
         self.host = host
@@ -54,6 +62,8 @@ class Driver:
             emulator=config.qemu.emulator,
             emit=self._emit,
             on_stopped=self._on_stopped,
+            confine=confine,
+            sandbox=config.qemu.sandbox,
         )
         self.qemu_version = ""
         self.sessions = Sessions(self._session_closed)
@@ -389,8 +399,14 @@ class Driver:
 
     # -- lifecycle APIs -----------------------------------------------------------------------
 
+    def check_definition(self, definition: DomainDef) -> None:
+        """Refuse a definition whose QEMU would reach what it may not (see qemu.confine)."""
+        if self.lifecycle.confine is not None:
+            self.lifecycle.confine.check(definition)
+
     async def define(self, xml: str) -> QemuDomain:
         definition = parse_domain_xml(xml)
+        self.check_definition(definition)
         existing = self.check_clash(definition, allow_inactive_same=True)
         if existing is None:
             self.persist_definition(definition)
@@ -422,6 +438,7 @@ class Driver:
 
     async def create(self, xml: str) -> QemuDomain:
         definition = parse_domain_xml(xml)
+        self.check_definition(definition)
         existing = self.check_clash(definition, allow_inactive_same=True)
         dom = existing if existing is not None else self.add(definition, None)
         async with dom.job.acquire(Job.MODIFY, "create"):

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from vmferry.daemon.api import create_app
-from vmferry.daemon.config import load_config
+from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
+from vmferry.qemu.confine import Confinement, allowed_emulators, resolve_user
 
 log = logging.getLogger("vmferryd")
 
@@ -57,6 +58,17 @@ def qemu_version(emulator: str) -> str:
     return first.removeprefix("QEMU emulator version ").strip()
 
 
+def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | None]) -> Confinement:
+    """What this daemon's QEMUs may reach, from ``[qemu]`` and ``[paths]``."""
+    return Confinement(
+        roots=config.paths.roots,
+        state_root=state.root,
+        protected=[p for p in protected if p is not None],
+        emulators=allowed_emulators(config.qemu.emulator, config.qemu.emulators),
+        user=resolve_user(config.qemu.user, config.qemu.group),
+    )
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.pki_dir is not None:
@@ -65,7 +77,8 @@ async def run(args: argparse.Namespace) -> None:
     state.ensure()
     specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
     host = load_or_create_host_identity(state, config)
-    driver = MigrationDriver(state, config, host)
+    protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
+    driver = MigrationDriver(state, config, host, confine=confinement(config, state, protected))
     driver.qemu_version = qemu_version(config.qemu.emulator)
     await driver.load()
     stop = asyncio.Event()

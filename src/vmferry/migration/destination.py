@@ -79,6 +79,8 @@ async def prepare(
     original_name = definition.name
     if params.dname:
         definition = replace(definition, name=params.dname)
+    # The XML comes from another host: this host's rules decide what its QEMU may reach.
+    host.check_definition(definition)
     if cookie_in is not None:
         parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
@@ -389,6 +391,7 @@ def _persist(
     definition: DomainDef = dom.definition
     if cookie is not None and cookie.persistent_xml:
         definition = replace(parse_domain_xml(cookie.persistent_xml), name=dom.name)
+        host.check_definition(definition)
     host.persist_definition(definition)
     dom.persistent = definition
 
