@@ -307,11 +307,8 @@ def _access_problem(path: str, user: QemuUser, *, write: bool) -> str:
     groups = {user.gid}
 
     def allowed(st: os.stat_result, bits: int) -> bool:
-        if st.st_uid == user.uid:
-            return bool(st.st_mode & (bits << 6))
-        if st.st_gid in groups:
-            return bool(st.st_mode & (bits << 3))
-        return bool(st.st_mode & bits)
+        shift = 6 if st.st_uid == user.uid else 3 if st.st_gid in groups else 0
+        return (st.st_mode >> shift) & bits == bits
 
     current = "/"
     for part in Path(path).parts[1:]:
