@@ -21,7 +21,7 @@ from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
-from vmferry.qemu.confine import Confinement, QemuUser, resolve_user
+from vmferry.qemu.confine import Confinement, QemuUser, grant_userfaultfd, resolve_user
 from vmferry.testguest import guest_xml
 
 QEMU_USER = "vmferry-qemu"
@@ -359,3 +359,14 @@ def test_serial_file_in_the_console_dir_gets_the_guest_output() -> None:
         wait_heartbeat(c, "s")  # the console log, an fdset of its own
         assert "VMFERRY-HB" in out.read_text(errors="replace")
         c.destroy("s")
+
+
+def test_grant_userfaultfd_gives_the_qemu_group_the_device(tmp_path: Path) -> None:
+    device = tmp_path / "userfaultfd"
+    device.write_bytes(b"")
+    os.chmod(device, 0o600)
+    nobody = pwd.getpwnam("nobody")
+    assert grant_userfaultfd(QemuUser("nobody", nobody.pw_uid, nobody.pw_gid), str(device))
+    st = os.stat(device)
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_gid, 0o660)
+    assert not grant_userfaultfd(QemuUser("nobody", 1, 1), str(tmp_path / "absent"))

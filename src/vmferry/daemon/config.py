@@ -28,6 +28,7 @@ Every key is optional; an absent file means all defaults::
     user = "vmferry-qemu"    # QEMU runs as this user; "" or "root" = as root (UNSAFE)
     group = "vmferry-qemu"   # and group ("" = the user's primary group)
     sandbox = true           # QEMU's seccomp filter (-sandbox on,...)
+    userfaultfd = true       # give the QEMU group /dev/userfaultfd (post-copy needs it)
 
     [paths]
     roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
@@ -85,6 +86,7 @@ class QemuConfig:
     user: str = "vmferry-qemu"
     group: str = "vmferry-qemu"
     sandbox: bool = True
+    userfaultfd: bool = True
 
 
 @dataclass

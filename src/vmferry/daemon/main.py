@@ -17,7 +17,13 @@ from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
-from vmferry.qemu.confine import Confinement, allowed_emulators, resolve_user
+from vmferry.qemu.confine import (
+    USERFAULTFD,
+    Confinement,
+    allowed_emulators,
+    grant_userfaultfd,
+    resolve_user,
+)
 
 log = logging.getLogger("vmferryd")
 
@@ -60,12 +66,15 @@ def qemu_version(emulator: str) -> str:
 
 def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | None]) -> Confinement:
     """What this daemon's QEMUs may reach, from ``[qemu]`` and ``[paths]``."""
+    user = resolve_user(config.qemu.user, config.qemu.group)
+    if user is not None and config.qemu.userfaultfd and not grant_userfaultfd(user):
+        log.warning("no %s: post-copy migration will fail as user %s", USERFAULTFD, user.name)
     return Confinement(
         roots=config.paths.roots,
         state_root=state.root,
         protected=[p for p in protected if p is not None],
         emulators=allowed_emulators(config.qemu.emulator, config.qemu.emulators),
-        user=resolve_user(config.qemu.user, config.qemu.group),
+        user=user,
     )
 
 

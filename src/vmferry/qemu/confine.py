@@ -81,6 +81,29 @@ def resolve_user(user: str, group: str) -> QemuUser | None:
     return QemuUser(name=user, uid=pw.pw_uid, gid=gid)
 
 
+USERFAULTFD = "/dev/userfaultfd"
+
+
+def grant_userfaultfd(user: QemuUser, device: str = USERFAULTFD) -> bool:
+    """Let QEMU's group open *device*: post-copy needs userfaultfd for kernel faults.
+
+    An unprivileged process gets those only through ``/dev/userfaultfd``
+    (``vm.unprivileged_userfaultfd`` is 0 by default); libvirt grants the
+    device to post-copy QEMUs the same way. Sets the group, mode 0660.
+
+    :return: False when the device does not exist (older kernels).
+    """
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        return False
+    if st.st_gid != user.gid:
+        os.chown(device, -1, user.gid)
+    if stat.S_IMODE(st.st_mode) & 0o060 != 0o060:
+        os.chmod(device, stat.S_IMODE(st.st_mode) | 0o060)
+    return True
+
+
 def allowed_emulators(emulator: str, emulators: Iterable[str]) -> frozenset[str]:
     """Real paths of the emulators a definition may name (default: *emulator* from PATH)."""
     listed = list(emulators)
