@@ -8,6 +8,8 @@ import pwd
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -370,3 +372,14 @@ def test_grant_userfaultfd_gives_the_qemu_group_the_device(tmp_path: Path) -> No
     st = os.stat(device)
     assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_gid, 0o660)
     assert not grant_userfaultfd(QemuUser("nobody", 1, 1), str(tmp_path / "absent"))
+
+
+def test_daemon_refuses_to_start_without_its_qemu_user(tmp_path: Path) -> None:
+    cfg = tmp_path / "vmferryd.toml"
+    cfg.write_text('[qemu]\nuser = "vmferry-no-such-user"\n')
+    argv = [sys.executable, "-m", "vmferry.daemon.main", "--state-dir", str(tmp_path / "s")]
+    argv += ["--listen", f"unix://{tmp_path}/d.sock", "--config", str(cfg)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "QEMU user 'vmferry-no-such-user' does not exist" in done.stderr
+    assert not (tmp_path / "d.sock").exists()
