@@ -46,6 +46,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.testguest import (
     Heartbeat,
     check_continuity,
+    daemon_paths_toml,
     guest_cmdline,
     guest_paths,
     guest_xml,
@@ -101,6 +102,7 @@ class Daemon:
         config.write_text(
             f'[host]\nhostname = "{self.name}"\nuuid = "{uuid.uuid4()}"\n'
             f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
+            + daemon_paths_toml()
         )
         with (self.root / "vmferryd.log").open("ab") as log:
             launcher = (

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Installs what vmferry needs on Debian 12: QEMU 10 from bookworm-backports, build tools.
 set -euo pipefail
+# QEMU runs as this unprivileged user ([qemu] user in the daemon config).
+if ! getent passwd vmferry-qemu >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || { echo "run as root to create the QEMU user vmferry-qemu" >&2; exit 1; }
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "vmferry QEMU" vmferry-qemu
+fi
 need=()
 command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 --version | grep -q 'version 10\.' || need+=(qemu-system-x86 qemu-utils)
 command -v cpio >/dev/null || need+=(cpio)

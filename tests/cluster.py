@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vmferry.client import Client
 from vmferry.errors import VmferryError
-from vmferry.testguest import Heartbeat, last_heartbeat
+from vmferry.testguest import Heartbeat, daemon_paths_toml, last_heartbeat
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Host:
             f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 14}\n"
             + self.extra_config
             + (f'[tls]\npki_dir = "{self.pki_dir}"\n' if self.pki_dir else "")
+            + daemon_paths_toml()
         )
         return cfg
 

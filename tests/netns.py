@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tests.cluster import Host
 from vmferry.pki import init_pki
+from vmferry.testguest import daemon_paths_toml
 
 #: Where the migration ports of every namespaced daemon lie (namespaces do not share ports).
 PORT_MIN, PORT_MAX = 49152, 49167
@@ -182,7 +183,7 @@ class NetnsHost(Host):
             f'allowed_networks = ["127.0.0.0/8", "::1/128", "{self.subnet}"]\n'
             # the p2p source gives up on a silent destination after ~3 s
             "[keepalive]\ninterval = 1.0\ncount = 3\n"
-            f'[tls]\npki_dir = "{self.pki_dir}"\n'
+            f'[tls]\npki_dir = "{self.pki_dir}"\n' + daemon_paths_toml()
         )
         return cfg
 

@@ -44,7 +44,13 @@ from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.daemon.state import UNIX_PATH_MAX
 from vmferry.errors import VmferryError
 from vmferry.migration.flags import MigrateFlags
-from vmferry.testguest import Heartbeat, check_continuity, guest_xml, last_heartbeat
+from vmferry.testguest import (
+    Heartbeat,
+    check_continuity,
+    daemon_paths_toml,
+    guest_xml,
+    last_heartbeat,
+)
 
 DOMAIN = "demo-vm"
 #: Migration ports of host N: PORT_BASE + 16*N ... + 15 (tests use 50000 and up).
@@ -104,6 +110,7 @@ class DemoHost:
         config.write_text(
             f'[host]\nhostname = "{self.name}"\nuuid = "{self.host_uuid}"\n'
             f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
+            + daemon_paths_toml()
         )
         with self.log.open("ab") as log:
             # Own session: Ctrl-C must reach the demo only, which then stops things in order.

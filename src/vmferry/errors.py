@@ -27,7 +27,8 @@ class ErrorCode(StrEnum):
     MIGRATE_FINISH_OK = "migrate-finish-ok"
     NO_SUPPORT = "no-support"
     AUTH_FAILED = "auth-failed"
-    # the caller's role lacks the permission of the call (see vmferry.daemon.access)
+    # the caller's role lacks the permission of the call (vmferry.daemon.access), or a path or
+    # program lies outside what the host's configuration allows (vmferry.qemu.confine)
     ACCESS_DENIED = "access-denied"
     CONNECT_FAILED = "connect-failed"
     # the connection broke after the request was sent: it may or may not have been carried out

@@ -52,6 +52,19 @@ _HB_RE = re.compile(
 )
 
 
+def guest_dir(root: Path | None = None) -> Path:
+    """The directory of the built guest (see :func:`guest_paths`), resolved; may not exist."""
+    if root is None:
+        env = os.environ.get(GUEST_DIR_ENV)
+        root = Path(env) if env else _REPO_ROOT / "build" / "guest"
+    return root.resolve()
+
+
+def daemon_paths_toml(root: Path | None = None) -> str:
+    """The ``[paths]`` section a daemon running the test guest needs: its directory as a root."""
+    return f'[paths]\nroots = ["{guest_dir(root)}"]\n'
+
+
 def guest_paths(root: Path | None = None) -> tuple[Path, Path]:
     """
     Locate the built guest.
@@ -61,10 +74,7 @@ def guest_paths(root: Path | None = None) -> tuple[Path, Path]:
     :return: ``(vmlinuz, initramfs)`` as absolute paths.
     :raise VmferryError: ``OPERATION_FAILED`` when either file is missing.
     """
-    if root is None:
-        env = os.environ.get(GUEST_DIR_ENV)
-        root = Path(env) if env else _REPO_ROOT / "build" / "guest"
-    root = root.resolve()
+    root = guest_dir(root)
     kernel = root / "vmlinuz"
     initrd = root / "initramfs.cpio.gz"
     missing = [p.name for p in (kernel, initrd) if not p.is_file()]

@@ -40,6 +40,14 @@ Every key is optional; an absent file means all defaults::
 
     [qemu]
     emulator = "qemu-system-x86_64"
+    emulators = []           # allowed <emulator> values; [] = emulator, resolved in PATH
+    user = "vmferry-qemu"    # QEMU runs as this user; "" or "root" = as root (UNSAFE)
+    group = "vmferry-qemu"   # and group ("" = the user's primary group)
+    sandbox = true           # QEMU's seccomp filter (-sandbox on,...)
+    userfaultfd = true       # give the QEMU group /dev/userfaultfd (post-copy needs it)
+
+    [paths]
+    roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
 
     [limits]                 # per listener (see docs/security-robust.md)
     max_body_bytes = 4194304 # larger request bodies get 413 before being read
@@ -123,6 +131,16 @@ class AccessConfig:
 @dataclass
 class QemuConfig:
     emulator: str = "qemu-system-x86_64"
+    emulators: list[str] = field(default_factory=list)
+    user: str = "vmferry-qemu"
+    group: str = "vmferry-qemu"
+    sandbox: bool = True
+    userfaultfd: bool = True
+
+
+@dataclass
+class PathsConfig:
+    roots: list[str] = field(default_factory=lambda: ["/var/lib/vmferry/images"])
 
 
 @dataclass
@@ -146,6 +164,7 @@ class DaemonConfig:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -165,6 +184,10 @@ def _convert(where: str, key: str, expected: type, value: Any, base: Path) -> An
             raise wrong("a non-empty path string")
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong("a number")
@@ -214,6 +237,13 @@ def _check(where: str, config: DaemonConfig) -> None:
         raise bad("keepalive.count must be >= 1")
     if not config.qemu.emulator:
         raise bad("qemu.emulator must not be empty")
+    for key, values in (
+        ("qemu.emulators", config.qemu.emulators),
+        ("paths.roots", config.paths.roots),
+    ):
+        for value in values:
+            if not value.startswith("/"):
+                raise bad(f"{key}: {value!r} is not an absolute path")
     _check_limits(config.limits, bad)
 
 

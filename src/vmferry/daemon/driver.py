@@ -32,6 +32,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob, Job
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.recovery import MigrationPeer, bookkeeping, restore_bookkeeping
+from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle, RunPaths
 
@@ -54,7 +55,14 @@ def _well_formed(text: str) -> bool:
 class Driver:
     """All domains of this host and the APIs that act on them."""
 
-    def __init__(self, state: StateDir, config: DaemonConfig, host: HostIdentity) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        config: DaemonConfig,
+        host: HostIdentity,
+        *,
+        confine: Confinement | None = None,
+    ) -> None:
         self.state = state
         self.config = config
         self.host = host
@@ -65,6 +73,8 @@ class Driver:
             emulator=config.qemu.emulator,
             emit=self._emit,
             on_stopped=self._on_stopped,
+            confine=confine,
+            sandbox=config.qemu.sandbox,
         )
         self.qemu_version = ""
         self.sessions = Sessions(self._session_closed)
@@ -501,8 +511,14 @@ class Driver:
 
     # -- lifecycle APIs -----------------------------------------------------------------------
 
+    def check_definition(self, definition: DomainDef) -> None:
+        """Refuse a definition whose QEMU would reach what it may not (see qemu.confine)."""
+        if self.lifecycle.confine is not None:
+            self.lifecycle.confine.check(definition)
+
     async def define(self, xml: str) -> QemuDomain:
         definition = parse_domain_xml(xml)
+        self.check_definition(definition)
         existing = self.check_clash(definition, allow_inactive_same=True)
         if existing is None:
             self.persist_definition(definition)
@@ -535,6 +551,7 @@ class Driver:
     async def create(self, xml: str) -> QemuDomain:
         """Start a domain from *xml*; a refused or failed create leaves everything as it was."""
         definition = parse_domain_xml(xml)
+        self.check_definition(definition)
         # An active domain with this name and uuid is a clash: its definition must not change.
         existing = self.check_clash(definition, allow_inactive_same=False)
         dom = existing if existing is not None else self.add(definition, None)

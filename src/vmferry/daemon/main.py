@@ -19,6 +19,13 @@ from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationDriver
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
+from vmferry.qemu.confine import (
+    USERFAULTFD,
+    Confinement,
+    allowed_emulators,
+    grant_userfaultfd,
+    resolve_user,
+)
 
 log = logging.getLogger("vmferryd")
 
@@ -76,6 +83,20 @@ def access_policy(config: DaemonConfig, state: StateDir) -> AccessPolicy:
     )
 
 
+def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | None]) -> Confinement:
+    """What this daemon's QEMUs may reach, from ``[qemu]`` and ``[paths]``."""
+    user = resolve_user(config.qemu.user, config.qemu.group)
+    if user is not None and config.qemu.userfaultfd and not grant_userfaultfd(user):
+        log.warning("no %s: post-copy migration will fail as user %s", USERFAULTFD, user.name)
+    return Confinement(
+        roots=config.paths.roots,
+        state_root=state.root,
+        protected=[p for p in protected if p is not None],
+        emulators=allowed_emulators(config.qemu.emulator, config.qemu.emulators),
+        user=user,
+    )
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     install_log_rate_limit(config.limits.error_log_interval)
@@ -86,7 +107,8 @@ async def run(args: argparse.Namespace) -> None:
     specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
     access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
-    driver = MigrationDriver(state, config, host)
+    protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
+    driver = MigrationDriver(state, config, host, confine=confinement(config, state, protected))
     driver.qemu_version = qemu_version(config.qemu.emulator)
     driver.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()

@@ -80,6 +80,8 @@ async def prepare(
     original_name = definition.name
     if params.dname:
         definition = replace(definition, name=params.dname)
+    # The XML comes from another host: this host's rules decide what its QEMU may reach.
+    host.check_definition(definition)
     if cookie_in is not None:
         parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
@@ -384,6 +386,7 @@ def _persist(
     definition: DomainDef = dom.definition
     if cookie is not None and cookie.persistent is not None:
         definition = replace(cookie.persistent, name=dom.name)
+        host.check_definition(definition)
     host.persist_definition(definition)
     dom.persistent = definition
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from vmferry.domain.model import CharDef, DiskDef, DomainDef
 from vmferry.domain.xml import disk_index
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.qemu.confine import PassedFiles
 
 DEFAULT_EMULATOR = "qemu-system-x86_64"
+# QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler/affinity.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 _BOOT_LETTERS = {"hd": "c", "cdrom": "d", "network": "n"}
 _NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
@@ -83,7 +86,13 @@ def check_supported(d: DomainDef) -> None:
 
 
 def build_argv(
-    d: DomainDef, paths: QemuPaths, *, incoming: bool = False, emulator: str | None = None
+    d: DomainDef,
+    paths: QemuPaths,
+    *,
+    incoming: bool = False,
+    emulator: str | None = None,
+    passed: PassedFiles | None = None,
+    sandbox: bool = False,
 ) -> list[str]:
     """The QEMU command line for *d*.
 
@@ -91,6 +100,9 @@ def build_argv(
     :param incoming: start as a migration destination (``-incoming defer``).
     :param emulator: QEMU binary; default ``<devices><emulator>``, else
         ``qemu-system-x86_64`` from ``PATH``.
+    :param passed: descriptors the daemon opened for QEMU; used instead of
+        the paths of the QMP socket, console log and serial files/sockets.
+    :param sandbox: turn on QEMU's seccomp filter (`SANDBOX`).
     :raise VmferryError: `CONFIG_UNSUPPORTED` (see :func:`check_supported`).
     """
     check_supported(d)
@@ -120,14 +132,22 @@ def build_argv(
     if d.os.boot_devs:
         argv += ["-boot", "order=" + "".join(_BOOT_LETTERS[b] for b in d.os.boot_devs)]
 
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
+    if passed is not None:
+        for fdset, fd, what in passed.fdsets:
+            argv += ["-add-fd", f"fd={fd},set={fdset},opaque={_esc(what)}"]
+        monitor = f"fd={passed.qmp_fd}"
+    else:
+        monitor = f"path={_esc(paths.qmp_socket)}"
     argv += [
         "-chardev",
-        f"socket,id=charmonitor,path={_esc(paths.qmp_socket)},server=on,wait=off",
+        f"socket,id=charmonitor,{monitor},server=on,wait=off",
         "-mon",
         "chardev=charmonitor,id=monitor,mode=control",
     ]
     for serial in d.devices.serials:
-        argv += _serial_args(serial, paths.console_log)
+        argv += _serial_args(serial, paths.console_log, passed)
 
     # PCI devices in a fixed order: QEMU assigns slots in the order it creates them.
     if d.devices.video in _VIDEO_DEVICES:
@@ -156,20 +176,27 @@ def build_argv(
     return argv
 
 
-def _serial_args(serial: CharDef, console_log: Path) -> list[str]:
+def _serial_args(serial: CharDef, console_log: Path, passed: PassedFiles | None) -> list[str]:
     port = serial.target_port
     chardev_id = f"charserial{port}"
     if serial.type == "pty":
         backend = f"pty,id={chardev_id}"
     elif serial.type == "file":
-        backend = f"file,id={chardev_id},path={_esc(serial.path)}"
-        backend += ",append=on" if serial.append else ""
+        if passed is not None:
+            # The daemon opened (and truncated unless appending) the file: always append.
+            backend = f"file,id={chardev_id},path={passed.serial_files[port]},append=on"
+        else:
+            backend = f"file,id={chardev_id},path={_esc(serial.path)}"
+            backend += ",append=on" if serial.append else ""
+    elif passed is not None and serial.mode == "bind":
+        backend = f"socket,id={chardev_id},fd={passed.serial_sockets[port]},server=on,wait=off"
     else:
         backend = f"socket,id={chardev_id},path={_esc(serial.path)}"
         backend += ",server=on,wait=off" if serial.mode == "bind" else ""
     if port == 0:
         # The daemon shows the console from this log whatever the backend is.
-        backend += f",logfile={_esc(console_log)},logappend=on"
+        log = passed.console_log if passed is not None else _esc(console_log)
+        backend += f",logfile={log},logappend=on"
     return [
         "-chardev",
         backend,

@@ -10,12 +10,15 @@ gone).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.qemu.confine import PassedFiles, QemuUser
 from vmferry.qemu.monitor import Monitor
 from vmferry.qemu.process import QemuProcess
 
@@ -39,6 +42,8 @@ async def launch(
     log_path: Path,
     name: str,
     timeout: float = 30.0,
+    user: QemuUser | None = None,
+    passed: PassedFiles | None = None,
 ) -> tuple[QemuProcess, Monitor]:
     """
     Start QEMU and connect to its QMP monitor.
@@ -47,19 +52,37 @@ async def launch(
     (``-chardev socket,path=...,server=on,wait=off -mon ...,mode=control``).
     A stale socket file left by a previous run is removed first.
 
+    With *passed*, the daemon has bound *qmp_socket* already and QEMU gets
+    the listening descriptor (``-chardev socket,fd=N``): the monitor is
+    connected at once, with no polling for the socket to appear. The
+    daemon's copies of the passed descriptors are closed here.
+
     :param timeout: Seconds until the monitor must be connected.
+    :param user: run QEMU as this user.
     :raise VmferryError: ``QEMU_FAILED`` with the end of QEMU's log when
         QEMU exits early, or when its monitor is not up within *timeout*;
         QEMU is killed before this is raised.
     """
     started = time.monotonic()
-    _unlink(qmp_socket)
+    if passed is None:
+        _unlink(qmp_socket)
     try:
-        proc = await QemuProcess.spawn(argv, log_path=log_path)
+        proc = await QemuProcess.spawn(
+            argv,
+            log_path=log_path,
+            user=user,
+            pass_fds=tuple(passed.fds) if passed is not None else (),
+        )
     except VmferryError as err:
         raise _failed(name, err.message) from err
+    finally:
+        if passed is not None:
+            passed.close()  # QEMU holds them now; our copies would keep a dead QEMU's socket up
     try:
-        monitor = await _connect_when_ready(proc, qmp_socket, name, timeout)
+        if passed is not None:
+            monitor = await _connect_passed(proc, qmp_socket, name, timeout)
+        else:
+            monitor = await _connect_when_ready(proc, qmp_socket, name, timeout)
     except BaseException as err:
         await proc.kill()
         _unlink(qmp_socket)
@@ -155,6 +178,32 @@ async def _connect_when_ready(
         if await proc.wait(min(delay, max(left, 0.0))):
             raise _StartFailure("")
         delay = min(delay * 2, _POLL_MAX)
+
+
+async def _connect_passed(
+    proc: QemuProcess, qmp_socket: Path, name: str, timeout: float
+) -> Monitor:
+    """Connect to the QMP socket QEMU inherited; fail if QEMU exits first."""
+    connect = asyncio.ensure_future(Monitor.connect(qmp_socket, name=name, timeout=timeout))
+    exited = asyncio.ensure_future(proc.wait())
+    try:
+        await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+    if not connect.done():
+        connect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, VmferryError):
+            await connect
+        raise _StartFailure("")
+    try:
+        return connect.result()
+    except VmferryError as err:
+        if err.code == ErrorCode.OPERATION_TIMEOUT:
+            raise _StartFailure(
+                f"timed out after {timeout:g} s waiting for its QMP monitor"
+            ) from err
+        await proc.wait(1.0)  # the socket went away with QEMU: its log says why
+        raise _StartFailure("" if not proc.alive else err.message) from err
 
 
 def _exit_detail(proc: QemuProcess) -> str:

@@ -24,6 +24,7 @@ from vmferry.domain.state import (
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob
 from vmferry.qemu.command import QemuPaths, build_argv
+from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
 from vmferry.qemu.process import QemuProcess
@@ -50,6 +51,9 @@ class Lifecycle:
     :param emit: publishes a lifecycle event.
     :param on_stopped: called once a domain's QEMU is gone and its state is shut off
         (the daemon drops the status file and forgets transient domains there).
+    :param confine: what QEMU may reach (checked at every start); QEMU gets the
+        descriptors it opens. None: no checks, QEMU opens its paths itself.
+    :param sandbox: start QEMU with its seccomp filter.
     """
 
     def __init__(
@@ -59,7 +63,11 @@ class Lifecycle:
         emulator: str,
         emit: Emit,
         on_stopped: Callable[[QemuDomain], None],
+        confine: Confinement | None = None,
+        sandbox: bool = False,
     ) -> None:
+        self.confine = confine
+        self._sandbox = sandbox
         self._paths_for = paths_for
         self._emulator = emulator
         self._emit = emit
@@ -88,26 +96,48 @@ class Lifecycle:
                 ErrorCode.OPERATION_INVALID, f"domain '{dom.name}' is already running"
             )
         paths = self.paths(dom)
-        argv = build_argv(
-            dom.definition,
-            QemuPaths(qmp_socket=paths.qmp_socket, console_log=paths.console_log),
-            incoming=incoming,
-            emulator=dom.definition.devices.emulator or self._emulator,
-        )
-        for stale in (paths.qmp_socket, paths.console_log):
-            stale.unlink(missing_ok=True)
+        qemu_paths = QemuPaths(qmp_socket=paths.qmp_socket, console_log=paths.console_log)
+        emulator = dom.definition.devices.emulator or self._emulator
+        # Refuse what cannot or may not run before anything changes.
+        build_argv(dom.definition, qemu_paths)
+        if self.confine is not None:
+            self.confine.check(dom.definition)
+        else:
+            for stale in (paths.qmp_socket, paths.console_log):
+                stale.unlink(missing_ok=True)
         dom.run_id = self._next_id
         self._next_id += 1
         dom.stopping = False
+        passed = None
         try:
             # Persisted before the process exists, so a restart can find a QEMU we lost track
             # of; if that write fails (disk full), no QEMU is started and no half-made domain
             # stays "paused/starting-up".
             dom.set_state(DomainState.PAUSED, PausedReason.STARTING_UP)
+            if self.confine is not None:
+                paths.console_log.unlink(missing_ok=True)
+                passed = self.confine.open_files(
+                    dom.definition, qmp_socket=paths.qmp_socket, console_log=paths.console_log
+                )
+            argv = build_argv(
+                dom.definition,
+                qemu_paths,
+                incoming=incoming,
+                emulator=emulator,
+                passed=passed,
+                sandbox=self._sandbox,
+            )
             proc, mon = await launch(
-                argv, qmp_socket=paths.qmp_socket, log_path=paths.qemu_log, name=dom.name
+                argv,
+                qmp_socket=paths.qmp_socket,
+                log_path=paths.qemu_log,
+                name=dom.name,
+                user=self.confine.user if self.confine is not None else None,
+                passed=passed,
             )
         except BaseException:
+            if passed is not None:
+                passed.close()
             self._forget(dom, ShutoffReason.FAILED)
             raise
         dom.process, dom.monitor = proc, mon

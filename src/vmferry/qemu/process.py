@@ -21,11 +21,13 @@ import os
 import select
 import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.qemu.confine import QemuUser
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class QemuProcess:
         self._exit_event = asyncio.Event()
         self._callbacks: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Kept so that subprocess never reaps the child behind the pidfd's back.
+        self._popen: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "exited" if self._exited else "closed" if self._pidfd is None else "running"
@@ -87,6 +91,8 @@ class QemuProcess:
         *,
         log_path: Path,
         env: dict[str, str] | None = None,
+        user: QemuUser | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> QemuProcess:
         """
         Start QEMU in a new session, with its output appended to *log_path*.
@@ -97,14 +103,17 @@ class QemuProcess:
         :param argv: The complete command line; ``argv[0]`` is looked up in PATH.
         :param log_path: QEMU's log; created if missing, always appended to.
         :param env: QEMU's environment; the daemon's own when None.
+        :param user: run QEMU as this user (its group, no supplementary groups).
+        :param pass_fds: descriptors QEMU inherits under the same numbers.
         :raise VmferryError: ``QEMU_FAILED`` when the program cannot be executed.
         """
-        pid, log_offset = _spawn(argv, log_path, env)
+        popen, log_offset = _spawn(argv, log_path, env, user, pass_fds)
         # Our child cannot be reaped by anyone but us, so its pid is still ours here.
-        pidfd = os.pidfd_open(pid)
-        proc = cls(pid, pidfd, child=True, log_path=log_path, log_offset=log_offset)
+        pidfd = os.pidfd_open(popen.pid)
+        proc = cls(popen.pid, pidfd, child=True, log_path=log_path, log_offset=log_offset)
+        proc._popen = popen
         proc._watch()
-        logger.debug("spawned QEMU pid %d: %s", pid, shlex.join(argv))
+        logger.debug("spawned QEMU pid %d: %s", popen.pid, shlex.join(argv))
         return proc
 
     @classmethod
@@ -268,6 +277,8 @@ class QemuProcess:
             return  # reaped elsewhere; nothing to learn
         if pid == self.pid:
             self.returncode = os.waitstatus_to_exitcode(status)
+            if self._popen is not None:
+                self._popen.returncode = self.returncode  # reaped: subprocess must not wait
 
     def _run_callback(self, cb: Callable[[], None]) -> None:
         try:
@@ -283,38 +294,48 @@ def _pidfd_readable(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None) -> tuple[int, int]:
-    """Start *argv* (see `QemuProcess.spawn`); return its pid and the log offset."""
+def _spawn(
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str] | None,
+    user: QemuUser | None,
+    pass_fds: tuple[int, ...],
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start *argv* (see `QemuProcess.spawn`); return the child and the log offset.
+
+    subprocess rather than posix_spawn: only a fork can drop to QEMU's user
+    (setgroups, setgid, setuid) before exec, as libvirt does.
+    """
     if not argv:
         raise VmferryError(ErrorCode.INTERNAL_ERROR, "empty QEMU command line")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
-    header = f"{stamp}: starting up vmferry: {shlex.join(argv)}\n".encode()
+    who = f" as {user.name} ({user.uid}:{user.gid})" if user is not None else ""
+    header = f"{stamp}: starting up vmferry{who}: {shlex.join(argv)}\n".encode()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         os.write(log_fd, header)
         log_offset = os.fstat(log_fd).st_size
-        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        drop: dict[str, object] = {}
+        if user is not None:
+            drop = {"user": user.uid, "group": user.gid, "extra_groups": []}
         try:
-            pid = os.posix_spawnp(
-                argv[0],
+            popen = subprocess.Popen(  # type: ignore[call-overload]
                 argv,
-                dict(os.environ) if env is None else env,
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, null_fd, 0),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ],
-                setsid=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                env=dict(os.environ) if env is None else env,
+                pass_fds=pass_fds,
+                start_new_session=True,
                 # Python ignores SIGPIPE/SIGXFSZ; an ignored signal survives exec.
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                setsigmask=(),
+                restore_signals=True,
+                **drop,
             )
         except OSError as err:
             msg = f"cannot execute QEMU binary '{argv[0]}': {err.strerror}"
             os.write(log_fd, f"{msg}\n".encode())
             raise VmferryError(ErrorCode.QEMU_FAILED, msg) from err
-        finally:
-            os.close(null_fd)
     finally:
         os.close(log_fd)
-    return pid, log_offset
+    assert isinstance(popen, subprocess.Popen)
+    return popen, log_offset
