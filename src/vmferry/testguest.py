@@ -18,8 +18,11 @@ in *extra_cmdline* it prints ``VMFERRY-POWER-IGNORED boot=<id>`` and runs on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -53,11 +56,46 @@ _HB_RE = re.compile(
 
 
 def guest_dir(root: Path | None = None) -> Path:
-    """The directory of the built guest (see :func:`guest_paths`), resolved; may not exist."""
+    """
+    The directory of the built guest (see :func:`guest_paths`), resolved; may not exist.
+
+    QEMU runs as an unprivileged user and reads the kernel itself: a build inside a directory
+    others cannot enter (a clone under /root) is served from a world-readable copy instead.
+    """
     if root is None:
         env = os.environ.get(GUEST_DIR_ENV)
         root = Path(env) if env else _REPO_ROOT / "build" / "guest"
-    return root.resolve()
+    root = root.resolve()
+    if (root / "vmlinuz").is_file() and not _others_can_read(root / "vmlinuz"):
+        return _readable_copy(root)
+    return root
+
+
+def _others_can_read(path: Path) -> bool:
+    if not path.stat().st_mode & stat.S_IROTH:
+        return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
+
+
+def _readable_copy(root: Path) -> Path:
+    """A copy of *root*'s guest files in /var/tmp that any user can read (refreshed if stale)."""
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    copy = Path("/var/tmp") / f"vmferry-guest-{digest}"
+    copy.mkdir(mode=0o755, exist_ok=True)
+    copy.chmod(0o755)
+    for name in ("vmlinuz", "initramfs.cpio.gz"):
+        src, dst = root / name, copy / name
+        if not src.is_file():
+            continue
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size and (
+            dst.stat().st_mtime >= src.stat().st_mtime
+        ):
+            continue
+        tmp = copy / f".{name}.{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        tmp.chmod(0o644)
+        tmp.replace(dst)
+    return copy
 
 
 def daemon_paths_toml(root: Path | None = None) -> str:
