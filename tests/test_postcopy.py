@@ -241,16 +241,22 @@ def test_source_daemon_killed_during_postcopy(pair: tuple[Host, Host]) -> None:
         a.extra_env.pop(ENV_VAR)
         a.start()
     with a.client() as src, b.client() as dst:
-        info = src.dominfo("pc4")
-        # libvirt's "return 1": the job stays, nobody owns it, the guest is left paused.
-        assert (info.state, info.job.async_job, info.job.phase) == (
-            "paused",
-            "migration out",
-            "postcopy_failed",
-        ), info
-        assert info.job.async_owner_api == ""
-        incoming = dst.dominfo("pc4")
-        assert incoming.job.async_job == "migration in"
+        try:
+            info = src.dominfo("pc4")
+        except VmferryError as err:
+            # QEMU completed while the daemon was down (a loaded machine restarts slowly):
+            # the restart completed the migration at once, and the source let go.
+            assert err.code == ErrorCode.NO_DOMAIN, err
+        else:
+            # libvirt's "return 1": the job stays, nobody owns it, the guest is left paused.
+            assert (info.state, info.job.async_job, info.job.phase) == (
+                "paused",
+                "migration out",
+                "postcopy_failed",
+            ), info
+            assert info.job.async_owner_api == ""
+            incoming = dst.dominfo("pc4")
+            assert incoming.job.async_job == "migration in"
         _check_arrived(src, dst, "pc4", before)
 
 

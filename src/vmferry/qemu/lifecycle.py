@@ -281,6 +281,12 @@ class Lifecycle:
             self._emit(dom, EventType.SUSPENDED, str(PausedReason.POSTCOPY_FAILED), {})
 
     def _postcopy_destination_reason(self, dom: QemuDomain, status: str) -> None:
+        if dom.state == DomainState.PAUSED:
+            # libvirt corrects the incoming guest's reason too: persisted, it tells a restart
+            # that the source's copy is stale even if QEMU has completed meanwhile.
+            if status in _POSTCOPY_RUNNING and dom.reason == PausedReason.MIGRATION:
+                dom.set_state(DomainState.PAUSED, PausedReason.POSTCOPY)
+            return
         # The guest already runs here once Finish resumed it; only the reason says it waits.
         if dom.state != DomainState.RUNNING:
             return
