@@ -49,8 +49,8 @@ from vmferry.testguest import (
     guest_cmdline,
     guest_paths,
     guest_xml,
-    last_heartbeat,
 )
+from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import BareQemu, bare_hop, guest_argv
@@ -75,96 +75,31 @@ class GuestShape:
 # -- daemons -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    """One ``vmferryd`` subprocess with its own state dir and unix socket."""
-
-    root: Path
-    name: str
-    port_min: int
-    log_level: str = "info"
-    #: Run through this script's tracing wrapper, writing its records here.
-    trace: Path | None = None
-    proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.root / 'd.sock'}"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    async def start(self, timeout: float = 30.0) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "vmferryd.toml"
-        config.write_text(
-            f'[host]\nhostname = "{self.name}"\nuuid = "{uuid.uuid4()}"\n'
-            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
-        )
-        with (self.root / "vmferryd.log").open("ab") as log:
-            launcher = (
-                [__file__, TRACE_FLAG, str(self.trace), "--"]
-                if self.trace
-                else ["-m", "vmferry.daemon.main"]
-            )
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *launcher,
-                "--state-dir",
-                str(self.state_dir),
-                "--listen",
-                self.uri,
-                "--config",
-                str(config),
-                "--log-level",
-                self.log_level,
-                "--insecure",  # peers named by unix socket (bench only)
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        async with AsyncClient(self.uri, timeout=2.0) as client:
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"vmferryd {self.name} exited; see {self.root}/vmferryd.log")
-                try:
-                    await client.host()
-                    return
-                except VmferryError:
-                    if time.monotonic() > deadline:
-                        raise
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        # QEMU outlives its daemon by design: kill whatever this daemon started.
-        for pid in _qemu_pids(self.state_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | None) -> Host:
+    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*)."""
+    return Host(
+        root,
+        name,
+        port_min,
+        port_span=15,
+        wait_timeout=None,
+        log_level=log_level,
+        insecure=True,  # peers named by unix socket (bench only)
+        uuid_value=str(uuid.uuid4()),
+        # Run through this script's tracing wrapper, writing its records to *trace*.
+        launcher=[sys.executable, __file__, TRACE_FLAG, str(trace), "--"] if trace else None,
+    )
 
 
-def _qemu_pids(marker_dir: Path) -> list[int]:
-    """QEMU processes whose command line names *marker_dir* (i.e. ones we caused)."""
-    marker = str(marker_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
+async def start_daemon(host: Host, timeout: float = 30.0) -> None:
+    host.spawn()
+    await host.wait_ready_async(timeout)
+
+
+async def stop_daemon(host: Host) -> None:
+    """SIGTERM the daemon; QEMU outlives its daemon by design: kill whatever it started."""
+    await asyncio.to_thread(host.kill, signal.SIGTERM, 10.0)
+    kill_qemu(host.state_dir)
 
 
 # -- the two paths -------------------------------------------------------------------------------
@@ -174,15 +109,7 @@ async def _poll_heartbeat(
     read: Callable[[], Awaitable[str]], after: Heartbeat | None, timeout: float
 ) -> Heartbeat:
     """The newest heartbeat once it is newer than *after* (or the first one)."""
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = await read()
-        hb = last_heartbeat(text)
-        if hb is not None and (after is None or hb.seq > after.seq or hb.boot != after.boot):
-            return hb
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no new heartbeat within {timeout:g} s; console ends:\n{text[-1500:]}")
+    return await poll_heartbeat(read, after=after, timeout=timeout, interval=0.05)
 
 
 @dataclass
@@ -826,7 +753,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with _workdir(args.keep) as work:
         base = random.randrange(40000, 48000, 32)
         daemons = [
-            Daemon(
+            daemon(
                 work / f"h{i}",
                 f"bench{i}",
                 base + 16 * i,
@@ -842,8 +769,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fl = FloorPath(work / "floor", cmdline, shape.memory_mib)
         async with contextlib.AsyncExitStack() as stack:
             for d in daemons:
-                stack.push_async_callback(d.stop)
-            await asyncio.gather(*(d.start() for d in daemons))
+                stack.push_async_callback(stop_daemon, d)
+            await asyncio.gather(*(start_daemon(d) for d in daemons))
             clients = tuple([await stack.enter_async_context(AsyncClient(d.uri)) for d in daemons])
             vm = VmferryPath((clients[0], clients[1]), "bench", args.p2p)
             stack.push_async_callback(vm.destroy)
@@ -868,7 +795,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"hop {i + 1:2}/{args.hops} {p.label:<12} {h['wall_s'] * 1000:7.1f} ms")
         result = build_result(args, shape, vm, fl)
         if args.trace:
-            traces = [json.loads(d.trace.read_text()) for d in daemons if d.trace]
+            traces = [json.loads((work / f"trace{i}.json").read_text()) for i in range(2)]
             records = [[(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces]
             result["trace"] = trace_breakdown(vm.hops, client_records, records)
         return result

@@ -21,7 +21,6 @@ import pytest
 from cryptography import x509
 from fastapi import FastAPI
 
-from tests.cluster import Host, wait_heartbeat
 from vmferry import pki
 from vmferry.client import Client
 from vmferry.client.calls import Call
@@ -37,6 +36,7 @@ from vmferry.daemon.config import load_config
 from vmferry.daemon.listen import ListenSpec, parse_listen_uri, serve
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import guest_xml
+from vmferry.testing import Host, wait_heartbeat
 
 
 @dataclass

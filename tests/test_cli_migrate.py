@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from vmferry.api.models import JobStats
 from vmferry.cli import context, migrate_cmds, progress
 from vmferry.cli.main import build_parser, main
@@ -27,6 +26,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags as F
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 MIB = 1 << 20
 

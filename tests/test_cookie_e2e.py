@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from vmferry.client import AsyncClient
 from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
@@ -16,6 +15,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import hosts
 from vmferry import failpoints
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import ENV_VAR, IO_POINTS, POINTS, failpoint
+from vmferry.testing import hosts
 
 
 @pytest.fixture(autouse=True)

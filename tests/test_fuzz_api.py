@@ -1,6 +1,6 @@
 """Schemathesis against a live vmferryd: no server errors, every answer as documented.
 
-The daemon is real (tests/cluster.py) and listens, besides its unix socket, on a
+The daemon is real (vmferry.testing) and listens, besides its unix socket, on a
 plain loopback tcp listener (``--insecure``), which Schemathesis' HTTP client
 can reach. A real guest is defined and running, and about half of the
 generated requests name it, so the domain routes run real driver code.
@@ -29,9 +29,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.cluster import Host, wait_heartbeat
 from vmferry.client import migration_calls as mc
 from vmferry.testguest import guest_xml
+from vmferry.testing import Host, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from vmferry.client import AsyncClient
 from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import (
@@ -33,6 +32,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from vmferry.cli import migrate_cmds
 from vmferry.cli.main import build_parser
 from vmferry.client import AsyncClient
@@ -33,6 +32,7 @@ from vmferry.migration.policy import (
 from vmferry.migration.policy.decide import due_step, hold_reason
 from vmferry.migration.policy.spec import Adaptive
 from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 MIB = 1 << 20
 GIB = 1 << 30

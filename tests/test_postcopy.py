@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Host, hosts, wait_heartbeat
 from tests.netns import NetnsHost, available, netns_hosts, netns_pair
 from vmferry.client import AsyncClient, Client
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
@@ -30,6 +29,7 @@ from vmferry.failpoints import ENV_VAR
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

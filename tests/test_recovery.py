@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 
-import tests.cluster as cluster
-from tests.cluster import Host, wait_heartbeat
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import migrate, migrate_p2p
 from vmferry.errors import VmferryError
@@ -33,6 +31,7 @@ from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.recovery import MigrationPeer, PeerAnswer, classify
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, allocate_ports, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
@@ -61,9 +60,7 @@ def pair(
     made: list[Host] = []
     try:
         for i, env in enumerate((src_env, dst_env)):
-            host = host_type(root / f"h{i}", f"host{i}", cluster._next_port, extra_env=env or {})
-            port = cluster._next_port
-            cluster._next_port = port + 16 if port < 65000 else 50000
+            host = host_type(root / f"h{i}", f"host{i}", allocate_ports(), extra_env=env or {})
             host.root.mkdir()
             made.append(host)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -21,13 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-import tests.cluster as cluster
-from tests.cluster import Host
 from vmferry.client import Client
 from vmferry.daemon.guard import RateLimitFilter
 from vmferry.failpoints import ENV_VAR
 from vmferry.pki import init_pki
 from vmferry.testguest import guest_xml
+from vmferry.testing import Host, allocate_ports
 
 IDLE_S = 1.5
 
@@ -53,8 +52,7 @@ def pki_dir() -> Path:
 @pytest.fixture
 def host(pki_dir: Path, request: pytest.FixtureRequest) -> Iterator[LimitedHost]:
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
-    port = cluster._next_port
-    cluster._next_port = port + 16 if port < 65000 else 50000
+    port = allocate_ports()
     h = LimitedHost(root / "h0", "host0", port, pki_dir=pki_dir, tls_port=port + 15)
     h.extra_env = dict(getattr(request, "param", {}))
     h.root.mkdir()

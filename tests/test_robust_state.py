@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Host, hosts
 from vmferry.cli.main import main
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.host import load_or_create_host_identity
@@ -28,6 +27,7 @@ from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import ENV_VAR
 from vmferry.testguest import guest_xml
+from vmferry.testing import Host, hosts
 
 pytestmark = pytest.mark.qemu
 

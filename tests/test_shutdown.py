@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from tests.cluster import hosts, wait_heartbeat
 from vmferry.api.models import Event
 from vmferry.client import Client
 from vmferry.client.sync import EventStream
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 

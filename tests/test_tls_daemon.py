@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import hosts, wait_heartbeat
 from vmferry.client import AsyncClient, Client
 from vmferry.client.migrate import migrate, migrate_p2p
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.pki import init_pki
 from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import hosts, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
