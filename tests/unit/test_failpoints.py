@@ -13,7 +13,6 @@ import pytest
 from vmferry import failpoints
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import ENV_VAR, IO_POINTS, POINTS, failpoint
-from vmferry.testing import hosts
 
 
 @pytest.fixture(autouse=True)
@@ -98,27 +97,3 @@ def test_exit_action_kills_the_process() -> None:
     )
     assert proc.returncode == -signal.SIGKILL
     assert "survived" not in proc.stdout
-
-
-def test_daemon_refuses_unknown_failpoint() -> None:
-    with hosts(1) as (h,):
-        h.kill()
-        h.extra_env = {ENV_VAR: "src-perfrom3-after=exit"}
-        with pytest.raises(RuntimeError) as err:
-            h.start()
-        assert "unknown failpoint 'src-perfrom3-after'" in str(err.value)
-        h.extra_env = {}
-        h.start()  # and starts without it
-
-
-@pytest.mark.qemu
-def test_error_failpoint_fails_the_migration_cleanly() -> None:
-    """An ``error`` at Prepare: the migration fails with the failpoint's message, nothing leaks."""
-    from tests.test_recovery import GUEST, boot, pair, try_migrate, wait_settled
-
-    with pair(dst_env={ENV_VAR: "dst-prepare-after=error"}) as (src, dst):
-        boot(src)
-        assert try_migrate(src, dst, "v3") == "failpoint dst-prepare-after hit"
-        assert wait_settled(src, dst, timeout=5) is src
-        with src.client() as c:
-            assert c.dominfo(GUEST).state == "running"

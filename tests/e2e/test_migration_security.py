@@ -39,12 +39,6 @@ pytestmark = pytest.mark.qemu
 LIVE = MigrateFlags.LIVE
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[Host, Host]]:
-    with hosts(2) as (a, b):
-        yield a, b
-
-
 def _boot(host: Host, name: str) -> Heartbeat:
     with host.client() as c:
         c.create(guest_xml(name))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,17 +14,11 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
-from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing import Host, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
 LIVE = MigrateFlags.LIVE
-
-
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[Host, Host]]:
-    with hosts(2) as (a, b):
-        yield a, b
 
 
 def _boot(host: Host, name: str) -> Heartbeat:

@@ -27,13 +27,6 @@ from vmferry.daemon.listen import ListenSpec, parse_listen_uri, serve
 from vmferry.errors import ErrorCode, VmferryError
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def pki_dir() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))

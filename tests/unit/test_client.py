@@ -11,10 +11,8 @@ import asyncio
 import concurrent.futures
 import os
 import re
-import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -222,13 +220,6 @@ class Server:
         self.thread.join(10)
         self.sock.close()
         assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,12 +22,6 @@ from vmferry.testing import Host, hosts, wait_heartbeat
 pytestmark = pytest.mark.qemu
 
 LIVE = MigrateFlags.LIVE
-
-
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[Host, Host]]:
-    with hosts(2) as (a, b):
-        yield a, b
 
 
 def _run(coro):  # type: ignore[no-untyped-def]

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid as uuidlib
@@ -83,13 +82,6 @@ def kill_leftovers(uuid: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))  # short: socket paths
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

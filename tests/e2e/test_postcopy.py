@@ -29,7 +29,7 @@ from vmferry.failpoints import ENV_VAR
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
-from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing import Host, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
@@ -102,9 +102,9 @@ class Background:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[Host, Host]]:
-    with hosts(2) as (a, b):
-        yield a, b
+def pair(fresh_pair: tuple[Host, Host]) -> tuple[Host, Host]:
+    """Fresh daemons for each test: some cases kill a daemon or cut the link."""
+    return fresh_pair
 
 
 # -- switching -----------------------------------------------------------------------------------

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +15,6 @@ from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
 from vmferry.daemon.state import UNIX_PATH_MAX, StateDir, atomic_write
 from vmferry.errors import ErrorCode, VmferryError
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
