@@ -22,15 +22,30 @@ from vmferry.errors import VmferryError
 #: The daemon's entry point, as ``[python, -m, module]`` (NetnsHost swaps argv[2]).
 DAEMON_MODULE = "vmferry.daemon.main"
 
-# Spread per process (pytest-xdist workers too), so parallel runs rarely race for ports.
-_next_port = 50000 + (os.getpid() % 900) * 16
+#: Migration ports of the test hosts: blocks of 16 in [PORT_LO, PORT_HI).
+PORT_LO, PORT_HI = 50000, 65008
+#: Each pytest-xdist worker (gw0, gw1, ...) gets its own window of this many ports.
+_WORKER_SPAN = 2000
+
+
+def _port_window() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        lo = PORT_LO + (int(worker[2:]) % ((PORT_HI - PORT_LO) // _WORKER_SPAN)) * _WORKER_SPAN
+        return lo, lo + _WORKER_SPAN
+    return PORT_LO, PORT_HI
+
+
+_window = _port_window()
+# Spread per process, so parallel runs rarely race for the same ports.
+_next_port = _window[0] + (os.getpid() * 16) % (_window[1] - _window[0])
 
 
 def allocate_ports() -> int:
-    """The first of 16 migration ports no other host of this process uses."""
+    """The first of 16 migration ports no other host of this process (or xdist worker) uses."""
     global _next_port
     port = _next_port
-    _next_port = port + 16 if port < 65000 else 50000
+    _next_port = port + 16 if port + 32 <= _window[1] else _window[0]
     return port
 
 
