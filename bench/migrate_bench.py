@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry import trace
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.errors import VmferryError
@@ -275,165 +276,64 @@ def _num(value: object) -> float:
 # -- tracing (--trace) ---------------------------------------------------------------------------
 #
 # To say where vmferry's time goes below the five steps, --trace runs each
-# daemon through this script with timing wrappers around what a migration
-# waits for (status-file writes, QMP commands, QEMU start and kill, the API
-# handlers) and records the client's own API calls. The records carry the
-# host's wall clock, so both daemons' and the client's line up per hop.
+# daemon through this script with a listener on vmferry.trace, which records
+# what a migration waits for (status-file writes, QMP commands, QEMU start and
+# kill, the API handlers), and records the client's own API calls. The records
+# carry the host's wall clock, so both daemons' and the client's line up per hop.
 # Tracing costs a little itself: the plain run's numbers are the ones to quote.
 
 TRACE_FLAG = "--as-traced-daemon"
 
-Record = tuple[float, float, str, str]  # (wall-clock start, seconds, kind, what)
+Record = trace.Record
 
-
-def _traced_daemon(trace: Path, daemon_argv: list[str]) -> int:
-    """Run ``vmferryd`` with timing wrappers; write the records to *trace* on exit."""
-    import atexit
-    import functools
-
-    import vmferry.daemon.driver as driver_mod
-    import vmferry.daemon.main as daemon_main
-    import vmferry.daemon.state as state_mod
-    import vmferry.qemu.launch as launch_mod
-    import vmferry.qemu.lifecycle as lifecycle_mod
-    from vmferry.qemu.domain import QemuDomain
-    from vmferry.qemu.monitor import Monitor
-    from vmferry.qemu.process import QemuProcess
-
-    records: list[Record] = []
-
-    def add(kind: str, what: str, wall: float, started: float) -> None:
-        records.append((wall, time.perf_counter() - started, kind, what))
-
-    def sync(fn: Any, kind: str, what: Callable[..., str]) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            wall, t = time.time(), time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                add(kind, what(*a, **kw), wall, t)
-
-        return wrapper
-
-    def asynchronous(fn: Any, kind: str, what: Callable[..., str]) -> Any:
-        @functools.wraps(fn)
-        async def wrapper(*a: Any, **kw: Any) -> Any:
-            wall, t = time.time(), time.perf_counter()
-            try:
-                return await fn(*a, **kw)
-            finally:
-                add(kind, what(*a, **kw), wall, t)
-
-        return wrapper
-
-    write = sync(state_mod.atomic_write, "status write", lambda *a, **k: _callers())
-    # Patched where they are looked up; setattr, since these are not meant to be replaced.
-    setattr(state_mod, "atomic_write", write)  # noqa: B010
-    setattr(driver_mod, "atomic_write", write)  # noqa: B010
-    patches: list[tuple[Any, str, str, Callable[..., str]]] = [
-        (Monitor, "execute", "qmp", lambda self, cmd, *a, **k: str(cmd)),
-        (Monitor, "close", "qmp close", lambda *a, **k: ""),
-        (lifecycle_mod, "launch", "qemu launch", lambda *a, **k: ""),
-        (QemuProcess, "kill", "qemu kill", lambda *a, **k: ""),
-        # Labelled with the function that waits (two frames up: wrapper, then caller).
-        (QemuDomain, "wait_for", "wait", lambda *a, **k: sys._getframe(2).f_code.co_name),
-        # The daemon's own client to the destination (peer-to-peer).
-        (AsyncClient, "open_stream", "p2p client session", lambda *a, **k: ""),
-        (AsyncClient, "close", "p2p client close", lambda *a, **k: ""),
-    ]
-    for owner, attr, kind, what in patches:
-        setattr(owner, attr, asynchronous(getattr(owner, attr), kind, what))
-    init = sync(AsyncClient.__init__, "p2p client create", lambda *a, **k: "")
-    setattr(AsyncClient, "__init__", init)  # noqa: B010
-
-    # QEMU's own downtime figure, which vmferry's statistics replace with the host-clock one.
-    execute = getattr(Monitor, "execute")  # noqa: B009
-
-    async def traced_execute(self: Any, cmd: str, *a: Any, **kw: Any) -> Any:
-        reply = await execute(self, cmd, *a, **kw)
-        if cmd == "query-migrate" and isinstance(reply, dict) and "downtime" in reply:
-            records.append((time.time(), reply["downtime"] / 1000, "qemu downtime", ""))
-        return reply
-
-    setattr(Monitor, "execute", traced_execute)  # noqa: B010
-
-    # When did QEMU's QMP socket appear, and when did launch() notice it?
-    exists = getattr(launch_mod, "_exists")  # noqa: B009
-
-    def traced_exists(path: Path) -> bool:
-        found = bool(exists(path))
-        records.append((time.time(), 0.0, "socket poll", "found" if found else "absent"))
-        return found
-
-    setattr(launch_mod, "_exists", traced_exists)  # noqa: B010
-
-    # How late does the daemon see QEMU's events (QEMU's timestamp -> handler)?
-    on_event = getattr(lifecycle_mod.Lifecycle, "_on_event")  # noqa: B009
-
-    def traced_on_event(self: Any, dom: Any, name: str, data: dict[str, Any], ts: float) -> None:
-        now = time.time()
-        status = data.get("status") if isinstance(data, dict) else None
-        records.append((ts, now - ts, "qemu event", f"{name} {status or ''}".strip()))
-        on_event(self, dom, name, data, ts)
-
-    setattr(lifecycle_mod.Lifecycle, "_on_event", traced_on_event)  # noqa: B010
-
-    create_app = getattr(daemon_main, "create_app")  # noqa: B009
-
-    def traced_app(driver: Any) -> Any:
-        app = create_app(driver)
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or scope["path"].endswith("/session"):
-                await app(scope, receive, send)
-                return
-            wall, t = time.time(), time.perf_counter()
-            try:
-                await app(scope, receive, send)
-            finally:
-                add("api", f"{scope['method']} {scope['path']}", wall, t)
-
-        return asgi
-
-    setattr(daemon_main, "create_app", traced_app)  # noqa: B010
-
-    def dump() -> None:
-        trace.write_text(json.dumps(records))
-
-    atexit.register(dump)
-    return daemon_main.main(daemon_argv)
-
+#: vmferry.trace kinds as this bench names them; in a daemon, its client is the p2p one.
+_DAEMON_KINDS = {
+    "client create": "p2p client create",
+    "client session": "p2p client session",
+    "client close": "p2p client close",
+}
 
 _PLUMBING = frozenset(
-    {"wrapper", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
+    {"atomic_write", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
 )
 
 
-def _callers() -> str:
+def _writer(callers: str) -> str:
     """Who asked for a status write: the first two functions above the plumbing."""
-    names: list[str] = []
-    frame = sys._getframe(2)
-    while frame is not None and len(names) < 2:
-        name = frame.f_code.co_name
-        if name not in _PLUMBING and not name.startswith("<"):
-            names.append(name)
-        frame = frame.f_back  # type: ignore[assignment]
-    return " < ".join(names)
+    names = [n for n in callers.split(" < ") if n and n not in _PLUMBING]
+    return " < ".join(names[:2])
+
+
+def _traced_daemon(path: Path, daemon_argv: list[str]) -> int:
+    """Run ``vmferryd`` with a trace listener; write the records to *path* on exit."""
+    import atexit
+
+    import vmferry.daemon.main as daemon_main
+
+    records: list[Record] = []
+
+    def listen(record: Record) -> None:
+        wall, seconds, kind, what = record
+        if kind == "client call":
+            return  # the p2p client's calls: the daemon handlers already time them
+        if kind == "status write":
+            what = _writer(what)
+        records.append((wall, seconds, _DAEMON_KINDS.get(kind, kind), what))
+
+    trace.add_listener(listen)
+    atexit.register(lambda: path.write_text(json.dumps(records)))
+    return daemon_main.main(daemon_argv)
 
 
 def _trace_client(records: list[Record]) -> None:
     """Record every API call the bench's clients make (in this process)."""
-    run_call = AsyncClient.run
 
-    async def traced(self: AsyncClient, call: Any, **kw: Any) -> Any:
-        wall, t = time.time(), time.perf_counter()
-        try:
-            return await run_call(self, call, **kw)
-        finally:
-            records.append((wall, time.perf_counter() - t, "client", f"{call.method} {call.path}"))
+    def listen(record: Record) -> None:
+        wall, seconds, kind, what = record
+        if kind == "client call":
+            records.append((wall, seconds, "client", what))
 
-    AsyncClient.run = traced  # type: ignore[method-assign]
+    trace.add_listener(listen)
 
 
 def _step_of(path: str) -> str | None:

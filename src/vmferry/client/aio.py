@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import httpx
 
+from vmferry import trace
 from vmferry.api.models import (
     ConsoleOutput,
     DomainInfo,
@@ -56,12 +57,13 @@ class AsyncClient:
     ) -> None:
         self.endpoint: Endpoint = parse_uri(uri)
         self.timeout = timeout
-        self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(**transport_options(self.endpoint, pki_dir)),
-            base_url=self.endpoint.base_url,
-            timeout=timeout_for(None, timeout, None),
-            trust_env=False,
-        )
+        with trace.span("client create"):
+            self._http = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(**transport_options(self.endpoint, pki_dir)),
+                base_url=self.endpoint.base_url,
+                timeout=timeout_for(None, timeout, None),
+                trust_env=False,
+            )
 
     @property
     def uri(self) -> str:
@@ -70,7 +72,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the connection pool; the client cannot be used afterwards."""
-        await self._http.aclose()
+        with trace.span("client close"):
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -93,11 +96,12 @@ class AsyncClient:
             headers=call.headers,
             timeout=timeout_for(call, self.timeout, request_timeout),
         )
-        try:
-            response = await self._http.send(request)
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
-        return read_answer(self.endpoint, call, response)
+        with trace.span("client call", lambda: f"{call.method} {call.path}"):
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                raise transport_error(self.endpoint, exc) from exc
+            return read_answer(self.endpoint, call, response)
 
     # One line per API call; the requests themselves are in vmferry.client.calls.
 
@@ -233,7 +237,8 @@ class AsyncClient:
         """
         request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
         try:
-            response = await self._http.send(request, stream=True)
+            with trace.span("client session"):
+                response = await self._http.send(request, stream=True)
             if not response.is_success:
                 await response.aread()
                 await response.aclose()
