@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from vmferry.client import migration_calls as mc
 from vmferry.testguest import guest_xml
-from vmferry.testing import Host, wait_heartbeat
+from vmferry.testing import Host, allocate_ports, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
@@ -60,7 +60,7 @@ class TcpHost(Host):
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[TcpHost]:
     root = Path(tempfile.mkdtemp(prefix="vffuzz", dir="/tmp"))
-    host = TcpHost(root / "h0", "fuzzhost", 50000 + _free_port() % 900 * 16)
+    host = TcpHost(root / "h0", "fuzzhost", allocate_ports())
     host.tcp_port = _free_port()
     host.root.mkdir()
     try:
