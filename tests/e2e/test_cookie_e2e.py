@@ -13,18 +13,12 @@ from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
-from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testguest import Heartbeat, check_continuity
 from vmferry.testing import Host, wait_heartbeat
 
 pytestmark = pytest.mark.qemu
 
 LIVE = MigrateFlags.LIVE
-
-
-def _boot(host: Host, name: str) -> Heartbeat:
-    with host.client() as c:
-        c.create(guest_xml(name))
-        return wait_heartbeat(c, name)
 
 
 def _nan_downtime(cookie: str) -> str:
@@ -73,7 +67,7 @@ async def _hop(src: Host, dst: Host, name: str, *, finish_nan: bool, confirm_nan
 def test_nan_statistic_at_finish_and_confirm(pair: tuple[Host, Host]) -> None:
     """Finish and Confirm used to crash on int(nan), Finish after the guest resumed."""
     a, b = pair
-    hb = _boot(a, "nanck")
+    hb = a.boot_guest("nanck")
     asyncio.run(_hop(a, b, "nanck", finish_nan=True, confirm_nan=False))
     hb = _assert_only_on(b, a, "nanck", hb)
     asyncio.run(_hop(b, a, "nanck", finish_nan=False, confirm_nan=True))
@@ -85,7 +79,7 @@ def test_nan_statistic_at_finish_and_confirm(pair: tuple[Host, Host]) -> None:
 
 def test_upper_case_local_host_uuid_is_the_same_host(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "upper")
+    hb = a.boot_guest("upper")
 
     async def run() -> None:
         async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
@@ -110,7 +104,7 @@ def test_upper_case_local_host_uuid_is_the_same_host(pair: tuple[Host, Host]) ->
 def test_malformed_cookie_at_finish_is_a_clear_error(pair: tuple[Host, Host]) -> None:
     """It used to be parsed for the name before any check: a generic 500."""
     a, b = pair
-    hb = _boot(a, "badfin")
+    hb = a.boot_guest("badfin")
 
     async def run() -> None:
         async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
@@ -134,7 +128,7 @@ def test_malformed_cookie_at_finish_is_a_clear_error(pair: tuple[Host, Host]) ->
 def test_finish_checks_the_name_prepare_recorded(pair: tuple[Host, Host]) -> None:
     """Finish used to read the expected name from the very cookie it was checking."""
     a, b = pair
-    hb = _boot(a, "fname")
+    hb = a.boot_guest("fname")
 
     async def run() -> None:
         async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:

@@ -51,12 +51,6 @@ async def _p2p(
         return await migrate_p2p(s, dst.uri, name, flags, params)
 
 
-def _boot(host: Host, name: str, **kw: object) -> Heartbeat:
-    with host.client() as c:
-        c.create(guest_xml(name, **kw))  # type: ignore[arg-type]
-        return wait_heartbeat(c, name)
-
-
 def _assert_only_on(host: Host, other: Host, name: str, before: Heartbeat) -> Heartbeat:
     """The guest runs on *host* with its memory intact, and nothing of it is left on *other*."""
     with host.client() as c, other.client() as o:
@@ -81,7 +75,7 @@ def _cleanup(host: Host, name: str) -> None:
 
 def test_v3_v2_and_p2p_hops_keep_memory_intact(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "hop")
+    hb = a.boot_guest("hop")
     report = _run(_migrate(a, b, "hop"))
     assert set(report.steps) == {"begin", "prepare", "perform", "finish", "confirm"}
     assert report.stats["downtime_ms"] >= 0 and report.stats["data_processed"] > 0  # type: ignore[operator]
@@ -135,7 +129,7 @@ def test_transient_stays_transient_and_source_keeps_definition(pair: tuple[Host,
 
 def test_suspend_leaves_guest_paused_on_destination(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "susp")
+    hb = a.boot_guest("susp")
     _run(_migrate(a, b, "susp", LIVE | MigrateFlags.PAUSED))
     with b.client() as c:
         st = c.domstate("susp")
@@ -163,7 +157,7 @@ def test_offline_moves_the_definition_only(pair: tuple[Host, Host]) -> None:
 
 def test_non_live_migration(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "cold")
+    hb = a.boot_guest("cold")
     _run(_migrate(a, b, "cold", MigrateFlags(0)))
     _assert_only_on(b, a, "cold", hb)
     _cleanup(b, "cold")
@@ -187,7 +181,7 @@ async def _abort_when_moving(src: Host, dst: Host, name: str, params: MigrationP
 
 def test_abort_resumes_source(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "abrt", dirty_mib_s=16)
+    hb = a.boot_guest("abrt", dirty_mib_s=16)
     _run(_abort_when_moving(a, b, "abrt", MigrationParams(bandwidth_mib_s=8)))
     _assert_only_on(a, b, "abrt", hb)
     with a.client() as c:
@@ -200,7 +194,7 @@ def test_abort_resumes_source(pair: tuple[Host, Host]) -> None:
 
 def test_timeout_suspends_a_guest_that_outruns_the_cap(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "busy", dirty_mib_s=64)
+    hb = a.boot_guest("busy", dirty_mib_s=64)
     params = MigrationParams(bandwidth_mib_s=32, timeout_suspend_s=2.0)
     report = _run(_migrate(a, b, "busy", LIVE, params))
     assert report.wall_s >= 2.0
@@ -213,7 +207,7 @@ def test_timeout_suspends_a_guest_that_outruns_the_cap(pair: tuple[Host, Host]) 
 
 def test_prepare_refused_name_clash(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "clash")
+    hb = a.boot_guest("clash")
     with b.client() as cb:
         cb.create(guest_xml("clash"))
     with pytest.raises(VmferryError) as err:
@@ -228,7 +222,7 @@ def test_prepare_refused_name_clash(pair: tuple[Host, Host]) -> None:
 
 def test_prepare_refused_bad_dest_xml(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "badxml")
+    hb = a.boot_guest("badxml")
     bad = guest_xml("badxml").replace("<memory unit='MiB'>128", "<memory unit='MiB'>256")
     with pytest.raises(VmferryError) as err:
         _run(_migrate(a, b, "badxml", LIVE, MigrationParams(dest_xml=bad)))
@@ -241,7 +235,7 @@ def test_prepare_refused_bad_dest_xml(pair: tuple[Host, Host]) -> None:
 def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host], driver: str) -> None:
     a, b = pair
     name = f"dkill{driver}"
-    hb = _boot(a, name, dirty_mib_s=16)
+    hb = a.boot_guest(name, dirty_mib_s=16)
 
     async def run() -> None:
         params = MigrationParams(bandwidth_mib_s=8)
@@ -269,7 +263,7 @@ def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host], drive
 
 def test_prepare_refused_no_free_port(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "noport")
+    hb = a.boot_guest("noport")
     held = []
     try:
         for port in range(b.port_min, b.port_min + 15):
@@ -297,7 +291,7 @@ def test_finish_fails_source_resumes(driver: str) -> None:
         b.kill()
         b.extra_env["VMFERRY_FAILPOINTS"] = "dst-finish-before=error"
         b.start()
-        hb = _boot(a, "fin")
+        hb = a.boot_guest("fin")
         with pytest.raises(VmferryError) as err:
             _run(_p2p(a, b, "fin") if driver == "p2p" else _migrate(a, b, "fin"))
         assert "failpoint dst-finish-before hit" in err.value.message
@@ -307,7 +301,7 @@ def test_finish_fails_source_resumes(driver: str) -> None:
 
 def test_perform_fails_connection_refused(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "refused")
+    hb = a.boot_guest("refused")
     params = MigrationParams(migrate_uri="tcp:127.0.0.1:1")
     with pytest.raises(VmferryError) as err:
         _run(_migrate(a, b, "refused", LIVE, params))
@@ -318,7 +312,7 @@ def test_perform_fails_connection_refused(pair: tuple[Host, Host]) -> None:
 
 def test_client_gone_after_prepare_destroys_incoming(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "gone")
+    hb = a.boot_guest("gone")
     from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def half_migration() -> None:
@@ -347,7 +341,7 @@ def test_client_gone_after_prepare_destroys_incoming(pair: tuple[Host, Host]) ->
 
 def test_confirm_cancelled_resumes_source(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "cancel")
+    hb = a.boot_guest("cancel")
     from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def cancelled_after_perform() -> None:
@@ -368,7 +362,7 @@ def test_confirm_cancelled_resumes_source(pair: tuple[Host, Host]) -> None:
 
 def test_lock_rules_during_migration(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "lock", dirty_mib_s=16)
+    hb = a.boot_guest("lock", dirty_mib_s=16)
 
     async def run() -> None:
         async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
@@ -403,7 +397,7 @@ def _assert_running_here(host: Host, name: str, before: Heartbeat) -> None:
 
 def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
     a, _ = pair
-    hb = _boot(a, "same")
+    hb = a.boot_guest("same")
     with pytest.raises(VmferryError) as err:
         _run(_migrate(a, a, "same"))
     assert "same host" in err.value.message
@@ -415,7 +409,7 @@ def test_same_host_is_refused(pair: tuple[Host, Host]) -> None:
 def test_v2_client_gone_after_perform_keeps_the_only_copy(pair: tuple[Host, Host]) -> None:
     """v2 has no Confirm: once Perform2 killed the source, the destination must not be destroyed."""
     a, b = pair
-    hb = _boot(a, "v2gone")
+    hb = a.boot_guest("v2gone")
     from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def perform_then_vanish() -> None:

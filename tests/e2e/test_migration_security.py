@@ -39,12 +39,6 @@ pytestmark = pytest.mark.qemu
 LIVE = MigrateFlags.LIVE
 
 
-def _boot(host: Host, name: str) -> Heartbeat:
-    with host.client() as c:
-        c.create(guest_xml(name))
-        return wait_heartbeat(c, name)
-
-
 def _destroy(host: Host, name: str) -> None:
     with host.client() as c:
         if name in [d.name for d in c.list_domains(all=True)]:
@@ -86,7 +80,7 @@ def test_perform_refuses_exec_file_unix_and_foreign_tcp(
 ) -> None:
     """``exec:`` ran a command as root, ``file:`` wrote guest memory anywhere: both refused."""
     a, b = pair
-    hb = _boot(a, "uri")
+    hb = a.boot_guest("uri")
     marker, dump, sock = tmp_path / "ran", tmp_path / "memory", tmp_path / "q.sock"
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(sock))
@@ -128,7 +122,7 @@ def test_perform_refuses_exec_file_unix_and_foreign_tcp(
 def test_migrate_uri_and_perform2_uri_checked(pair: tuple[Host, Host], tmp_path: Path) -> None:
     """``migrate_uri`` (v3 and v2, client-managed and p2p) goes through the same check."""
     a, b = pair
-    hb = _boot(a, "mig2")
+    hb = a.boot_guest("mig2")
     marker = tmp_path / "ran2"
 
     async def run() -> None:
@@ -165,7 +159,7 @@ def test_p2p_peer_must_be_tls_without_insecure() -> None:
         a.kill()
         a.insecure = False
         a.start()
-        hb = _boot(a, "p2p")
+        hb = a.boot_guest("p2p")
 
         async def run() -> None:
             async with AsyncClient(a.uri) as s:
@@ -194,7 +188,7 @@ def test_p2p_peer_must_be_tls_without_insecure() -> None:
 
 def test_prepare_refuses_listen_address_not_allowed(pair: tuple[Host, Host]) -> None:
     a, b = pair
-    hb = _boot(a, "listen")
+    hb = a.boot_guest("listen")
 
     async def run() -> None:
         async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
@@ -339,7 +333,7 @@ def test_prepare_without_session_is_reaped() -> None:
             assert [d.name for d in c.list_domains(all=True)] == []
         assert all(_port_free(p) for p in ports)
         # a prepared migration that is claimed in time is unaffected
-        hb = _boot(a, "claimed")
+        hb = a.boot_guest("claimed")
 
         async def run() -> None:
             async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
@@ -397,7 +391,7 @@ def test_perform_to_a_stalled_destination_times_out() -> None:
         a.kill()
         a.extra_config = "perform_stall_timeout = 3.0\n"
         a.start()
-        hb = _boot(a, "stall")
+        hb = a.boot_guest("stall")
         # not live: the source pauses the guest first, as a final stage would
         err, took = asyncio.run(
             _perform_to_stalled(a, b, "stall", MigrateFlags(0), abort_after=None)
@@ -417,7 +411,7 @@ def test_domjobabort_resumes_source_of_stalled_perform(
     """domjobabort always gets the source back; a guest the user paused stays paused."""
     a, b = pair
     name = f"abort{int(paused_before)}"
-    hb = _boot(a, name)
+    hb = a.boot_guest(name)
     if paused_before:
         with a.client() as c:
             c.suspend(name)
@@ -436,7 +430,7 @@ def test_domjobabort_resumes_source_of_stalled_perform(
 def test_paused_guest_stays_paused_after_failed_perform(pair: tuple[Host, Host]) -> None:
     """A guest suspended before Begin must not be resumed by a failed migration."""
     a, b = pair
-    hb = _boot(a, "susp")
+    hb = a.boot_guest("susp")
     with a.client() as c:
         c.suspend("susp")
 

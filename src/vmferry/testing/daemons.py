@@ -15,9 +15,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmferry.client import AsyncClient, Client
 from vmferry.errors import VmferryError
+from vmferry.testguest import Heartbeat
+from vmferry.testing.heartbeat import boot_guest
 
 #: The daemon's entry point, as ``[python, -m, module]`` (NetnsHost swaps argv[2]).
 DAEMON_MODULE = "vmferry.daemon.main"
@@ -208,6 +211,14 @@ class Host:
 
     def client(self) -> Client:
         return Client(self.uri)
+
+    def boot_guest(self, name: str, **xml: Any) -> Heartbeat:
+        """Create the (transient) test guest *name* here; its first heartbeat.
+
+        *xml* goes to :func:`vmferry.testguest.guest_xml` (memory_mib, hb_ms, ...).
+        """
+        with self.client() as c:
+            return boot_guest(c, name, **xml)
 
     def qemu_pids(self) -> list[int]:
         """QEMU processes started by this host (their command line names its state dir)."""
