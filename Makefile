@@ -25,13 +25,19 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 
+# Test files run in parallel on JOBS workers (pytest-xdist), each file on one worker:
+# a file's tests share module-scoped daemons and may use fixed ports (the demo's).
+# JOBS=0 runs everything in this process.
+JOBS ?= 2
+
+# Everything: tests/unit, tests/e2e (real daemons and QEMU) and the CI subset of tests/faults.
 test: venv guest lint
-	@$(VENV)/bin/pytest -q -ra --durations=15 tests; rc=$$?; \
+	@$(VENV)/bin/pytest -q -ra --durations=15 -n $(JOBS) --dist loadfile tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
-# The fast inner loop: lint, types, layer contracts and the tests that start no QEMU.
+# The fast inner loop: lint, types, layer contracts and tests/unit (no QEMU, no daemons).
 check: lint
-	@$(VENV)/bin/pytest -q -m "not qemu" -p no:cacheprovider tests; rc=$$?; \
+	@$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
 demo: venv guest

@@ -33,19 +33,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry.client import AsyncClient
+from vmferry.client import migration_calls as mc
+from vmferry.client.migrate import migrate
+from vmferry.errors import VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.cluster import Host, hosts, wait_heartbeat  # noqa: E402
-
-from vmferry.client import AsyncClient  # noqa: E402
-from vmferry.client import migration_calls as mc  # noqa: E402
-from vmferry.client.migrate import migrate  # noqa: E402
-from vmferry.errors import VmferryError  # noqa: E402
-from vmferry.migration.flags import MigrateFlags  # noqa: E402
-from vmferry.migration.params import MigrationParams  # noqa: E402
-from vmferry.testguest import Heartbeat, check_continuity, guest_xml  # noqa: E402
-
 DEFAULT_JSON = REPO / "build" / "bench" / "converge.json"
 POLICIES = ("none", "nova", "ovirt-minimal-downtime", "vmferry")
 RATIOS = (0.25, 0.5, 1.0, 2.0, 4.0)

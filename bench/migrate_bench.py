@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry import trace
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.errors import VmferryError
@@ -46,12 +47,11 @@ from vmferry.migration.params import MigrationParams
 from vmferry.testguest import (
     Heartbeat,
     check_continuity,
-    daemon_paths_toml,
     guest_cmdline,
     guest_paths,
     guest_xml,
-    last_heartbeat,
 )
+from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import BareQemu, bare_hop, guest_argv
@@ -76,97 +76,31 @@ class GuestShape:
 # -- daemons -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    """One ``vmferryd`` subprocess with its own state dir and unix socket."""
-
-    root: Path
-    name: str
-    port_min: int
-    log_level: str = "info"
-    #: Run through this script's tracing wrapper, writing its records here.
-    trace: Path | None = None
-    proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.root / 'd.sock'}"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    async def start(self, timeout: float = 30.0) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "vmferryd.toml"
-        config.write_text(
-            f'[host]\nhostname = "{self.name}"\nuuid = "{uuid.uuid4()}"\n'
-            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
-            + daemon_paths_toml()
-        )
-        with (self.root / "vmferryd.log").open("ab") as log:
-            launcher = (
-                [__file__, TRACE_FLAG, str(self.trace), "--"]
-                if self.trace
-                else ["-m", "vmferry.daemon.main"]
-            )
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *launcher,
-                "--state-dir",
-                str(self.state_dir),
-                "--listen",
-                self.uri,
-                "--config",
-                str(config),
-                "--log-level",
-                self.log_level,
-                "--insecure",  # peers named by unix socket (bench only)
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        async with AsyncClient(self.uri, timeout=2.0) as client:
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"vmferryd {self.name} exited; see {self.root}/vmferryd.log")
-                try:
-                    await client.host()
-                    return
-                except VmferryError:
-                    if time.monotonic() > deadline:
-                        raise
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        # QEMU outlives its daemon by design: kill whatever this daemon started.
-        for pid in _qemu_pids(self.state_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | None) -> Host:
+    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*)."""
+    return Host(
+        root,
+        name,
+        port_min,
+        port_span=15,
+        wait_timeout=None,
+        log_level=log_level,
+        insecure=True,  # peers named by unix socket (bench only)
+        uuid_value=str(uuid.uuid4()),
+        # Run through this script's tracing wrapper, writing its records to *trace*.
+        launcher=[sys.executable, __file__, TRACE_FLAG, str(trace), "--"] if trace else None,
+    )
 
 
-def _qemu_pids(marker_dir: Path) -> list[int]:
-    """QEMU processes whose command line names *marker_dir* (i.e. ones we caused)."""
-    marker = str(marker_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
+async def start_daemon(host: Host, timeout: float = 30.0) -> None:
+    host.spawn()
+    await host.wait_ready_async(timeout)
+
+
+async def stop_daemon(host: Host) -> None:
+    """SIGTERM the daemon; QEMU outlives its daemon by design: kill whatever it started."""
+    await asyncio.to_thread(host.kill, signal.SIGTERM, 10.0)
+    kill_qemu(host.state_dir)
 
 
 # -- the two paths -------------------------------------------------------------------------------
@@ -176,15 +110,7 @@ async def _poll_heartbeat(
     read: Callable[[], Awaitable[str]], after: Heartbeat | None, timeout: float
 ) -> Heartbeat:
     """The newest heartbeat once it is newer than *after* (or the first one)."""
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = await read()
-        hb = last_heartbeat(text)
-        if hb is not None and (after is None or hb.seq > after.seq or hb.boot != after.boot):
-            return hb
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no new heartbeat within {timeout:g} s; console ends:\n{text[-1500:]}")
+    return await poll_heartbeat(read, after=after, timeout=timeout, interval=0.05)
 
 
 @dataclass
@@ -350,165 +276,64 @@ def _num(value: object) -> float:
 # -- tracing (--trace) ---------------------------------------------------------------------------
 #
 # To say where vmferry's time goes below the five steps, --trace runs each
-# daemon through this script with timing wrappers around what a migration
-# waits for (status-file writes, QMP commands, QEMU start and kill, the API
-# handlers) and records the client's own API calls. The records carry the
-# host's wall clock, so both daemons' and the client's line up per hop.
+# daemon through this script with a listener on vmferry.trace, which records
+# what a migration waits for (status-file writes, QMP commands, QEMU start and
+# kill, the API handlers), and records the client's own API calls. The records
+# carry the host's wall clock, so both daemons' and the client's line up per hop.
 # Tracing costs a little itself: the plain run's numbers are the ones to quote.
 
 TRACE_FLAG = "--as-traced-daemon"
 
-Record = tuple[float, float, str, str]  # (wall-clock start, seconds, kind, what)
+Record = trace.Record
 
-
-def _traced_daemon(trace: Path, daemon_argv: list[str]) -> int:
-    """Run ``vmferryd`` with timing wrappers; write the records to *trace* on exit."""
-    import atexit
-    import functools
-
-    import vmferry.daemon.driver as driver_mod
-    import vmferry.daemon.main as daemon_main
-    import vmferry.daemon.state as state_mod
-    import vmferry.qemu.launch as launch_mod
-    import vmferry.qemu.lifecycle as lifecycle_mod
-    from vmferry.qemu.domain import QemuDomain
-    from vmferry.qemu.monitor import Monitor
-    from vmferry.qemu.process import QemuProcess
-
-    records: list[Record] = []
-
-    def add(kind: str, what: str, wall: float, started: float) -> None:
-        records.append((wall, time.perf_counter() - started, kind, what))
-
-    def sync(fn: Any, kind: str, what: Callable[..., str]) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            wall, t = time.time(), time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                add(kind, what(*a, **kw), wall, t)
-
-        return wrapper
-
-    def asynchronous(fn: Any, kind: str, what: Callable[..., str]) -> Any:
-        @functools.wraps(fn)
-        async def wrapper(*a: Any, **kw: Any) -> Any:
-            wall, t = time.time(), time.perf_counter()
-            try:
-                return await fn(*a, **kw)
-            finally:
-                add(kind, what(*a, **kw), wall, t)
-
-        return wrapper
-
-    write = sync(state_mod.atomic_write, "status write", lambda *a, **k: _callers())
-    # Patched where they are looked up; setattr, since these are not meant to be replaced.
-    setattr(state_mod, "atomic_write", write)  # noqa: B010
-    setattr(driver_mod, "atomic_write", write)  # noqa: B010
-    patches: list[tuple[Any, str, str, Callable[..., str]]] = [
-        (Monitor, "execute", "qmp", lambda self, cmd, *a, **k: str(cmd)),
-        (Monitor, "close", "qmp close", lambda *a, **k: ""),
-        (lifecycle_mod, "launch", "qemu launch", lambda *a, **k: ""),
-        (QemuProcess, "kill", "qemu kill", lambda *a, **k: ""),
-        # Labelled with the function that waits (two frames up: wrapper, then caller).
-        (QemuDomain, "wait_for", "wait", lambda *a, **k: sys._getframe(2).f_code.co_name),
-        # The daemon's own client to the destination (peer-to-peer).
-        (AsyncClient, "open_stream", "p2p client session", lambda *a, **k: ""),
-        (AsyncClient, "close", "p2p client close", lambda *a, **k: ""),
-    ]
-    for owner, attr, kind, what in patches:
-        setattr(owner, attr, asynchronous(getattr(owner, attr), kind, what))
-    init = sync(AsyncClient.__init__, "p2p client create", lambda *a, **k: "")
-    setattr(AsyncClient, "__init__", init)  # noqa: B010
-
-    # QEMU's own downtime figure, which vmferry's statistics replace with the host-clock one.
-    execute = getattr(Monitor, "execute")  # noqa: B009
-
-    async def traced_execute(self: Any, cmd: str, *a: Any, **kw: Any) -> Any:
-        reply = await execute(self, cmd, *a, **kw)
-        if cmd == "query-migrate" and isinstance(reply, dict) and "downtime" in reply:
-            records.append((time.time(), reply["downtime"] / 1000, "qemu downtime", ""))
-        return reply
-
-    setattr(Monitor, "execute", traced_execute)  # noqa: B010
-
-    # When did QEMU's QMP socket appear, and when did launch() notice it?
-    exists = getattr(launch_mod, "_exists")  # noqa: B009
-
-    def traced_exists(path: Path) -> bool:
-        found = bool(exists(path))
-        records.append((time.time(), 0.0, "socket poll", "found" if found else "absent"))
-        return found
-
-    setattr(launch_mod, "_exists", traced_exists)  # noqa: B010
-
-    # How late does the daemon see QEMU's events (QEMU's timestamp -> handler)?
-    on_event = getattr(lifecycle_mod.Lifecycle, "_on_event")  # noqa: B009
-
-    def traced_on_event(self: Any, dom: Any, name: str, data: dict[str, Any], ts: float) -> None:
-        now = time.time()
-        status = data.get("status") if isinstance(data, dict) else None
-        records.append((ts, now - ts, "qemu event", f"{name} {status or ''}".strip()))
-        on_event(self, dom, name, data, ts)
-
-    setattr(lifecycle_mod.Lifecycle, "_on_event", traced_on_event)  # noqa: B010
-
-    create_app = getattr(daemon_main, "create_app")  # noqa: B009
-
-    def traced_app(driver: Any) -> Any:
-        app = create_app(driver)
-
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or scope["path"].endswith("/session"):
-                await app(scope, receive, send)
-                return
-            wall, t = time.time(), time.perf_counter()
-            try:
-                await app(scope, receive, send)
-            finally:
-                add("api", f"{scope['method']} {scope['path']}", wall, t)
-
-        return asgi
-
-    setattr(daemon_main, "create_app", traced_app)  # noqa: B010
-
-    def dump() -> None:
-        trace.write_text(json.dumps(records))
-
-    atexit.register(dump)
-    return daemon_main.main(daemon_argv)
-
+#: vmferry.trace kinds as this bench names them; in a daemon, its client is the p2p one.
+_DAEMON_KINDS = {
+    "client create": "p2p client create",
+    "client session": "p2p client session",
+    "client close": "p2p client close",
+}
 
 _PLUMBING = frozenset(
-    {"wrapper", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
+    {"atomic_write", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
 )
 
 
-def _callers() -> str:
+def _writer(callers: str) -> str:
     """Who asked for a status write: the first two functions above the plumbing."""
-    names: list[str] = []
-    frame = sys._getframe(2)
-    while frame is not None and len(names) < 2:
-        name = frame.f_code.co_name
-        if name not in _PLUMBING and not name.startswith("<"):
-            names.append(name)
-        frame = frame.f_back  # type: ignore[assignment]
-    return " < ".join(names)
+    names = [n for n in callers.split(" < ") if n and n not in _PLUMBING]
+    return " < ".join(names[:2])
+
+
+def _traced_daemon(path: Path, daemon_argv: list[str]) -> int:
+    """Run ``vmferryd`` with a trace listener; write the records to *path* on exit."""
+    import atexit
+
+    import vmferry.daemon.main as daemon_main
+
+    records: list[Record] = []
+
+    def listen(record: Record) -> None:
+        wall, seconds, kind, what = record
+        if kind == "client call":
+            return  # the p2p client's calls: the daemon handlers already time them
+        if kind == "status write":
+            what = _writer(what)
+        records.append((wall, seconds, _DAEMON_KINDS.get(kind, kind), what))
+
+    trace.add_listener(listen)
+    atexit.register(lambda: path.write_text(json.dumps(records)))
+    return daemon_main.main(daemon_argv)
 
 
 def _trace_client(records: list[Record]) -> None:
     """Record every API call the bench's clients make (in this process)."""
-    run_call = AsyncClient.run
 
-    async def traced(self: AsyncClient, call: Any, **kw: Any) -> Any:
-        wall, t = time.time(), time.perf_counter()
-        try:
-            return await run_call(self, call, **kw)
-        finally:
-            records.append((wall, time.perf_counter() - t, "client", f"{call.method} {call.path}"))
+    def listen(record: Record) -> None:
+        wall, seconds, kind, what = record
+        if kind == "client call":
+            records.append((wall, seconds, "client", what))
 
-    AsyncClient.run = traced  # type: ignore[method-assign]
+    trace.add_listener(listen)
 
 
 def _step_of(path: str) -> str | None:
@@ -828,7 +653,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with _workdir(args.keep) as work:
         base = random.randrange(40000, 48000, 32)
         daemons = [
-            Daemon(
+            daemon(
                 work / f"h{i}",
                 f"bench{i}",
                 base + 16 * i,
@@ -844,8 +669,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fl = FloorPath(work / "floor", cmdline, shape.memory_mib)
         async with contextlib.AsyncExitStack() as stack:
             for d in daemons:
-                stack.push_async_callback(d.stop)
-            await asyncio.gather(*(d.start() for d in daemons))
+                stack.push_async_callback(stop_daemon, d)
+            await asyncio.gather(*(start_daemon(d) for d in daemons))
             clients = tuple([await stack.enter_async_context(AsyncClient(d.uri)) for d in daemons])
             vm = VmferryPath((clients[0], clients[1]), "bench", args.p2p)
             stack.push_async_callback(vm.destroy)
@@ -870,7 +695,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"hop {i + 1:2}/{args.hops} {p.label:<12} {h['wall_s'] * 1000:7.1f} ms")
         result = build_result(args, shape, vm, fl)
         if args.trace:
-            traces = [json.loads(d.trace.read_text()) for d in daemons if d.trace]
+            traces = [json.loads((work / f"trace{i}.json").read_text()) for i in range(2)]
             records = [[(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces]
             result["trace"] = trace_breakdown(vm.hops, client_records, records)
         return result

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from tests.cluster import Host
 from vmferry.pki import init_pki
 from vmferry.testguest import daemon_paths_toml
+from vmferry.testing import Host
 
 #: Where the migration ports of every namespaced daemon lie (namespaces do not share ports).
 PORT_MIN, PORT_MAX = 49152, 49167

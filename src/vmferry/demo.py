@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -44,13 +44,8 @@ from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.daemon.state import UNIX_PATH_MAX
 from vmferry.errors import VmferryError
 from vmferry.migration.flags import MigrateFlags
-from vmferry.testguest import (
-    Heartbeat,
-    check_continuity,
-    daemon_paths_toml,
-    guest_xml,
-    last_heartbeat,
-)
+from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 DOMAIN = "demo-vm"
 #: Migration ports of host N: PORT_BASE + 16*N ... + 15 (tests use 50000 and up).
@@ -79,114 +74,31 @@ class Interrupted(Exception):
 # -- the two hosts ------------------------------------------------------------------------------
 
 
-@dataclass
-class DemoHost:
+def demo_host(name: str, root: Path, state_dir: Path, socket: Path, port_min: int) -> Host:
     """One vmferryd of the demo: its state under ./.demo, its socket maybe under /tmp."""
-
-    name: str
-    root: Path
-    state_dir: Path
-    socket: Path
-    port_min: int
-    host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "vmferryd.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / "vmferryd.pid"
-
-    def start(self) -> None:
-        """Spawn the daemon (returns at once; see :meth:`wait_ready`)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "vmferryd.toml"
-        config.write_text(
-            f'[host]\nhostname = "{self.name}"\nuuid = "{self.host_uuid}"\n'
-            f"[migration]\nport_min = {self.port_min}\nport_max = {self.port_min + 15}\n"
-            + daemon_paths_toml()
-        )
-        with self.log.open("ab") as log:
-            # Own session: Ctrl-C must reach the demo only, which then stops things in order.
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vmferry.daemon.main",
-                    "--state-dir",
-                    str(self.state_dir),
-                    "--listen",
-                    self.uri,
-                    "--config",
-                    str(config),
-                    "--insecure",  # the hops name each other's unix sockets (demo only)
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(f"{self.proc.pid}\n")
-
-    async def wait_ready(self) -> None:
-        """Wait until the daemon answers on its socket."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise DemoFailure(f"vmferryd {self.name} exited; its log:\n{self._log_tail()}")
-            if self.socket.exists():
-                with contextlib.suppress(VmferryError):
-                    async with AsyncClient(self.uri, timeout=2.0) as client:
-                        await client.host()
-                        return
-            await asyncio.sleep(0.05)
-        raise DemoFailure(f"vmferryd {self.name} did not start; its log:\n{self._log_tail()}")
-
-    def kill(self, sig: int = signal.SIGKILL, timeout: float = 15.0) -> None:
-        """Send *sig* and reap the daemon (SIGKILL if it outlives *timeout*)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.pid_file.unlink(missing_ok=True)
-
-    def qemu_pids(self) -> list[int]:
-        return qemu_pids(self.state_dir)
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
+    return Host(
+        root,
+        name,
+        port_min,
+        port_span=15,
+        wait_timeout=None,
+        log_level=None,
+        insecure=True,  # the hops name each other's unix sockets (demo only)
+        state_at=state_dir,
+        socket_at=socket,
+        uuid_value=str(uuid.uuid4()),
+        # Own session: Ctrl-C must reach the demo only, which then stops things in order.
+        new_session=True,
+    )
 
 
-def qemu_pids(state_dir: Path) -> list[int]:
-    """Live QEMU processes whose command line names *state_dir* (their sockets live there)."""
-    marker = str(state_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and marker in cmdline and "State:\tZ" not in status:
-            pids.append(int(entry.name))
-    return pids
+async def start_host(host: Host) -> None:
+    """Start *host*'s daemon and wait until it answers."""
+    host.spawn()
+    try:
+        await host.wait_ready_async(START_TIMEOUT_S)
+    except RuntimeError as err:
+        raise DemoFailure(str(err)) from None
 
 
 def kill_leftovers(workdir: Path) -> None:
@@ -198,9 +110,7 @@ def kill_leftovers(workdir: Path) -> None:
             if b"vmferry.daemon.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         state = (root / "state").resolve()
-        for pid in qemu_pids(state):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_qemu(state)
         if (root / "state").is_symlink() and state.parent.name.startswith(SHORT_DIR_PREFIX):
             shutil.rmtree(state.parent, ignore_errors=True)
 
@@ -211,7 +121,7 @@ def fits(state_dir: Path, socket: Path) -> bool:
     return all(len(os.fsencode(p)) <= UNIX_PATH_MAX for p in (qmp, socket))
 
 
-def make_hosts(workdir: Path) -> tuple[list[DemoHost], Path | None]:
+def make_hosts(workdir: Path) -> tuple[list[Host], Path | None]:
     """
     The two hosts, with everything under *workdir*, unless socket paths would
     be too long there: then state and sockets live in a short /tmp dir
@@ -230,7 +140,7 @@ def make_hosts(workdir: Path) -> tuple[list[DemoHost], Path | None]:
         else:
             state, sock = short / f"h{i}", short / f"h{i}.sock"
             (root / "state").symlink_to(state)
-        made.append(DemoHost(f"demo-host{i}", root, state, sock, PORT_BASE + 16 * i))
+        made.append(demo_host(f"demo-host{i}", root, state, sock, PORT_BASE + 16 * i))
     return made, short
 
 
@@ -250,18 +160,14 @@ async def heartbeat(
     client: AsyncClient, *, after: Heartbeat | None = None, timeout: float = HEARTBEAT_TIMEOUT_S
 ) -> Heartbeat:
     """The guest's newest heartbeat once it is past *after* (or the first one)."""
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = (await client.console(DOMAIN)).data
-        hb = last_heartbeat(text)
-        if hb is not None and (after is None or hb.seq > after.seq or hb.boot != after.boot):
-            return hb
-        await asyncio.sleep(0.1)
-    raise DemoFailure(
-        f"no new heartbeat from {DOMAIN} on {client.uri} within {timeout:g} s; "
-        f"console tail:\n{text[-1000:]}"
-    )
+
+    async def read() -> str:
+        return (await client.console(DOMAIN)).data
+
+    try:
+        return await poll_heartbeat(read, after=after, timeout=timeout)
+    except AssertionError as err:
+        raise DemoFailure(f"{DOMAIN} on {client.uri}: {err}") from None
 
 
 async def healthy(client: AsyncClient, before: Heartbeat, where: str) -> Heartbeat:
@@ -332,9 +238,7 @@ class Demo:
         started = time.monotonic()
 
         section("1. two vmferryd hosts")
-        for h in self.hosts:
-            h.start()
-        await asyncio.gather(*(h.wait_ready() for h in self.hosts))
+        await asyncio.gather(*(start_host(h) for h in self.hosts))
         await self.show_hosts()
 
         section(f"2. boot the test guest '{DOMAIN}' on {h1.name}")
@@ -360,8 +264,7 @@ class Demo:
         h1.kill(signal.SIGKILL)
         console.print(f"  vmferryd killed; guest QEMU still running: pid {pids}")
         self.expect(h1.qemu_pids() == pids, "the guest's QEMU died with its daemon")
-        h1.start()
-        await h1.wait_ready()
+        await start_host(h1)
         async with AsyncClient(h1.uri) as c1:
             info = await c1.dominfo(DOMAIN)
             console.print(
@@ -419,7 +322,7 @@ class Demo:
         self.expect(len({i.uuid for i in infos}) == 2, "the two daemons report the same host UUID")
 
     async def hop(
-        self, src: DemoHost, dst: DemoHost, before: Heartbeat, *, p2p: bool
+        self, src: Host, dst: Host, before: Heartbeat, *, p2p: bool
     ) -> tuple[Hop, Heartbeat]:
         """Migrate the guest from *src* to *dst* under a progress bar; check it arrived well."""
         label = f"{src.name} -> {dst.name}"
@@ -456,7 +359,7 @@ class Demo:
             raise DemoFailure(f"{label}: {err}") from None
         return after
 
-    def show_cli(self, host: DemoHost) -> None:
+    def show_cli(self, host: Host) -> None:
         """One ``vmferry`` command line, as a user types it."""
         script = Path(sys.executable).with_name("vmferry")
         argv = [str(script)] if script.exists() else [sys.executable, "-m", "vmferry.cli.main"]
@@ -477,12 +380,10 @@ class Demo:
                 with contextlib.suppress(Exception):
                     asyncio.run(self._destroy(h))
         for h in self.hosts:
-            h.kill(signal.SIGTERM)
+            h.kill(signal.SIGTERM, timeout=15.0)
         # A daemon leaves its guests running when it stops (like libvirtd): kill what is left.
         for h in self.hosts:
-            for pid in h.qemu_pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_qemu(h.state_dir)
         if self.short_dir is not None:
             for h in self.hosts:
                 # Keep the state (QEMU and console logs) for reading, as in the usual layout.
@@ -493,7 +394,7 @@ class Demo:
             shutil.rmtree(self.short_dir, ignore_errors=True)
 
     @staticmethod
-    async def _destroy(h: DemoHost) -> None:
+    async def _destroy(h: Host) -> None:
         async with AsyncClient(h.uri, timeout=5.0) as client:
             for dom in await client.list_domains(all=True):
                 if dom.state != "shutoff":

@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.cluster import wait_heartbeat
 from tests.faults.cases import Case, Fault, Mode, committed
 from tests.faults.pause import DIR_ENV
 from tests.netns import PORT_MAX, PORT_MIN, NetnsHost, NetnsPair, netns_hosts
@@ -45,6 +44,7 @@ from vmferry.api.models import DomainInfo
 from vmferry.errors import VmferryError
 from vmferry.failpoints import ENV_VAR
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml, parse_heartbeats
+from vmferry.testing import wait_heartbeat
 
 GUEST = "g"
 REPO = Path(__file__).resolve().parents[2]

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import httpx
 
+from vmferry import trace
 from vmferry.api.models import (
     ConsoleOutput,
     DomainInfo,
@@ -56,19 +57,23 @@ class AsyncClient:
     ) -> None:
         self.endpoint: Endpoint = parse_uri(uri)
         self.timeout = timeout
-        self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(**transport_options(self.endpoint, pki_dir)),
-            base_url=self.endpoint.base_url,
-            timeout=timeout_for(None, timeout, None),
-            trust_env=False,
-        )
+        with trace.span("client create"):
+            self._http = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(**transport_options(self.endpoint, pki_dir)),
+                base_url=self.endpoint.base_url,
+                timeout=timeout_for(None, timeout, None),
+                trust_env=False,
+            )
 
     @property
     def uri(self) -> str:
+        """The daemon's URI, as given (``unix://...``, ``tls://host:port``)."""
         return self.endpoint.uri
 
     async def close(self) -> None:
-        await self._http.aclose()
+        """Close the connection pool; the client cannot be used afterwards."""
+        with trace.span("client close"):
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -91,32 +96,39 @@ class AsyncClient:
             headers=call.headers,
             timeout=timeout_for(call, self.timeout, request_timeout),
         )
-        try:
-            response = await self._http.send(request)
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
-        return read_answer(self.endpoint, call, response)
+        with trace.span("client call", lambda: f"{call.method} {call.path}"):
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                raise transport_error(self.endpoint, exc) from exc
+            return read_answer(self.endpoint, call, response)
 
     # One line per API call; the requests themselves are in vmferry.client.calls.
 
     async def host(self, *, request_timeout: float | None = None) -> HostInfo:
+        """The daemon's host: name, UUID, versions, features."""
         return await self.run(calls.host(), request_timeout=request_timeout)
 
     async def list_domains(
         self, all: bool = False, *, request_timeout: float | None = None
     ) -> list[DomainInfo]:
+        """Running domains, or with *all* also the defined, inactive ones."""
         return await self.run(calls.list_domains(all), request_timeout=request_timeout)
 
     async def define(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Define (or redefine) a persistent domain from its XML."""
         return await self.run(calls.define(xml), request_timeout=request_timeout)
 
     async def create(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Create and start a transient domain from its XML."""
         return await self.run(calls.create(xml), request_timeout=request_timeout)
 
     async def undefine(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Remove a domain's definition (a running domain becomes transient)."""
         return await self.run(calls.undefine(name), request_timeout=request_timeout)
 
     async def start(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Start a defined, inactive domain."""
         return await self.run(calls.start(name), request_timeout=request_timeout)
 
     async def shutdown(
@@ -126,21 +138,27 @@ class AsyncClient:
         *,
         request_timeout: float | None = None,
     ) -> DomainInfo:
+        """Ask the guest to power off and wait up to *timeout* seconds for it."""
         return await self.run(calls.shutdown(name, timeout), request_timeout=request_timeout)
 
     async def destroy(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Stop a domain at once (kill its QEMU)."""
         return await self.run(calls.destroy(name), request_timeout=request_timeout)
 
     async def suspend(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Pause a running domain's vCPUs."""
         return await self.run(calls.suspend(name), request_timeout=request_timeout)
 
     async def resume(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Let a paused domain run again."""
         return await self.run(calls.resume(name), request_timeout=request_timeout)
 
     async def dominfo(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """One domain (by name or UUID)."""
         return await self.run(calls.dominfo(name), request_timeout=request_timeout)
 
     async def domstate(self, name: str, *, request_timeout: float | None = None) -> DomainStateInfo:
+        """A domain's state and its reason."""
         return await self.run(calls.domstate(name), request_timeout=request_timeout)
 
     async def dumpxml(
@@ -151,42 +169,55 @@ class AsyncClient:
         inactive: bool = False,
         request_timeout: float | None = None,
     ) -> str:
+        """A domain's XML: live, *inactive* (the definition) or *migratable*."""
         call = calls.dumpxml(name, migratable=migratable, inactive=inactive)
         return await self.run(call, request_timeout=request_timeout)
 
     async def console(
         self, name: str, offset: int = 0, *, request_timeout: float | None = None
     ) -> ConsoleOutput:
+        """Serial console output captured since the domain started, from *offset* on."""
         return await self.run(calls.console(name, offset), request_timeout=request_timeout)
 
     async def jobinfo(
         self, name: str, completed: bool = False, *, request_timeout: float | None = None
     ) -> JobStats:
+        """The domain's running migration job, or with *completed* the last finished one."""
         return await self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
 
     async def jobabort(
         self, name: str, *, postcopy: bool = False, request_timeout: float | None = None
     ) -> None:
+        """Cancel the domain's running migration (the guest stays on the source).
+
+        In post-copy a migration cannot be cancelled; with *postcopy* it is
+        paused instead, to be resumed with ``--postcopy-resume``.
+        """
         await self.run(mc.jobabort(name, postcopy), request_timeout=request_timeout)
 
     async def start_postcopy(self, name: str, *, request_timeout: float | None = None) -> None:
+        """Switch the domain's running outgoing migration to post-copy now."""
         await self.run(mc.start_postcopy(name), request_timeout=request_timeout)
 
     async def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
+        """The longest pause (ms) QEMU may take to complete a live migration."""
         call = mc.get_maxdowntime(name)
         return (await self.run(call, request_timeout=request_timeout)).downtime_ms
 
     async def set_maxdowntime(
         self, name: str, downtime_ms: int, *, request_timeout: float | None = None
     ) -> None:
+        """Set the longest pause (ms) QEMU may take to complete a live migration."""
         await self.run(mc.set_maxdowntime(name, downtime_ms), request_timeout=request_timeout)
 
     async def get_speed(self, name: str, *, request_timeout: float | None = None) -> int:
+        """The migration bandwidth limit in MiB/s (0: unlimited)."""
         return (await self.run(mc.get_speed(name), request_timeout=request_timeout)).bandwidth_mib_s
 
     async def set_speed(
         self, name: str, bandwidth_mib_s: int, *, request_timeout: float | None = None
     ) -> None:
+        """Limit the migration bandwidth to *bandwidth_mib_s* MiB/s (0: unlimited)."""
         await self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
 
     def events(self) -> AsyncEventStream:
@@ -206,7 +237,8 @@ class AsyncClient:
         """
         request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
         try:
-            response = await self._http.send(request, stream=True)
+            with trace.span("client session"):
+                response = await self._http.send(request, stream=True)
             if not response.is_success:
                 await response.aread()
                 await response.aclose()
@@ -239,6 +271,7 @@ class AsyncEventStream(AsyncIterator[Event]):
         return self
 
     async def close(self) -> None:
+        """Stop reading: the daemon ends this subscription."""
         self._closed = True
         if self._response is not None:
             await self._response.aclose()

@@ -70,9 +70,11 @@ class Client:
 
     @property
     def uri(self) -> str:
+        """The daemon's URI, as given (``unix://...``, ``tls://host:port``)."""
         return self.endpoint.uri
 
     def close(self) -> None:
+        """Close the connection pool; the client cannot be used afterwards."""
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -277,6 +279,7 @@ class EventStream(Iterator[Event]):
         return self
 
     def close(self) -> None:
+        """Stop reading: the daemon ends this subscription."""
         self._closed = True
         if self._response is not None:
             self._response.close()

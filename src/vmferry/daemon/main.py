@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vmferry import trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig, load_config
@@ -118,8 +119,9 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
+        app = create_app(driver, access)
         await serve(
-            create_app(driver, access),
+            trace.timed_asgi(app, skip=("/session",)) if trace.enabled() else app,
             specs,
             pki_dir=config.tls.pki_dir,
             stop=stop,

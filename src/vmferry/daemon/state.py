@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmferry import trace
 from vmferry.errors import ErrorCode, VmferryError
 
 # sun_path is 108 bytes including the terminating NUL.
@@ -56,7 +57,11 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600, durable: b
     and *path* is untouched.  ``durable=False`` skips both fsyncs: still whole
     after a process crash, not after a power loss.
     """
-    path = Path(path)
+    with trace.span("status write", lambda: trace.caller(depth=8)):
+        _atomic_write(Path(path), data, mode, durable)
+
+
+def _atomic_write(path: Path, data: bytes | str, mode: int, durable: bool) -> None:
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)

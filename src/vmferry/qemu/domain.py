@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmferry import trace
 from vmferry.domain.model import DomainDef
 from vmferry.domain.state import DomainState
 from vmferry.errors import ErrorCode, VmferryError
@@ -103,6 +104,10 @@ class QemuDomain:
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Wait until *predicate* holds, re-checked on every change; False on timeout."""
+        with trace.span("wait", _waiter):
+            return await self._wait_for(predicate, timeout)
+
+    async def _wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not predicate():
             left = None if deadline is None else deadline - time.monotonic()
@@ -113,3 +118,8 @@ class QemuDomain:
             except TimeoutError:
                 return predicate()
         return True
+
+
+def _waiter() -> str:
+    """Who waits (for the trace)."""
+    return trace.caller(frozenset({"_waiter", "wait_for", "_wait_for"}))

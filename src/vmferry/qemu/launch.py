@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from vmferry import trace
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.confine import PassedFiles, QemuUser
 from vmferry.qemu.monitor import Monitor
@@ -236,4 +237,6 @@ def _unlink(path: Path) -> None:
 
 
 def _exists(path: Path) -> bool:
-    return path.exists()
+    found = path.exists()
+    trace.point("socket poll", "found" if found else "absent")
+    return found

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmferry import trace
 from vmferry.domain.state import (
     DomainState,
     ErrorReason,
@@ -127,14 +129,15 @@ class Lifecycle:
                 passed=passed,
                 sandbox=self._sandbox,
             )
-            proc, mon = await launch(
-                argv,
-                qmp_socket=paths.qmp_socket,
-                log_path=paths.qemu_log,
-                name=dom.name,
-                user=self.confine.user if self.confine is not None else None,
-                passed=passed,
-            )
+            with trace.span("qemu launch"):
+                proc, mon = await launch(
+                    argv,
+                    qmp_socket=paths.qmp_socket,
+                    log_path=paths.qemu_log,
+                    name=dom.name,
+                    user=self.confine.user if self.confine is not None else None,
+                    passed=passed,
+                )
         except BaseException:
             if passed is not None:
                 passed.close()
@@ -223,6 +226,9 @@ class Lifecycle:
         self._spawn(self.stop(dom, ShutoffReason.CRASHED))
 
     def _on_event(self, dom: QemuDomain, name: str, data: dict[str, Any], ts: float) -> None:
+        if trace.enabled():  # how late the daemon sees QEMU's event (QEMU's timestamp -> here)
+            what = f"{name} {data.get('status') or ''}".strip()
+            trace.point("qemu event", what, wall=ts, seconds=time.time() - ts)
         handler = _EVENT_HANDLERS.get(name)
         if handler is not None:
             handler(self, dom, data, ts)

@@ -33,6 +33,7 @@ from qemu.qmp import (
     StateError,
 )
 
+from vmferry import trace
 from vmferry.errors import ErrorCode, VmferryError
 
 logger = logging.getLogger(__name__)
@@ -153,13 +154,14 @@ class Monitor:
 
     async def close(self) -> None:
         """Disconnect; no task of this monitor survives this. Idempotent."""
-        self._closing = True
-        self._disconnect_cbs.clear()
-        self._backlog = None
-        await self._disconnect_client()
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and watcher is not asyncio.current_task():
-            await watcher
+        with trace.span("qmp close"):
+            self._closing = True
+            self._disconnect_cbs.clear()
+            self._backlog = None
+            await self._disconnect_client()
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None and watcher is not asyncio.current_task():
+                await watcher
 
     # -------------------------------------------------------------- commands
 
@@ -181,11 +183,16 @@ class Monitor:
         if not self.connected:
             raise self._closed_error()
         try:
-            async with asyncio.timeout(timeout):
-                if cmd in OUT_OF_BAND:
-                    msg = self._client.make_execute_msg(cmd, args, oob=True)
-                    return await self._client.execute_msg(msg)
-                return await self._client.execute(cmd, args)
+            with trace.span("qmp", cmd):
+                async with asyncio.timeout(timeout):
+                    if cmd in OUT_OF_BAND:
+                        msg = self._client.make_execute_msg(cmd, args, oob=True)
+                        return await self._client.execute_msg(msg)
+                    reply = await self._client.execute(cmd, args)
+            if cmd == "query-migrate" and isinstance(reply, dict) and "downtime" in reply:
+                # QEMU's own figure; vmferry's statistics show the host-clock one
+                trace.point("qemu downtime", seconds=reply["downtime"] / 1000)
+            return reply
         except ExecuteError as err:
             raise VmferryError(
                 ErrorCode.QEMU_FAILED, f"QEMU command '{cmd}' failed: {err.error.error.desc}"

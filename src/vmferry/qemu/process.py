@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vmferry import trace
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.confine import QemuUser
 
@@ -219,6 +220,10 @@ class QemuProcess:
         :raise VmferryError: ``OPERATION_FAILED`` if even SIGKILL does not
             end it within `KILL_TIMEOUT` seconds.
         """
+        with trace.span("qemu kill"):
+            await self._kill(grace)
+
+    async def _kill(self, grace: float) -> None:
         if grace > 0 and self.send_signal(signal.SIGTERM) and await self.wait(grace):
             return
         self.send_signal(signal.SIGKILL)

@@ -1,0 +1,26 @@
+"""
+The test harness: real ``vmferryd`` processes and the test guest, for the
+tests, ``make demo`` and the benchmarks (outside the layers, like
+:mod:`vmferry.testguest`).
+
+- :class:`Host` / :func:`hosts`: daemons with their own state dir, socket
+  and config; everything they started is killed on the way out.
+- :func:`wait_heartbeat` / :func:`poll_heartbeat`: the guest's newest
+  heartbeat, sync or async; :func:`boot_guest` defines, starts and waits.
+- :mod:`vmferry.testing.fakemonitor`: a stand-in for QEMU's monitor in
+  pure-logic unit tests.
+"""
+
+from vmferry.testing.daemons import Host, allocate_ports, hosts, kill_qemu, qemu_pids
+from vmferry.testing.heartbeat import boot_guest, poll_heartbeat, wait_heartbeat
+
+__all__ = [
+    "Host",
+    "allocate_ports",
+    "boot_guest",
+    "hosts",
+    "kill_qemu",
+    "poll_heartbeat",
+    "qemu_pids",
+    "wait_heartbeat",
+]
