@@ -59,13 +59,16 @@ def guest_dir(root: Path | None = None) -> Path:
     """
     The directory of the built guest (see :func:`guest_paths`), resolved; may not exist.
 
-    QEMU runs as an unprivileged user and reads the kernel itself: a build inside a directory
-    others cannot enter (a clone under /root) is served from a world-readable copy instead.
+    QEMU runs as an unprivileged user and reads the kernel itself: the repository's build
+    inside a directory others cannot enter (a clone under /root) is served from a
+    world-readable copy instead.
     """
-    if root is None:
-        env = os.environ.get(GUEST_DIR_ENV)
-        root = Path(env) if env else _REPO_ROOT / "build" / "guest"
-    root = root.resolve()
+    if root is not None:
+        return root.resolve()
+    env = os.environ.get(GUEST_DIR_ENV)
+    if env:
+        return Path(env).resolve()
+    root = (_REPO_ROOT / "build" / "guest").resolve()
     if (root / "vmlinuz").is_file() and not _others_can_read(root / "vmlinuz"):
         return _readable_copy(root)
     return root

@@ -116,8 +116,8 @@ class Host:
             + jobs
             + f"[migration]\nport_min = {self.port_min}\n"
             + f"port_max = {self.port_min + self.port_span}\n"
+            + self.extra_config  # may go on with [migration] keys
             + daemon_paths_toml()  # the test guest's directory as a root
-            + self.extra_config
             + (f'[tls]\npki_dir = "{self.pki_dir}"\n' if self.pki_dir else "")
         )
 
