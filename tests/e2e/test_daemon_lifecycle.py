@@ -150,6 +150,7 @@ def test_qemu_left_by_an_unfinished_start_is_killed() -> None:
     """The daemon died between spawning QEMU and recording its pid: restart kills that QEMU."""
     from vmferry.daemon.state import StateDir
     from vmferry.domain.xml import format_domain_xml, parse_domain_xml
+    from vmferry.qemu.command import qmp_marker
 
     with hosts(1) as (h,):
         h.kill(signal.SIGKILL)
@@ -169,6 +170,8 @@ def test_qemu_left_by_an_unfinished_start_is_killed() -> None:
                 f"socket,id=m,path={sock},server=on,wait=off",
                 "-mon",
                 "chardev=m",
+                "-chardev",
+                f"null,id={qmp_marker(sock)}",
             ],
             start_new_session=True,
         )

@@ -148,7 +148,7 @@ def test_serial_backends() -> None:
         "<serial type='pty'><target port='3'/></serial>",
     )
     argv = argv_of(xml)
-    assert option_values(argv, "-chardev")[1:] == [
+    assert option_values(argv, "-chardev")[1:-1] == [
         "file,id=charserial0,path=/l/s0.log,append=on,"
         "logfile=/var/log/vf/g.console.log,logappend=on",
         "socket,id=charserial1,path=/r/s1.sock,server=on,wait=off",
@@ -258,3 +258,12 @@ def test_network_graphics_video_balloon() -> None:
 
     fixed = argv_of(domain_xml("<graphics type='vnc' port='5907' autoport='no' listen='::1'/>"))
     assert option_value(fixed, "-vnc") == "[::1]:7"
+
+
+def test_qmp_socket_named_on_the_command_line_even_when_passed_as_fd() -> None:
+    """A restart finds a QEMU it lost track of by its QMP socket, which may be a passed fd."""
+    from vmferry.qemu.command import qmp_marker
+
+    argv = argv_of(domain_xml())
+    assert f"null,id={qmp_marker(PATHS.qmp_socket)}" in option_values(argv, "-chardev")
+    assert qmp_marker("/a/g.qmp") != qmp_marker("/b/g.qmp")

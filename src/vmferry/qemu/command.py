@@ -12,6 +12,7 @@ in a fixed order, which is what keeps QEMU's automatic PCI slot assignment
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,11 @@ def check_supported(d: DomainDef) -> None:
             refuse(f"disk '{disk.target_dev}': SATA supports sda to sdf only")
         if disk.readonly and disk.device == "disk" and disk.target_bus != "virtio":
             refuse(f"disk '{disk.target_dev}': read-only disks need bus 'virtio'")
+
+
+def qmp_marker(qmp_socket: Path | str) -> str:
+    """A QEMU id naming *qmp_socket*: how a restart finds a QEMU it lost track of."""
+    return "vmferry-qmp-" + hashlib.sha256(str(qmp_socket).encode()).hexdigest()[:24]
 
 
 def build_argv(
@@ -173,6 +179,8 @@ def build_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     argv += ["-msg", "timestamp=on"]
+    # The QMP socket may be a passed fd: this names it on the command line all the same.
+    argv += ["-chardev", f"null,id={qmp_marker(paths.qmp_socket)}"]
     return argv
 
 

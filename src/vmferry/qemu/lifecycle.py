@@ -25,7 +25,7 @@ from vmferry.domain.state import (
 )
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob
-from vmferry.qemu.command import QemuPaths, build_argv
+from vmferry.qemu.command import QemuPaths, build_argv, qmp_marker
 from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
@@ -317,7 +317,7 @@ class Lifecycle:
         found = None
         if pid is None:
             # The daemon died while QEMU was starting: that start never finished.
-            await _kill_orphans(str(paths.qmp_socket))
+            await _kill_orphans(qmp_marker(paths.qmp_socket))
         else:
             try:
                 found = await reattach(
@@ -379,7 +379,7 @@ class Lifecycle:
     @staticmethod
     def qemu_pids(qmp_socket: Path) -> list[int]:
         """Processes whose command line names *qmp_socket* (a domain's QEMU we may not know)."""
-        return _pids_naming(str(qmp_socket))
+        return _pids_naming(qmp_marker(qmp_socket))
 
     async def close(self) -> None:
         """Detach from every watched QEMU without touching it (daemon shutdown)."""
