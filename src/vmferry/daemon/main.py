@@ -13,10 +13,11 @@ from pathlib import Path
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig, load_config
+from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
-from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
 
@@ -86,9 +87,10 @@ async def run(args: argparse.Namespace) -> None:
     specs = [parse_listen_uri(uri, insecure=args.insecure) for uri in args.listen]
     access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
-    driver = MigrationDriver(state, config, host)
+    driver = Driver(state, config, host)
     driver.qemu_version = qemu_version(config.qemu.emulator)
-    driver.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
+    migration = MigrationService(driver)
+    migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,7 +99,7 @@ async def run(args: argparse.Namespace) -> None:
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
         await serve(
-            create_app(driver, access),
+            create_app(migration, access),
             specs,
             pki_dir=config.tls.pki_dir,
             stop=stop,
