@@ -46,9 +46,6 @@ _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 #: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
 UNATTENDED_API = "migration-unattended"
 
-# The convergence policies may switch a migration to post-copy through this.
-mpolicy.register_postcopy_switch(postcopy.switch)
-
 
 #: How long ``migrate_cancel`` may take before the stream is yanked out of band: QEMU holds
 #: its big lock while it writes the final device state, so a stalled peer blocks the monitor.
@@ -216,7 +213,8 @@ async def _run(
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
     await mparams.apply(mon, params, flags, source=True)
-    await mpolicy.prepare(dom, mon, params, flags)  # the convergence policy's own settings
+    # The convergence policy's own settings; it may switch the migration to post-copy.
+    await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")

@@ -55,14 +55,8 @@ _FAST_LINK_BPS = 1 << 30
 # CPU-bound guest would at that level (a rate-limited writer catches up between slices).
 _INEFFECTIVE = 1.5
 
+#: Switches a running migration to post-copy (``vmferry.migration.postcopy.switch``).
 PostcopySwitch = Callable[[QemuDomain], Awaitable[None]]
-_postcopy_switch: PostcopySwitch | None = None
-
-
-def register_postcopy_switch(switch: PostcopySwitch | None) -> None:
-    """Offer the post-copy switch to the policies (the post-copy code calls this once)."""
-    global _postcopy_switch
-    _postcopy_switch = switch
 
 
 class Engine:
@@ -77,8 +71,10 @@ class Engine:
         *,
         bandwidth_cap_bps: float,
         memory_bytes: int,
+        postcopy_switch: PostcopySwitch | None = None,
     ) -> None:
         self.dom = dom
+        self._postcopy_switch = postcopy_switch  # None: a policy cannot switch to post-copy
         self.policy = policy
         self.contract = contract
         self.flags = flags
@@ -467,7 +463,7 @@ class Engine:
         why = ""
         if not self.flags & MigrateFlags.POSTCOPY:
             why = "post-copy is not enabled for this migration"
-        elif _postcopy_switch is None:
+        elif self._postcopy_switch is None:
             why = "post-copy switch-over is not available in this build yet"
         if why:
             self.postcopy_usable = False
@@ -476,8 +472,8 @@ class Engine:
                 # oVirt's post-copy policy: abort only if the switch is impossible.
                 self._last_eval = -math.inf
             return
-        assert _postcopy_switch is not None
-        await _postcopy_switch(self.dom)
+        assert self._postcopy_switch is not None
+        await self._postcopy_switch(self.dom)
         self._handed_over = True
         self._record(action, iteration)
 
