@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from vmferry.api.models import JobStats, MigrationResult
@@ -45,6 +46,7 @@ from vmferry.migration.postcopy_watch import PostcopyWatch
 from vmferry.migration.stats import from_query_migrate
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
+from vmferry.qemu.migration_status import MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +240,7 @@ class MigrationService:
         dom = self.lookup(name)
         if peer_uri:
             await self.check_peer(peer_uri, "peer")
-            dname = str(dom.migration.params.get("dname") or "")
+            dname = dom.migration.params.dname if dom.migration.params is not None else ""
             self._record_peer(dom, peer_uri, self._peer_host_uuid(dom, cookie), dname=dname)
         session = dom.bound_session
         self.unbind_session(dom)  # libvirt drops the close callback while Perform runs
@@ -381,7 +383,10 @@ class MigrationService:
                 return JobStats()
             stats: dict[str, Any] = {"status": dom.migration.status}
             mon = dom.monitor
-            if mon is not None and dom.migration.status not in ("none", "setup"):
+            if mon is not None and dom.migration.status not in (
+                MigrationStatus.NONE,
+                MigrationStatus.SETUP,
+            ):
                 info = await mon.execute("query-migrate")
                 stats = from_query_migrate(info, started=dom.migration.started)
                 stats.update(mpolicy.live_stats(dom))  # prediction and ETA
@@ -408,7 +413,9 @@ class MigrationService:
                         ErrorCode.OPERATION_INVALID, "cannot abort migration in post-copy mode"
                     )
                 # The administrator wants it paused: no automatic resume behind their back.
-                dom.migration.params["postcopy_autoresume"] = False
+                dom.migration.params = replace(
+                    dom.migration.params or MigrationParams(), postcopy_autoresume=False
+                )
                 await postcopy.pause(dom)
                 if not dom.job.owned:
                     postcopy.mark_failed(dom)
@@ -421,7 +428,10 @@ class MigrationService:
                 )
             dom.job.request_abort()
             dom.notify()
-            if dom.monitor is not None and dom.migration.status not in ("none", "completed"):
+            if dom.monitor is not None and dom.migration.status not in (
+                MigrationStatus.NONE,
+                MigrationStatus.COMPLETED,
+            ):
                 await source.cancel_stream(dom)
 
     async def set_max_downtime(self, dom: QemuDomain, downtime_ms: int) -> None:
@@ -496,7 +506,14 @@ class MigrationService:
 
 
 # Incoming stream states in which an unclaimed Prepare is still making progress.
-_STREAM_MOVING = frozenset({"active", "device", "pre-switchover", *postcopy.POSTCOPY_STATES})
+_STREAM_MOVING = frozenset(
+    {
+        MigrationStatus.ACTIVE,
+        MigrationStatus.DEVICE,
+        MigrationStatus.PRE_SWITCHOVER,
+        *postcopy.POSTCOPY_STATES,
+    }
+)
 
 
 def _same_address(a: str, b: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 
 from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
@@ -22,6 +23,7 @@ from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ async def resume_attempt(host: MigrationHost, dom: QemuDomain) -> bool:
     answer, or the resume failed.
     """
     peer = host.migration_peers.get(dom.uuid)
-    if peer is None or not dom.migration.params.get("postcopy_autoresume", True):
+    params = dom.migration.params or MigrationParams()
+    if peer is None or not params.postcopy_autoresume:
         return False
     if not await peer_probe.answers(host, peer):
         return False
@@ -83,8 +86,7 @@ async def resume_attempt(host: MigrationHost, dom: QemuDomain) -> bool:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        params = MigrationParams.from_dict(dict(dom.migration.params))
-        await p2p.migrate(host, dom.name, peer.uri, parse_flags(int(flags)), params)
+        await p2p.migrate(host, dom.name, peer.uri, parse_flags(int(flags)), replace(params))
     except VmferryError as err:
         log.warning("domain %s: resuming post-copy failed: %s", dom.name, err.message)
         return False
@@ -119,7 +121,11 @@ async def watch_outgoing(
     try:
         while not ended():
             await dom.wait_for(
-                lambda: ended() or dom.migration.status in ("completed", "postcopy-paused"),
+                lambda: (
+                    ended()
+                    or dom.migration.status
+                    in (MigrationStatus.COMPLETED, MigrationStatus.POSTCOPY_PAUSED)
+                ),
                 interval,
             )
             await asyncio.sleep(0)  # let the step that waits for the same event go first
@@ -130,13 +136,13 @@ async def watch_outgoing(
                 last, still = -1, 0
                 await asyncio.sleep(interval)
                 continue
-            if status == "completed":
+            if status == MigrationStatus.COMPLETED:
                 if job.phase == MigrationPhase.POSTCOPY_FAILED:
                     await source.complete_unattended(host, dom)
                     break
                 await asyncio.sleep(interval)  # Confirm comes
                 continue
-            if status == "postcopy-active":
+            if status == MigrationStatus.POSTCOPY_ACTIVE:
                 moved = await _transferred(dom)
                 still = still + 1 if moved is not None and moved == last else 0
                 last = moved if moved is not None else last
@@ -151,7 +157,7 @@ async def watch_outgoing(
                         await postcopy.pause(dom)
                 continue  # paced by the wait above: no event comes while it streams
             last, still = -1, 0
-            if status != "postcopy-paused":
+            if status != MigrationStatus.POSTCOPY_PAUSED:
                 await asyncio.sleep(interval)
                 continue
             if job.phase in (MigrationPhase.PERFORM3_DONE, MigrationPhase.CONFIRM3_CANCELLED):
@@ -195,13 +201,15 @@ async def watch_incoming(host: MigrationHost, dom: QemuDomain, *, interval: floa
 
     try:
         while not ended():
-            await dom.wait_for(lambda: ended() or dom.migration.status == "completed", interval)
+            await dom.wait_for(
+                lambda: ended() or dom.migration.status == MigrationStatus.COMPLETED, interval
+            )
             await asyncio.sleep(0)
             if ended():
                 break
             job = dom.job
             if (
-                dom.migration.status == "completed"
+                dom.migration.status == MigrationStatus.COMPLETED
                 and not job.owned
                 and job.phase == MigrationPhase.POSTCOPY_FAILED
             ):

@@ -61,15 +61,18 @@ import logging
 from typing import Any
 
 from vmferry.domain.state import DomainState, EventType, RunningReason
+from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
 from vmferry.migration import destination, postcopy, resolver
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
+from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 
 # The source's own Confirm actions, reused so recovery does exactly what Confirm would.
 from vmferry.migration.source import complete_outgoing
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,14 @@ V2_PREPARE_API = destination.PREPARE2_API
 #: How long recovery waits for QEMU to end a cancelled migration.
 CANCEL_WAIT_S = 10.0
 
-_OVER = frozenset({"none", "completed", "failed", "cancelled"})
+_OVER = frozenset(
+    {
+        MigrationStatus.NONE,
+        MigrationStatus.COMPLETED,
+        MigrationStatus.FAILED,
+        MigrationStatus.CANCELLED,
+    }
+)
 
 
 # -- status persistence ---------------------------------------------------------------------------
@@ -91,7 +101,7 @@ def bookkeeping(dom: QemuDomain) -> dict[str, Any]:
     m = dom.migration
     return {
         "flags": m.flags,
-        "params": dict(m.params),
+        "params": m.params.to_dict() if m.params is not None else {},
         "was_running": m.was_running,
         "created_here": m.created_here,
         "port": m.port,
@@ -106,7 +116,12 @@ def restore_bookkeeping(dom: QemuDomain, data: Any) -> None:
     m = dom.migration
     m.flags = int(data.get("flags", 0))
     params = data.get("params")
-    m.params = dict(params) if isinstance(params, dict) else {}
+    if not isinstance(params, dict) or not params:
+        params = None  # none were ever set
+    try:
+        m.params = MigrationParams.from_dict(params) if params is not None else None
+    except VmferryError as err:
+        raise ValueError(f"migration parameters: {err.message}") from err
     m.was_running = bool(data.get("was_running", False))
     m.created_here = bool(data.get("created_here", False))
     m.origin_name = str(data.get("origin_name", ""))
@@ -174,7 +189,7 @@ async def _keep_postcopy(host: MigrationHost, dom: QemuDomain) -> bool:
     """Keep a post-copy job across the restart; False when it could be completed at once."""
     status = dom.migration.status
     log.info("domain %s: post-copy migration kept across the restart (QEMU: %s)", dom.name, status)
-    if status == "completed":
+    if status == MigrationStatus.COMPLETED:
         if dom.job.async_job is AsyncJob.MIGRATION_OUT:
             dom.job.set_phase(MigrationPhase.CONFIRM_RESUME)
             await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))
@@ -211,7 +226,7 @@ async def recover_gone(host: MigrationHost, dom: QemuDomain) -> None:
 async def _refresh_status(dom: QemuDomain) -> None:
     # libvirt's qemuMigrationAnyRefreshStatus: the events of the lost time are gone.
     info = await dom.require_monitor().execute("query-migrate")
-    dom.migration.status = str(info.get("status", "none")) if isinstance(info, dict) else "none"
+    dom.migration.status = MigrationStatus.of(info)
 
 
 async def _recover_out(
@@ -223,7 +238,7 @@ async def _recover_out(
     flags = MigrateFlags(dom.migration.flags)
     if phase == MigrationPhase.BEGIN3:
         pass
-    elif phase == MigrationPhase.PERFORM2 and dom.migration.status == "completed":
+    elif phase == MigrationPhase.PERFORM2 and dom.migration.status == MigrationStatus.COMPLETED:
         # v2 has no Confirm: a completed stream may already run there (Finish2, or the
         # destination's own recovery), or have been discarded. Only the peer can tell.
         return resolver.start(host, dom)
@@ -244,7 +259,7 @@ async def _recover_out(
 
 async def _recover_in(host: MigrationHost, dom: QemuDomain, phase: MigrationPhase) -> None:
     v2 = phase == MigrationPhase.FINISH2 or dom.job.async_started_by == V2_PREPARE_API
-    if v2 and phase != MigrationPhase.FINISH3 and dom.migration.status == "completed":
+    if v2 and phase != MigrationPhase.FINISH3 and dom.migration.status == MigrationStatus.COMPLETED:
         # v2: the whole guest arrived and Perform2 kills the source once it sent it all; a
         # v2 source that was interrupted asks here first (see _recover_out).
         if dom.state != DomainState.RUNNING:

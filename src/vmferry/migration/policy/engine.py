@@ -27,6 +27,7 @@ from vmferry.migration.policy.decide import Action, Contract, Situation
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
 from vmferry.migration.policy.spec import Policy, Step
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class Engine:
         if boundary:
             self._boundary(iteration, now, info)
         await self._poll_preflight(mon, now)
-        if info.get("status") != "active":
+        if info.get("status") != MigrationStatus.ACTIVE:
             return
         ram = info.get("ram") or {}
         remaining = float(ram.get("remaining", 0))
@@ -254,11 +255,15 @@ class Engine:
     def _boundary(self, iteration: int, now: float, info: dict[str, Any]) -> None:
         ram = info.get("ram") or {}
         # One pass ended: it dirtied what is left now, in the time it took.
-        if iteration == self._seen_it + 1 and self._pass_started and info.get("status") == "active":
+        if (
+            iteration == self._seen_it + 1
+            and self._pass_started
+            and info.get("status") == MigrationStatus.ACTIVE
+        ):
             self._samples.append((now - self._pass_started, float(ram.get("remaining", 0))))
             del self._samples[:-8]
         # Pass 1 sends all of RAM: progress counts from the end of it on.
-        if iteration >= 2 and info.get("status") == "active":
+        if iteration >= 2 and info.get("status") == MigrationStatus.ACTIVE:
             self._pass_remaining.append(float(ram.get("remaining", 0)))
             del self._pass_remaining[:-4]
         self._seen_it = iteration
