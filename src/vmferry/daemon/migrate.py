@@ -151,10 +151,12 @@ class MigrationService:
 
     @property
     def allowed_networks(self) -> list[muri.IPNetwork]:
+        """``[migration] allowed_networks``: where a client may make this daemon connect."""
         return muri.parse_networks(self.driver.config.migration.allowed_networks)
 
     @property
     def perform_limits(self) -> PerformLimits:
+        """``[migration] perform_stall_timeout`` and ``perform_timeout``."""
         mig = self.driver.config.migration
         return PerformLimits(stall_s=mig.perform_stall_timeout, total_s=mig.perform_timeout)
 
@@ -186,11 +188,13 @@ class MigrationService:
     async def source_begin(
         self, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams, session: str = ""
     ) -> tuple[str, str]:
+        """Begin on this, the source host (of a post-copy resume with ``POSTCOPY_RESUME``)."""
         if flags & MigrateFlags.POSTCOPY_RESUME:
             return await source.begin_resume(self, dom, flags, params, session=session)
         return await source.begin(self, dom, flags, params, session=session)
 
     async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+        """Perform (or its resume); watches a migration that switched to post-copy."""
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
             return await source.perform_resume(self, dom, cookie, uri)
         out = await source.perform3(self, dom, cookie, uri)
@@ -199,6 +203,7 @@ class MigrationService:
         return out
 
     async def source_confirm(self, dom: QemuDomain, cookie: str, *, cancelled: bool) -> None:
+        """Confirm (or its resume); watches a post-copy migration that failed."""
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
             await source.confirm_resume(self, dom, cookie, cancelled=cancelled)
         else:
@@ -211,6 +216,7 @@ class MigrationService:
     async def migrate_begin(
         self, name: str, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
+        """``migrate/begin``: Begin3 (or its resume), bound to *session*; (XML, cookie)."""
         dom = self.lookup(name)
         mflags = parse_flags(flags)
         if not mflags & MigrateFlags.POSTCOPY_RESUME:
@@ -225,6 +231,7 @@ class MigrationService:
     async def migrate_prepare(
         self, xml: str, cookie: str | None, flags: int, params: dict[str, Any], session: str
     ) -> tuple[str, str]:
+        """``migrate/prepare``: Prepare3 or Prepare2 on the destination; (URI, cookie)."""
         mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
         self.migration_address(mparams.listen_address)  # refused before anything is made
@@ -237,6 +244,7 @@ class MigrationService:
         return uri, out
 
     async def migrate_perform(self, name: str, cookie: str, uri: str, peer_uri: str = "") -> str:
+        """``migrate/perform``: Perform3; *peer_uri*: the destination daemon, for recovery."""
         dom = self.lookup(name)
         if peer_uri:
             await self.check_peer(peer_uri, "peer")
@@ -316,6 +324,7 @@ class MigrationService:
     async def migrate_perform2(
         self, name: str, uri: str, flags: int, params: dict[str, Any], peer_uri: str = ""
     ) -> None:
+        """``migrate/perform2``: v2's Perform (no Confirm follows)."""
         dom = self.lookup(name)
         mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
@@ -327,6 +336,7 @@ class MigrationService:
         await source.perform2(self, dom, uri, mflags, mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
+        """``migrate/finish``: Finish3 or Finish2 on the destination; the cookie out."""
         dom = self.lookup(name)
         try:
             if _resuming(dom, AsyncJob.MIGRATION_IN):
@@ -340,6 +350,7 @@ class MigrationService:
         return out
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
+        """``migrate/confirm``: Confirm3 on the source."""
         await self.source_confirm(self.lookup(name), cookie, cancelled=cancelled)
 
     # -- post-copy -----------------------------------------------------------------------------
@@ -370,6 +381,7 @@ class MigrationService:
     # -- queries and tuning while a migration runs -------------------------------------------
 
     async def job_info(self, dom: QemuDomain, *, completed: bool) -> JobStats:
+        """``domjobinfo``: the running outgoing migration's statistics, or the last job's."""
         if completed:
             done = dom.completed_job or {}
             return JobStats(type="completed" if done else "none", stats=dict(done))
@@ -435,6 +447,7 @@ class MigrationService:
                 await source.cancel_stream(dom)
 
     async def set_max_downtime(self, dom: QemuDomain, downtime_ms: int) -> None:
+        """``migrate-setmaxdowntime``: QEMU's downtime limit for the running migration."""
         if not 0 < downtime_ms <= MAX_DOWNTIME_MS:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
@@ -446,11 +459,13 @@ class MigrationService:
             )
 
     async def get_max_downtime(self, dom: QemuDomain) -> int:
+        """``migrate-getmaxdowntime``: QEMU's current downtime limit, in ms."""
         async with dom.job.acquire(Job.QUERY, "migrate-getmaxdowntime"):
             params = await dom.require_monitor().execute("query-migrate-parameters")
             return int(params.get("downtime-limit", 300))
 
     async def set_speed(self, dom: QemuDomain, bandwidth_mib_s: int) -> None:
+        """``migrate-setspeed``: the cap in MiB/s (0: unlimited), kept for the next migration."""
         if not 0 <= bandwidth_mib_s <= MAX_BANDWIDTH_MIB_S:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
@@ -464,6 +479,7 @@ class MigrationService:
                 await dom.monitor.execute("migrate-set-parameters", {"max-bandwidth": value})
 
     async def get_speed(self, dom: QemuDomain) -> int:
+        """``migrate-getspeed``: the bandwidth cap in MiB/s (0: unlimited)."""
         async with dom.job.acquire(Job.QUERY, "migrate-getspeed"):
             if dom.job.async_job != AsyncJob.MIGRATION_OUT or dom.monitor is None:
                 return dom.max_speed_mib_s
@@ -474,6 +490,7 @@ class MigrationService:
     # -- close callbacks ----------------------------------------------------------------------
 
     async def session_lost(self, dom: QemuDomain) -> None:
+        """*dom*'s client session closed: settle its job (libvirt's close callback)."""
         job = dom.job
         if job.owned:
             return

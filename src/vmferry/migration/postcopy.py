@@ -15,7 +15,7 @@ and ``migrate`` with ``resume`` on the source reconnects.
 
 The steps themselves live with their side (:mod:`vmferry.migration.source`,
 :mod:`vmferry.migration.destination`); the watchers that complete or resume a
-failed migration unattended live in :mod:`vmferry.migration.recovery`.
+failed migration unattended live in :mod:`vmferry.migration.postcopy_watch`.
 """
 
 from __future__ import annotations
