@@ -8,12 +8,12 @@ import math
 import pytest
 
 from vmferry.daemon.config import load_config
+from vmferry.daemon.peer_client import check_peer_uri
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import KNOWN_FLAGS, MigrateFlags, parse_flags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.uri import (
     TcpUri,
-    check_peer_uri,
     checked_stream_uri,
     parse_migration_uri,
     parse_networks,

@@ -22,7 +22,7 @@ from typing import Any
 
 from vmferry.api.models import JobStats, MigrationResult
 from vmferry.daemon.driver import Driver
-from vmferry.daemon.peer_client import ClientConnector
+from vmferry.daemon.peer_client import ClientConnector, check_peer_uri
 from vmferry.domain.model import DomainDef
 from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
@@ -166,7 +166,7 @@ class MigrationService:
 
     async def check_peer(self, uri: str, what: str) -> None:
         """*uri* of another daemon a client asks this one to call (refused unless allowed)."""
-        await muri.check_peer_uri(uri, self.allowed_networks, insecure=self.insecure, what=what)
+        await check_peer_uri(uri, self.allowed_networks, insecure=self.insecure, what=what)
 
     def migration_address(self, requested: str) -> str:
         """Where the incoming QEMU listens: a client's choice only if the admin allows it."""

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import RemoteDestination, open_session
+from vmferry.client.transport import parse_uri
 from vmferry.daemon.config import DaemonConfig
+from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.host import PeerConnection, PeerDomain, PeerHost
 from vmferry.migration.protocol import DestinationSide
+from vmferry.migration.uri import IPNetwork, check_host, invalid_value, resolve_allowed
 
 
 class ClientPeer:
@@ -62,3 +65,27 @@ class ClientConnector:
         """A connection to the daemon at *uri*, every call bounded by *timeout* seconds."""
         async with AsyncClient(uri, pki_dir=self.pki_dir, timeout=timeout) as client:
             yield ClientPeer(client)
+
+
+async def check_peer_uri(
+    uri: object, networks: list[IPNetwork], *, insecure: bool, what: str = "destination"
+) -> str:
+    """
+    Check the URI of another daemon this daemon is asked to call (p2p ``dest_uri``, ``peer_uri``).
+
+    ``tls://HOST:PORT`` with HOST in *networks*; ``tcp://`` and ``unix://``
+    only when the daemon runs with ``--insecure``.
+    """
+    if not isinstance(uri, str) or not uri or len(uri) > 4096:
+        raise invalid_value(f"{what} URI", uri, "expected tls://HOST:PORT")
+    endpoint = parse_uri(uri)
+    if endpoint.scheme == "tls" or (endpoint.scheme == "tcp" and insecure):
+        await resolve_allowed(check_host(endpoint.host, f"{what} host"), networks, what)
+        return uri
+    if endpoint.scheme == "unix" and insecure:
+        return uri
+    raise VmferryError(
+        ErrorCode.OPERATION_INVALID,
+        f"{what} URI scheme '{endpoint.scheme}' is not allowed: the daemons talk over "
+        "tls://HOST:PORT (plain tcp:// and unix:// only when vmferryd runs with --insecure)",
+    )
