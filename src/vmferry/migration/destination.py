@@ -48,7 +48,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import from_cookie
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.migration_status import MigrationStatus
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +186,7 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
         )
         if dom.migration.status not in (MigrationStatus.NONE, MigrationStatus.SETUP):
             await dom.wait_for(
-                lambda: (
-                    dom.migration.status
-                    in (
-                        MigrationStatus.COMPLETED,
-                        MigrationStatus.FAILED,
-                        MigrationStatus.CANCELLED,
-                    )
-                    or not dom.active
-                ),
+                lambda: dom.migration.status in TERMINAL or not dom.active,
                 FINISH_WAIT_S,
             )
         if dom.migration.status == MigrationStatus.COMPLETED and dom.active:
@@ -311,12 +303,7 @@ async def _finish_active(
             ErrorCode.OPERATION_FAILED,
             f"no migration stream of '{dom.name}' arrived: the source never started sending it",
         )
-    over = (
-        MigrationStatus.COMPLETED,
-        MigrationStatus.FAILED,
-        MigrationStatus.CANCELLED,
-        *postcopy.POSTCOPY_STATES,
-    )
+    over = (*TERMINAL, *postcopy.POSTCOPY_STATES)
     done = await dom.wait_for(
         lambda: dom.migration.status in over or not mon.connected, FINISH_WAIT_S
     )

@@ -72,7 +72,7 @@ from vmferry.migration.phase import MigrationPhase
 # The source's own Confirm actions, reused so recovery does exactly what Confirm would.
 from vmferry.migration.source import complete_outgoing
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.migration_status import MigrationStatus
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,7 @@ V2_PREPARE_API = destination.PREPARE2_API
 #: How long recovery waits for QEMU to end a cancelled migration.
 CANCEL_WAIT_S = 10.0
 
-_OVER = frozenset(
-    {
-        MigrationStatus.NONE,
-        MigrationStatus.COMPLETED,
-        MigrationStatus.FAILED,
-        MigrationStatus.CANCELLED,
-    }
-)
+_OVER = frozenset({MigrationStatus.NONE, *TERMINAL})
 
 
 # -- status persistence ---------------------------------------------------------------------------

@@ -40,13 +40,10 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import completed_stats, from_query_migrate, to_cookie
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.migration_status import MigrationStatus
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = frozenset(
-    {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED}
-)
 #: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
 UNATTENDED_API = "migration-unattended"
 
@@ -281,7 +278,7 @@ async def _wait_loop(
 
     def settled() -> bool:
         return (
-            dom.migration.status in _TERMINAL
+            dom.migration.status in TERMINAL
             or dom.migration.status in postcopy.POSTCOPY_STATES
             or precopy_done()
             or dom.job.abort_requested
@@ -398,7 +395,7 @@ async def _cancel(dom: QemuDomain) -> None:
     ):
         return
     await cancel_stream(dom)
-    await dom.wait_for(lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0)
+    await dom.wait_for(lambda: dom.migration.status in TERMINAL or not mon.connected, 10.0)
 
 
 async def cancel_stream(dom: QemuDomain) -> None:
