@@ -14,7 +14,7 @@ def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any
     """Map a ``query-migrate`` answer to libvirt's job statistics names."""
     ram = info.get("ram", {}) or {}
     stats: dict[str, Any] = {
-        "status": info.get("status", "none"),
+        "status": MigrationStatus.of(info).value,
         "time_elapsed_ms": int((time.time() - started) * 1000) if started else 0,
         "data_total": int(ram.get("total", 0)),
         "data_processed": int(ram.get("transferred", 0)),
