@@ -29,7 +29,7 @@ from vmferry.errors import VmferryError
 from vmferry.failpoints import ENV_VAR
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
-from vmferry.migration.recovery import MigrationPeer, PeerAnswer, classify
+from vmferry.migration.peer_probe import MigrationPeer, PeerAnswer, classify
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
 from vmferry.testing import Host, allocate_ports, wait_heartbeat
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 from vmferry.client import AsyncClient, Client
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig
-from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate import MigrationService
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 ROW = re.compile(r"^\| (GET|POST|PUT|DELETE|PATCH) \| (/\S+?)(?:\?\S*)? \|", re.M)
@@ -19,8 +19,9 @@ ROW = re.compile(r"^\| (GET|POST|PUT|DELETE|PATCH) \| (/\S+?)(?:\?\S*)? \|", re.
 
 def app_routes() -> set[tuple[str, str]]:
     # The routes are declared without touching the driver beyond its config.
-    driver = cast(MigrationDriver, SimpleNamespace(config=DaemonConfig()))
-    paths: dict[str, dict[str, Any]] = create_app(driver).openapi()["paths"]
+    driver = SimpleNamespace(config=DaemonConfig())
+    service = cast(MigrationService, SimpleNamespace(driver=driver))
+    paths: dict[str, dict[str, Any]] = create_app(service).openapi()["paths"]
     return {(method.upper(), path) for path, ops in paths.items() for method in ops}
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from vmferry.daemon.config import load_config
-from vmferry.daemon.peer_uri import check_peer_uri
+from vmferry.daemon.peer_client import check_peer_uri
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import KNOWN_FLAGS, MigrateFlags, parse_flags
 from vmferry.migration.params import MigrationParams

@@ -24,8 +24,9 @@ from vmferry.api.models import (
     XmlBody,
 )
 from vmferry.daemon.access import AccessPolicy, install_access
+from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
-from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -36,8 +37,9 @@ def _error_response(err: VmferryError) -> JSONResponse:
     return JSONResponse(status_code=err.http_status, content=err.to_dict())
 
 
-def create_app(driver: MigrationDriver, access: AccessPolicy | None = None) -> FastAPI:
+def create_app(migration: MigrationService, access: AccessPolicy | None = None) -> FastAPI:
     """The daemon's app; *access* decides who may call what (defaults if None)."""
+    driver = migration.driver
     app = FastAPI(title="vmferryd", version=__version__)
     app.state.driver = driver
 
@@ -59,12 +61,12 @@ def create_app(driver: MigrationDriver, access: AccessPolicy | None = None) -> F
     )
 
     app.include_router(domain_routes(driver))
-    app.include_router(migration_routes(driver))
+    app.include_router(migration_routes(migration))
     install_access(app, access or AccessPolicy())
     return app
 
 
-def domain_routes(driver: MigrationDriver) -> APIRouter:
+def domain_routes(driver: Driver) -> APIRouter:
     r = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
     @r.get("/host")

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import defusedxml.ElementTree as SafeET
 
@@ -30,8 +30,9 @@ from vmferry.domain.state import DomainState, ErrorReason, EventType, ShutoffRea
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob, Job
+from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
-from vmferry.migration.recovery import MigrationPeer, bookkeeping, restore_bookkeeping
+from vmferry.migration.restart import bookkeeping, restore_bookkeeping
 from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle, RunPaths
@@ -50,6 +51,18 @@ def _well_formed(text: str) -> bool:
     except Exception:  # any parse failure means "not XML"
         return False
     return True
+
+
+class JobHooks(Protocol):
+    """What the driver hands to the migration service (set with :meth:`Driver.set_job_hooks`)."""
+
+    async def session_lost(self, dom: QemuDomain) -> None:
+        """The client session bound to *dom*'s job closed (libvirt's close callback)."""
+        ...
+
+    async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
+        """Resolve *dom*'s async job a restart interrupted (QEMU re-attached or gone)."""
+        ...
 
 
 class Driver:
@@ -86,6 +99,11 @@ class Driver:
         # where each outgoing migration went, by domain uuid (persisted: recovery asks there)
         self.migration_peers: dict[str, MigrationPeer] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._job_hooks: JobHooks | None = None  # the migration service, once composed
+
+    def set_job_hooks(self, hooks: JobHooks) -> None:
+        """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""
+        self._job_hooks = hooks
 
     # -- what the migration layer needs (vmferry.migration.host.MigrationHost) ---------------
 
@@ -124,9 +142,6 @@ class Driver:
     def release_port(self, port: int) -> None:
         self._ports_in_use.discard(port)
 
-    def migration_address(self, requested: str) -> str:
-        return requested or self.config.migration.listen_address or "127.0.0.1"
-
     def bind_session(self, session: str, dom: QemuDomain) -> None:
         if not self.sessions.is_open(session):
             raise VmferryError(ErrorCode.OPERATION_INVALID, f"client session {session} is not open")
@@ -145,13 +160,12 @@ class Driver:
             if dom is None or dom.bound_session != session:
                 continue
             dom.bound_session = ""
+            if self._job_hooks is None:
+                continue
             try:
-                await self.session_lost(dom)
+                await self._job_hooks.session_lost(dom)
             except Exception:
                 log.exception("cleaning up after the client of %s left", dom.name)
-
-    async def session_lost(self, dom: QemuDomain) -> None:
-        """Overridden by the migration service."""
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -427,17 +441,13 @@ class Driver:
             log.error("domain %s: dropping a job that cannot be restored: %s", name, err.message)
         await self.lifecycle.reconnect(dom, pid)
         if dom.job.async_job != "none":
-            if dom.monitor is None and dom.active:
-                await Driver.recover_job(self, dom, job)  # nothing to recover through
+            if (dom.monitor is None and dom.active) or self._job_hooks is None:
+                await self._drop_job(dom, job)  # nothing to recover through
             else:
-                await self.recover_job(dom, job)
+                await self._job_hooks.recover_job(dom, job)
 
-    async def recover_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
-        """Resolve an async job interrupted by the restart (overridden by the migration layer).
-
-        The job is restored (not owned); the domain's QEMU is re-attached, or
-        the domain is shut off already if that QEMU was gone.
-        """
+    async def _drop_job(self, dom: QemuDomain, job: dict[str, Any]) -> None:
+        """End an async job interrupted by the restart that nothing can resolve."""
         log.warning("dropping interrupted job %s of domain %s", job, dom.name)
         dom.job.finish_async()
         dom.save()

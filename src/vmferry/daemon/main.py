@@ -14,10 +14,11 @@ from vmferry import trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig, load_config
+from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
-from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.state import StateDir
 from vmferry.errors import VmferryError
 from vmferry.qemu.confine import (
@@ -109,9 +110,10 @@ async def run(args: argparse.Namespace) -> None:
     access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
     protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
-    driver = MigrationDriver(state, config, host, confine=confinement(config, state, protected))
+    driver = Driver(state, config, host, confine=confinement(config, state, protected))
     driver.qemu_version = qemu_version(config.qemu.emulator)
-    driver.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
+    migration = MigrationService(driver)
+    migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,7 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
-        app = create_app(driver, access)
+        app = create_app(migration, access)
         await serve(
             trace.timed_asgi(app, skip=("/session",)) if trace.enabled() else app,
             specs,

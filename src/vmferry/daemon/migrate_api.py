@@ -24,27 +24,29 @@ from vmferry.api.models import (
     PrepareRequest,
     SpeedBody,
 )
-from vmferry.daemon.migrate import MigrationDriver
+from vmferry.daemon.migrate import MigrationService
 from vmferry.errors import VmferryError
 
 Session = Annotated[str, Header(alias="X-Vmferry-Session")]
 
 
-def migration_routes(driver: MigrationDriver) -> APIRouter:
+def migration_routes(service: MigrationService) -> APIRouter:
     r = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
     @r.get("/session")
     async def session() -> StreamingResponse:
-        return StreamingResponse(driver.sessions.stream(), media_type="application/x-ndjson")
+        return StreamingResponse(
+            service.driver.sessions.stream(), media_type="application/x-ndjson"
+        )
 
     @r.post("/domains/{name}/migrate/begin")
     async def begin(name: str, body: MigrationRequest, session: Session = "") -> BeginReply:
-        xml, cookie = await driver.migrate_begin(name, body.flags, body.params, session)
+        xml, cookie = await service.migrate_begin(name, body.flags, body.params, session)
         return BeginReply(xml=xml, cookie=cookie)
 
     @r.post("/migrate/prepare")
     async def prepare(body: PrepareRequest, session: Session = "") -> PrepareReply:
-        uri, cookie = await driver.migrate_prepare(
+        uri, cookie = await service.migrate_prepare(
             body.xml, body.cookie, body.flags, body.params, session
         )
         return PrepareReply(uri=uri, cookie=cookie)
@@ -52,64 +54,64 @@ def migration_routes(driver: MigrationDriver) -> APIRouter:
     @r.post("/domains/{name}/migrate/perform")
     async def perform(name: str, body: PerformRequest) -> CookieBody:
         return CookieBody(
-            cookie=await driver.migrate_perform(name, body.cookie, body.uri, body.peer_uri)
+            cookie=await service.migrate_perform(name, body.cookie, body.uri, body.peer_uri)
         )
 
     @r.post("/domains/{name}/migrate/perform2")
     async def perform2(name: str, body: Perform2Request) -> CookieBody:
-        await driver.migrate_perform2(name, body.uri, body.flags, body.params, body.peer_uri)
+        await service.migrate_perform2(name, body.uri, body.flags, body.params, body.peer_uri)
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/finish")
     async def finish(name: str, body: FinishRequest) -> CookieBody:
-        cookie = await driver.migrate_finish(name, body.cookie, body.cancelled, body.v3)
+        cookie = await service.migrate_finish(name, body.cookie, body.cancelled, body.v3)
         return CookieBody(cookie=cookie)
 
     @r.post("/domains/{name}/migrate/confirm")
     async def confirm(name: str, body: ConfirmRequest) -> CookieBody:
-        await driver.migrate_confirm(name, body.cookie, body.cancelled)
+        await service.migrate_confirm(name, body.cookie, body.cancelled)
         return CookieBody()
 
     @r.post("/domains/{name}/migrate")
     async def migrate_p2p(name: str, body: PeerMigrationRequest) -> MigrationResult:
-        return await driver.migrate_p2p(name, body.dest_uri, body.flags, body.params)
+        return await service.migrate_p2p(name, body.dest_uri, body.flags, body.params)
 
     @r.get("/domains/{name}/jobinfo")
     async def jobinfo(name: str, completed: bool = False) -> JobStats:
         try:
-            dom = driver.lookup(name)
+            dom = service.lookup(name)
         except VmferryError:
-            if completed and name in driver.last_completed:
-                return JobStats(type="completed", stats=driver.last_completed[name])
+            if completed and name in service.driver.last_completed:
+                return JobStats(type="completed", stats=service.driver.last_completed[name])
             raise
-        return await driver.job_info(dom, completed=completed)
+        return await service.job_info(dom, completed=completed)
 
     @r.post("/domains/{name}/jobabort")
     async def jobabort(name: str, postcopy: bool = False) -> CookieBody:
-        await driver.job_abort(driver.lookup(name), postcopy_pause=postcopy)
+        await service.job_abort(service.lookup(name), postcopy_pause=postcopy)
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/postcopy")
     async def start_postcopy(name: str) -> CookieBody:
-        await driver.start_postcopy(driver.lookup(name))
+        await service.start_postcopy(service.lookup(name))
         return CookieBody()
 
     @r.get("/domains/{name}/migrate/maxdowntime")
     async def get_downtime(name: str) -> DowntimeBody:
-        return DowntimeBody(downtime_ms=await driver.get_max_downtime(driver.lookup(name)))
+        return DowntimeBody(downtime_ms=await service.get_max_downtime(service.lookup(name)))
 
     @r.put("/domains/{name}/migrate/maxdowntime")
     async def set_downtime(name: str, body: DowntimeBody) -> DowntimeBody:
-        await driver.set_max_downtime(driver.lookup(name), body.downtime_ms)
+        await service.set_max_downtime(service.lookup(name), body.downtime_ms)
         return body
 
     @r.get("/domains/{name}/migrate/speed")
     async def get_speed(name: str) -> SpeedBody:
-        return SpeedBody(bandwidth_mib_s=await driver.get_speed(driver.lookup(name)))
+        return SpeedBody(bandwidth_mib_s=await service.get_speed(service.lookup(name)))
 
     @r.put("/domains/{name}/migrate/speed")
     async def set_speed(name: str, body: SpeedBody) -> SpeedBody:
-        await driver.set_speed(driver.lookup(name), body.bandwidth_mib_s)
+        await service.set_speed(service.lookup(name), body.bandwidth_mib_s)
         return body
 
     return r

@@ -48,6 +48,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import from_cookie
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ async def prepare(
     dom.migration.created_here = existing is None
     dom.migration.origin_name = original_name  # Finish checks the cookie against it
     dom.migration.flags = int(flags)
-    dom.migration.params = params.to_dict()
+    dom.migration.params = replace(params)
     dom.definition = definition
     uri = ""
     try:
@@ -179,17 +180,18 @@ async def destroy_incoming(host: MigrationHost, dom: QemuDomain) -> None:
         # stream here is the only copy of the guest. Let the stream settle, then decide;
         # one that never started will not come.
         await dom.wait_for(
-            lambda: dom.migration.status not in ("none", "setup") or not dom.active,
+            lambda: (
+                dom.migration.status not in (MigrationStatus.NONE, MigrationStatus.SETUP)
+                or not dom.active
+            ),
             STREAM_START_WAIT_S,
         )
-        if dom.migration.status not in ("none", "setup"):
+        if dom.migration.status not in (MigrationStatus.NONE, MigrationStatus.SETUP):
             await dom.wait_for(
-                lambda: (
-                    dom.migration.status in ("completed", "failed", "cancelled") or not dom.active
-                ),
+                lambda: dom.migration.status in TERMINAL or not dom.active,
                 FINISH_WAIT_S,
             )
-        if dom.migration.status == "completed" and dom.active:
+        if dom.migration.status == MigrationStatus.COMPLETED and dom.active:
             log.warning("client of v2 migration of %s left after the stream: resuming", dom.name)
             await finish(host, dom.name, None, cancelled=False, v3=False, api="autodestroy")
             return
@@ -270,7 +272,7 @@ def _completed_here(
     """
     sent = dict(cookie.statistics) if cookie is not None else {}
     stats: dict[str, Any] = from_cookie(sent)
-    stats["status"] = "completed"
+    stats["status"] = MigrationStatus.COMPLETED.value
     # libvirt's cookie times: ms since the epoch, 0 when not set
     if sent.get("stopped"):
         resumed = resumed_at if resumed_at is not None else time.time()
@@ -294,7 +296,7 @@ async def _finish_active(
     mon = dom.require_monitor()
     # Finish comes once the source sent everything, or did not say (v2, answer lost): a
     # stream that never even started will not come, no need to wait for it.
-    waiting = ("none", "setup")  # setup: listening, no connection yet
+    waiting = (MigrationStatus.NONE, MigrationStatus.SETUP)  # setup: listening, no connection yet
     await dom.wait_for(
         lambda: dom.migration.status not in waiting or not mon.connected, STREAM_START_WAIT_S
     )
@@ -303,7 +305,7 @@ async def _finish_active(
             ErrorCode.OPERATION_FAILED,
             f"no migration stream of '{dom.name}' arrived: the source never started sending it",
         )
-    over = ("completed", "failed", "cancelled", *postcopy.POSTCOPY_STATES)
+    over = (*TERMINAL, *postcopy.POSTCOPY_STATES)
     done = await dom.wait_for(
         lambda: dom.migration.status in over or not mon.connected, FINISH_WAIT_S
     )
@@ -314,7 +316,7 @@ async def _finish_active(
         )
     if dom.migration.status in postcopy.POSTCOPY_STATES:
         return await _finish_postcopy(host, dom, cookie, flags)
-    if not done or dom.migration.status != "completed":
+    if not done or dom.migration.status != MigrationStatus.COMPLETED:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
             f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
@@ -360,14 +362,20 @@ async def wait_postcopy_end(dom: QemuDomain) -> None:
     mon = dom.require_monitor()
     await dom.wait_for(
         lambda: (
-            dom.migration.status in ("completed", "failed", "cancelled", "postcopy-paused")
+            dom.migration.status
+            in (
+                MigrationStatus.COMPLETED,
+                MigrationStatus.FAILED,
+                MigrationStatus.CANCELLED,
+                MigrationStatus.POSTCOPY_PAUSED,
+            )
             or not mon.connected
         ),
         None,
     )
     if not mon.connected:
         raise postcopy.failed_error(dom, "QEMU went away")
-    if dom.migration.status != "completed":
+    if dom.migration.status != MigrationStatus.COMPLETED:
         raise postcopy.failed_error(dom, f"QEMU reports '{dom.migration.status}'")
 
 
@@ -459,7 +467,7 @@ async def finish_resume(
         mon = dom.require_monitor()
         # The source saw its side reconnect; this side's events may trail a little.
         await dom.wait_for(
-            lambda: dom.migration.status != "postcopy-paused" or not mon.connected,
+            lambda: dom.migration.status != MigrationStatus.POSTCOPY_PAUSED or not mon.connected,
             postcopy.PAUSE_WAIT_S,
         )
         await wait_postcopy_end(dom)
@@ -489,7 +497,7 @@ async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
         else:
             _mark_migrated(host, dom)
         stats = dict(dom.completed_job or {})
-        stats["status"] = "completed"
+        stats["status"] = MigrationStatus.COMPLETED.value
         dom.completed_job = stats
     finally:
         dom.job.finish_async()

@@ -1,18 +1,30 @@
 """What the migration steps need from the daemon that runs them.
 
-The daemon's driver provides it; keeping it a protocol lets the migration
-layer sit below the daemon (libvirt's qemu_migration.c calls into the driver
-through ``virQEMUDriver`` the same way).
+The daemon's migration service provides it; keeping it a protocol lets the
+migration layer sit below the daemon (libvirt's qemu_migration.c calls into
+the driver through ``virQEMUDriver`` the same way). Peer-to-peer reaches the
+destination daemon through a :class:`PeerConnector` the daemon provides
+(libvirt's p2p opens a remote ``virConnect``), since this layer is below the
+client library.
 """
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vmferry.domain.model import DomainDef
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from vmferry.migration.flags import MigrateFlags
+    from vmferry.migration.params import MigrationParams
+    from vmferry.migration.peer_probe import MigrationPeer
+    from vmferry.migration.postcopy_watch import PostcopyWatch
+    from vmferry.migration.protocol import DestinationSide
 
 
 @dataclass(frozen=True)
@@ -27,8 +39,61 @@ class PerformLimits:
     total_s: float = 0.0  # in all; 0: no overall limit
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """libvirt's keepalive towards a peer daemon (``[keepalive] interval``, ``count``)."""
+
+    interval: float = 5.0  # seconds between probes; 0: off
+    count: int = 5  # unanswered probes in a row before the peer is dead
+
+
+@dataclass(frozen=True)
+class PeerHost:
+    """What a peer daemon says about its host."""
+
+    uuid: str
+    features: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PeerDomain:
+    """What a peer daemon says about one of its domains."""
+
+    uuid: str
+    state: str
+    async_job: str
+
+
+class PeerConnection(Protocol):
+    """An open connection to another daemon (a remote ``virConnect``)."""
+
+    @property
+    def uri(self) -> str: ...
+
+    async def host(self, *, request_timeout: float | None = None) -> PeerHost:
+        """The peer's host identity (also the keepalive probe)."""
+        ...
+
+    async def dominfo(self, name: str) -> PeerDomain:
+        """The peer's domain *name* (``NO_DOMAIN`` when it has none)."""
+        ...
+
+    def destination(self) -> AbstractAsyncContextManager[DestinationSide]:
+        """The peer as a migration destination, within a session held open meanwhile."""
+        ...
+
+
+class PeerConnector(Protocol):
+    """Opens connections to other daemons (the daemon provides it; it owns the client)."""
+
+    def connect(self, uri: str, *, timeout: float) -> AbstractAsyncContextManager[PeerConnection]:
+        """A connection to the daemon at *uri*, every call bounded by *timeout* seconds."""
+        ...
+
+
 class MigrationHost(Protocol):
-    lifecycle: Lifecycle
+    @property
+    def lifecycle(self) -> Lifecycle: ...
 
     @property
     def host_uuid(self) -> str: ...
@@ -68,3 +133,49 @@ class MigrationHost(Protocol):
     def bind_session(self, session: str, dom: QemuDomain) -> None: ...
 
     def unbind_session(self, dom: QemuDomain) -> None: ...
+
+    # -- peer-to-peer, the peer probe and post-copy supervision ---------------------------------
+
+    @property
+    def migration_peers(self) -> dict[str, MigrationPeer]:
+        """Where each outgoing migration went, by domain uuid (persisted with the status)."""
+        ...
+
+    @property
+    def keepalive(self) -> Keepalive: ...
+
+    @property
+    def peers(self) -> PeerConnector: ...
+
+    @property
+    def postcopy_watch(self) -> PostcopyWatch:
+        """The post-copy watchers of this host (one per domain)."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run *coro* in the background until it ends or the daemon stops."""
+        ...
+
+    async def check_peer(self, uri: str, what: str) -> None:
+        """*uri* of another daemon this one is asked to call (refused unless allowed)."""
+        ...
+
+    def dumpxml(self, dom: QemuDomain, *, migratable: bool, inactive: bool) -> str: ...
+
+    async def source_begin(
+        self, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams, session: str = ""
+    ) -> tuple[str, str]:
+        """Begin (or Begin of a post-copy resume) on this, the source host."""
+        ...
+
+    async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+        """Perform on the source; watches a migration that switched to post-copy."""
+        ...
+
+    async def source_confirm(self, dom: QemuDomain, cookie: str, *, cancelled: bool) -> None:
+        """Confirm on the source."""
+        ...
+
+    async def job_abort(self, dom: QemuDomain, *, postcopy_pause: bool = False) -> None:
+        """``domjobabort``."""
+        ...

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmferry.domain.xml import _validate_name as validate_name
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.uri import check_host, parse_migration_uri
-from vmferry.qemu.monitor import Monitor
+
+if TYPE_CHECKING:  # only for the annotations: the client and CLI import this module
+    from vmferry.qemu.monitor import Monitor
 
 MIB = 1 << 20
 # "Unlimited": QEMU's own default (128 MiB/s) must never be the silent cap.

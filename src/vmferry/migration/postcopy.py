@@ -15,7 +15,7 @@ and ``migrate`` with ``resume`` on the source reconnects.
 
 The steps themselves live with their side (:mod:`vmferry.migration.source`,
 :mod:`vmferry.migration.destination`); the watchers that complete or resume a
-failed migration unattended live in :mod:`vmferry.migration.recovery`.
+failed migration unattended live in :mod:`vmferry.migration.postcopy_watch`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,27 @@ from vmferry.jobs import AsyncJob, Job
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.phase import MigrationPhase
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 
 log = logging.getLogger(__name__)
 
 #: QEMU migration states after the switch-over (the guest's newest state is split).
 POSTCOPY_STATES = frozenset(
-    {"postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover"}
+    {
+        MigrationStatus.POSTCOPY_ACTIVE,
+        MigrationStatus.POSTCOPY_PAUSED,
+        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+        MigrationStatus.POSTCOPY_RECOVER,
+    }
 )
 #: States in which the post-copy stream is alive (or being brought back).
-ALIVE_STATES = frozenset({"postcopy-active", "postcopy-recover-setup", "postcopy-recover"})
+ALIVE_STATES = frozenset(
+    {
+        MigrationStatus.POSTCOPY_ACTIVE,
+        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+        MigrationStatus.POSTCOPY_RECOVER,
+    }
+)
 _REASONS = frozenset({str(PausedReason.POSTCOPY), str(PausedReason.POSTCOPY_FAILED)})
 #: How long QEMU gets to reach postcopy-paused after migrate-pause, or to react to a resume.
 PAUSE_WAIT_S = 10.0
@@ -90,8 +102,8 @@ async def start(dom: QemuDomain) -> None:
     """
     async with dom.job.acquire(Job.MIGRATION_OP, API_START):
         if not dom.job.is_active(AsyncJob.MIGRATION_OUT) or dom.migration.status not in (
-            "setup",
-            "active",
+            MigrationStatus.SETUP,
+            MigrationStatus.ACTIVE,
             *POSTCOPY_STATES,
         ):
             raise VmferryError(
@@ -109,7 +121,7 @@ async def start(dom: QemuDomain) -> None:
                 f"migration of domain '{dom.name}' is already in post-copy mode",
             )
         # QEMU refuses the switch before the migration left "setup"; it is brief.
-        await dom.wait_for(lambda: dom.migration.status != "setup", 5.0)
+        await dom.wait_for(lambda: dom.migration.status != MigrationStatus.SETUP, 5.0)
         await switch(dom)
 
 
@@ -121,14 +133,15 @@ async def pause(dom: QemuDomain) -> None:
 
     Returns once QEMU reports ``postcopy-paused`` (at once if it does already).
     """
-    if dom.migration.status == "postcopy-paused":
+    if dom.migration.status == MigrationStatus.POSTCOPY_PAUSED:
         return
     mon = dom.require_monitor()
     if dom.migration.status in ALIVE_STATES:
         log.warning("domain %s: pausing its post-copy migration", dom.name)
         await mon.execute("migrate-pause")
     if not await dom.wait_for(
-        lambda: dom.migration.status == "postcopy-paused" or not mon.connected, PAUSE_WAIT_S
+        lambda: dom.migration.status == MigrationStatus.POSTCOPY_PAUSED or not mon.connected,
+        PAUSE_WAIT_S,
     ):
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,

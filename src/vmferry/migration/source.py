@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from vmferry.domain.state import DomainState, EventType, RunningReason, ShutoffReason
@@ -39,15 +40,12 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import completed_stats, from_query_migrate, to_cookie
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = frozenset({"completed", "failed", "cancelled"})
 #: The unattended completion of a failed post-copy migration (libvirt's ProcessUnattended).
 UNATTENDED_API = "migration-unattended"
-
-# The convergence policies may switch a migration to post-copy through this.
-mpolicy.register_postcopy_switch(postcopy.switch)
 
 
 #: How long ``migrate_cancel`` may take before the stream is yanked out of band: QEMU holds
@@ -89,7 +87,7 @@ async def begin(
     try:
         xml = _destination_xml(dom, params, offline=offline)
         dom.migration.flags = int(flags)
-        dom.migration.params = params.to_dict()
+        dom.migration.params = replace(params)
         dom.migration.was_running = dom.state == DomainState.RUNNING
         dom.save()
         await failpoint("src-begin-before")
@@ -143,7 +141,7 @@ async def perform3(
                 dom,
                 uri,
                 flags,
-                MigrationParams.from_dict(dom.migration.params),
+                dom.migration.params or MigrationParams(),
                 host.perform_limits,
             )
     except BaseException:
@@ -185,7 +183,7 @@ async def perform2(
         AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags)
     )
     dom.migration.flags = int(flags)
-    dom.migration.params = params.to_dict()
+    dom.migration.params = replace(params)
     dom.migration.was_running = dom.state == DomainState.RUNNING
     dom.save()  # recovery needs was_running
     try:
@@ -211,12 +209,13 @@ async def _run(
 ) -> None:
     """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end."""
     mon = dom.require_monitor()
-    dom.migration.status = "setup"
+    dom.migration.status = MigrationStatus.SETUP
     dom.migration.iteration = 0
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
     await mparams.apply(mon, params, flags, source=True)
-    await mpolicy.prepare(dom, mon, params, flags)  # the convergence policy's own settings
+    # The convergence policy's own settings; it may switch the migration to post-copy.
+    await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
@@ -225,7 +224,7 @@ async def _run(
     await mon.execute("migrate", {"uri": uri})
     try:
         if armed("src-perform-migrating"):
-            await dom.wait_for(lambda: dom.migration.status != "setup", 10.0)
+            await dom.wait_for(lambda: dom.migration.status != MigrationStatus.SETUP, 10.0)
             await failpoint("src-perform-migrating")
         await _wait_completion(
             dom,
@@ -279,7 +278,7 @@ async def _wait_loop(
 
     def settled() -> bool:
         return (
-            dom.migration.status in _TERMINAL
+            dom.migration.status in TERMINAL
             or dom.migration.status in postcopy.POSTCOPY_STATES
             or precopy_done()
             or dom.job.abort_requested
@@ -303,16 +302,16 @@ async def _wait_loop(
         if dom.job.abort_requested:
             raise _aborted()
         status = dom.migration.status
-        if status == "completed" or status in postcopy.POSTCOPY_STATES:
+        if status == MigrationStatus.COMPLETED or status in postcopy.POSTCOPY_STATES:
             # Switched to post-copy: the guest runs there from Finish on; Perform is done.
             info = await dom.monitor.execute("query-migrate")
             dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
             return
-        if precopy_done() and status == "active":
+        if precopy_done() and status == MigrationStatus.ACTIVE:
             switch_pending = False
             await postcopy.switch(dom)
             continue
-        if status in ("failed", "cancelled"):
+        if status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
             info = await dom.monitor.execute("query-migrate")
             desc = info.get("error-desc", "") if isinstance(info, dict) else ""
             raise VmferryError(
@@ -389,10 +388,14 @@ def _aborted() -> VmferryError:
 async def _cancel(dom: QemuDomain) -> None:
     """migrate_cancel and wait until QEMU says the migration is over."""
     mon = dom.monitor
-    if mon is None or dom.migration.status in ("failed", "cancelled", "none"):
+    if mon is None or dom.migration.status in (
+        MigrationStatus.FAILED,
+        MigrationStatus.CANCELLED,
+        MigrationStatus.NONE,
+    ):
         return
     await cancel_stream(dom)
-    await dom.wait_for(lambda: dom.migration.status in _TERMINAL or not mon.connected, 10.0)
+    await dom.wait_for(lambda: dom.migration.status in TERMINAL or not mon.connected, 10.0)
 
 
 async def cancel_stream(dom: QemuDomain) -> None:
@@ -495,7 +498,7 @@ async def _settle_stream(dom: QemuDomain) -> None:
         postcopy.PAUSE_WAIT_S,
     )
     mon = dom.monitor
-    if dom.migration.status == "completed" and mon is not None and mon.connected:
+    if dom.migration.status == MigrationStatus.COMPLETED and mon is not None and mon.connected:
         with contextlib.suppress(VmferryError):
             info = await mon.execute("query-migrate")
             dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
@@ -533,7 +536,10 @@ async def begin_resume(
     try:
         await postcopy.pause(dom)
         if params.postcopy_bandwidth_mib_s:
-            dom.migration.params["postcopy_bandwidth_mib_s"] = params.postcopy_bandwidth_mib_s
+            dom.migration.params = replace(
+                dom.migration.params or MigrationParams(),
+                postcopy_bandwidth_mib_s=params.postcopy_bandwidth_mib_s,
+            )
         xml = format_domain_xml(dom.definition, migratable=True)
         cookie = _cookie(host, dom)
         if session:
@@ -554,25 +560,26 @@ async def perform_resume(
         uri = await host.stream_uri(uri)
         parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
         mon = dom.require_monitor()
-        values = mparams.resume_parameters(MigrationParams.from_dict(dom.migration.params))
+        values = mparams.resume_parameters(dom.migration.params or MigrationParams())
         if values:
             await mon.execute("migrate-set-parameters", values)
         # Every event of this resume comes after the command: a postcopy-paused seen from
         # here on means the reconnection failed.
-        dom.migration.status = "postcopy-recover-setup"
+        dom.migration.status = MigrationStatus.POSTCOPY_RECOVER_SETUP
         try:
             await mon.execute("migrate", {"uri": uri, "resume": True})
         except VmferryError:
-            dom.migration.status = "postcopy-paused"
+            dom.migration.status = MigrationStatus.POSTCOPY_PAUSED
             raise
         await dom.wait_for(
             lambda: (
-                dom.migration.status not in ("postcopy-recover-setup", "postcopy-recover")
+                dom.migration.status
+                not in (MigrationStatus.POSTCOPY_RECOVER_SETUP, MigrationStatus.POSTCOPY_RECOVER)
                 or not mon.connected
             ),
             postcopy.PAUSE_WAIT_S,
         )
-        if dom.migration.status not in ("postcopy-active", "completed"):
+        if dom.migration.status not in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED):
             raise postcopy.failed_error(
                 dom, f"resuming did not reconnect (QEMU reports '{dom.migration.status}')"
             )

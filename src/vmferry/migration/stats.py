@@ -7,13 +7,14 @@ import time
 from typing import Any
 
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 
 
 def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any]:
     """Map a ``query-migrate`` answer to libvirt's job statistics names."""
     ram = info.get("ram", {}) or {}
     stats: dict[str, Any] = {
-        "status": info.get("status", "none"),
+        "status": MigrationStatus.of(info).value,
         "time_elapsed_ms": int((time.time() - started) * 1000) if started else 0,
         "data_total": int(ram.get("total", 0)),
         "data_processed": int(ram.get("transferred", 0)),
@@ -41,7 +42,7 @@ def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any
 def completed_stats(dom: QemuDomain, remote: dict[str, int]) -> dict[str, Any]:
     """Statistics of a finished migration, as ``domjobinfo --completed`` shows them."""
     stats = dict(dom.migration.stats)
-    stats["status"] = "completed"
+    stats["status"] = MigrationStatus.COMPLETED.value
     if dom.migration.started:
         stats["time_elapsed_ms"] = int((time.time() - dom.migration.started) * 1000)
     if "downtime" in remote:

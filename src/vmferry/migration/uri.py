@@ -28,7 +28,8 @@ _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
-def bad_value(what: str, value: object, why: str) -> VmferryError:
+def invalid_value(what: str, value: object, why: str) -> VmferryError:
+    """``INVALID_ARG``: *value* given as *what* is refused because *why*."""
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "...'"
     return VmferryError(ErrorCode.INVALID_ARG, f"invalid {what} {shown}: {why}")
 
@@ -56,15 +57,15 @@ def ip_literal(text: str) -> IPAddress | None:
 def check_host(host: object, what: str = "host") -> str:
     """An IP literal or a host name, as given (no brackets); anything else is refused."""
     if not isinstance(host, str) or not host or len(host) > 253:
-        raise bad_value(what, host, "expected an IP address or a host name")
+        raise invalid_value(what, host, "expected an IP address or a host name")
     if ip_literal(host) is not None or _HOSTNAME.fullmatch(host):
         return host
-    raise bad_value(what, host, "expected an IP address or a host name")
+    raise invalid_value(what, host, "expected an IP address or a host name")
 
 
 def parse_port(text: str, what: str, value: str) -> int:
     if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
-        raise bad_value(what, value, "the port must be a number from 1 to 65535")
+        raise invalid_value(what, value, "the port must be a number from 1 to 65535")
     return int(text)
 
 
@@ -77,12 +78,12 @@ def parse_migration_uri(uri: object, what: str = "migration URI") -> TcpUri:
         paths, or connect to ``unix:`` sockets as the daemon's user.
     """
     if not isinstance(uri, str) or not uri:
-        raise bad_value(what, uri, "expected tcp:HOST:PORT")
+        raise invalid_value(what, uri, "expected tcp:HOST:PORT")
     if len(uri) > MAX_URI_LEN:
-        raise bad_value(what, uri, f"longer than {MAX_URI_LEN} characters")
+        raise invalid_value(what, uri, f"longer than {MAX_URI_LEN} characters")
     scheme, sep, rest = uri.partition(":")
     if not sep:
-        raise bad_value(what, uri, "expected tcp:HOST:PORT")
+        raise invalid_value(what, uri, "expected tcp:HOST:PORT")
     if scheme.lower() != "tcp":
         raise VmferryError(
             ErrorCode.INVALID_ARG,
@@ -96,14 +97,14 @@ def parse_migration_uri(uri: object, what: str = "migration URI") -> TcpUri:
         host, close, tail = rest[1:].partition("]")
         v6 = isinstance(ip_literal(host), ipaddress.IPv6Address)
         if not close or not tail.startswith(":") or not v6:
-            raise bad_value(what, uri, "expected tcp:[IPv6]:PORT")
+            raise invalid_value(what, uri, "expected tcp:[IPv6]:PORT")
         port_text = tail[1:]
     else:
         host, colon, port_text = rest.rpartition(":")
         if not colon:
-            raise bad_value(what, uri, "a port is required: tcp:HOST:PORT")
+            raise invalid_value(what, uri, "a port is required: tcp:HOST:PORT")
         if ":" in host:
-            raise bad_value(what, uri, "an IPv6 address goes in brackets: tcp:[IPv6]:PORT")
+            raise invalid_value(what, uri, "an IPv6 address goes in brackets: tcp:[IPv6]:PORT")
     port = parse_port(port_text, what, uri)
     return TcpUri(check_host(host, what), port)
 

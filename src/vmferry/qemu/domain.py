@@ -11,22 +11,26 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmferry import trace
 from vmferry.domain.model import DomainDef
 from vmferry.domain.state import DomainState
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import DomainJob
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.monitor import Monitor
 from vmferry.qemu.process import QemuProcess
+
+if TYPE_CHECKING:  # the migration layer's type, kept here as libvirt's job private data is
+    from vmferry.migration.params import MigrationParams
 
 
 @dataclass
 class MigrationProgress:
     """What QEMU said about the current migration (MIGRATION events, query-migrate)."""
 
-    status: str = "none"
+    status: MigrationStatus = MigrationStatus.NONE
     iteration: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     error: str = ""
@@ -34,7 +38,7 @@ class MigrationProgress:
     stopped: float = 0.0  # when the source's vCPUs paused for the switchover
     # bookkeeping of the migration job (libvirt keeps these in the job's private data)
     flags: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
+    params: MigrationParams | None = None  # None: no migration has run (all defaults)
     was_running: bool = False
     port: int = 0
     created_here: bool = False  # the destination made the domain object for this migration

@@ -29,6 +29,7 @@ from vmferry.qemu.command import QemuPaths, build_argv, qmp_marker
 from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.process import QemuProcess
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class Lifecycle:
         dom.process = None
         dom.monitor = None
         dom.run_id = None
-        dom.migration.status = "none"
+        dom.migration.status = MigrationStatus.NONE
         # A killed QEMU leaves its socket behind; a clean one removes it itself.
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.set_state(DomainState.SHUTOFF, reason)
@@ -267,14 +268,14 @@ class Lifecycle:
         self._spawn(self.stop(dom, ShutoffReason.SHUTDOWN))
 
     def _migration_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
-        status = str(data.get("status", "none"))
+        status = MigrationStatus.of(data)
         dom.migration.status = status
         if dom.job.async_job == AsyncJob.MIGRATION_OUT:
             self._postcopy_source_reason(dom, status)
         elif dom.job.async_job == AsyncJob.MIGRATION_IN:
             self._postcopy_destination_reason(dom, status)
 
-    def _postcopy_source_reason(self, dom: QemuDomain, status: str) -> None:
+    def _postcopy_source_reason(self, dom: QemuDomain, status: MigrationStatus) -> None:
         # libvirt's qemuProcessHandleMigrationStatus: post-copy shows in the paused reason.
         if dom.state != DomainState.PAUSED:
             return
@@ -282,11 +283,13 @@ class Lifecycle:
             if dom.reason in (PausedReason.MIGRATION, PausedReason.POSTCOPY_FAILED):
                 dom.set_state(DomainState.PAUSED, PausedReason.POSTCOPY)
                 self._emit(dom, EventType.SUSPENDED, str(PausedReason.POSTCOPY), {})
-        elif status == "postcopy-paused" and dom.reason != PausedReason.POSTCOPY_FAILED:
+        elif (
+            status == MigrationStatus.POSTCOPY_PAUSED and dom.reason != PausedReason.POSTCOPY_FAILED
+        ):
             dom.set_state(DomainState.PAUSED, PausedReason.POSTCOPY_FAILED)
             self._emit(dom, EventType.SUSPENDED, str(PausedReason.POSTCOPY_FAILED), {})
 
-    def _postcopy_destination_reason(self, dom: QemuDomain, status: str) -> None:
+    def _postcopy_destination_reason(self, dom: QemuDomain, status: MigrationStatus) -> None:
         if dom.state == DomainState.PAUSED:
             # libvirt corrects the incoming guest's reason too: persisted, it tells a restart
             # that the source's copy is stale even if QEMU has completed meanwhile.
@@ -296,7 +299,10 @@ class Lifecycle:
         # The guest already runs here once Finish resumed it; only the reason says it waits.
         if dom.state != DomainState.RUNNING:
             return
-        if status == "postcopy-paused" and dom.reason != RunningReason.POSTCOPY_FAILED:
+        if (
+            status == MigrationStatus.POSTCOPY_PAUSED
+            and dom.reason != RunningReason.POSTCOPY_FAILED
+        ):
             dom.set_state(DomainState.RUNNING, RunningReason.POSTCOPY_FAILED)
             self._emit(dom, EventType.RESUMED, str(RunningReason.POSTCOPY_FAILED), {})
         elif status in _POSTCOPY_RUNNING and dom.reason == RunningReason.POSTCOPY_FAILED:
@@ -410,7 +416,13 @@ async def _kill_orphans(marker: str) -> None:
 
 
 #: QEMU migration states in which post-copy is alive (or being brought back).
-_POSTCOPY_RUNNING = frozenset({"postcopy-active", "postcopy-recover-setup", "postcopy-recover"})
+_POSTCOPY_RUNNING = frozenset(
+    {
+        MigrationStatus.POSTCOPY_ACTIVE,
+        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+        MigrationStatus.POSTCOPY_RECOVER,
+    }
+)
 
 _EventHandler = Callable[[Lifecycle, QemuDomain, dict[str, Any], float], None]
 _EVENT_HANDLERS: dict[str, _EventHandler] = {

@@ -19,7 +19,7 @@ from typing import Any
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.policy.decide import Action, Contract, Situation, choose
-from vmferry.migration.policy.engine import Engine, register_postcopy_switch
+from vmferry.migration.policy.engine import Engine, PostcopySwitch
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
 from vmferry.migration.policy.spec import (
     DEFAULT_POLICY,
@@ -39,6 +39,7 @@ __all__ = [
     "DirtyModel",
     "Engine",
     "Policy",
+    "PostcopySwitch",
     "Prediction",
     "Situation",
     "Step",
@@ -52,7 +53,6 @@ __all__ = [
     "parse_policy",
     "predict",
     "prepare",
-    "register_postcopy_switch",
     "resolve",
 ]
 
@@ -81,9 +81,17 @@ def contract(params: MigrationParams) -> Contract:
 
 
 async def prepare(
-    dom: QemuDomain, mon: Monitor, params: MigrationParams, flags: MigrateFlags
+    dom: QemuDomain,
+    mon: Monitor,
+    params: MigrationParams,
+    flags: MigrateFlags,
+    *,
+    postcopy_switch: PostcopySwitch | None = None,
 ) -> None:
-    """Before ``migrate``: start *dom*'s engine if the migration has a policy or a contract."""
+    """Before ``migrate``: start *dom*'s engine if the migration has a policy or a contract.
+
+    *postcopy_switch* lets the policy switch the migration to post-copy (None: it cannot).
+    """
     stale = _ENGINES.pop(dom.uuid, None)
     if stale is not None:  # the last migrate command failed before its wait
         await stale.close()
@@ -97,6 +105,7 @@ async def prepare(
         flags,
         bandwidth_cap_bps=params.bandwidth_mib_s * MIB,
         memory_bytes=dom.definition.memory_kib * 1024,
+        postcopy_switch=postcopy_switch,
     )
     await engine.start(mon, explicit_downtime_ms=params.downtime_limit_ms)
     _ENGINES[dom.uuid] = engine

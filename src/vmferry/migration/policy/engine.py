@@ -27,6 +27,7 @@ from vmferry.migration.policy.decide import Action, Contract, Situation
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
 from vmferry.migration.policy.spec import Policy, Step
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,8 @@ _FAST_LINK_BPS = 1 << 30
 # CPU-bound guest would at that level (a rate-limited writer catches up between slices).
 _INEFFECTIVE = 1.5
 
+#: Switches a running migration to post-copy (``vmferry.migration.postcopy.switch``).
 PostcopySwitch = Callable[[QemuDomain], Awaitable[None]]
-_postcopy_switch: PostcopySwitch | None = None
-
-
-def register_postcopy_switch(switch: PostcopySwitch | None) -> None:
-    """Offer the post-copy switch to the policies (the post-copy code calls this once)."""
-    global _postcopy_switch
-    _postcopy_switch = switch
 
 
 class Engine:
@@ -77,8 +72,10 @@ class Engine:
         *,
         bandwidth_cap_bps: float,
         memory_bytes: int,
+        postcopy_switch: PostcopySwitch | None = None,
     ) -> None:
         self.dom = dom
+        self._postcopy_switch = postcopy_switch  # None: a policy cannot switch to post-copy
         self.policy = policy
         self.contract = contract
         self.flags = flags
@@ -220,7 +217,7 @@ class Engine:
         if boundary:
             self._boundary(iteration, now, info)
         await self._poll_preflight(mon, now)
-        if info.get("status") != "active":
+        if info.get("status") != MigrationStatus.ACTIVE:
             return
         ram = info.get("ram") or {}
         remaining = float(ram.get("remaining", 0))
@@ -258,11 +255,15 @@ class Engine:
     def _boundary(self, iteration: int, now: float, info: dict[str, Any]) -> None:
         ram = info.get("ram") or {}
         # One pass ended: it dirtied what is left now, in the time it took.
-        if iteration == self._seen_it + 1 and self._pass_started and info.get("status") == "active":
+        if (
+            iteration == self._seen_it + 1
+            and self._pass_started
+            and info.get("status") == MigrationStatus.ACTIVE
+        ):
             self._samples.append((now - self._pass_started, float(ram.get("remaining", 0))))
             del self._samples[:-8]
         # Pass 1 sends all of RAM: progress counts from the end of it on.
-        if iteration >= 2 and info.get("status") == "active":
+        if iteration >= 2 and info.get("status") == MigrationStatus.ACTIVE:
             self._pass_remaining.append(float(ram.get("remaining", 0)))
             del self._pass_remaining[:-4]
         self._seen_it = iteration
@@ -467,7 +468,7 @@ class Engine:
         why = ""
         if not self.flags & MigrateFlags.POSTCOPY:
             why = "post-copy is not enabled for this migration"
-        elif _postcopy_switch is None:
+        elif self._postcopy_switch is None:
             why = "post-copy switch-over is not available in this build yet"
         if why:
             self.postcopy_usable = False
@@ -476,8 +477,8 @@ class Engine:
                 # oVirt's post-copy policy: abort only if the switch is impossible.
                 self._last_eval = -math.inf
             return
-        assert _postcopy_switch is not None
-        await _postcopy_switch(self.dom)
+        assert self._postcopy_switch is not None
+        await self._postcopy_switch(self.dom)
         self._handed_over = True
         self._record(action, iteration)
 
