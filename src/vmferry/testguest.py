@@ -25,10 +25,12 @@ in *extra_cmdline* it prints ``VMFERRY-POWER-IGNORED boot=<id>`` and runs on.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -116,9 +118,13 @@ def _readable_copy(root: Path) -> Path:
     return copy
 
 
-def daemon_paths_toml(root: Path | None = None) -> str:
-    """The ``[paths]`` section a daemon running the test guest needs: its directory as a root."""
-    return f'[paths]\nroots = ["{guest_dir(root)}"]\n'
+def daemon_paths_toml(root: Path | None = None, extra_roots: Sequence[Path] = ()) -> str:
+    """
+    The ``[paths]`` section a daemon running the test guest needs: its directory as a root,
+    and *extra_roots* (e.g. where the test's disk images are).
+    """
+    roots = ", ".join(json.dumps(str(p)) for p in (guest_dir(root), *extra_roots))
+    return f"[paths]\nroots = [{roots}]\n"
 
 
 def guest_paths(root: Path | None = None) -> tuple[Path, Path]:
