@@ -212,6 +212,15 @@ class Confinement:
                 if not _within(real, self.console_dir(d.name)):
                     self._check_under_roots(real, serial.path, what)
 
+    def check_new_file(self, given: str, what: str) -> str:
+        """A file the daemon is to create for QEMU (storage migration): below a root, not one
+        of the daemon's own, no symbolic link; return its real path."""
+        if os.path.basename(given) in ("", ".", ".."):
+            raise _refuse(f"{what}: {given} is not a file name")
+        real = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+        self._check_under_roots(real, given, what)
+        return real
+
     def _check_under_roots(self, real: str, given: str, what: str) -> None:
         if not any(_within(real, root) for root in self.roots):
             roots = ", ".join(self.roots) or "none"

@@ -25,6 +25,7 @@ from vmferry.domain.state import (
 )
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob
+from vmferry.qemu import blockjob
 from vmferry.qemu.command import QemuPaths, build_argv, qmp_marker
 from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
@@ -192,6 +193,7 @@ class Lifecycle:
         dom.monitor = None
         dom.run_id = None
         dom.migration.status = MigrationStatus.NONE
+        dom.block_jobs.clear()
         # A killed QEMU leaves its socket behind; a clean one removes it itself.
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.set_state(DomainState.SHUTOFF, reason)
@@ -233,6 +235,8 @@ class Lifecycle:
         handler = _EVENT_HANDLERS.get(name)
         if handler is not None:
             handler(self, dom, data, ts)
+        elif name in blockjob.EVENTS:
+            blockjob.on_event(dom, name, data)
         dom.notify()
 
     def _stop_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
