@@ -338,7 +338,10 @@ async def _wait_loop(
         if status == MigrationStatus.COMPLETED or status in postcopy.POSTCOPY_STATES:
             # Switched to post-copy: the guest runs there from Finish on; Perform is done.
             info = await dom.monitor.execute("query-migrate")
-            dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
+            dom.migration.stats = storage.with_disk(
+                from_query_migrate(info, started=dom.migration.started),
+                storage.final_progress(dom),
+            )
             return
         if status == MigrationStatus.PRE_SWITCHOVER:
             # vCPUs stopped, memory sent: the disks' last writes go, then the device state.

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.cookie import NbdDisk
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
-from vmferry.migration.params import MigrationParams
+from vmferry.migration.params import MIB, MigrationParams
 from vmferry.qemu import blockjob
 from vmferry.qemu.domain import QemuDomain
 
@@ -114,6 +115,8 @@ async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None)
             "the destination did not start an NBD server for the disks (no port in its cookie)",
         )
     flags = MigrateFlags(dom.migration.flags)
+    params = dom.migration.params or MigrationParams()
+    dom.block_jobs.clear()  # the figures of an earlier attempt
     for target in targets:
         await blockjob.start_mirror(
             dom,
@@ -122,6 +125,7 @@ async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None)
             cookie_port,
             top_only=bool(flags & MigrateFlags.NON_SHARED_INC),
             write_blocking=bool(flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES),
+            speed=params.bandwidth_mib_s * MIB,
         )
     await blockjob.wait_ready(dom, targets, aborted=lambda: dom.job.abort_requested)
 
@@ -148,7 +152,20 @@ async def progress(dom: QemuDomain) -> dict[str, int]:
         return {}
 
 
-def with_disk(stats: dict[str, object], disk: dict[str, int]) -> dict[str, object]:
+def final_progress(dom: QemuDomain) -> dict[str, int]:
+    """``disk_*`` statistics of the mirrors that ended (their last events' figures)."""
+    if not dom.block_jobs:
+        return {}
+    total = sum(j.length for j in dom.block_jobs.values())
+    processed = sum(j.offset for j in dom.block_jobs.values())
+    return {
+        "disk_total": total,
+        "disk_processed": processed,
+        "disk_remaining": max(0, total - processed),
+    }
+
+
+def with_disk(stats: dict[str, Any], disk: dict[str, int]) -> dict[str, Any]:
     """Add the disk figures to memory *stats*; ``data_*`` covers both, as libvirt's does."""
     if not disk:
         return stats

@@ -141,8 +141,12 @@ async def start_mirror(
     *,
     top_only: bool,
     write_blocking: bool,
+    speed: int = 0,
 ) -> None:
-    """Connect to the destination's export of *target* and mirror the disk into it."""
+    """Connect to the destination's export of *target* and mirror the disk into it.
+
+    *speed*: bytes/s, 0 unlimited (libvirt applies the migration bandwidth to mirrors too).
+    """
     mon = dom.require_monitor()
     ident = job_id(target)
     await mon.execute(
@@ -166,6 +170,7 @@ async def start_mirror(
                 "sync": "top" if top_only else "full",
                 "copy-mode": "write-blocking" if write_blocking else "background",
                 "auto-dismiss": False,  # a concluded job keeps its error until dismissed
+                "speed": speed,
             },
         )
     except BaseException:
