@@ -192,13 +192,17 @@ class MigrationService:
 
     def disk_path(self, disk: DiskDef) -> str:
         """Where *disk*'s data is on this host."""
-        return migrate_disks.disk_path(disk)
+        return migrate_disks.disk_path(self.driver.pools, disk)
 
     def disk_exists(self, path: str) -> bool:
         return migrate_disks.disk_exists(path)
 
     async def create_disk(self, path: str, disk: DiskDef, copied: NbdDisk) -> bool:
-        """Create a disk the source copies here (below ``[paths] roots`` only)."""
+        """Create a disk the source copies here (a volume of a pool, or a file below a root)."""
+        if disk.type == "volume":
+            return await migrate_disks.create_volume(
+                self.driver.pools, disk, copied.capacity, copied.backing, copied.backing_format
+            )
         return await migrate_disks.create_disk(
             self.driver.lifecycle.confine,
             path,

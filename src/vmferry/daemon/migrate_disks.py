@@ -1,10 +1,12 @@
 """This host's side of storage migration: where a copied disk lives, creating and deleting it.
 
-A disk the source copies is created here only below a configured root
-(``[paths] roots``), never over an existing file (claimed with ``O_EXCL``
-first), owned by the QEMU user so the confined QEMU can write it. With
-``--copy-storage-inc`` a qcow2 disk is created on top of the backing file
-the source's disk names, which must already exist here, in the same directory.
+A ``<disk type='volume'>`` is a volume of this host's pool of the same name,
+created by the pool (:meth:`vmferry.storage.Pool.create_volume`: same format
+and capacity; with ``--copy-storage-inc`` on top of the same backing volume,
+which must exist in this pool). A ``<disk type='file'>`` is created only
+below a configured root (``[paths] roots``), never over an existing file
+(claimed with ``O_EXCL`` first), owned by the QEMU user. Either way an
+existing disk is used as it is, and reported as not created.
 """
 
 from __future__ import annotations
@@ -16,14 +18,43 @@ import os
 from vmferry.domain.model import DiskDef
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.confine import Confinement
+from vmferry.storage import Pools
 
 QEMU_IMG = "qemu-img"
 #: qemu-img create/info of an image: a few seconds at most on any disk.
 QEMU_IMG_TIMEOUT_S = 60.0
 
 
-def disk_path(disk: DiskDef) -> str:
+def disk_path(pools: Pools | None, disk: DiskDef) -> str:
+    if disk.type == "volume":
+        return str(_pools(pools).get(disk.source_pool).volume_path(disk.source_volume))
     return disk.source_file
+
+
+def _pools(pools: Pools | None) -> Pools:
+    if pools is None:
+        raise VmferryError(ErrorCode.NO_STORAGE_POOL, "this host has no storage pools")
+    return pools
+
+
+async def create_volume(
+    pools: Pools | None, disk: DiskDef, capacity: int, backing: str, backing_format: str
+) -> bool:
+    """Create *disk*'s volume in this host's pool; False when it exists already."""
+    pool = _pools(pools).get(disk.source_pool)
+    try:
+        await asyncio.to_thread(
+            pool.create_volume,
+            disk.source_volume,
+            capacity,
+            disk.driver_type,
+            (backing, backing_format or "raw") if backing else None,
+        )
+    except VmferryError as err:
+        if err.code == ErrorCode.STORAGE_VOL_EXISTS:
+            return False
+        raise VmferryError(err.code, f"disk '{disk.target_dev}': {err.message}") from None
+    return True
 
 
 def disk_exists(path: str) -> bool:

@@ -40,7 +40,7 @@ def copies_storage(flags: MigrateFlags) -> bool:
 
 
 def _copyable(disk: DiskDef) -> bool:
-    return disk.device == "disk" and not disk.readonly and bool(disk.source_file)
+    return disk.device == "disk" and not disk.readonly and disk.has_source
 
 
 def select_disks(definition: DomainDef, params: MigrationParams) -> list[DiskDef]:

@@ -59,8 +59,13 @@ def format_node(target: str) -> str:
 
 
 def job_id(target: str) -> str:
-    """The mirror job, the NBD client node and the NBD export of disk *target*."""
+    """The mirror job and the NBD client node of disk *target*."""
     return f"{PREFIX}{target}"
+
+
+def export_name(target: str) -> str:
+    """The NBD export of disk *target* (libvirt's ``drive-<alias>``; vmferry.storage's too)."""
+    return f"drive-{target}"
 
 
 # -- events (called by the lifecycle) ---------------------------------------------------------
@@ -108,14 +113,14 @@ async def nbd_server_start(mon: Monitor, host: str, port: int) -> None:
 
 
 async def nbd_export(mon: Monitor, target: str) -> None:
-    """Serve disk *target*'s top node, writable, under the export name :func:`job_id`."""
+    """Serve disk *target*'s top node, writable, under the name :func:`export_name`."""
     await mon.execute(
         "block-export-add",
         {
             "type": "nbd",
             "id": job_id(target),
             "node-name": format_node(target),
-            "name": job_id(target),
+            "name": export_name(target),
             "writable": True,
         },
     )
@@ -155,7 +160,7 @@ async def start_mirror(
             "driver": "nbd",
             "node-name": ident,
             "server": {"type": "inet", "host": host, "port": str(port)},
-            "export": ident,
+            "export": export_name(target),
         },
     )
     dom.block_jobs[ident] = BlockJob()
