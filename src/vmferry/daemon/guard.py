@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -86,10 +87,19 @@ class _Refused(Exception):
 class GuardMiddleware:
     """Body size limit, body idle timeout and a generic 500 that keeps the connection."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        idle_timeout: float,
+        streamed_uploads: re.Pattern[str] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.idle_timeout = idle_timeout
+        # PUT paths whose route streams the body and sets its own limit (a volume upload)
+        self.streamed_uploads = streamed_uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,8 +117,15 @@ class GuardMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
+        limit = self.max_body_bytes
+        if (
+            self.streamed_uploads is not None
+            and scope.get("method") == "PUT"
+            and self.streamed_uploads.match(scope.get("path", ""))
+        ):
+            limit = sys.maxsize  # the route bounds it; the idle timeout still applies
         length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
+        if length is not None and length > limit:
             await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
             return
 
@@ -132,7 +149,7 @@ class GuardMiddleware:
                 raise _Refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     if not started:
                         await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
                     raise _Refused
