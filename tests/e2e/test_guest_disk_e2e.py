@@ -58,17 +58,25 @@ def _until(host: Host, name: str, after: Heartbeat, pred, what: str) -> Heartbea
         raise AssertionError(f"{what}: never happened; last heartbeat {hb}")
 
 
-@pytest.mark.parametrize(("fmt", "host_init"), [("raw", False), ("qcow2", True)])
+@pytest.mark.parametrize(
+    ("fmt", "host_init", "volume"),
+    [("raw", False, False), ("qcow2", True, False), ("qcow2", False, True)],
+    ids=["raw-file-guest-stamped", "qcow2-file-host-stamped", "qcow2-volume-guest-stamped"],
+)
 def test_guest_stamps_and_verifies_its_disk(
-    host: Host, images: Path, fmt: str, host_init: bool
+    host: Host, images: Path, fmt: str, host_init: bool, volume: bool
 ) -> None:
-    name = f"disk-{fmt}"
-    img = create_image(
-        images / f"{name}.{fmt}", SIZE, fmt=fmt, stamp_blocks=BLOCKS if host_init else 0
-    )
-    disk = GuestDisk(
-        file=str(img), format=fmt, blocks=BLOCKS, mib_s=1, verify_mib_s=8, host_init=host_init
-    )
+    name = f"disk-{fmt}{'-vol' if volume else ''}"
+    settings = {"format": fmt, "blocks": BLOCKS, "mib_s": 1.0, "verify_mib_s": 8.0}
+    if volume:  # in the daemon's default pool, where the daemon made it
+        with host.client() as c:
+            img = Path(c.vol_create("default", f"{name}.{fmt}", SIZE, fmt).path)
+        disk = GuestDisk(pool="default", volume=f"{name}.{fmt}", **settings)  # type: ignore[arg-type]
+    else:
+        img = create_image(
+            images / f"{name}.{fmt}", SIZE, fmt=fmt, stamp_blocks=BLOCKS if host_init else 0
+        )
+        disk = GuestDisk(file=str(img), host_init=host_init, **settings)  # type: ignore[arg-type]
     host.boot_guest(name, stamp_mib=8, dirty_mib_s=1, hb_ms=250, disk=disk)
     with host.client() as c:
         ready = wait_disk_ready(c, name)

@@ -188,3 +188,20 @@ def test_qcow2_images_verify_and_compare(tmp_path: Path) -> None:
     assert not diff.identical and diff.output
     with pytest.raises(VmferryError, match="qemu-img compare"):
         qemu_img_compare(q, tmp_path / "missing.raw")
+
+
+def test_daemon_parses_guest_disk_xml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmferry.domain.xml import parse_domain_xml
+
+    for name in ("vmlinuz", "initramfs.cpio.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setenv("VMFERRY_GUEST_DIR", str(tmp_path))
+    vol = GuestDisk(pool="default", volume="g.qcow2", format="qcow2", cache="none")
+    (d,) = parse_domain_xml(guest_xml("g", disk=vol)).devices.disks
+    assert (d.type, d.source_pool, d.source_volume, d.driver_type, d.cache, d.target_dev) == (
+        "volume", "default", "g.qcow2", "qcow2", "none", "vda",
+    )  # fmt: skip
+    (f,) = parse_domain_xml(guest_xml("g", disk=GuestDisk(file="/srv/x.raw"))).devices.disks
+    assert (f.type, f.source_file, f.driver_type, f.target_bus) == (
+        "file", "/srv/x.raw", "raw", "virtio",
+    )  # fmt: skip
