@@ -236,10 +236,12 @@ class VmferryPath:
                 "t_start": t_start,
                 "wall_s": wall,
                 "steps_s": dict(report.steps),
-                "paused_ms": _num(stats.get("downtime_ms")),
+                "downtime_ms": _num(stats.get("downtime_ms")),
                 "qemu_total_ms": _num(stats.get("total_time_ms")),
                 "disk_bytes": _num(stats.get("disk_total")),
-                "ram_transferred": _num(stats.get("memory_processed")),
+                # With storage, data_* is memory and disk together.
+                "ram_transferred": _num(stats.get("data_processed"))
+                - _num(stats.get("disk_processed")),
             }
         )
 
@@ -333,6 +335,7 @@ class FloorPath:
         old.unlink()
         hop = {k: v for k, v in asdict(result).items() if k != "info"}
         hop["wall_s"] = result.total_s
+        hop["downtime_ms"] = _num(result.qemu_downtime_ms)
         self.hops.append(hop)
 
     async def verify(self) -> None:
@@ -373,8 +376,16 @@ def _ratio(a: float, b: float) -> float:
 def build_result(
     args: argparse.Namespace, shape: Shape, paths: Sequence[Path_], checked: dict[str, str]
 ) -> dict[str, Any]:
-    keys = ("wall_s", "paused_ms", "qemu_total_ms", "disk_bytes", "ram_transferred")
-    floor_keys = ("create_s", "spawn_s", "nbd_s", "mirror_s", "migrate_s", "switchover_s")
+    keys = ("wall_s", "downtime_ms", "qemu_total_ms", "disk_bytes", "ram_transferred")
+    floor_keys = (
+        "paused_ms",
+        "create_s",
+        "spawn_s",
+        "nbd_s",
+        "mirror_s",
+        "migrate_s",
+        "switchover_s",
+    )
     out: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hops": args.hops,
@@ -429,14 +440,15 @@ def render(result: dict[str, Any]) -> str:
     ]
     rows = [
         ("wall per hop", "wall_s", 1000.0),
-        ("guest paused", "paused_ms", 1.0),
+        ("QEMU downtime", "downtime_ms", 1.0),
         ("QEMU total_time", "qemu_total_ms", 1.0),
     ]
     for title, key, scale in rows:
         cells = [_ms(p["summary"][key], scale) for p in result["paths"].values()]
         lines.append(f"{title:<22}" + "".join(f"{c:>24}" for c in cells))
-    cells = [f"{p['summary']['disk_bytes']['median'] / MIB:.0f}" for p in result["paths"].values()]
-    lines.append(f"{'disk copied, MiB':<22}" + "".join(f"{c:>24}" for c in cells))
+    for title, key in (("RAM sent, MiB", "ram_transferred"), ("disk copied, MiB", "disk_bytes")):
+        cells = [f"{p['summary'][key]['median'] / MIB:.0f}" for p in result["paths"].values()]
+        lines.append(f"{title:<22}" + "".join(f"{c:>24}" for c in cells))
     floor = result["paths"].get(FloorPath.label)
     if floor is not None:
         parts = ("create_s", "spawn_s", "nbd_s", "mirror_s", "migrate_s", "switchover_s")
@@ -445,6 +457,7 @@ def render(result: dict[str, Any]) -> str:
             + ", ".join(
                 f"{k.removesuffix('_s')} {floor['summary'][k]['median'] * 1000:.0f}" for k in parts
             )
+            + f"; guest paused (STOP to cont) {floor['summary']['paused_ms']['median']:.0f}"
         )
     for label, p in result["paths"].items():
         steps = p.get("steps")
@@ -505,7 +518,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             base = random.randrange(40000, 48000, 32)
             daemons: list[Host] = []
             for i in range(2):
-                host = daemon(work / f"h{i}", f"sbench{i}", base + 16 * i, "info", None)
+                host = daemon(
+                    work / f"h{i}", f"sbench{i}", base + 16 * i, args.daemon_log_level, None
+                )
                 host.image_roots = [dirs[i]]
                 host.extra_config = extra
                 daemons.append(host)
@@ -572,6 +587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-mib", type=int, default=256)
     p.add_argument("--disk-mib-s", type=float, default=1, help="guest disk writes during hops")
     p.add_argument("--enforce", action="store_true", help="exit 1 when a ratio misses its target")
+    p.add_argument("--daemon-log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, consoles)")
     args = p.parse_args(argv)
     if args.hops < 1 or args.data_mib > args.disk_mib:
