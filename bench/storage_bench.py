@@ -160,10 +160,14 @@ async def _beat(
     return await poll_heartbeat(read, after=after, timeout=timeout, interval=0.05)
 
 
-def _hop_check(before: Heartbeat, after: Heartbeat) -> None:
-    check_continuity(before, after)
+async def _after_hop(read: Callable[[], Awaitable[str]], last: Heartbeat | None) -> Heartbeat:
+    """The destination's next heartbeat: it continues *last*, memory and disk intact."""
+    assert last is not None
+    after = await _beat(read, last, 30)
+    check_continuity(last, after)
     if after.disk is None or not after.disk.ready:
         raise AssertionError(f"the guest's disk writer is not running after the hop: {after}")
+    return after
 
 
 @dataclass
@@ -246,10 +250,7 @@ class VmferryPath:
         )
 
     async def verify(self) -> None:
-        assert self.last is not None
-        hb = await _beat(self._console, self.last, 30)
-        _hop_check(self.last, hb)
-        self.last = hb
+        self.last = await _after_hop(self._console, self.last)
 
     async def stop(self) -> Path:
         """Destroy the guest; the image it ended on."""
@@ -339,10 +340,7 @@ class FloorPath:
         self.hops.append(hop)
 
     async def verify(self) -> None:
-        assert self.last is not None
-        hb = await _beat(self._console, self.last, 30)
-        _hop_check(self.last, hb)
-        self.last = hb
+        self.last = await _after_hop(self._console, self.last)
 
     async def stop(self) -> Path:
         if self.qemu is not None:
