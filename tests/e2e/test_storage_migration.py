@@ -181,11 +181,13 @@ def test_copy_storage_inc_over_shared_backing(pair: tuple[Host, Host]) -> None:
     hb = boot(a, name, writing_disk(top, "qcow2"))
     report = _run(_migrate(a, b, name, INC | PAUSED))
     _on(b, a, name, hb, state="paused")
-    # only the top layer (the guest's re-stamps) travelled, not the 16 MiB base
-    assert report.stats["disk_total"] < SIZE, report.stats  # type: ignore[operator]
+    assert report.stats["disk_total"] > 0, report.stats  # type: ignore[operator]
     with b.client() as c:
         info = c.vol_info(POOL, top)
         assert [(x.name, x.format) for x in info.backing] == [("base.raw", "raw")], info
+    # only the top layer travelled: what the guest re-stamped of its first 8 MiB, never the
+    # 16 MiB base (a full copy would allocate all of it in the overlay)
+    assert info.allocation < 12 * MIB, info
     _copied(volume(a, top), volume(b, top))
     _resume_and_check(b, name, hb)
     for host in (a, b):
@@ -211,7 +213,10 @@ def test_migrate_disks_subset(pair: tuple[Host, Host], shared: Path) -> None:
     with pytest.raises(VmferryError, match="'vdc' cannot be copied"):
         _run(_migrate(a, b, name, ALL, migrate_disks="vda,vdc"))
     report = _run(_migrate(a, b, name, ALL | PAUSED, migrate_disks="vda"))
-    assert SIZE <= report.stats["disk_total"] < SIZE + 8 * MIB  # type: ignore[operator]
+    assert report.stats["disk_total"] >= SIZE  # type: ignore[operator]
+    # vda only: the destination served no other disk over NBD
+    served = b.log.read_text(errors="replace")
+    assert "drive-vda" in served and "drive-vdb" not in served and "drive-vdc" not in served
     _on(b, a, name, hb, state="paused")
     _copied(volume(a, vol), volume(b, vol))
     _resume_and_check(b, name, hb)
