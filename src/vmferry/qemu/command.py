@@ -276,13 +276,17 @@ def _disk_args(
             layer = chain[level]
             file_node = protocol_node(disk.target_dev, level)
             filename = layer.path
+            auto_read_only = True
             if passed is not None and layer.path in passed.disk_files:
                 filename = passed.disk_files[layer.path]
+                # one descriptor per image, read-write for the guest's top image: opened so
+                # from the start (see confine.DiskFile)
+                auto_read_only = level > 0 or disk.readonly
             protocol: dict[str, object] = {
                 "driver": "file",
                 "filename": filename,
                 "node-name": file_node,
-                "auto-read-only": True,
+                "auto-read-only": auto_read_only,
                 "discard": "unmap",
             }
             driver = layer.format if level else disk.driver_type

@@ -321,10 +321,11 @@ class Confinement:
             for disk in disks:
                 if disk.path in files.disk_files:
                     continue  # one image in two chains: QEMU refuses that itself
-                # auto-read-only: QEMU opens read-only first, read-write once the guest
-                # device attaches: a writable image needs a descriptor of each mode.
-                for write in (False, True) if disk.write else (False,):
-                    files.fdsets.append((next_set, _open_disk(disk, write=write), disk.path))
+                # One descriptor, in the mode QEMU opens the image with (the command line
+                # turns auto-read-only off for a passed writable image): two descriptors of
+                # one image are two open file descriptions whose image locks conflict, and
+                # QEMU aborts at the first permission change (a block job's, a migration's).
+                files.fdsets.append((next_set, _open_disk(disk, write=disk.write), disk.path))
                 files.disk_files[disk.path] = f"/dev/fdset/{next_set}"
                 next_set += 1
         except BaseException:
@@ -338,9 +339,9 @@ class DiskFile:
     """A disk image QEMU gets as a descriptor, opened as QEMU will use it.
 
     QEMU hands out a descriptor of an fdset only for the same access mode and
-    ``O_DIRECT`` flag it asks for: the top image of a writable disk read-only
-    and read-write, backing images read-only, ``O_DIRECT`` for the cache modes
-    that bypass the host's page cache.
+    ``O_DIRECT`` flag it asks for: the top image of a writable disk read-write
+    (QEMU opens it so from the start), backing images read-only, ``O_DIRECT``
+    for the cache modes that bypass the host's page cache.
     """
 
     path: str
