@@ -157,15 +157,24 @@ async def start_mirror(
     """
     mon = dom.require_monitor()
     ident = job_id(target)
-    await mon.execute(
-        "blockdev-add",
-        {
-            "driver": "nbd",
-            "node-name": ident,
-            "server": {"type": "inet", "host": host, "port": str(port)},
-            "export": export_name(target),
-        },
-    )
+    try:
+        await mon.execute(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": ident,
+                "server": {"type": "inet", "host": host, "port": str(port)},
+                "export": export_name(target),
+            },
+        )
+    except VmferryError as err:
+        if not mon.connected:
+            raise
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"copying disk '{target}' of domain '{dom.name}': cannot use the destination's NBD "
+            f"server at {host}:{port}: {err.message}",
+        ) from None
     dom.block_jobs[ident] = BlockJob()
     try:
         await mon.execute(
