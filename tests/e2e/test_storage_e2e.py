@@ -1,0 +1,185 @@
+"""Storage pools and volumes on real daemons and QEMU: the chains QEMU opens, the refusals."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_access import AccessHost
+from tests.e2e.test_qemu_command_e2e import needs_qemu, running_qemu
+from tests.unit.test_qemu_command import domain_xml
+from vmferry.client import Client
+from vmferry.domain import parse_domain_xml
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.storage import Pool, Pools
+from vmferry.testguest import guest_xml
+from vmferry.testing import hosts, wait_heartbeat
+
+MiB = 1 << 20
+
+
+def _volume_disk(volume: str, fmt: str = "qcow2", dev: str = "vda", pool: str = "default") -> str:
+    return (
+        f"<disk type='volume' device='disk'><driver name='qemu' type='{fmt}' cache='none'/>"
+        f"<source pool='{pool}' volume='{volume}'/><target dev='{dev}' bus='virtio'/></disk>"
+    )
+
+
+def _guest_with_disks(name: str, disks: str) -> str:
+    return guest_xml(name, memory_mib=96, stamp_mib=8).replace("</devices>", disks + "</devices>")
+
+
+def _pattern(size: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+def _code(err: pytest.ExceptionInfo[VmferryError]) -> str:
+    return str(err.value.code)
+
+
+@needs_qemu
+@pytest.mark.qemu
+async def test_qemu_reads_through_the_chain(tmp: Path) -> None:
+    """QEMU opens every layer as its own node and reads the base's data through the top."""
+    pool = Pool("P", tmp / "pool")
+    pool.ensure()
+    pool.create_volume("base.raw", MiB, "raw")
+    up = pool.begin_upload("base.raw")
+    up.write(b"\x5a" * MiB)
+    up.commit()
+    pool.create_volume("mid.qcow2", MiB, "qcow2", backing=("base.raw", "raw"))
+    pool.create_volume("top.qcow2", MiB, "qcow2", backing=("mid.qcow2", "qcow2"))
+    d = parse_domain_xml(
+        domain_xml(_volume_disk("top.qcow2", pool="P").replace("cache='none'", "cache='unsafe'"))
+    )
+    chains = Pools([pool]).resolve(d)
+    async with running_qemu(d, tmp, chains=chains) as qmp:
+        (vda,) = [b for b in await qmp.execute("query-block") if "virtio-disk0" in b["qdev"]]
+        inserted = vda["inserted"]
+        assert inserted["node-name"] == "fmt-vda" and inserted["backing_file_depth"] == 2
+        nodes = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
+        files = {name: nodes[name]["file"] for name in ("file-vda", "file-vda-b1", "file-vda-b2")}
+        assert files == {
+            "file-vda": str(pool.path / "top.qcow2"),
+            "file-vda-b1": str(pool.path / "mid.qcow2"),
+            "file-vda-b2": str(pool.path / "base.raw"),
+        }
+        formats = [nodes[f"fmt-vda{s}"]["drv"] for s in ("", "-b1", "-b2")]
+        assert formats == ["qcow2", "qcow2", "raw"]
+        assert [nodes[f"fmt-vda{s}"]["ro"] for s in ("", "-b1", "-b2")] == [False, True, True]
+        # qemu-io prints to QEMU's stdout, the log here: the base's bytes, read through the top
+        for pattern in ("0x5a", "0x11"):
+            command = f'qemu-io fmt-vda "read -P {pattern} 4096 4096"'
+            await qmp.execute("human-monitor-command", {"command-line": command})
+    log = (tmp / "qemu.log").read_text()
+    assert "read 4096/4096 bytes" in log, log
+    assert log.count("Pattern verification failed") == 1, log
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_volumes_end_to_end(tmp: Path) -> None:
+    with hosts(2, host_type=AccessHost) as (h, other):
+        with Client(h.uri) as c, Client(f"unix://{h.ro_socket}") as ro:
+            (pool,) = c.pool_list()
+            assert pool.name == "default"
+            assert pool.path == str(h.state_dir / "pools" / "default")
+            with Client(other.uri) as c2:
+                assert c2.pool_list()[0].path != pool.path  # each daemon its own pool
+
+            # a raw base with known content, a qcow2 over it
+            c.vol_create("default", "base.raw", 4 * MiB, "raw")
+            data = _pattern(4 * MiB, 3)
+            info = c.vol_upload("default", "base.raw", io.BytesIO(data))
+            assert (info.format, info.capacity) == ("raw", 4 * MiB)
+            top = c.vol_create("default", "top.qcow2", 8 * MiB, "qcow2", "base.raw", "raw")
+            assert [(b.name, b.format) for b in top.backing] == [("base.raw", "raw")]
+            assert {v.name for v in ro.vol_list("default")} == {"base.raw", "top.qcow2"}
+            assert ro.vol_info("default", "top.qcow2").capacity == 8 * MiB
+            st = os.stat(top.path)
+            assert (st.st_uid, st.st_mode & 0o777) == (_qemu_uid(), 0o600)
+
+            # a guest on the chain boots; QEMU holds both images
+            c.create(_guest_with_disks("vg", _volume_disk("top.qcow2")))
+            wait_heartbeat(c, "vg")
+            (disk,) = c.domblklist("vg")
+            assert (disk.target, disk.type, disk.pool, disk.volume, disk.source) == (
+                "vda",
+                "volume",
+                "default",
+                "top.qcow2",
+                top.path,
+            )
+            (pid,) = h.qemu_pids()
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert {top.path, str(Path(pool.path) / "base.raw")} <= held
+
+            # in use: not deleted (the base neither: it backs the disk), not overwritten
+            for name in ("top.qcow2", "base.raw"):
+                with pytest.raises(VmferryError, match="in use by domain 'vg'") as err:
+                    c.vol_delete("default", name)
+                assert _code(err) == ErrorCode.OPERATION_INVALID
+            with pytest.raises(VmferryError, match="running domain 'vg'"):
+                c.vol_upload("default", "base.raw", io.BytesIO(b"x"))
+            c.destroy("vg")
+
+            # download gives back exactly what was uploaded; read-only may not download
+            out = io.BytesIO()
+            assert c.vol_download("default", "base.raw", out) == len(data)
+            assert out.getvalue() == data
+            with pytest.raises(VmferryError) as err:
+                ro.vol_download("default", "base.raw", io.BytesIO())
+            assert _code(err) == ErrorCode.ACCESS_DENIED
+            with pytest.raises(VmferryError) as err:
+                ro.vol_create("default", "x", MiB)
+            assert _code(err) == ErrorCode.ACCESS_DENIED
+
+            # an upload beyond the capacity is refused and changes nothing
+            with pytest.raises(VmferryError, match="larger than volume") as err:
+                c.vol_upload("default", "base.raw", io.BytesIO(b"y" * (5 * MiB)))
+            assert _code(err) == ErrorCode.INVALID_ARG
+            out = io.BytesIO()
+            c.vol_download("default", "base.raw", out)
+            assert out.getvalue() == data
+
+            # hostile names never reach a file
+            for name in ("..", ".hidden", "a b", "x" * 200, "ok\nname", "..\\x"):
+                with pytest.raises(VmferryError) as err:
+                    c.vol_create("default", name, MiB)
+                assert _code(err) == ErrorCode.INVALID_ARG, name
+                with pytest.raises(VmferryError) as err:
+                    c.vol_info("default", name)
+                assert _code(err) in (ErrorCode.INVALID_ARG, ErrorCode.NO_SUPPORT), name
+            for name in ("../../etc/passwd", "/etc/passwd"):
+                with pytest.raises(VmferryError) as err:
+                    c.vol_download("default", name, io.BytesIO())
+                assert _code(err) in (ErrorCode.INVALID_ARG, ErrorCode.NO_SUPPORT), name
+            with pytest.raises(VmferryError) as err:
+                c.vol_create("default", "evil", MiB, "qcow2", "../../../etc/passwd", "raw")
+            assert _code(err) == ErrorCode.INVALID_ARG
+            with pytest.raises(VmferryError) as err:
+                c.vol_list("nopool")
+            assert _code(err) == ErrorCode.NO_STORAGE_POOL
+            assert sorted(os.listdir(pool.path)) == ["base.raw", "top.qcow2"]
+
+            # a volume the guest does not use any more goes
+            c.vol_delete("default", "top.qcow2")
+            c.vol_delete("default", "base.raw")
+            assert c.vol_list("default") == []
+
+
+def _qemu_uid() -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam("vmferry-qemu").pw_uid
+    except KeyError:
+        return os.getuid()
+
+
+def test_qemu_img_is_installed() -> None:
+    assert subprocess.run(["qemu-img", "--version"], capture_output=True).returncode == 0
