@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from tests.e2e.test_access import AccessHost
 from tests.e2e.test_qemu_command_e2e import needs_qemu, running_qemu
 from tests.unit.test_qemu_command import domain_xml
-from vmferry.client import Client
+from vmferry.client import AsyncClient, Client
+from vmferry.client.migrate import migrate, migrate_p2p
 from vmferry.domain import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.flags import MigrateFlags
 from vmferry.storage import Pool, Pools
-from vmferry.testguest import guest_xml
-from vmferry.testing import hosts, wait_heartbeat
+from vmferry.testguest import check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
 
 MiB = 1 << 20
 
@@ -183,3 +187,53 @@ def _qemu_uid() -> int:
 
 def test_qemu_img_is_installed() -> None:
     assert subprocess.run(["qemu-img", "--version"], capture_output=True).returncode == 0
+
+
+class SharedPoolHost(Host):
+    """A daemon with a pool ``shared`` in a directory every such daemon names (an NFS pool)."""
+
+    shared: ClassVar[Path | None] = None
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        return text + (f'[pools.shared]\npath = "{self.shared}"\n' if self.shared else "")
+
+
+@needs_qemu
+@pytest.mark.qemu
+def test_guest_on_a_shared_pool_migrates_there_and_back(tmp: Path) -> None:
+    """Each host resolves the volume in its own pool of that name (here: the same directory)."""
+    SharedPoolHost.shared = tmp / "shared"
+    try:
+        with hosts(2, host_type=SharedPoolHost) as (a, b):
+            with Client(a.uri) as ca, Client(b.uri) as cb:
+                assert [p.name for p in cb.pool_list()] == ["shared"]
+                ca.vol_create("shared", "base", 4 * MiB, "raw")
+                ca.vol_create("shared", "top", 8 * MiB, "qcow2", "base", "raw")
+                ca.create(_guest_with_disks("sg", _volume_disk("top", pool="shared")))
+                hb = wait_heartbeat(ca, "sg")
+
+                asyncio.run(_hop(a, b, "sg", p2p=False))
+                assert [d.name for d in ca.list_domains(all=True)] == []
+                hb2 = wait_heartbeat(cb, "sg", after=hb)
+                check_continuity(hb, hb2)
+                (disk,) = cb.domblklist("sg")
+                assert disk.source == str(SharedPoolHost.shared / "top")
+
+                asyncio.run(_hop(b, a, "sg", p2p=True))
+                hb3 = wait_heartbeat(ca, "sg", after=hb2)
+                check_continuity(hb2, hb3)
+                (pid,) = a.qemu_pids()
+                fds = os.listdir(f"/proc/{pid}/fd")
+                held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
+                assert {str(SharedPoolHost.shared / n) for n in ("top", "base")} <= held
+    finally:
+        SharedPoolHost.shared = None
+
+
+async def _hop(src: Host, dst: Host, name: str, *, p2p: bool) -> None:
+    async with AsyncClient(src.uri) as s, AsyncClient(dst.uri) as d:
+        if p2p:
+            await migrate_p2p(s, dst.uri, name, MigrateFlags.LIVE)
+        else:
+            await migrate(s, d, name, MigrateFlags.LIVE)

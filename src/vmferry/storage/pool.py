@@ -87,9 +87,17 @@ class Pool:
         return f"Pool({self.name!r}, {str(self.path)!r})"
 
     def ensure(self) -> None:
-        """Create the directory (mode 0711: QEMU may reach a file it knows, not list them)."""
+        """Create the directory (mode 0711: QEMU may reach a file it knows, not list them).
+
+        Temporary files a crash left behind (a half-made volume or upload) go.
+        """
         try:
             self.path.mkdir(mode=0o711, parents=True, exist_ok=True)
+            for entry in os.scandir(self.path):
+                if entry.name.startswith((".create-", ".upload-")) and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    os.unlink(entry.path)
         except OSError as err:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
