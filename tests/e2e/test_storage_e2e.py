@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -237,3 +238,37 @@ async def _hop(src: Host, dst: Host, name: str, *, p2p: bool) -> None:
             await migrate_p2p(s, dst.uri, name, MigrateFlags.LIVE)
         else:
             await migrate(s, d, name, MigrateFlags.LIVE)
+
+
+@pytest.fixture
+def small_fs(tmp: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (a pool that fills up); skipped where mounting is not allowed."""
+    where = tmp / "small"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_pool_says_so(small_fs: Path) -> None:
+    pool = Pool("small", small_fs / "pool")
+    pool.ensure()
+    with pytest.raises(VmferryError, match="bytes free") as err:
+        pool.create_volume("big.raw", 64 * MiB, "raw")
+    assert _code(err) == ErrorCode.STORAGE_FULL
+    pool.create_volume("v.qcow2", 64 * MiB, "qcow2")  # sparse: metadata only
+    before = pool.info("v.qcow2")
+    up = pool.begin_upload("v.qcow2")
+    with pytest.raises(VmferryError, match="the pool is full") as err:
+        for _ in range(4):
+            up.write(b"z" * MiB)
+    assert _code(err) == ErrorCode.STORAGE_FULL
+    up.abort()
+    assert os.listdir(pool.path) == ["v.qcow2"]
+    assert pool.info("v.qcow2") == before
