@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -272,3 +273,35 @@ def test_a_full_pool_says_so(small_fs: Path) -> None:
     up.abort()
     assert os.listdir(pool.path) == ["v.qcow2"]
     assert pool.info("v.qcow2") == before
+
+
+def test_cli_storage_commands(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmferry.cli.main import main
+
+    with hosts(1) as (h,):
+
+        def run(*argv: str) -> tuple[int, str, str]:
+            code = main(["-c", h.uri, *argv])
+            out = capsys.readouterr()
+            return code, out.out, out.err
+
+        code, out, _ = run("pool-list")
+        assert code == 0 and "default" in out and str(h.state_dir / "pools" / "default") in out
+        assert run("vol-create-as", "default", "b", "2M")[1] == "Vol b created\n"
+        assert run("vol-create-as", "default", "t", "1G", "--backing-vol", "b",
+                   "--backing-vol-format", "raw")[1] == "Vol t created\n"  # fmt: skip
+        code, out, _ = run("vol-info", "default", "t")
+        assert "Format:         qcow2" in out and "Capacity:       1.000 GiB" in out
+        assert "Backing:        b (raw)" in out
+        code, out, _ = run("vol-list", "default", "--json")
+        assert [v["name"] for v in json.loads(out)] == ["b", "t"]
+        src, dst = tmp / "in.bin", tmp / "out.bin"
+        src.write_bytes(_pattern(MiB + 17, 9))
+        assert run("vol-upload", "default", "b", str(src))[0] == 0
+        assert run("vol-download", "default", "b", str(dst))[0] == 0
+        assert dst.read_bytes() == src.read_bytes()
+        code, _, err = run("vol-create-as", "default", "../evil", "1M")
+        assert code == 1 and "[invalid-arg]" in err and "invalid volume name" in err
+        code, _, err = run("vol-upload", "default", "b", str(tmp / "missing"))
+        assert code == 1 and "cannot open" in err
+        assert run("vol-delete", "default", "t")[1] == "Vol t deleted\n"
