@@ -232,8 +232,9 @@ def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:
     if source:
         caps["auto-converge"] = bool(flags & MigrateFlags.AUTO_CONVERGE)
         caps["xbzrle"] = bool(flags & MigrateFlags.COMPRESSED)
-        # storage: QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
-        caps["pause-before-switchover"] = bool(flags & MigrateFlags.copy_storage())
+        if flags & MigrateFlags.copy_storage():
+            # QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
+            caps["pause-before-switchover"] = True
     return caps
 
 

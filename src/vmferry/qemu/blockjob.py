@@ -18,6 +18,7 @@ and the source keeps its own disk. On failure the cancel is forced.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ class BlockJob:
     length: int = 0  # bytes to copy (grows while the guest writes)
     offset: int = 0  # bytes copied
     cancelled: bool = False  # a BLOCK_JOB_CANCELLED event (forced cancel, or before ready)
+    # the last progress look (monotonic seconds, bytes copied): the rate between two looks
+    sample: tuple[float, int] | None = None
 
     @property
     def over(self) -> bool:
@@ -154,15 +157,24 @@ async def start_mirror(
     """
     mon = dom.require_monitor()
     ident = job_id(target)
-    await mon.execute(
-        "blockdev-add",
-        {
-            "driver": "nbd",
-            "node-name": ident,
-            "server": {"type": "inet", "host": host, "port": str(port)},
-            "export": export_name(target),
-        },
-    )
+    try:
+        await mon.execute(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": ident,
+                "server": {"type": "inet", "host": host, "port": str(port)},
+                "export": export_name(target),
+            },
+        )
+    except VmferryError as err:
+        if not mon.connected:
+            raise
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"copying disk '{target}' of domain '{dom.name}': cannot use the destination's NBD "
+            f"server at {host}:{port}: {err.message}",
+        ) from None
     dom.block_jobs[ident] = BlockJob()
     try:
         await mon.execute(
@@ -314,13 +326,23 @@ async def progress(dom: QemuDomain) -> dict[str, int]:
     if mon is None or not mon.connected or not dom.block_jobs:
         return {}
     jobs = await mon.execute("query-block-jobs")
+    now = time.monotonic()
     total = processed = 0
+    rate = 0.0
     for job in jobs or []:
-        if str(job.get("device", "")).startswith(PREFIX):
-            total += int(job.get("len", 0))
-            processed += int(job.get("offset", 0))
+        ident = str(job.get("device", ""))
+        if not ident.startswith(PREFIX):
+            continue
+        length, offset = int(job.get("len", 0)), int(job.get("offset", 0))
+        total += length
+        processed += offset
+        known = dom.block_jobs.setdefault(ident, BlockJob())
+        if known.sample is not None and now > known.sample[0]:
+            rate += max(0, offset - known.sample[1]) / (now - known.sample[0])
+        known.sample = (now, offset)
     return {
         "disk_total": total,
         "disk_processed": processed,
         "disk_remaining": max(0, total - processed),
+        "disk_bps": int(rate),
     }
