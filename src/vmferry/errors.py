@@ -35,6 +35,8 @@ class ErrorCode(StrEnum):
     RPC_FAILED = "rpc-failed"
     NO_FREE_PORT = "no-free-port"
     QEMU_FAILED = "qemu-failed"
+    # [migration] tls = "required" and the migration would not be encrypted (migrate_tls_force)
+    TLS_REQUIRED = "tls-required"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -49,6 +51,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFIG_UNSUPPORTED: 400,
     ErrorCode.AUTH_FAILED: 403,
     ErrorCode.ACCESS_DENIED: 403,
+    ErrorCode.TLS_REQUIRED: 409,
 }
 
 

@@ -44,6 +44,8 @@ from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.postcopy_watch import PostcopyWatch
 from vmferry.migration.stats import from_query_migrate
+from vmferry.migration.tls import TlsSetup
+from vmferry.qemu import tls_creds
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
 from vmferry.qemu.migration_status import MigrationStatus
@@ -60,6 +62,14 @@ class MigrationService:
         self._peers = ClientConnector(driver.config)
         self._postcopy_watch = PostcopyWatch(self)
         driver.set_job_hooks(self)
+        confine = driver.lifecycle.confine
+        self._tls = TlsSetup(
+            mode=driver.config.migration.tls,
+            pki_dir=driver.config.tls.pki_dir,
+            staging=driver.state.root / tls_creds.STAGING_DIR,
+            user=confine.user if confine is not None else None,
+        )
+        tls_creds.sweep(self._tls.staging)  # copies a crash left behind
 
     # -- the driver, as the migration layer needs it (vmferry.migration.host.MigrationHost) ---
 
@@ -163,6 +173,11 @@ class MigrationService:
         """``[migration] perform_stall_timeout`` and ``perform_timeout``."""
         mig = self.driver.config.migration
         return PerformLimits(stall_s=mig.perform_stall_timeout, total_s=mig.perform_timeout)
+
+    @property
+    def tls(self) -> TlsSetup:
+        """``[migration] tls`` and ``[tls] pki_dir`` (vmferry.migration.tls)."""
+        return self._tls
 
     async def stream_uri(self, uri: str) -> str:
         """Whoever gave *uri* (a client, a p2p destination's Prepare): tcp to an allowed network."""

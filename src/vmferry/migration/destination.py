@@ -41,6 +41,7 @@ from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import postcopy
+from vmferry.migration import tls as mtls
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -83,10 +84,13 @@ async def prepare(
         definition = replace(definition, name=params.dname)
     # The XML comes from another host: this host's rules decide what its QEMU may reach.
     host.check_definition(definition)
+    offer = None
     if cookie_in is not None:
-        parse_cookie(
+        offer = parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
         )
+    # decided before anything is made: a refused migration leaves nothing behind
+    use_tls = not flags & MigrateFlags.OFFLINE and mtls.decide(host.tls, flags, offer)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:
         raise VmferryError(
@@ -104,7 +108,7 @@ async def prepare(
         dom.save()  # recovery needs created_here
         await failpoint("dst-prepare-before")
         if not flags & MigrateFlags.OFFLINE:
-            uri = await _start_incoming(host, dom, flags, params)
+            uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
         if session:
             # The client may have left while Prepare ran: then nobody would Finish it.
             host.bind_session(session, dom)
@@ -118,18 +122,26 @@ async def prepare(
     )
     if not flags & MigrateFlags.OFFLINE:
         cookie.capabilities = mparams.capabilities(flags, source=False)
+        if offer is not None:
+            cookie.tls_use = use_tls
     return uri, cookie.to_xml()
 
 
 async def _start_incoming(
-    host: MigrationHost, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams
+    host: MigrationHost,
+    dom: QemuDomain,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    use_tls: bool = False,
 ) -> str:
     address = host.migration_address(params.listen_address)
     port = host.acquire_port()
     dom.migration.port = port
     await host.lifecycle.start(dom, incoming=True)
     mon = dom.require_monitor()
-    await mparams.apply(mon, params, flags, source=False)
+    extra = await mtls.enable(host.tls, dom, server=True) if use_tls else {}
+    await mparams.apply(mon, params, flags, source=False, extra=extra)
     listen = f"[{address}]" if ":" in address else address
     await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:{port}"})
     return f"tcp:{listen}:{port}"
@@ -322,6 +334,7 @@ async def _finish_active(
             f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
         )
     _persist(host, dom, cookie, flags)
+    await mtls.disable(dom)  # the stream is over: QEMU forgets the credentials
     if flags & MigrateFlags.PAUSED:
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
         return None
@@ -488,6 +501,7 @@ async def finish_resume(
 async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     """The post-copy stream completed: the whole guest is here; end the job."""
     _release(host, dom)
+    await mtls.disable(dom)
     try:
         if dom.state == DomainState.PAUSED:
             # Finish never ran (the source or client went away): the guest starts now.

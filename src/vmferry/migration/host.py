@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from vmferry.migration.peer_probe import MigrationPeer
     from vmferry.migration.postcopy_watch import PostcopyWatch
     from vmferry.migration.protocol import DestinationSide
+    from vmferry.migration.tls import TlsSetup
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ class MigrationHost(Protocol):
 
     @property
     def perform_limits(self) -> PerformLimits: ...
+
+    @property
+    def tls(self) -> TlsSetup:
+        """``[migration] tls``, the PKI and how QEMU gets a copy (vmferry.migration.tls)."""
+        ...
 
     async def stream_uri(self, uri: str) -> str:
         """*uri* checked (only ``tcp:`` to allowed networks) and as QEMU must get it."""

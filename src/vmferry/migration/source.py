@@ -33,6 +33,7 @@ from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
 from vmferry.migration import postcopy
+from vmferry.migration import tls as mtls
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost, PerformLimits
@@ -96,6 +97,7 @@ async def begin(
         cookie = _cookie(host, dom)
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
+            mtls.offer(host.tls, flags, cookie)
         if session:
             host.bind_session(session, dom)  # fails if the client is already gone
     except BaseException:
@@ -136,13 +138,16 @@ async def perform3(
         await failpoint("src-perform3-before")
         if not flags & MigrateFlags.OFFLINE:
             uri = await host.stream_uri(uri)
-            parse_cookie(cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid)
+            answer = parse_cookie(
+                cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
+            )
             await _run(
                 dom,
                 uri,
                 flags,
                 dom.migration.params or MigrationParams(),
                 host.perform_limits,
+                tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
             )
     except BaseException:
         await restore_source(dom, flags)
@@ -171,6 +176,7 @@ async def perform2(
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
     uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
+    use_tls = mtls.follow(host.tls, flags, None)  # v2: --tls alone decides
     if not params.bandwidth_mib_s:
         params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
@@ -188,7 +194,7 @@ async def perform2(
     dom.save()  # recovery needs was_running
     try:
         await failpoint("src-perform2-before")
-        await _run(dom, uri, flags, params, host.perform_limits)
+        await _run(dom, uri, flags, params, host.perform_limits, tls=host.tls if use_tls else None)
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -206,14 +212,23 @@ async def _run(
     flags: MigrateFlags,
     params: MigrationParams,
     limits: PerformLimits | None = None,
+    *,
+    tls: mtls.TlsSetup | None = None,
 ) -> None:
-    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end."""
+    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end.
+
+    :param tls: encrypt the stream with these credentials (QEMU's TLS).
+    """
     mon = dom.require_monitor()
     dom.migration.status = MigrationStatus.SETUP
     dom.migration.iteration = 0
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
-    await mparams.apply(mon, params, flags, source=True)
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        # the destination's certificate must name the host the stream goes to
+        extra = await mtls.enable(tls, dom, server=False, hostname=_uri_host(uri))
+    await mparams.apply(mon, params, flags, source=True, extra=extra)
     # The convergence policy's own settings; it may switch the migration to post-copy.
     await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
@@ -236,6 +251,12 @@ async def _run(
         if dom.monitor is not None and dom.monitor.connected:
             await _cancel(dom)
         raise
+
+
+def _uri_host(uri: str) -> str:
+    """The host of a checked ``tcp:HOST:PORT`` (brackets of IPv6 removed)."""
+    host = uri.removeprefix("tcp:").rpartition(":")[0]
+    return host.strip("[]")
 
 
 async def _wait_completion(
@@ -430,6 +451,7 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     except VmferryError as err:
         # Not a reason to leave the guest paused: the next migration sets them again.
         log.warning("resetting migration parameters of %s: %s", dom.name, err.message)
+    await mtls.disable(dom)
     try:
         if dom.migration.was_running and dom.state != DomainState.RUNNING:
             dom.pending_resume_reason = RunningReason.MIGRATION_CANCELED

@@ -43,6 +43,7 @@ class MigrationProgress:
     port: int = 0
     created_here: bool = False  # the destination made the domain object for this migration
     origin_name: str = ""  # the destination: the name on the source (before --dname)
+    tls: bool = False  # QEMU holds TLS credentials for this migration's stream
 
 
 @dataclass
