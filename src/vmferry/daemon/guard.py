@@ -107,8 +107,11 @@ class GuardMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
+        # the tunnelled migration stream is as long as the guest's memory; it is relayed
+        # as it arrives (bounded), never held, and still dies when it stalls (idle timeout)
+        limit = None if _is_stream(scope) else self.max_body_bytes
         length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
+        if limit is not None and length is not None and length > limit:
             await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
             return
 
@@ -132,7 +135,7 @@ class GuardMiddleware:
                 raise _Refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if limit is not None and received > limit:
                     if not started:
                         await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
                     raise _Refused
@@ -178,6 +181,15 @@ class GuardMiddleware:
 
     def _too_large(self) -> str:
         return f"request body too large: the limit is {self.max_body_bytes} bytes"
+
+
+def _is_stream(scope: Scope) -> bool:
+    path = str(scope.get("path", ""))
+    return scope.get("method") == "POST" and path.endswith(STREAM_SUFFIX)
+
+
+#: Routes whose body is a stream (vmferry.migration.tunnel), exempt from the size limit.
+STREAM_SUFFIX = "/migrate/tunnel"
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +45,7 @@ from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.postcopy_watch import PostcopyWatch
 from vmferry.migration.stats import from_query_migrate
 from vmferry.migration.tls import TlsSetup
+from vmferry.migration.tunnel import Sender
 from vmferry.qemu import tls_creds
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
@@ -212,11 +213,13 @@ class MigrationService:
             return await source.begin_resume(self, dom, flags, params, session=session)
         return await source.begin(self, dom, flags, params, session=session)
 
-    async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+    async def source_perform(
+        self, dom: QemuDomain, cookie: str, uri: str, *, tunnel: Sender | None = None
+    ) -> str:
         """Perform (or its resume); watches a migration that switched to post-copy."""
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
             return await source.perform_resume(self, dom, cookie, uri)
-        out = await source.perform3(self, dom, cookie, uri)
+        out = await source.perform3(self, dom, cookie, uri, tunnel=tunnel)
         if postcopy.in_postcopy(dom):
             self._postcopy_watch.watch(dom)  # from the switch-over on, until the job ends
         return out
@@ -367,6 +370,10 @@ class MigrationService:
                 self._postcopy_watch.watch(dom)  # QEMU may still complete it unattended
             raise
         return out
+
+    async def migrate_tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        """The tunnelled stream of the incoming *name*, from the source daemon."""
+        return await destination.receive_tunnel(self.lookup(name), chunks)
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
         """``migrate/confirm``: Confirm3 on the source."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +43,7 @@ from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import postcopy
 from vmferry.migration import tls as mtls
+from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -135,6 +137,14 @@ async def _start_incoming(
     *,
     use_tls: bool = False,
 ) -> str:
+    if flags & MigrateFlags.TUNNELLED:
+        # no port: the stream comes through the daemons' connection (vmferry.migration.tunnel)
+        await host.lifecycle.start(dom, incoming=True)
+        mon = dom.require_monitor()
+        await mparams.apply(mon, params, flags, source=False)
+        dom.migration.tunnel = await mtunnel.give_qemu_end(mon)
+        await mon.execute("migrate-incoming", {"uri": f"fd:{mtunnel.FD_NAME}"})
+        return ""
     address = host.migration_address(params.listen_address)
     port = host.acquire_port()
     dom.migration.port = port
@@ -145,6 +155,26 @@ async def _start_incoming(
     listen = f"[{address}]" if ":" in address else address
     await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:{port}"})
     return f"tcp:{listen}:{port}"
+
+
+async def receive_tunnel(dom: QemuDomain, chunks: AsyncIterator[bytes]) -> int:
+    """The peer's tunnelled stream for the incoming *dom*, into its QEMU (once only)."""
+    flags = MigrateFlags(dom.migration.flags)
+    end = dom.migration.tunnel
+    if (
+        dom.job.async_job != AsyncJob.MIGRATION_IN
+        or not flags & MigrateFlags.TUNNELLED
+        or end is None
+    ):
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            f"no tunnelled migration of '{dom.name}' is waiting for its stream",
+        )
+    dom.migration.tunnel = None  # one stream per Prepare
+    try:
+        return await mtunnel.relay_in(end, chunks)
+    finally:
+        end.close()
 
 
 def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-untyped-def]
@@ -162,6 +192,9 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
     if dom.migration.port:
         host.release_port(dom.migration.port)
         dom.migration.port = 0
+    if dom.migration.tunnel is not None:
+        dom.migration.tunnel.close()
+        dom.migration.tunnel = None
     host.unbind_session(dom)
 
 

@@ -19,6 +19,7 @@ the job back to ``postcopy_failed`` whenever they fail, so they can be retried.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -34,6 +35,7 @@ from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
 from vmferry.migration import postcopy
 from vmferry.migration import tls as mtls
+from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost, PerformLimits
@@ -129,15 +131,28 @@ def _job_cleanup(dom: QemuDomain):  # type: ignore[no-untyped-def]
 
 
 async def perform3(
-    host: MigrationHost, dom: QemuDomain, cookie_in: str, uri: str, *, api: str = "migrate-perform"
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie_in: str,
+    uri: str,
+    *,
+    api: str = "migrate-perform",
+    tunnel: mtunnel.Sender | None = None,
 ) -> str:
-    """Send the guest to *uri*; on success leave it paused here for Confirm."""
-    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
+    """Send the guest to *uri* (or through *tunnel*); on success leave it paused for Confirm."""
     flags = MigrateFlags(dom.migration.flags)
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
     try:
         await failpoint("src-perform3-before")
+        if flags & MigrateFlags.TUNNELLED and tunnel is None:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID,
+                "a tunnelled migration is run by the source daemon (peer-to-peer): "
+                "there is no stream URI to perform to",
+            )
         if not flags & MigrateFlags.OFFLINE:
-            uri = await host.stream_uri(uri)
+            if tunnel is None:
+                uri = await host.stream_uri(uri)
             answer = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
             )
@@ -148,6 +163,7 @@ async def perform3(
                 dom.migration.params or MigrationParams(),
                 host.perform_limits,
                 tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
+                tunnel=tunnel,
             )
     except BaseException:
         await restore_source(dom, flags)
@@ -175,6 +191,10 @@ async def perform2(
 ) -> None:
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
+    if flags & MigrateFlags.TUNNELLED:
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID, "a tunnelled migration requires migration protocol v3"
+        )
     uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
     use_tls = mtls.follow(host.tls, flags, None)  # v2: --tls alone decides
     if not params.bandwidth_mib_s:
@@ -214,10 +234,12 @@ async def _run(
     limits: PerformLimits | None = None,
     *,
     tls: mtls.TlsSetup | None = None,
+    tunnel: mtunnel.Sender | None = None,
 ) -> None:
     """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end.
 
     :param tls: encrypt the stream with these credentials (QEMU's TLS).
+    :param tunnel: send the stream through the daemons' connection, not to *uri*.
     """
     mon = dom.require_monitor()
     dom.migration.status = MigrationStatus.SETUP
@@ -236,7 +258,16 @@ async def _run(
         await mon.execute("stop")
     if dom.job.abort_requested:
         raise _aborted()
-    await mon.execute("migrate", {"uri": uri})
+    relay: asyncio.Task[None] | None = None
+    if tunnel is not None:
+        end = await mtunnel.give_qemu_end(mon)
+        relay = asyncio.create_task(mtunnel.relay_out(end, tunnel))
+        uri = f"fd:{mtunnel.FD_NAME}"
+    try:
+        await mon.execute("migrate", {"uri": uri})
+    except BaseException:
+        await _stop_relay(relay)
+        raise
     try:
         if armed("src-perform-migrating"):
             await dom.wait_for(lambda: dom.migration.status != MigrationStatus.SETUP, 10.0)
@@ -247,10 +278,32 @@ async def _run(
             after_precopy=params.postcopy_after_precopy,
             limits=limits or PerformLimits(),
         )
-    except BaseException:
+        if relay is not None:
+            # QEMU wrote it all; the destination must have taken it all too
+            stall = (limits or PerformLimits()).stall_s
+            await asyncio.wait_for(asyncio.shield(relay), stall)
+    except BaseException as err:
         if dom.monitor is not None and dom.monitor.connected:
             await _cancel(dom)
+        failed = await _stop_relay(relay)
+        if failed is not None and isinstance(err, VmferryError):
+            raise failed from err  # why the stream broke, rather than QEMU's broken pipe
         raise
+
+
+async def _stop_relay(relay: asyncio.Task[None] | None) -> VmferryError | None:
+    """End the tunnel's relay; the error it failed with, if any."""
+    if relay is None:
+        return None
+    if not relay.done():
+        relay.cancel()
+    try:
+        await relay
+    except VmferryError as err:
+        return err
+    except (asyncio.CancelledError, Exception) as exc:
+        log.debug("tunnel relay ended: %r", exc)
+    return None
 
 
 def _uri_host(uri: str) -> str:

@@ -1,0 +1,85 @@
+"""Tunnelled migration: the stream travels inside the daemons' own mutual-TLS connection.
+
+libvirt's ``VIR_MIGRATE_TUNNELLED``, peer-to-peer only. No migration port is
+opened on the destination; each QEMU gets one end of a socket pair from its
+daemon instead (QMP ``getfd``, then ``migrate fd:NAME`` on the source and
+``migrate-incoming fd:NAME`` on the destination, which waits with
+``-incoming defer``). The source daemon sends what its QEMU writes as the
+streaming body of one request to the destination daemon
+(``POST /v1/domains/NAME/migrate/tunnel``, over the p2p connection's TLS),
+which writes it into its QEMU.
+
+Memory stays bounded: each side reads at most :data:`CHUNK` bytes at a time
+and waits (asyncio flow control: the writer's ``drain``, uvicorn pausing the
+connection while the route does not read) until the other side took them,
+so a slow QEMU or a slow link slows the other end down instead of filling
+the daemon. The tunnel carries one stream one way: no return path (so no
+post-copy) and no multifd channels.
+
+Storage migration can use the same route for its NBD connections: each is
+one more stream, named by the request (``stream=`` is reserved for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from vmferry.qemu.monitor import Monitor
+
+#: The QMP name of the descriptor each QEMU gets.
+FD_NAME = "vmferry-tunnel"
+#: The most either daemon reads (and holds) at a time, per stream.
+CHUNK = 256 * 1024
+
+#: Sends the chunks it is given to the peer daemon; returns once it took them all.
+Sender = Callable[[AsyncIterator[bytes]], Awaitable[None]]
+
+
+async def give_qemu_end(mon: Monitor) -> socket.socket:
+    """A socket pair; QEMU gets one end as :data:`FD_NAME`, the daemon keeps the other."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await mon.execute_with_fd("getfd", {"fdname": FD_NAME}, theirs.fileno())
+    except BaseException:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    return mine
+
+
+async def relay_out(sock: socket.socket, send: Sender) -> None:
+    """Source: what QEMU writes into *sock* goes to the peer until QEMU closes its end."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while data := await reader.read(CHUNK):
+            yield data
+
+    try:
+        await send(chunks())
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def relay_in(sock: socket.socket, chunks: AsyncIterator[bytes]) -> int:
+    """Destination: the peer's bytes into QEMU's end; returns how many were relayed."""
+    _reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+    total = 0
+    try:
+        async for data in chunks:
+            writer.write(data)
+            total += len(data)
+            await writer.drain()  # waits while QEMU has not read what came before
+        if writer.can_write_eof():
+            writer.write_eof()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return total
