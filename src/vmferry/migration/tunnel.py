@@ -31,8 +31,12 @@ from vmferry.qemu.monitor import Monitor
 
 #: The QMP name of the descriptor each QEMU gets.
 FD_NAME = "vmferry-tunnel"
-#: The most either daemon reads (and holds) at a time, per stream.
-CHUNK = 256 * 1024
+#: The most either daemon reads at a time, per stream.
+CHUNK = 1 << 20
+#: Kernel and transport buffering per stream end: large enough that QEMU and the peer
+#: keep moving while a daemon waits for the CPU (a busy host wakes it late), small
+#: enough to bound what is in flight.
+WINDOW = 4 << 20
 
 #: Sends the chunks it is given to the peer daemon; returns once it took them all.
 Sender = Callable[[AsyncIterator[bytes]], Awaitable[None]]
@@ -41,6 +45,8 @@ Sender = Callable[[AsyncIterator[bytes]], Awaitable[None]]
 async def give_qemu_end(mon: Monitor) -> socket.socket:
     """A socket pair; QEMU gets one end as :data:`FD_NAME`, the daemon keeps the other."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (mine, theirs):
+        _widen(sock)
     try:
         await mon.execute_with_fd("getfd", {"fdname": FD_NAME}, theirs.fileno())
     except BaseException:
@@ -49,6 +55,16 @@ async def give_qemu_end(mon: Monitor) -> socket.socket:
     finally:
         theirs.close()
     return mine
+
+
+def _widen(sock: socket.socket) -> None:
+    """Socket buffers of :data:`WINDOW` (root may exceed net.core.[rw]mem_max: *FORCE)."""
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, WINDOW)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, WINDOW)
 
 
 async def relay_out(sock: socket.socket, send: Sender) -> None:
@@ -70,6 +86,7 @@ async def relay_out(sock: socket.socket, send: Sender) -> None:
 async def relay_in(sock: socket.socket, chunks: AsyncIterator[bytes]) -> int:
     """Destination: the peer's bytes into QEMU's end; returns how many were relayed."""
     _reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+    writer.transport.set_write_buffer_limits(high=WINDOW)
     total = 0
     try:
         async for data in chunks:
