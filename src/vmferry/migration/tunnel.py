@@ -10,10 +10,13 @@ streaming body of one request to the destination daemon
 which writes it into its QEMU.
 
 Memory stays bounded: each side reads at most :data:`CHUNK` bytes at a time
-and waits (asyncio flow control: the writer's ``drain``, uvicorn pausing the
-connection while the route does not read) until the other side took them,
-so a slow QEMU or a slow link slows the other end down instead of filling
-the daemon. The tunnel carries one stream one way: no return path (so no
+and hands them on before it reads again (the destination's ``sock_sendall``
+returns once QEMU's end took them; uvicorn stops reading the connection while
+the route has not consumed what came), so a slow QEMU or a slow link slows the
+other end down instead of filling the daemon. Socket buffers of
+:data:`WINDOW` let QEMU and the peer go on while a daemon waits for the CPU.
+
+The tunnel carries one stream one way: no return path (so no
 post-copy) and no multifd channels.
 
 Storage migration can use the same route for its NBD connections: each is
@@ -46,7 +49,7 @@ async def give_qemu_end(mon: Monitor) -> socket.socket:
     """A socket pair; QEMU gets one end as :data:`FD_NAME`, the daemon keeps the other."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for sock in (mine, theirs):
-        _widen(sock)
+        widen(sock)
     try:
         await mon.execute_with_fd("getfd", {"fdname": FD_NAME}, theirs.fileno())
     except BaseException:
@@ -57,7 +60,7 @@ async def give_qemu_end(mon: Monitor) -> socket.socket:
     return mine
 
 
-def _widen(sock: socket.socket) -> None:
+def widen(sock: socket.socket) -> None:
     """Socket buffers of :data:`WINDOW` (root may exceed net.core.[rw]mem_max: *FORCE)."""
     for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
         try:
@@ -69,34 +72,31 @@ def _widen(sock: socket.socket) -> None:
 
 async def relay_out(sock: socket.socket, send: Sender) -> None:
     """Source: what QEMU writes into *sock* goes to the peer until QEMU closes its end."""
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
 
     async def chunks() -> AsyncIterator[bytes]:
-        while data := await reader.read(CHUNK):
+        # straight from the kernel into the chunk handed on: no stream buffer in between
+        while data := await loop.sock_recv(sock, CHUNK):
             yield data
 
     try:
         await send(chunks())
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        sock.close()
 
 
 async def relay_in(sock: socket.socket, chunks: AsyncIterator[bytes]) -> int:
     """Destination: the peer's bytes into QEMU's end; returns how many were relayed."""
-    _reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
-    writer.transport.set_write_buffer_limits(high=WINDOW)
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
     total = 0
     try:
         async for data in chunks:
-            writer.write(data)
+            await loop.sock_sendall(sock, data)  # returns once QEMU's end took it all
             total += len(data)
-            await writer.drain()  # waits while QEMU has not read what came before
-        if writer.can_write_eof():
-            writer.write_eof()
-    finally:
-        writer.close()
         with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            sock.shutdown(socket.SHUT_WR)
+    finally:
+        sock.close()
     return total
