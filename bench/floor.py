@@ -10,13 +10,21 @@ Usage::
 
     async with BareQemu(argv_src, qmp_src) as src, BareQemu(argv_dst, qmp_dst) as dst:
         result = await bare_migrate(src.qmp, dst.qmp)
+
+The storage floor (:func:`bare_storage_hop`) is libvirt's NBD scheme with
+nothing around it: create the destination's disk, serve it over NBD from the
+destination QEMU, ``blockdev-mirror`` into it, migrate memory, end the mirror
+at the switchover (``pause-before-switchover``), resume the destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import socket
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +39,16 @@ from vmferry.errors import ErrorCode, VmferryError
 __all__ = [
     "FLOOR_CAPABILITIES",
     "FLOOR_PARAMETERS",
+    "BareDisk",
     "BareHop",
     "BareMigration",
     "BareQemu",
+    "BareStorageHop",
     "bare_hop",
     "bare_migrate",
+    "bare_storage_hop",
+    "disk_argv",
+    "free_port",
     "guest_argv",
 ]
 
@@ -58,6 +71,7 @@ def guest_argv(
     memory_mib: int = 128,
     incoming: bool = False,
     binary: str = "qemu-system-x86_64",
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """
     A minimal QEMU command line for the test guest.
@@ -66,6 +80,7 @@ def guest_argv(
     :param console: File the serial console is written to.
     :param incoming: Start as a migration destination: ``-incoming defer``
         and ``-S`` so the guest only runs after an explicit ``cont``.
+    :param extra: More arguments (e.g. :func:`disk_argv`).
     """
     argv = [
         binary,
@@ -94,6 +109,7 @@ def guest_argv(
         "-qmp",
         f"unix:{qmp},server=on,wait=off",
     ]
+    argv += list(extra)
     if incoming:
         argv += ["-incoming", "defer", "-S"]
     return argv
@@ -459,5 +475,270 @@ async def bare_hop(
         qemu_setup_ms=info.get("setup-time"),
         ram_transferred=ram.get("transferred"),
         iterations=ram.get("dirty-sync-count"),
+        info=info,
+    )
+
+
+# -- storage: the NBD scheme -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BareDisk:
+    """One virtio disk of a bare guest: its image, format and QEMU node name."""
+
+    image: Path
+    fmt: str = "qcow2"
+    #: The format node (also the export's and the mirror job's name).
+    node: str = "vda"
+    index: int = 0
+
+
+def disk_argv(disk: BareDisk) -> list[str]:
+    """``-blockdev`` file + format nodes and a virtio-blk device, as vmferry builds them."""
+    protocol = {
+        "driver": "file",
+        "filename": str(disk.image),
+        "node-name": f"file-{disk.node}",
+        "auto-read-only": True,
+        "discard": "unmap",
+    }
+    fmt = {"driver": disk.fmt, "node-name": disk.node, "file": f"file-{disk.node}"}
+    return [
+        "-blockdev",
+        json.dumps(protocol),
+        "-blockdev",
+        json.dumps(fmt),
+        "-device",
+        f"virtio-blk-pci,drive={disk.node},id=virtio-disk{disk.index}",
+    ]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for the NBD server: QEMU cannot report its own)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class BareStorageHop:
+    """What one :func:`bare_storage_hop` took; durations in seconds of the host's clock."""
+
+    #: ``qemu-img create`` of every destination disk.
+    create_s: float
+    #: Spawn the destination QEMU until its QMP monitor answers.
+    spawn_s: float
+    #: NBD server and exports on the destination, NBD client nodes on the source.
+    nbd_s: float
+    #: ``blockdev-mirror`` of every disk until all are ready (in sync).
+    mirror_s: float
+    #: Capabilities, ``migrate-incoming``, ``migrate`` until the source stops at pre-switchover.
+    migrate_s: float
+    #: At the switchover: end the mirrors (drain, no pivot), ``migrate-continue``, completed.
+    switchover_s: float
+    #: Destination loaded; NBD server stopped; ``cont``.
+    resume_s: float
+    #: Kill the source and reap it.
+    kill_s: float
+    #: The whole hop: create through kill.
+    total_s: float
+    #: Guest paused: the source's STOP event until the destination's ``cont`` returned.
+    paused_ms: float
+    #: Bytes the mirrors had copied when they were ready (the disks' data).
+    disk_bytes: int
+    qemu_total_ms: int | None
+    qemu_downtime_ms: int | None
+    ram_transferred: int | None
+    info: dict[str, Any] = field(repr=False)
+
+
+async def _until_event(
+    listener: EventListener, deadline: float, want: str, what: str
+) -> Mapping[str, Any]:
+    """The next event named *want* (or a MIGRATION/BLOCK_JOB failure: an error)."""
+    while True:
+        event = await _next_event(listener, deadline)
+        name = event["event"]
+        data = cast(Mapping[str, Any], event.get("data") or {})
+        if name == "BLOCK_JOB_ERROR" or (name == "MIGRATION" and _status(event) == "failed"):
+            raise VmferryError(ErrorCode.OPERATION_FAILED, f"{what}: {name} {dict(data)}")
+        if name == "BLOCK_JOB_COMPLETED" and data.get("error"):
+            raise VmferryError(ErrorCode.OPERATION_FAILED, f"{what}: {data['error']}")
+        if name == want:
+            return event
+
+
+async def bare_storage_hop(
+    src: BareQemu,
+    argv: Sequence[str],
+    qmp: Path,
+    targets: Sequence[tuple[BareDisk, int]],
+    *,
+    log: Path | None = None,
+    host: str = "127.0.0.1",
+    capabilities: Mapping[str, bool] = FLOOR_CAPABILITIES,
+    parameters: Mapping[str, object] = FLOOR_PARAMETERS,
+    limit_s: float = 300.0,
+) -> tuple[BareQemu, BareStorageHop]:
+    """
+    Move a running guest *and its disks* into a new QEMU: the floor of a storage migration.
+
+    What libvirt does for ``--copy-storage-all``, minus everything else: create each
+    destination disk (*targets*: the destination's :class:`BareDisk` and its size in
+    bytes; *argv* must open them, see :func:`disk_argv`, and contain ``-incoming defer
+    -S``), serve them from the destination over NBD, mirror every source disk (same node
+    names) into its export until all are in sync, migrate memory with
+    ``pause-before-switchover``, end the mirrors at the switchover (``block-job-cancel``
+    of a ready mirror: drain, no pivot), finish, stop the NBD server, ``cont`` the
+    destination, kill the source. Waits are woken by QEMU's events.
+
+    :return: The destination, now running the guest, and the timings.
+    :raise VmferryError: on any failure; the destination is killed, its disks deleted,
+        the source's mirrors cancelled and the source left running.
+    """
+    deadline = time.monotonic() + limit_s
+    caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+    src_caps = [*caps, {"capability": "pause-before-switchover", "state": True}]
+    port = free_port(host)
+    t0 = time.perf_counter()
+    for disk, size in targets:
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", disk.fmt, str(disk.image), str(size),
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise VmferryError(ErrorCode.OPERATION_FAILED, f"qemu-img create: {err.decode()}")
+    t_created = time.perf_counter()
+    dst = BareQemu(argv, qmp, log=log)
+    mirrors: list[str] = []
+    try:
+        await dst.start()
+        t_spawned = time.perf_counter()
+        with (
+            src.qmp.listener(
+                ("MIGRATION", "STOP", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+            ) as src_events,
+            dst.qmp.listener(("MIGRATION",)) as dst_events,
+        ):
+            server = {"type": "inet", "data": {"host": host, "port": str(port)}}
+            await dst.execute("nbd-server-start", {"addr": server})
+            for disk, _ in targets:
+                await dst.execute(
+                    "block-export-add",
+                    {
+                        "type": "nbd",
+                        "id": f"export-{disk.node}",
+                        "node-name": disk.node,
+                        "name": disk.node,
+                        "writable": True,
+                    },
+                )
+                await src.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "nbd",
+                        "node-name": f"nbd-{disk.node}",
+                        "server": {"type": "inet", "host": host, "port": str(port)},
+                        "export": disk.node,
+                    },
+                )
+            t_nbd = time.perf_counter()
+            for disk, _ in targets:
+                await src.execute(
+                    "blockdev-mirror",
+                    {
+                        "job-id": f"mirror-{disk.node}",
+                        "device": disk.node,
+                        "target": f"nbd-{disk.node}",
+                        "sync": "full",
+                    },
+                )
+                mirrors.append(f"mirror-{disk.node}")
+            disk_bytes = 0
+            for _ in targets:
+                ready = await _until_event(src_events, deadline, "BLOCK_JOB_READY", "mirror")
+                disk_bytes += int(cast(Mapping[str, Any], ready["data"]).get("len", 0))
+            t_mirrored = time.perf_counter()
+
+            await dst.execute("migrate-set-capabilities", {"capabilities": caps})
+            await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
+            incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
+            ports = [
+                a["port"]
+                for a in incoming.get("socket-address") or []
+                if a.get("type") in ("inet", "ipv4", "ipv6")
+            ]
+            if not ports:
+                raise VmferryError(
+                    ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
+                )
+            await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
+            if parameters:
+                await src.execute("migrate-set-parameters", dict(parameters))
+            await src.execute("migrate", {"uri": f"tcp:{host}:{ports[0]}"})
+            stopped = 0.0
+            while True:
+                event = await _next_event(src_events, deadline)
+                if event["event"] == "STOP":
+                    stopped = _event_time(event)
+                elif _status(event) == "pre-switchover":
+                    break
+                elif _status(event) in _TERMINAL:
+                    raise VmferryError(ErrorCode.OPERATION_FAILED, f"migration {_status(event)}")
+            t_migrated = time.perf_counter()
+            for job in mirrors:
+                await src.execute("block-job-cancel", {"device": job})
+            for _ in mirrors:
+                await _until_event(src_events, deadline, "BLOCK_JOB_COMPLETED", "mirror end")
+            mirrors.clear()
+            await src.execute("migrate-continue", {"state": "pre-switchover"})
+            while _status(await _next_event(src_events, deadline)) not in _TERMINAL:
+                pass
+            info = cast(dict[str, Any], await src.execute("query-migrate"))
+            if info["status"] != "completed":
+                raise VmferryError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"migration {info['status']}: {info.get('error-desc', 'no reason given')}",
+                )
+            while True:
+                event = await _next_event(dst_events, deadline)
+                if _status(event) == "completed":
+                    break
+                if _status(event) == "failed":
+                    raise VmferryError(ErrorCode.OPERATION_FAILED, "incoming migration failed")
+            t_switched = time.perf_counter()
+            await dst.execute("nbd-server-stop")
+            await dst.execute("cont")
+            resumed = time.time()
+            t_resumed = time.perf_counter()
+    except BaseException:
+        for job in mirrors:
+            with contextlib.suppress(Exception):
+                await src.execute("block-job-cancel", {"device": job, "force": True})
+        with contextlib.suppress(Exception):
+            await src.execute("migrate_cancel")
+        await dst.stop()
+        for disk, _ in targets:
+            disk.image.unlink(missing_ok=True)
+        raise
+    await src.stop()
+    t_end = time.perf_counter()
+    ram = info.get("ram") or {}
+    return dst, BareStorageHop(
+        create_s=t_created - t0,
+        spawn_s=t_spawned - t_created,
+        nbd_s=t_nbd - t_spawned,
+        mirror_s=t_mirrored - t_nbd,
+        migrate_s=t_migrated - t_mirrored,
+        switchover_s=t_switched - t_migrated,
+        resume_s=t_resumed - t_switched,
+        kill_s=t_end - t_resumed,
+        total_s=t_end - t0,
+        paused_ms=(resumed - stopped) * 1000 if stopped else float("nan"),
+        disk_bytes=disk_bytes,
+        qemu_total_ms=info.get("total-time"),
+        qemu_downtime_ms=info.get("downtime"),
+        ram_transferred=ram.get("transferred"),
         info=info,
     )

@@ -5,6 +5,7 @@
 # script, or a module) is newer than it.
 # The cloud kernel has the ACPI power button and evdev as modules; they are taken from the same
 # package as vmlinuz (OUTDIR/modules) and /init loads them, so the guest can honour a power-off.
+# virtio_blk and its transport are modules too: /init loads them when it has a disk to write.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -63,8 +64,10 @@ build_kernel() {
   log "kernel: $(basename "$img") with ${modules[*]}"
 }
 
-# Loaded by /init in this order: evdev first, so the button's input device gets its event node.
-modules=(evdev button)
+# Loaded by /init: evdev first, so the button's input device gets its event node; the virtio
+# modules (init.c's load_disk_modules) in dependency order, virtio_blk last.
+modules=(evdev button virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+  virtio_blk)
 have_modules() {
   local m
   for m in "${modules[@]}"; do [ -s "$out/modules/$m.ko" ] || return 1; done

@@ -19,6 +19,34 @@
  *                             the generation counter's back (default off)
  *   vmferry.ignore_power=1    note ACPI power button presses but do not power off
  *
+ * Disk writer (only with vmferry.disk=): a child process stamps blocks
+ * 0..N-1 of a block device, keeps re-stamping random blocks and verifying
+ * every block with O_DIRECT reads (so the bytes go through the virtual disk,
+ * never the guest's page cache).  Every 4 KiB block describes itself:
+ *
+ *   word 0   magic "VMFDISK1" (little endian 0x314b534944464d56)
+ *   word 1   block index
+ *   word 2   generation (1 = first stamp, +1 per re-stamp)
+ *   word 3   ~(index ^ generation)
+ *   word k   disk_seed(index, generation) ^ disk_key[k], k = 4..511
+ *
+ * so a stopped disk image can be checked offline (vmferry.testguest.verify_disk_image)
+ * and a lost, stale or misplaced write is told apart from garbage.  Settings:
+ *   vmferry.disk=/dev/vda        the device (must be under /dev/)
+ *   vmferry.disk_blocks=N        blocks used (default: the whole device)
+ *   vmferry.disk_mib_s=R         re-stamp rate in MiB/s, fractional (default 1, 0 = none)
+ *   vmferry.disk_verify_mib_s=V  read-back rate in MiB/s (default 4)
+ *   vmferry.disk_init=stamp|host stamp every block at boot (default), or trust that
+ *                                the host stamped them all with generation 1
+ * The heartbeat then goes on with
+ *   disk_ready=<0|1> disk_written=<blocks> disk_verified=<blocks> disk_errors=<n> disk_ioerrors=<n>
+ * (ready once the first stamping is done; written counts re-stamps after it;
+ * errors are blocks read back with the wrong content, each repaired by a
+ * re-stamp; ioerrors are failed reads or writes, and a disk that cannot be
+ * set up at all).  VMFERRY-DISK-READY, VMFERRY-DISK-ERR and VMFERRY-DISK-FATAL
+ * lines say more.  virtio_blk and its virtio transport are modules of the
+ * cloud kernel: /init loads them when a disk is configured.
+ *
  * ACPI power button: the cloud kernel has the button driver and evdev as
  * modules, so /init loads them from /lib/modules (build.sh puts them there) and
  * polls the button's event device once per tick.  A press prints
@@ -35,6 +63,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/input.h>
+#include <linux/fs.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,6 +77,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysinfo.h>
+#include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -59,6 +89,12 @@
 #define ERR_LINES_PER_SEC 16
 #define MAX_BUTTONS 4
 #define MAX_EVDEV 32
+#define DISK_BLOCK 4096u
+#define DISK_WORDS (DISK_BLOCK / sizeof(uint64_t))
+#define DISK_HDR_WORDS 4u
+#define DISK_MAGIC 0x314b534944464d56ULL /* "VMFDISK1" */
+#define DISK_CHUNK_BLOCKS 256u           /* first stamping: 1 MiB per write */
+#define DISK_PATH_MAX 64
 
 struct config {
 	uint64_t stamp_mib;
@@ -67,6 +103,20 @@ struct config {
 	uint64_t verify_ms;
 	int64_t corrupt_after_s; /* < 0: off */
 	int ignore_power;
+	char disk[DISK_PATH_MAX]; /* "" = no disk writer */
+	uint64_t disk_blocks;      /* 0 = whole device */
+	double disk_mib_s;
+	double disk_verify_mib_s;
+	int disk_host_init;
+};
+
+/* Written by the disk worker, read by PID 1 for the heartbeat (MAP_SHARED). */
+struct disk_stats {
+	volatile uint64_t ready;
+	volatile uint64_t written;
+	volatile uint64_t verified;
+	volatile uint64_t errors;
+	volatile uint64_t ioerrors;
 };
 
 static uint64_t *buf;
@@ -80,7 +130,7 @@ static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 static void out(const char *fmt, ...)
 {
-	char line[256];
+	char line[320];
 	va_list ap;
 	int n;
 
@@ -183,6 +233,15 @@ static uint64_t parse_u64(const char *v, uint64_t dflt)
 	return x;
 }
 
+static void parse_rate(const char *v, double *dst)
+{
+	char *end;
+	double d = strtod(v, &end);
+
+	if (end != v && d >= 0)
+		*dst = d;
+}
+
 static void read_config(struct config *c)
 {
 	char cmdline[4096];
@@ -195,6 +254,11 @@ static void read_config(struct config *c)
 	c->verify_ms = 1000;
 	c->corrupt_after_s = -1;
 	c->ignore_power = 0;
+	c->disk[0] = 0;
+	c->disk_blocks = 0;
+	c->disk_mib_s = 1;
+	c->disk_verify_mib_s = 4;
+	c->disk_host_init = 0;
 
 	fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
@@ -222,6 +286,16 @@ static void read_config(struct config *c)
 			c->corrupt_after_s = (int64_t)parse_u64(tok + 22, (uint64_t)-1);
 		} else if (!strncmp(tok, "vmferry.ignore_power=", 21)) {
 			c->ignore_power = parse_u64(tok + 21, 0) != 0;
+		} else if (!strncmp(tok, "vmferry.disk=", 13)) {
+			snprintf(c->disk, sizeof(c->disk), "%s", tok + 13);
+		} else if (!strncmp(tok, "vmferry.disk_blocks=", 20)) {
+			c->disk_blocks = parse_u64(tok + 20, 0);
+		} else if (!strncmp(tok, "vmferry.disk_mib_s=", 19)) {
+			parse_rate(tok + 19, &c->disk_mib_s);
+		} else if (!strncmp(tok, "vmferry.disk_verify_mib_s=", 26)) {
+			parse_rate(tok + 26, &c->disk_verify_mib_s);
+		} else if (!strncmp(tok, "vmferry.disk_init=", 18)) {
+			c->disk_host_init = !strcmp(tok + 18, "host");
 		}
 	}
 	if (c->stamp_mib == 0)
@@ -353,6 +427,281 @@ static void power_off(void)
 	hang();
 }
 
+/* ---- disk writer ------------------------------------------------------------------------- */
+
+static uint64_t disk_key[DISK_WORDS];
+
+static void init_disk_key(void)
+{
+	for (unsigned k = 0; k < DISK_WORDS; k++)
+		disk_key[k] = splitmix64(0x6469736bULL + k); /* "disk" */
+}
+
+/* A different stream than the memory pages', so a memory page written to disk never passes. */
+static inline uint64_t disk_seed(uint64_t i, uint64_t g)
+{
+	return splitmix64(splitmix64(i ^ 0xd15cd15cd15cd15cULL) ^ g);
+}
+
+static void stamp_block(uint64_t *b, uint64_t i, uint64_t g)
+{
+	uint64_t s = disk_seed(i, g);
+
+	b[0] = DISK_MAGIC;
+	b[1] = i;
+	b[2] = g;
+	b[3] = ~(i ^ g);
+	for (unsigned k = DISK_HDR_WORDS; k < DISK_WORDS; k++)
+		b[k] = s ^ disk_key[k];
+}
+
+/* The generation a well-formed block of index i claims, or -1 for anything else. */
+static int64_t block_gen(const uint64_t *b, uint64_t i)
+{
+	uint64_t s, diff = 0;
+
+	if (b[0] != DISK_MAGIC || b[1] != i || b[3] != ~(i ^ b[2]) || b[2] > INT64_MAX)
+		return -1;
+	s = disk_seed(i, b[2]);
+	for (unsigned k = DISK_HDR_WORDS; k < DISK_WORDS; k++)
+		diff |= b[k] ^ (s ^ disk_key[k]);
+	return diff ? -1 : (int64_t)b[2];
+}
+
+static int full_pwrite(int fd, const void *p, size_t n, uint64_t off)
+{
+	while (n) {
+		ssize_t w = pwrite(fd, p, n, (off_t)off);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return -1;
+		p = (const char *)p + w;
+		n -= (size_t)w;
+		off += (uint64_t)w;
+	}
+	return 0;
+}
+
+static int full_pread(int fd, void *p, size_t n, uint64_t off)
+{
+	while (n) {
+		ssize_t r = pread(fd, p, n, (off_t)off);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			if (r == 0)
+				errno = EIO;
+			return -1;
+		}
+		p = (char *)p + r;
+		n -= (size_t)r;
+		off += (uint64_t)r;
+	}
+	return 0;
+}
+
+static void disk_fatal(struct disk_stats *st, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+
+static void disk_fatal(struct disk_stats *st, const char *fmt, ...)
+{
+	char msg[200];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	st->ioerrors++;
+	out("VMFERRY-DISK-FATAL %s\n", msg);
+	/* The heartbeat goes on (PID 1); this process just stops working. */
+	_exit(1);
+}
+
+/* virtio_blk and its transport, in dependency order; EEXIST (built in) is fine. */
+static int load_disk_modules(void)
+{
+	static const char *const mods[] = {
+		"/lib/modules/virtio_ring.ko", "/lib/modules/virtio.ko",
+		"/lib/modules/virtio_pci_modern_dev.ko", "/lib/modules/virtio_pci_legacy_dev.ko",
+		"/lib/modules/virtio_pci.ko", "/lib/modules/virtio_blk.ko",
+	};
+
+	for (size_t i = 0; i < sizeof(mods) / sizeof(mods[0]); i++) {
+		int err = load_module(mods[i]);
+
+		if (err) {
+			out("VMFERRY-DISK-FATAL cannot load %s: %s\n", mods[i], strerror(err));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int open_disk(struct disk_stats *st, const char *path)
+{
+	int64_t give_up = now_ns() + 10000000000LL;
+
+	if (strncmp(path, "/dev/", 5) || strstr(path, ".."))
+		disk_fatal(st, "vmferry.disk=%s is not a device under /dev/", path);
+	/* devtmpfs makes the node when the driver probes the device; allow it a moment. */
+	for (;;) {
+		int fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+
+		if (fd >= 0)
+			return fd;
+		if (errno != ENOENT && errno != ENXIO)
+			disk_fatal(st, "cannot open %s: %s", path, strerror(errno));
+		if (now_ns() > give_up)
+			disk_fatal(st, "no device %s after 10 s (no virtio disk?)", path);
+		usleep(20000);
+	}
+}
+
+static void disk_worker(const struct config *c, struct disk_stats *st, uint64_t seed)
+{
+	uint64_t size = 0, nblocks, cursor = 0, err_lines = 0;
+	uint64_t *blk, *chunk;
+	uint32_t *dgen;
+	double write_credit = 0, verify_credit = 0, write_per_ns, verify_per_ns;
+	int64_t start = now_ns(), last, next_tick, err_window;
+	int fd = open_disk(st, c->disk);
+
+	if (ioctl(fd, BLKGETSIZE64, &size) != 0)
+		disk_fatal(st, "cannot size %s: %s", c->disk, strerror(errno));
+	nblocks = c->disk_blocks ? c->disk_blocks : size / DISK_BLOCK;
+	if (nblocks == 0 || nblocks > size / DISK_BLOCK)
+		disk_fatal(st, "%s has %llu blocks of %u bytes, vmferry.disk_blocks=%llu does not fit",
+			   c->disk, (unsigned long long)(size / DISK_BLOCK), DISK_BLOCK,
+			   (unsigned long long)c->disk_blocks);
+	dgen = mmap(NULL, nblocks * sizeof(*dgen), PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	/* O_DIRECT needs aligned buffers; mmap's are page aligned. */
+	chunk = mmap(NULL, DISK_CHUNK_BLOCKS * DISK_BLOCK, PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (dgen == MAP_FAILED || chunk == MAP_FAILED)
+		disk_fatal(st, "cannot allocate for %llu blocks", (unsigned long long)nblocks);
+	blk = chunk;
+	init_disk_key();
+	rng_state = seed;
+
+	for (uint64_t i = 0; i < nblocks; i += DISK_CHUNK_BLOCKS) {
+		uint64_t n = nblocks - i < DISK_CHUNK_BLOCKS ? nblocks - i : DISK_CHUNK_BLOCKS;
+
+		for (uint64_t j = 0; j < n; j++)
+			dgen[i + j] = 1;
+		if (c->disk_host_init)
+			continue;
+		for (uint64_t j = 0; j < n; j++)
+			stamp_block(chunk + j * DISK_WORDS, i + j, 1);
+		if (full_pwrite(fd, chunk, n * DISK_BLOCK, i * DISK_BLOCK) != 0)
+			disk_fatal(st, "first stamping of %s failed at block %llu: %s", c->disk,
+				   (unsigned long long)i, strerror(errno));
+	}
+	st->ready = 1;
+	out("VMFERRY-DISK-READY dev=%s blocks=%llu stamp_ms=%lld\n", c->disk,
+	    (unsigned long long)nblocks, (long long)((now_ns() - start) / 1000000));
+
+	write_per_ns = c->disk_mib_s * (1024.0 * 1024.0 / DISK_BLOCK) / 1e9;
+	verify_per_ns = c->disk_verify_mib_s * (1024.0 * 1024.0 / DISK_BLOCK) / 1e9;
+	last = now_ns();
+	next_tick = last;
+	err_window = last;
+	for (;;) {
+		int64_t t = now_ns(), dt = t - last;
+
+		if (dt > MAX_DT_NS)
+			dt = MAX_DT_NS;
+		last = t;
+
+		write_credit += write_per_ns * (double)dt;
+		while (write_credit >= 1.0) {
+			uint64_t i = rng_next() % nblocks;
+
+			stamp_block(blk, i, dgen[i] + 1);
+			if (full_pwrite(fd, blk, DISK_BLOCK, i * DISK_BLOCK) == 0) {
+				dgen[i]++;
+				st->written++;
+			} else {
+				/* Unknown what reached the disk: the next read of it tells. */
+				st->ioerrors++;
+				out("VMFERRY-DISK-IOERR write block=%llu: %s\n",
+				    (unsigned long long)i, strerror(errno));
+				dgen[i]++;
+			}
+			write_credit -= 1.0;
+		}
+
+		verify_credit += verify_per_ns * (double)dt;
+		while (verify_credit >= 1.0) {
+			uint64_t i = cursor;
+
+			verify_credit -= 1.0;
+			cursor = (cursor + 1) % nblocks;
+			if (full_pread(fd, blk, DISK_BLOCK, i * DISK_BLOCK) != 0) {
+				st->ioerrors++;
+				out("VMFERRY-DISK-IOERR read block=%llu: %s\n", (unsigned long long)i,
+				    strerror(errno));
+				continue;
+			}
+			int64_t found = block_gen(blk, i);
+
+			if (found != (int64_t)dgen[i]) {
+				st->errors++;
+				if (t - err_window >= 1000000000LL) {
+					err_window = t;
+					err_lines = 0;
+				}
+				if (err_lines++ < ERR_LINES_PER_SEC)
+					out("VMFERRY-DISK-ERR block=%llu gen=%u found=%lld\n",
+					    (unsigned long long)i, dgen[i], (long long)found);
+				/* Repair, so errors counts events, not passes over one bad block. */
+				stamp_block(blk, i, dgen[i] + 1);
+				if (full_pwrite(fd, blk, DISK_BLOCK, i * DISK_BLOCK) != 0)
+					st->ioerrors++;
+				dgen[i]++;
+			}
+			st->verified++;
+		}
+
+		next_tick += TICK_NS;
+		if (next_tick <= now_ns())
+			next_tick = now_ns() + TICK_NS;
+		sleep_until(next_tick);
+	}
+}
+
+/*
+ * The disk worker is a child process, so blocking disk I/O (a mirror throttling writes) never
+ * stalls the memory verifier or the heartbeat.  It is forked before the memory buffer exists:
+ * it shares no copy-on-write pages with PID 1.
+ */
+static struct disk_stats *start_disk(const struct config *c, pid_t *pid)
+{
+	struct disk_stats *st;
+
+	st = mmap(NULL, sizeof(*st), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (st == MAP_FAILED) {
+		out("VMFERRY-DISK-FATAL cannot map the counters: %s\n", strerror(errno));
+		return NULL;
+	}
+	memset((void *)st, 0, sizeof(*st));
+	if (load_disk_modules() != 0) {
+		st->ioerrors++;
+		return st;
+	}
+	*pid = fork();
+	if (*pid < 0) {
+		st->ioerrors++;
+		out("VMFERRY-DISK-FATAL cannot fork the disk writer: %s\n", strerror(errno));
+	} else if (*pid == 0) {
+		disk_worker(c, st, splitmix64(boot_id ^ 0xd15c));
+		_exit(1);
+	}
+	return st;
+}
+
 int main(void)
 {
 	struct config c;
@@ -362,11 +711,15 @@ int main(void)
 	double dirty_per_ns, verify_per_ns;
 	int64_t start, last, next_tick, next_hb, corrupt_at, err_window;
 	int corrupted = 0;
+	struct disk_stats *disk = NULL;
+	pid_t disk_pid = -1;
 
 	setup_console();
 	read_config(&c);
 	boot_id = make_boot_id();
 	setup_power_button();
+	if (c.disk[0])
+		disk = start_disk(&c, &disk_pid);
 	rng_state = boot_id;
 	start = now_ns();
 
@@ -464,12 +817,27 @@ int main(void)
 			verify_credit -= 1.0;
 		}
 
+		if (disk_pid > 0 && waitpid(disk_pid, NULL, WNOHANG) == disk_pid) {
+			/* It said why (VMFERRY-DISK-FATAL); a reaped zombie must not linger. */
+			disk_pid = -1;
+		}
 		if (t >= next_hb) {
+			char dline[160] = "";
+
 			seq++;
-			out("VMFERRY-HB boot=%016llx seq=%llu dirtied=%llu verified=%llu errors=%llu up_ms=%lld\n",
+			if (disk)
+				snprintf(dline, sizeof(dline),
+					 " disk_ready=%llu disk_written=%llu disk_verified=%llu"
+					 " disk_errors=%llu disk_ioerrors=%llu",
+					 (unsigned long long)disk->ready,
+					 (unsigned long long)disk->written,
+					 (unsigned long long)disk->verified,
+					 (unsigned long long)disk->errors,
+					 (unsigned long long)disk->ioerrors);
+			out("VMFERRY-HB boot=%016llx seq=%llu dirtied=%llu verified=%llu errors=%llu up_ms=%lld%s\n",
 			    (unsigned long long)boot_id, (unsigned long long)seq,
 			    (unsigned long long)dirtied, (unsigned long long)verified,
-			    (unsigned long long)errors, (long long)(t / 1000000));
+			    (unsigned long long)errors, (long long)(t / 1000000), dline);
 			next_hb += (int64_t)c.hb_ms * 1000000LL;
 			if (next_hb <= t)
 				next_hb = t + (int64_t)c.hb_ms * 1000000LL;

@@ -37,12 +37,19 @@ class ErrorCode(StrEnum):
     QEMU_FAILED = "qemu-failed"
     # [migration] tls = "required" and the migration would not be encrypted (migrate_tls_force)
     TLS_REQUIRED = "tls-required"
+    # storage pools and volumes (vmferry.storage), libvirt's VIR_ERR_NO_STORAGE_POOL/VOL
+    NO_STORAGE_POOL = "no-storage-pool"
+    NO_STORAGE_VOL = "no-storage-vol"
+    STORAGE_VOL_EXISTS = "storage-vol-exists"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NO_DOMAIN: 404,
     ErrorCode.DOMAIN_EXISTS: 409,
+    ErrorCode.NO_STORAGE_POOL: 404,
+    ErrorCode.NO_STORAGE_VOL: 404,
+    ErrorCode.STORAGE_VOL_EXISTS: 409,
     ErrorCode.OPERATION_INVALID: 409,
     # a guest or a lock that did not give way in time: the request conflicts with the state
     ErrorCode.OPERATION_TIMEOUT: 409,

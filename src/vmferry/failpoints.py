@@ -21,7 +21,8 @@ work, ``<step>-after`` once the work and the new phase are persisted and
 before the answer goes out, plus ``src-perform-migrating`` inside Perform
 after ``migrate`` was issued and QEMU reports the migration active, and
 ``dst-postcopy-running`` inside a post-copy Finish once the guest runs on the
-destination (after ``cont``) and before waiting for the stream to complete.
+destination (after ``cont``) and before waiting for the stream to complete,
+and the storage migration points (:data:`STORAGE_POINTS`).
 ``status-write`` and ``definition-write`` are I/O points (:func:`fail_io`): with
 ``error`` every write of a domain's status file (definition) fails as on a full disk.
 
@@ -60,10 +61,23 @@ _STEPS = (
 #: Synchronous I/O failpoints (:func:`fail_io`): ``error`` makes the write fail with ENOSPC.
 IO_POINTS = ("status-write", "definition-write")
 
+#: Storage migration (docs/storage-migration.md): before the mirrors start, once they are all
+#: in sync (the memory not yet moving), at the switchover (vCPUs stopped, before the mirrors
+#: drain); the destination once its disks exist (before QEMU starts) and in Finish once the
+#: NBD server stopped (before ``cont``).
+STORAGE_POINTS = (
+    "src-perform-mirror",
+    "src-perform-mirror-ready",
+    "src-perform-switchover",
+    "dst-prepare-storage",
+    "dst-finish-storage",
+)
+
 #: Every failpoint the code has.
 POINTS: frozenset[str] = frozenset(
     [f"{step}-{when}" for step in _STEPS for when in ("before", "after")]
     + ["src-perform-migrating", "dst-postcopy-running"]
+    + list(STORAGE_POINTS)
     + list(IO_POINTS)
 )
 

@@ -33,6 +33,7 @@ class Mode(StrEnum):
     P2P = "p2p"  # peer-to-peer (the source daemon runs v3)
     V2 = "v2"  # client-managed, protocol v2
     V3_POSTCOPY = "v3-postcopy"  # client-managed v3, switched to post-copy after the 1st pass
+    V3_STORAGE = "v3-storage"  # client-managed v3 with --copy-storage-all, the guest writing
 
 
 class Fault(StrEnum):
@@ -80,14 +81,44 @@ POSTCOPY_POINTS = (
 )
 
 
+#: Storage migration (mode ``v3-storage``): the destination's disks exist (before its QEMU
+#: starts), the source about to mirror, every mirror in sync (the memory not yet moving), the
+#: switchover (vCPUs stopped, the mirrors not yet drained), Finish with the NBD server stopped
+#: (before ``cont``). The other v3 boundaries behave as in ``v3``.
+STORAGE_POINTS = (
+    "dst-prepare-storage",
+    "src-perform-mirror",
+    "src-perform-mirror-ready",
+    "src-perform-switchover",
+    "dst-finish-storage",
+)
+#: The v3 boundaries in the order a storage migration passes them.
+V3_STORAGE_ORDER = (
+    *V3_POINTS[:3],
+    "dst-prepare-storage",
+    "dst-prepare-after",
+    "src-perform3-before",
+    "src-perform-mirror",
+    "src-perform-mirror-ready",
+    "src-perform-migrating",
+    "src-perform-switchover",
+    "src-perform3-after",
+    "dst-finish-before",
+    "dst-finish-storage",
+    *V3_POINTS[8:],
+)
+
+
 def points(mode: Mode) -> tuple[str, ...]:
     if mode == Mode.V3_POSTCOPY:
         return POSTCOPY_POINTS
+    if mode == Mode.V3_STORAGE:
+        return STORAGE_POINTS
     return V2_POINTS if mode == Mode.V2 else V3_POINTS
 
 
 def _at_or_after(mode: Mode, point: str, first: str) -> bool:
-    order = points(mode)
+    order = V3_STORAGE_ORDER if mode == Mode.V3_STORAGE else points(mode)
     return order.index(point) >= order.index(first)
 
 
@@ -199,6 +230,13 @@ CI_SUBSET: tuple[Case, ...] = (
     _c("v3-postcopy", "dst-postcopy-running", "kill-src-daemon"),
     # the destination daemon restarts while its QEMU, still paused, completes the stream
     _c("v3-postcopy", "dst-finish-before", "kill-dst-daemon"),
+    # storage: each daemon restarted mid-mirror, the destination QEMU killed at the switchover
+    _c("v3-storage", "src-perform-mirror-ready", "kill-src-daemon"),
+    _c("v3-storage", "src-perform-mirror-ready", "kill-dst-daemon"),
+    _c("v3-storage", "src-perform-switchover", "kill-dst-qemu"),
+    _c("v3-storage", "dst-prepare-storage", "kill-client"),
+    _c("v3-storage", "src-perform-mirror", "cut-link"),
+    _c("v3-storage", "dst-finish-storage", "kill-src-qemu"),
 )
 
 
@@ -207,6 +245,6 @@ def check_subset(cases: tuple[Case, ...]) -> list[str]:
     missing = [f"{c.id} is not applicable" for c in cases if c.applicable()]
     missing += [f"mode {m}" for m in Mode if all(c.mode != m for c in cases)]
     missing += [f"fault {f}" for f in Fault if all(c.fault != f for c in cases)]
-    all_points = set(V3_POINTS) | set(V2_POINTS) | set(POSTCOPY_POINTS)
+    all_points = set(V3_POINTS) | set(V2_POINTS) | set(POSTCOPY_POINTS) | set(STORAGE_POINTS)
     missing += [f"boundary {p}" for p in sorted(all_points) if all(c.point != p for c in cases)]
     return missing

@@ -7,6 +7,7 @@ it (*DST_URI* is then the destination as the source daemon reaches it).
 ``v3-postcopy`` is ``v3`` with ``--postcopy``, a bandwidth cap the fast-dirtying
 guest of that mode outruns, the switch forced once the first pass is over, and
 a post-copy bandwidth cap that keeps the post-copy phase a few seconds long.
+``v3-storage`` is ``v3`` with ``--copy-storage-all``.
 Prints one JSON line ``{"ok": bool, "error": str, "wall_s": float}``; exits 0
 on success.
 """
@@ -23,7 +24,7 @@ from vmferry.errors import VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 
-MODES = ("v3", "p2p", "v2", "v3-postcopy")
+MODES = ("v3", "p2p", "v2", "v3-postcopy", "v3-storage")
 #: Pre-copy cap (MiB/s): the v3-postcopy guest re-dirties its buffer faster than this.
 PRECOPY_MIB_S = 32
 #: Post-copy cap (MiB/s): a post-copy phase of a few seconds, long enough to break it.
@@ -44,6 +45,9 @@ async def run(mode: str, src_uri: str, dst_uri: str, name: str) -> float:
                 )
                 flags = MigrateFlags.LIVE | MigrateFlags.POSTCOPY
                 return (await migrate(src, dst, name, flags, params, version=3)).wall_s
+            if mode == "v3-storage":
+                flags = MigrateFlags.LIVE | MigrateFlags.NON_SHARED_DISK
+                return (await migrate(src, dst, name, flags, version=3)).wall_s
             version = 3 if mode == "v3" else 2
             return (await migrate(src, dst, name, MigrateFlags.LIVE, version=version)).wall_s
 

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python -m tests.faults.matrix                 # every case; writes docs/faults.md
-                                                  # and docs/faults-postcopy.md
+    python -m tests.faults.matrix                 # every case; writes docs/faults.md,
+                                                  # docs/faults-postcopy.md, faults-storage.md
     python -m tests.faults.matrix --subset ci     # the CI subset only; prints the table
     python -m tests.faults.matrix -k v2/ -k p2p/src-perform3   # cases whose id contains ...
     python -m tests.faults.matrix -k v3-postcopy --output docs/faults-postcopy.md
+    python -m tests.faults.matrix -k v3-storage --output docs/faults-storage.md
 
 Needs root (network namespaces), QEMU and the built test guest (``make guest``).
 Logs of failed cases are kept under ``build/faults/<case>/``. Exit status 1
@@ -28,6 +29,9 @@ from tests.netns import available, netns_pair
 
 DOC = REPO / "docs" / "faults.md"
 DOC_POSTCOPY = REPO / "docs" / "faults-postcopy.md"
+DOC_STORAGE = REPO / "docs" / "faults-storage.md"
+#: Modes with a table of their own.
+_OWN_TABLE = frozenset({Mode.V3_POSTCOPY, Mode.V3_STORAGE})
 LOGS = REPO / "build" / "faults"
 
 
@@ -96,12 +100,35 @@ POSTCOPY_INTRO = (
 )
 
 
-def document(results: Sequence[Result], wall_s: float, *, postcopy: bool = False) -> str:
+STORAGE_INTRO = (
+    "# Fault matrix: storage migration\n\n"
+    "Written by `make faults` (`python -m tests.faults.matrix`, or only these cases:\n"
+    "`python -m tests.faults.matrix -k v3-storage --output docs/faults-storage.md`);\n"
+    "do not edit by hand. The pre-copy protocols are in [faults.md](faults.md), storage\n"
+    "migration in [storage-migration.md](storage-migration.md).\n\n"
+    "Mode `v3-storage`: client-managed v3 with `--copy-storage-all`; the guest's disk is a\n"
+    "16 MiB raw volume of each host's own pool `default`, 4 MiB of which the guest\n"
+    "re-stamps at 1 MiB/s and verifies while it moves. Boundaries: the destination's disk\n"
+    "created (`dst-prepare-storage`, before its QEMU starts), the source about to mirror\n"
+    "(`src-perform-mirror`), every mirror in sync with the memory not yet moving\n"
+    "(`src-perform-mirror-ready`), the switchover with the vCPUs stopped and the mirrors\n"
+    "not yet drained (`src-perform-switchover`), Finish with the NBD server stopped and the\n"
+    "guest not yet resumed (`dst-finish-storage`). Expectations as in the pre-copy matrix\n"
+    "(the source QEMU holds the only whole copy until the stream completed), and besides:\n"
+    "when the guest stays on the source the destination keeps no volume of it (the one\n"
+    "Prepare created is deleted), and no NBD server port is left open.\n\n"
+)
+
+
+def document(
+    results: Sequence[Result], wall_s: float, *, postcopy: bool = False, storage: bool = False
+) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    if postcopy:
+    if postcopy or storage:
+        intro = STORAGE_INTRO if storage else POSTCOPY_INTRO
         last = f"Last run: {stamp}, {len(results)} cases in {wall_s / 60:.1f} min"
         return (
-            f"{POSTCOPY_INTRO}{last}: {summary(results)}.\n\n{HEADER}\n"
+            f"{intro}{last}: {summary(results)}.\n\n{HEADER}\n"
             + "\n".join(row(r) for r in results)
             + "\n"
         )
@@ -153,13 +180,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"logs of {r.case.id}: {Path(r.logs[0]).parent}")
     if args.output is not None:
         postcopy = all(r.case.mode == Mode.V3_POSTCOPY for r in results)
-        args.output.write_text(document(results, wall, postcopy=postcopy))
+        storage = all(r.case.mode == Mode.V3_STORAGE for r in results)
+        args.output.write_text(document(results, wall, postcopy=postcopy, storage=storage))
         print(f"table written to {args.output}")
     elif full:
-        # one run, two tables: the pre-copy protocols and post-copy
-        for doc, postcopy in ((DOC, False), (DOC_POSTCOPY, True)):
-            part = [r for r in results if (r.case.mode == Mode.V3_POSTCOPY) == postcopy]
-            doc.write_text(document(part, sum(r.wall_s for r in part), postcopy=postcopy))
+        # one run, three tables: the pre-copy protocols, post-copy and storage migration
+        for doc, mode in (
+            (DOC, None),
+            (DOC_POSTCOPY, Mode.V3_POSTCOPY),
+            (DOC_STORAGE, Mode.V3_STORAGE),
+        ):
+            if mode is None:
+                part = [r for r in results if r.case.mode not in _OWN_TABLE]
+            else:
+                part = [r for r in results if r.case.mode == mode]
+            text = document(
+                part,
+                sum(r.wall_s for r in part),
+                postcopy=mode == Mode.V3_POSTCOPY,
+                storage=mode == Mode.V3_STORAGE,
+            )
+            doc.write_text(text)
             print(f"table written to {doc}")
     return 1 if failed else 0
 

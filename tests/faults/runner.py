@@ -43,8 +43,9 @@ from tests.netns import PORT_MAX, PORT_MIN, NetnsHost, NetnsPair, netns_hosts
 from vmferry.api.models import DomainInfo
 from vmferry.errors import VmferryError
 from vmferry.failpoints import ENV_VAR
-from vmferry.testguest import Heartbeat, check_continuity, guest_xml, parse_heartbeats
+from vmferry.testguest import GuestDisk, Heartbeat, check_continuity, guest_xml, parse_heartbeats
 from vmferry.testing import wait_heartbeat
+from vmferry.testing.disk import wait_disk_ready
 
 GUEST = "g"
 REPO = Path(__file__).resolve().parents[2]
@@ -171,12 +172,26 @@ def _guest_xml(mode: Mode) -> str:
         # Re-dirties its 32 MiB buffer faster than the client's pre-copy cap: only the
         # switch to post-copy lets the migration complete.
         return guest_xml(GUEST, memory_mib=128, stamp_mib=32, dirty_mib_s=64, hb_ms=200)
+    if mode == Mode.V3_STORAGE:
+        return guest_xml(GUEST, disk=STORAGE_DISK)
     return guest_xml(GUEST)
+
+
+#: The storage mode's disk: a volume of each host's own pool ``default`` (its state dir),
+#: 4 MiB of it re-stamped by the guest at 1 MiB/s while it moves.
+STORAGE_DISK = GuestDisk(pool="default", volume=f"{GUEST}.raw", blocks=1024, mib_s=1)
+STORAGE_DISK_BYTES = 16 << 20
 
 
 def _boot(host: NetnsHost, mode: Mode) -> Heartbeat:
     with host.client() as c:
+        if mode == Mode.V3_STORAGE:
+            with contextlib.suppress(VmferryError):  # there from the source of a migration
+                c.vol_delete("default", f"{GUEST}.raw")
+            c.vol_create("default", f"{GUEST}.raw", STORAGE_DISK_BYTES)
         c.create(_guest_xml(mode))
+        if mode == Mode.V3_STORAGE:
+            return wait_disk_ready(c, GUEST)
         return wait_heartbeat(c, GUEST)
 
 
@@ -448,6 +463,11 @@ def _leftovers(run: _Run) -> list[str]:
         )
         if files:
             problems.append(f"{host.name} left {', '.join(files)} in state/run")
+    if run.case.mode == Mode.V3_STORAGE and GUEST not in [d.name for d in _domains(run.dst)]:
+        # the disk Prepare created goes when the guest did not move (the source keeps its own)
+        with run.dst.client() as c:
+            if f"{GUEST}.raw" in [v.name for v in c.vol_list("default")]:
+                problems.append(f"{run.dst.name} keeps the volume the failed migration created")
     return problems
 
 

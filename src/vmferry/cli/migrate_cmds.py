@@ -45,6 +45,9 @@ _SWITCHES = {
     "postcopy_resume": MigrateFlags.POSTCOPY_RESUME,
     "tls": MigrateFlags.TLS,
     "tunnelled": MigrateFlags.TUNNELLED,
+    "copy_storage_all": MigrateFlags.NON_SHARED_DISK,
+    "copy_storage_inc": MigrateFlags.NON_SHARED_INC,
+    "copy_storage_synchronous_writes": MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES,
 }
 
 
@@ -78,6 +81,7 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
         postcopy_bandwidth_mib_s=args.postcopy_bandwidth or 0,
         postcopy_after_precopy=bool(args.postcopy_after_precopy),
         postcopy_autoresume=not args.no_postcopy_autoresume,
+        migrate_disks=args.migrate_disks or "",
     )
     if args.parallel is not None:
         flags |= MigrateFlags.PARALLEL
@@ -408,6 +412,20 @@ MIGRATE_ARGS = (
     _switch(
         "no-postcopy-autoresume",
         "after a post-copy failure, wait for --postcopy-resume instead of resuming automatically",
+    ),
+    _switch("copy-storage-all", "copy the non-shared disks, each with its whole backing chain"),
+    _switch(
+        "copy-storage-inc",
+        "copy the top layer of the non-shared disks (their backing files exist on both hosts)",
+    ),
+    arg(
+        "--migrate-disks",
+        metavar="vda,vdb",
+        help="the disks to copy (default: every writable non-shared disk)",
+    ),
+    _switch(
+        "copy-storage-synchronous-writes",
+        "the guest's disk writes wait for the copy, so a disk-busy guest converges",
     ),
     _switch("v2", "use migration protocol v2 (default: v3 when the destination has it)"),
     _switch("verbose", "show the migration's progress"),

@@ -22,8 +22,10 @@ from vmferry.api.models import (
     HostInfo,
     JobStats,
 )
+from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
+from vmferry.client import storage_calls as sc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -220,6 +222,49 @@ class AsyncClient:
     ) -> None:
         """Limit the migration bandwidth to *bandwidth_mib_s* MiB/s (0: unlimited)."""
         await self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
+
+    async def pool_list(self, *, request_timeout: float | None = None) -> list[PoolInfo]:
+        """The host's storage pools."""
+        return await self.run(sc.pool_list(), request_timeout=request_timeout)
+
+    async def vol_list(
+        self, pool: str, *, request_timeout: float | None = None
+    ) -> list[VolumeInfo]:
+        """The volumes of *pool*."""
+        return await self.run(sc.vol_list(pool), request_timeout=request_timeout)
+
+    async def vol_info(
+        self, pool: str, name: str, *, request_timeout: float | None = None
+    ) -> VolumeInfo:
+        """Format, capacity, allocation and backing chain of a volume."""
+        return await self.run(sc.vol_info(pool, name), request_timeout=request_timeout)
+
+    async def vol_create(
+        self,
+        pool: str,
+        name: str,
+        capacity: int,
+        fmt: str = "raw",
+        backing_vol: str | None = None,
+        backing_format: str | None = None,
+        *,
+        request_timeout: float | None = None,
+    ) -> VolumeInfo:
+        """Create a volume of *capacity* bytes (qcow2 may have a backing volume)."""
+        call = sc.vol_create(pool, name, capacity, fmt, backing_vol, backing_format)
+        return await self.run(call, request_timeout=request_timeout)
+
+    async def vol_delete(
+        self, pool: str, name: str, *, request_timeout: float | None = None
+    ) -> None:
+        """Delete a volume no defined domain uses."""
+        await self.run(sc.vol_delete(pool, name), request_timeout=request_timeout)
+
+    async def domblklist(
+        self, name: str, *, request_timeout: float | None = None
+    ) -> list[DiskSource]:
+        """The domain's disks and their sources on this host."""
+        return await self.run(sc.domblklist(name), request_timeout=request_timeout)
 
     def events(self) -> AsyncEventStream:
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import httpx
 
@@ -17,8 +17,10 @@ from vmferry.api.models import (
     HostInfo,
     JobStats,
 )
+from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
+from vmferry.client import storage_calls as sc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -217,6 +219,73 @@ class Client:
     ) -> None:
         """Limit the migration bandwidth to *bandwidth_mib_s* MiB/s (0: unlimited)."""
         self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
+
+    def pool_list(self, *, request_timeout: float | None = None) -> list[PoolInfo]:
+        """The host's storage pools."""
+        return self.run(sc.pool_list(), request_timeout=request_timeout)
+
+    def vol_list(self, pool: str, *, request_timeout: float | None = None) -> list[VolumeInfo]:
+        """The volumes of *pool*."""
+        return self.run(sc.vol_list(pool), request_timeout=request_timeout)
+
+    def vol_info(self, pool: str, name: str, *, request_timeout: float | None = None) -> VolumeInfo:
+        """Format, capacity, allocation and backing chain of a volume."""
+        return self.run(sc.vol_info(pool, name), request_timeout=request_timeout)
+
+    def vol_create(
+        self,
+        pool: str,
+        name: str,
+        capacity: int,
+        fmt: str = "raw",
+        backing_vol: str | None = None,
+        backing_format: str | None = None,
+        *,
+        request_timeout: float | None = None,
+    ) -> VolumeInfo:
+        """Create a volume of *capacity* bytes (qcow2 may have a backing volume)."""
+        call = sc.vol_create(pool, name, capacity, fmt, backing_vol, backing_format)
+        return self.run(call, request_timeout=request_timeout)
+
+    def vol_delete(self, pool: str, name: str, *, request_timeout: float | None = None) -> None:
+        """Delete a volume no defined domain uses."""
+        self.run(sc.vol_delete(pool, name), request_timeout=request_timeout)
+
+    def domblklist(self, name: str, *, request_timeout: float | None = None) -> list[DiskSource]:
+        """The domain's disks and their sources on this host."""
+        return self.run(sc.domblklist(name), request_timeout=request_timeout)
+
+    def vol_upload(self, pool: str, name: str, source: BinaryIO) -> VolumeInfo:
+        """Replace a volume's content with what *source* holds (streamed)."""
+
+        def chunks() -> Iterator[bytes]:
+            while data := source.read(sc.CHUNK):
+                yield data
+
+        path = sc.volume_path(pool, name, "/data")
+        request = self._http.build_request(
+            "PUT", path, content=chunks(), headers={"content-type": "application/octet-stream"}
+        )
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        check_status(self.endpoint, "PUT", path, response)
+        return VolumeInfo.model_validate(response.json())
+
+    def vol_download(self, pool: str, name: str, dest: BinaryIO) -> int:
+        """Write a volume's content to *dest* (streamed); the number of bytes."""
+        response = self.open_stream(sc.volume_path(pool, name, "/data"))
+        written = 0
+        try:
+            for data in response.iter_bytes(sc.CHUNK):
+                dest.write(data)
+                written += len(data)
+        except httpx.TransportError as exc:
+            raise transport_error(self.endpoint, exc) from exc
+        finally:
+            response.close()
+        return written
 
     def events(self) -> EventStream:
         """

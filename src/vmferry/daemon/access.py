@@ -107,12 +107,28 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/domains/{name}/migrate/postcopy"): "migrate.postcopy",
     ("PUT", "/v1/domains/{name}/migrate/maxdowntime"): "migrate.tune",
     ("PUT", "/v1/domains/{name}/migrate/speed"): "migrate.tune",
+    ("GET", "/v1/domains/{name}/blklist"): "domain.read",
+    ("GET", "/v1/pools"): "storage.read",
+    ("GET", "/v1/pools/{pool}/volumes"): "storage.read",
+    ("GET", "/v1/pools/{pool}/volumes/{volume}"): "storage.read",
+    ("POST", "/v1/pools/{pool}/volumes"): "storage.create",
+    ("DELETE", "/v1/pools/{pool}/volumes/{volume}"): "storage.delete",
+    ("PUT", "/v1/pools/{pool}/volumes/{volume}/data"): "storage.upload",
+    # A volume's content is the guest's data: not a read the read-only role gets by default.
+    ("GET", "/v1/pools/{pool}/volumes/{volume}/data"): "storage.download",
 }
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS.values())
 
 #: What the read-only role may do unless ``[access] readonly_permissions`` says otherwise.
-READ_ONLY_DEFAULT = ("api.read", "host.read", "domain.read", "domain.console", "events.read")
+READ_ONLY_DEFAULT = (
+    "api.read",
+    "host.read",
+    "domain.read",
+    "domain.console",
+    "events.read",
+    "storage.read",
+)
 #: Certificates made by ``vmferry pki`` (``init``, ``client``) and ``client --read-only``.
 TLS_ADMIN_DEFAULT = ("CN=*,O=vmferry",)
 TLS_READONLY_DEFAULT = ("CN=*,OU=read-only,O=vmferry",)

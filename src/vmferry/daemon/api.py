@@ -7,6 +7,7 @@ Errors leave as ``{"code": ..., "message": ...}`` with the driver's text unchang
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -28,6 +29,8 @@ from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
+from vmferry.daemon.storage import StorageService
+from vmferry.daemon.storage_api import UPLOAD_PATH, storage_routes
 from vmferry.errors import ErrorCode, VmferryError
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,15 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
     install_error_handlers(app)
     limits = driver.config.limits
     app.add_middleware(
-        GuardMiddleware, max_body_bytes=limits.max_body_bytes, idle_timeout=limits.idle_timeout
+        GuardMiddleware,
+        max_body_bytes=limits.max_body_bytes,
+        idle_timeout=limits.idle_timeout,
+        streamed_uploads=re.compile(UPLOAD_PATH),
     )
 
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(migration))
+    app.include_router(storage_routes(StorageService(driver)))
     install_access(app, access or AccessPolicy())
     return app
 

@@ -34,7 +34,7 @@ Every key is optional; an absent file means all defaults::
     tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
     admin_permissions = ["*"]                      # permission names or patterns
     readonly_permissions = ["api.read", "host.read", "domain.read",
-                            "domain.console", "events.read"]
+                            "domain.console", "events.read", "storage.read"]
     readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
     audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
 
@@ -48,6 +48,10 @@ Every key is optional; an absent file means all defaults::
 
     [paths]
     roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
+
+    [pools.NAME]             # a storage pool of type dir (docs/storage.md), one table each
+    path = "/var/lib/vmferry/pools/NAME"  # its directory (created); no pool configured:
+                             # pool "default" in STATE_DIR/pools/default
 
     [limits]                 # per listener (see docs/security-robust.md)
     max_body_bytes = 4194304 # larger request bodies get 413 before being read
@@ -63,6 +67,7 @@ never goes unnoticed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import uuid
 from collections.abc import Callable
@@ -70,7 +75,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry.domain.storage_names import check_pool_name
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.storage.pool import PoolConfig
 
 
 @dataclass
@@ -124,6 +131,7 @@ class AccessConfig:
             "domain.read",
             "domain.console",
             "events.read",
+            "storage.read",
         ]
     )
     readonly_socket_group: str = ""
@@ -167,6 +175,8 @@ class DaemonConfig:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    #: ``[pools.NAME]`` tables, by name (empty: the daemon makes the pool ``default``).
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -285,6 +295,43 @@ def _check_migration_endpoints(where: str, mig: MigrationConfig) -> None:
         )
 
 
+def _load_pools(where: str, table: Any, base: Path) -> dict[str, PoolConfig]:
+    def bad(message: str) -> VmferryError:
+        return VmferryError(ErrorCode.INVALID_ARG, f"{where}: {message}")
+
+    if not isinstance(table, dict):
+        raise bad('pools must be tables [pools.NAME] with path = "..."')
+    pools: dict[str, PoolConfig] = {}
+    for name, pool in table.items():
+        try:
+            check_pool_name(name)
+        except VmferryError as err:
+            raise bad(f"[pools.{name}]: {err.message}") from None
+        if not isinstance(pool, dict):
+            raise bad(f'pools.{name} must be a table [pools.{name}] with path = "..."')
+        unknown = sorted(set(pool) - {"path"})
+        if unknown:
+            raise bad(f"unknown key pools.{name}.{unknown[0]} (known in [pools.{name}]: path)")
+        if "path" not in pool:
+            raise bad(f'[pools.{name}] needs path = "..."')
+        pool_path = _convert(where, f"pools.{name}.path", Path, pool["path"], base)
+        pools[name] = PoolConfig(name, Path(os.path.normpath(pool_path)))
+    seen: list[PoolConfig] = []
+    for pool in pools.values():
+        for other in seen:
+            if (
+                pool.path == other.path
+                or other.path in pool.path.parents
+                or (pool.path in other.path.parents)
+            ):
+                raise bad(
+                    f"pools '{other.name}' and '{pool.name}' overlap "
+                    f"({other.path}, {pool.path}): each pool needs its own directory"
+                )
+        seen.append(pool)
+    return pools
+
+
 def load_config(path: Path | None) -> DaemonConfig:
     """
     Read the daemon's configuration file.
@@ -312,7 +359,11 @@ def load_config(path: Path | None) -> DaemonConfig:
 
     base = path.absolute().parent
     sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    del sections["pools"]  # a table of tables, read by _load_pools
     for section_name, table in data.items():
+        if section_name == "pools":
+            config.pools = _load_pools(where, table, base)
+            continue
         if section_name not in sections:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,

@@ -33,9 +33,11 @@ from vmferry.jobs import DomainJob, Job
 from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.restart import bookkeeping, restore_bookkeeping
+from vmferry.qemu.command import BlockLayer
 from vmferry.qemu.confine import Confinement
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle, RunPaths
+from vmferry.storage import Pools
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,11 @@ class Driver:
         host: HostIdentity,
         *,
         confine: Confinement | None = None,
+        pools: Pools | None = None,
     ) -> None:
         self.state = state
+        #: Storage pools (None: volume disks cannot start, file disks' backing is QEMU's).
+        self.pools = pools
         self.config = config
         self.host = host
         self.events = EventBus()
@@ -88,6 +93,7 @@ class Driver:
             on_stopped=self._on_stopped,
             confine=confine,
             sandbox=config.qemu.sandbox,
+            resolve_disks=self._resolve_disks if pools is not None else None,
         )
         self.qemu_version = ""
         self.sessions = Sessions(self._session_closed)
@@ -100,6 +106,10 @@ class Driver:
         self.migration_peers: dict[str, MigrationPeer] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._job_hooks: JobHooks | None = None  # the migration service, once composed
+
+    async def _resolve_disks(self, d: DomainDef) -> dict[str, list[BlockLayer]]:
+        assert self.pools is not None
+        return await asyncio.to_thread(self.pools.resolve, d)
 
     def set_job_hooks(self, hooks: JobHooks) -> None:
         """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -86,10 +87,19 @@ class _Refused(Exception):
 class GuardMiddleware:
     """Body size limit, body idle timeout and a generic 500 that keeps the connection."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        idle_timeout: float,
+        streamed_uploads: re.Pattern[str] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.idle_timeout = idle_timeout
+        # PUT paths whose route streams the body and sets its own limit (a volume upload)
+        self.streamed_uploads = streamed_uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,11 +117,17 @@ class GuardMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        # the tunnelled migration stream is as long as the guest's memory; it is relayed
-        # as it arrives (bounded), never held, and still dies when it stalls (idle timeout)
-        limit = None if _is_stream(scope) else self.max_body_bytes
+        limit = self.max_body_bytes
+        if (
+            self.streamed_uploads is not None
+            and scope.get("method") == "PUT"
+            and self.streamed_uploads.match(scope.get("path", ""))
+        ) or _is_stream(scope):
+            # the route bounds it (a volume upload; the tunnelled migration stream is relayed
+            # as it arrives, never held); the idle timeout still applies
+            limit = sys.maxsize
         length = _content_length(scope)
-        if limit is not None and length is not None and length > limit:
+        if length is not None and length > limit:
             await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
             return
 
@@ -135,7 +151,7 @@ class GuardMiddleware:
                 raise _Refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if limit is not None and received > limit:
+                if received > limit:
                     if not started:
                         await reply(413, ErrorCode.INVALID_ARG, self._too_large(), close=True)
                     raise _Refused

@@ -28,6 +28,7 @@ from vmferry.qemu.confine import (
     grant_userfaultfd,
     resolve_user,
 )
+from vmferry.storage import Pools
 
 log = logging.getLogger("vmferryd")
 
@@ -85,8 +86,22 @@ def access_policy(config: DaemonConfig, state: StateDir) -> AccessPolicy:
     )
 
 
-def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | None]) -> Confinement:
-    """What this daemon's QEMUs may reach, from ``[qemu]`` and ``[paths]``."""
+def storage_pools(config: DaemonConfig, state: StateDir) -> Pools:
+    """The ``[pools.NAME]`` of the config (or ``default`` in the state dir), created."""
+    pools = Pools.from_config(
+        list(config.pools.values()), state_root=state.root, roots=config.paths.roots
+    )
+    pools.ensure()
+    return pools
+
+
+def confinement(
+    config: DaemonConfig,
+    state: StateDir,
+    protected: list[Path | None],
+    pool_roots: list[Path] | None = None,
+) -> Confinement:
+    """What this daemon's QEMUs may reach, from ``[qemu]``, ``[paths]`` and the pools."""
     user = resolve_user(config.qemu.user, config.qemu.group)
     if user is not None and config.qemu.userfaultfd and not grant_userfaultfd(user):
         log.warning("no %s: post-copy migration will fail as user %s", USERFAULTFD, user.name)
@@ -96,6 +111,7 @@ def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | No
         protected=[p for p in protected if p is not None],
         emulators=allowed_emulators(config.qemu.emulator, config.qemu.emulators),
         user=user,
+        pool_roots=pool_roots or [],
     )
 
 
@@ -110,7 +126,11 @@ async def run(args: argparse.Namespace) -> None:
     access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
     protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
-    driver = Driver(state, config, host, confine=confinement(config, state, protected))
+    pools = storage_pools(config, state)
+    confine = confinement(config, state, protected, pools.paths())
+    if confine.user is not None:
+        pools.set_owner((confine.user.uid, confine.user.gid))
+    driver = Driver(state, config, host, confine=confine, pools=pools)
     driver.qemu_version = qemu_version(config.qemu.emulator)
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too

@@ -21,16 +21,17 @@ from dataclasses import replace
 from typing import Any
 
 from vmferry.api.models import JobStats, MigrationResult
+from vmferry.daemon import migrate_disks
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.peer_client import ClientConnector, check_peer_uri
-from vmferry.domain.model import DomainDef
+from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob, Job
-from vmferry.migration import destination, p2p, postcopy, resolver, restart, source
+from vmferry.migration import destination, p2p, postcopy, resolver, restart, source, storage
 from vmferry.migration import policy as mpolicy
 from vmferry.migration import uri as muri
-from vmferry.migration.cookie import parse_cookie
+from vmferry.migration.cookie import NbdDisk, parse_cookie
 from vmferry.migration.flags import MigrateFlags, parse_flags
 from vmferry.migration.host import Keepalive, PeerConnector, PerformLimits
 from vmferry.migration.params import (
@@ -202,6 +203,33 @@ class MigrationService:
                 f"([migration] allowed_listen_addresses: {', '.join(allowed)})",
             )
         return requested
+
+    # -- storage migration: this host's copies of the disks ----------------------------------
+
+    def disk_path(self, disk: DiskDef) -> str:
+        """Where *disk*'s data is on this host."""
+        return migrate_disks.disk_path(self.driver.pools, disk)
+
+    def disk_exists(self, path: str) -> bool:
+        return migrate_disks.disk_exists(path)
+
+    async def create_disk(self, path: str, disk: DiskDef, copied: NbdDisk) -> bool:
+        """Create a disk the source copies here (a volume of a pool, or a file below a root)."""
+        if disk.type == "volume":
+            return await migrate_disks.create_volume(
+                self.driver.pools, disk, copied.capacity, copied.backing, copied.backing_format
+            )
+        return await migrate_disks.create_disk(
+            self.driver.lifecycle.confine,
+            path,
+            disk,
+            copied.capacity,
+            backing=copied.backing,
+            backing_format=copied.backing_format,
+        )
+
+    async def delete_disk(self, path: str) -> None:
+        migrate_disks.delete_disk(path)
 
     # -- each source step, for both protocols' callers (the HTTP API and p2p) -----------------
 
@@ -428,6 +456,8 @@ class MigrationService:
                 info = await mon.execute("query-migrate")
                 stats = from_query_migrate(info, started=dom.migration.started)
                 stats.update(mpolicy.live_stats(dom))  # prediction and ETA
+            if dom.block_jobs:  # the disks' mirrors: before and while the memory moves
+                stats = storage.with_disk(stats, await storage.progress(dom))
             return JobStats(
                 type="unbounded",
                 operation="outgoing migration",

@@ -22,6 +22,7 @@ CPU_MODES = ("host-passthrough", "host-model", "custom")
 CLOCK_OFFSETS = ("utc", "localtime")
 LIFECYCLE_ACTIONS = ("destroy", "restart", "preserve")
 BOOT_DEVS = ("hd", "cdrom", "network")
+DISK_TYPES = ("file", "volume")
 DISK_DEVICES = ("disk", "cdrom")
 DISK_FORMATS = ("raw", "qcow2")
 DISK_CACHES = ("default", "none", "writeback", "writethrough", "directsync", "unsafe")
@@ -70,16 +71,27 @@ class CpuDef:
 
 @dataclass
 class DiskDef:
-    """``<disk type='file'>``: a file-backed disk or CD-ROM."""
+    """``<disk type='file'>`` (a file) or ``<disk type='volume'>`` (a volume of a pool).
+
+    A volume is named by pool and volume and resolved on each host in that
+    host's pool of the name when QEMU starts (:mod:`vmferry.storage`).
+    """
 
     target_dev: str
-    source_file: str = ""  # "" only for an empty CD-ROM tray
+    source_file: str = ""  # type 'file'; "" only for an empty CD-ROM tray
     device: str = "disk"
     driver_type: str = "raw"
     cache: str = "default"
     target_bus: str = "virtio"
     readonly: bool = False
-    type: str = "file"
+    type: str = "file"  # DISK_TYPES
+    source_pool: str = ""  # type 'volume'
+    source_volume: str = ""  # type 'volume'
+
+    @property
+    def has_source(self) -> bool:
+        """Whether the disk has a medium (a file or a volume)."""
+        return bool(self.source_file or self.source_volume)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import defusedxml
@@ -35,6 +35,7 @@ from vmferry.domain.model import (
     InterfaceDef,
     OsDef,
 )
+from vmferry.domain.storage_names import check_pool_name, check_volume_name
 from vmferry.errors import ErrorCode, VmferryError
 
 MAX_XML_BYTES = 1024 * 1024
@@ -503,6 +504,13 @@ def _backend(c: CharDef) -> tuple[str, str, bool, str]:
     return (c.type, c.path, c.append, c.mode)
 
 
+def _storage_name(check: Callable[[object], str], value: str | None) -> str:
+    try:
+        return check(value)
+    except VmferryError as err:
+        raise _xml_error(f"disk source: {err.message}") from None
+
+
 def disk_index(target_dev: str) -> int:
     """The position a target name stands for: ``vda`` is 0, ``hdc`` 2, ``sdaa`` 26."""
     match = _TARGET_DEV_RE.fullmatch(target_dev)
@@ -515,7 +523,7 @@ def disk_index(target_dev: str) -> int:
 
 
 def _parse_disk(node: _Node) -> DiskDef:
-    node.choice("type", ("file",), "file")
+    disk_type = node.choice("type", model.DISK_TYPES, "file")
     device = node.choice("device", model.DISK_DEVICES, "disk")
 
     driver_type, cache = "raw", "default"
@@ -526,12 +534,18 @@ def _parse_disk(node: _Node) -> DiskDef:
         cache = driver.choice("cache", model.DISK_CACHES, "default")
         driver.finish()
 
-    source_file = ""
+    source_file = pool = volume = ""
     source = node.child("source")
-    if source is not None:
+    if source is not None and disk_type == "volume":
+        pool = _storage_name(check_pool_name, source.attr("pool"))
+        volume = _storage_name(check_volume_name, source.attr("volume"))
+        source.finish()
+    elif source is not None:
         source_file = _abs_path(source.attr("file"), "disk source file")
         source.finish()
-    if not source_file and device != "cdrom":
+    if disk_type == "volume" and not volume:
+        raise _xml_error("a disk of type 'volume' needs <source pool='...' volume='...'/>")
+    if not source_file and not volume and device != "cdrom":
         raise _xml_error("a disk needs <source file='...'/>")
 
     target = node.child("target")
@@ -549,10 +563,13 @@ def _parse_disk(node: _Node) -> DiskDef:
             raise _unsupported(f"CD-ROM '{target_dev}' cannot use bus 'virtio' (use sata or ide)")
         readonly = True  # a CD-ROM is read-only whether the XML says so or not
     return DiskDef(
+        type=disk_type,
         device=device,
         driver_type=driver_type,
         cache=cache,
         source_file=source_file,
+        source_pool=pool,
+        source_volume=volume,
         target_dev=target_dev,
         target_bus=bus,
         readonly=readonly,
@@ -714,7 +731,9 @@ def _format_devices(parent: ET.Element, dev: Devices, migratable: bool) -> None:
         if disk.cache != "default":
             driver["cache"] = disk.cache
         _sub(el, "driver", **driver)
-        if disk.source_file:
+        if disk.type == "volume":
+            _sub(el, "source", pool=disk.source_pool, volume=disk.source_volume)
+        elif disk.source_file:
             _sub(el, "source", file=disk.source_file)
         _sub(el, "target", dev=disk.target_dev, bus=disk.target_bus)
         if disk.readonly:

@@ -92,6 +92,8 @@ STAT_NAMES = (
 _SIGNED = frozenset({"delta", "auto_converge_throttle"})
 _U64 = (1 << 64) - 1
 _I64 = (1 << 63) - 1
+# a plain file name: no directory, no "..", nothing hidden
+_FILE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}")
 _INT_RE = re.compile(r"[+-]?[0-9]{1,20}")
 
 
@@ -103,6 +105,10 @@ def _invalid(message: str) -> VmferryError:
 class NbdDisk:
     target: str
     capacity: int
+    # vmferry's addition for --copy-storage-inc: the top image's backing file (its name only:
+    # the same pool, or directory, on each host) and format; libvirt ignores them
+    backing: str = ""
+    backing_format: str = ""
 
 
 @dataclass
@@ -144,7 +150,10 @@ class MigrationCookie:
             if self.nbd_port:
                 nbd.set("port", str(self.nbd_port))
             for disk in self.nbd_disks:
-                ET.SubElement(nbd, "disk", target=disk.target, capacity=str(disk.capacity))
+                el = ET.SubElement(nbd, "disk", target=disk.target, capacity=str(disk.capacity))
+                if disk.backing:
+                    el.set("backing", disk.backing)
+                    el.set("backingFormat", disk.backing_format)
         if self.tls_pki is not None or self.tls_mode or self.tls_use is not None:
             tls = ET.SubElement(root, "tls")
             for attr, value in (("pki", self.tls_pki), ("use", self.tls_use)):
@@ -320,7 +329,13 @@ def _parse_nbd(root: ET.Element, cookie: MigrationCookie) -> None:
         capacity = _int(disk.get("capacity", ""), signed=False)
         if capacity is None:
             raise _invalid(f"Malformed disk capacity of '{target[:64]}' in migration cookie")
-        cookie.nbd_disks.append(NbdDisk(target, capacity))
+        backing = disk.get("backing", "")
+        backing_format = disk.get("backingFormat", "")
+        if backing and (
+            not _FILE_NAME.fullmatch(backing) or backing_format not in ("raw", "qcow2")
+        ):
+            raise _invalid(f"Malformed backing file of disk '{target[:64]}' in migration cookie")
+        cookie.nbd_disks.append(NbdDisk(target, capacity, backing, backing_format))
 
 
 def _parse_tls(root: ET.Element, cookie: MigrationCookie) -> None:

@@ -41,7 +41,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
-from vmferry.migration import postcopy
+from vmferry.migration import postcopy, storage
 from vmferry.migration import tls as mtls
 from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
@@ -84,12 +84,22 @@ async def prepare(
     original_name = definition.name
     if params.dname:
         definition = replace(definition, name=params.dname)
-    # The XML comes from another host: this host's rules decide what its QEMU may reach.
-    host.check_definition(definition)
+    copy = storage.copies_storage(flags)
+    # The XML comes from another host: this host's rules decide what its QEMU may reach
+    # (disks still to be created are checked once they exist, below).
+    if not copy:
+        host.check_definition(definition)
     offer = None
     if cookie_in is not None:
         offer = parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
+        )
+    nbd_disks = offer.nbd_disks if offer is not None else []
+    if copy and (cookie_in is None or not nbd_disks):
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            "storage migration (--copy-storage-all/-inc) requires migration protocol v3 "
+            "and a source that names the disks to copy",
         )
     # decided before anything is made: a refused migration leaves nothing behind
     use_tls = not flags & MigrateFlags.OFFLINE and mtls.decide(host.tls, flags, offer)
@@ -105,12 +115,26 @@ async def prepare(
     dom.migration.flags = int(flags)
     dom.migration.params = replace(params)
     dom.definition = definition
+    dom.migration.storage_disks = []
+    dom.migration.created_volumes = []
     uri = ""
+    nbd_port = None
     try:
         dom.save()  # recovery needs created_here
         await failpoint("dst-prepare-before")
+        if copy:
+            await storage.create_disks(host, dom, definition, nbd_disks)
+            host.check_definition(definition)
+            await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
+        if copy:
+            nbd_port = await storage.start_nbd(
+                host,
+                dom,
+                host.migration_address(params.listen_address),
+                tls_creds=mtls.MIGRATION_CREDS if dom.migration.tls else "",
+            )
         if session:
             # The client may have left while Prepare ran: then nobody would Finish it.
             host.bind_session(session, dom)
@@ -126,6 +150,8 @@ async def prepare(
         cookie.capabilities = mparams.capabilities(flags, source=False)
         if offer is not None:
             cookie.tls_use = use_tls
+    if nbd_port is not None:
+        cookie.nbd_port = nbd_port
     return uri, cookie.to_xml()
 
 
@@ -181,6 +207,8 @@ def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-u
     async def cleanup() -> None:
         # The incoming QEMU died before Finish.
         _release(host, dom)
+        await storage.delete_created(host, dom)
+        storage.forget(dom)
         dom.job.finish_async()
         if dom.migration.created_here and dom.persistent is None:
             host.remove(dom)
@@ -189,6 +217,9 @@ def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-u
 
 
 def _release(host: MigrationHost, dom: QemuDomain) -> None:
+    if dom.migration.nbd_port:
+        host.release_port(dom.migration.nbd_port)
+        dom.migration.nbd_port = 0
     if dom.migration.port:
         host.release_port(dom.migration.port)
         dom.migration.port = 0
@@ -199,10 +230,15 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
 
 
 async def discard_incoming(host: MigrationHost, dom: QemuDomain) -> None:
-    """Undo a Prepare: kill the incoming QEMU, release what it held, end the job."""
+    """Undo a Prepare: kill the incoming QEMU, release what it held, end the job.
+
+    The NBD server goes with QEMU; then the disks this migration created are deleted.
+    """
     _release(host, dom)
     if dom.active:
         await host.lifecycle.stop(dom, ShutoffReason.FAILED)
+    await storage.delete_created(host, dom)
+    storage.forget(dom)
     dom.job.finish_async()
     if dom.migration.created_here and dom.persistent is None:
         host.remove(dom)
@@ -293,6 +329,8 @@ async def finish(
         await discard_incoming(host, dom)
         raise
     _release(host, dom)
+    storage.forget(dom)  # the guest runs on them here now: never deleted from here on
+    dom.save()
     dom.job.finish_async()
     await failpoint("dst-finish-after")
     out = MigrationCookie(
@@ -366,6 +404,9 @@ async def _finish_active(
             ErrorCode.OPERATION_FAILED,
             f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
         )
+    # The source drained its mirrors before the device state came: the disks are whole.
+    await storage.stop_nbd(host, dom)
+    await failpoint("dst-finish-storage")
     _persist(host, dom, cookie, flags)
     await mtls.disable(dom)  # the stream is over: QEMU forgets the credentials
     if flags & MigrateFlags.PAUSED:

@@ -14,6 +14,8 @@ class MigrateFlags(IntFlag):
     PERSIST_DEST = 1 << 3
     UNDEFINE_SOURCE = 1 << 4
     PAUSED = 1 << 5  # leave the guest paused on the destination (--suspend)
+    NON_SHARED_DISK = 1 << 6  # --copy-storage-all: mirror each disk's whole chain
+    NON_SHARED_INC = 1 << 7  # --copy-storage-inc: mirror the top layer only
     CHANGE_PROTECTION = 1 << 8
     OFFLINE = 1 << 10
     COMPRESSED = 1 << 11  # xbzrle
@@ -21,12 +23,19 @@ class MigrateFlags(IntFlag):
     POSTCOPY = 1 << 15
     TLS = 1 << 16  # QEMU encrypts the stream with the certificates of [tls] pki_dir
     PARALLEL = 1 << 17  # multifd
-    POSTCOPY_RESUME = 1 << 18  # resume a post-copy migration that failed (with POSTCOPY)
+    # --copy-storage-synchronous-writes: write-blocking mirrors, so a disk-busy guest converges
+    NON_SHARED_SYNCHRONOUS_WRITES = 1 << 18
+    POSTCOPY_RESUME = 1 << 19  # resume a post-copy migration that failed (with POSTCOPY)
 
     # flags that mean something to the source only and are not sent to the destination
     @classmethod
     def source_only(cls) -> MigrateFlags:
         return cls.AUTO_CONVERGE | cls.UNDEFINE_SOURCE
+
+    @classmethod
+    def copy_storage(cls) -> MigrateFlags:
+        """The flags that make a migration copy (some of) the guest's disks."""
+        return cls.NON_SHARED_DISK | cls.NON_SHARED_INC
 
 
 #: Every bit vmferry knows; anything else from a client is refused, as libvirt's

@@ -15,11 +15,12 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vmferry.domain.model import DomainDef
+from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
+    from vmferry.migration.cookie import NbdDisk
     from vmferry.migration.flags import MigrateFlags
     from vmferry.migration.params import MigrationParams
     from vmferry.migration.peer_probe import MigrationPeer
@@ -128,6 +129,26 @@ class MigrationHost(Protocol):
     def release_port(self, port: int) -> None: ...
 
     def migration_address(self, requested: str) -> str: ...
+
+    # -- storage migration: this host's copy of a disk ----------------------------------------
+
+    def disk_path(self, disk: DiskDef) -> str:
+        """Where *disk*'s data lives on this host (its file, or its volume in this host's pool)."""
+        ...
+
+    def disk_exists(self, path: str) -> bool: ...
+
+    async def create_disk(self, path: str, disk: DiskDef, copied: NbdDisk) -> bool:
+        """Create *path* for *disk* (its format, the *copied* disk's capacity, on top of its
+        backing file, which must exist here); False if it appeared meanwhile (not created).
+
+        :raise VmferryError: the path is not allowed, or no room.
+        """
+        ...
+
+    async def delete_disk(self, path: str) -> None:
+        """Delete a disk :meth:`create_disk` made."""
+        ...
 
     @property
     def perform_limits(self) -> PerformLimits: ...

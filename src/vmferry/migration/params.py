@@ -8,6 +8,7 @@ side: round trips are the cost a migration pays on top of QEMU's own work.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,9 @@ class MigrationParams:
     deadline_s: float = 0.0  # the contract: complete within this long, else abort; 0: none
     # --compressed's method: xbzrle (default) or zstd (multifd, the default with --parallel)
     compression: str = ""
+    # the disks a storage migration copies, by target ("vda,vdb"); "": every writable
+    # non-shared disk (libvirt's migrate_disks)
+    migrate_disks: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +90,12 @@ class MigrationParams:
                 ErrorCode.INVALID_ARG,
                 "a tunnelled migration cannot be parallel or post-copy (one stream, one way)",
             )
+        if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.copy_storage():
+            raise VmferryError(
+                ErrorCode.NO_SUPPORT,
+                "tunnelled storage migration is not supported yet: use --tls for encrypted "
+                "disk copies",
+            )
         if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.TLS:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
@@ -100,6 +110,7 @@ class MigrationParams:
                     ErrorCode.INVALID_ARG, "--live and --offline are mutually exclusive"
                 )
         self._validate_postcopy(flags)
+        self._validate_storage(flags)
         self._validate_policy()
 
     def _validate_compression(self, flags: MigrateFlags) -> None:
@@ -115,6 +126,32 @@ class MigrationParams:
             raise VmferryError(
                 ErrorCode.INVALID_ARG, "zstd compression needs parallel migration (--parallel N)"
             )
+
+    def _validate_storage(self, flags: MigrateFlags) -> None:
+        copy = flags & MigrateFlags.copy_storage()
+        if copy == MigrateFlags.copy_storage():
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                "--copy-storage-all and --copy-storage-inc are mutually exclusive",
+            )
+        if not copy and (flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES or self.migrate_disks):
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                "--migrate-disks and --copy-storage-synchronous-writes require "
+                "--copy-storage-all or --copy-storage-inc",
+            )
+        if copy and flags & MigrateFlags.OFFLINE:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG, "offline migration cannot copy non-shared storage"
+            )
+        if copy and flags & MigrateFlags.POSTCOPY:
+            raise VmferryError(
+                ErrorCode.NO_SUPPORT, "post-copy migration cannot copy non-shared storage yet"
+            )
+
+    def disk_targets(self) -> list[str]:
+        """``migrate_disks`` as a list of targets (empty: the default selection)."""
+        return [t for t in self.migrate_disks.split(",") if t]
 
     def _validate_postcopy(self, flags: MigrateFlags) -> None:
         postcopy = bool(flags & MigrateFlags.POSTCOPY)
@@ -151,7 +188,15 @@ MAX_BANDWIDTH_MIB_S = 1 << 24  # 16 TiB/s: beyond any link
 MAX_DOWNTIME_MS = 2_000_000
 MAX_CHANNELS = 255
 MAX_SECONDS = 10_000_000.0  # about 115 days
-MAX_TEXT = {"dest_xml": 1 << 20, "policy": 64 << 10, "migrate_uri": 300, "listen_address": 253}
+# a disk target as libvirt names them (vda, sdb, hdc, vdaa)
+_DISK_TARGET = re.compile(r"(?:vd|sd|hd)[a-z]{1,3}")
+MAX_TEXT = {
+    "migrate_disks": 400,
+    "dest_xml": 1 << 20,
+    "policy": 64 << 10,
+    "migrate_uri": 300,
+    "listen_address": 253,
+}
 _INTS = {
     "bandwidth_mib_s": MAX_BANDWIDTH_MIB_S,
     "postcopy_bandwidth_mib_s": MAX_BANDWIDTH_MIB_S,
@@ -202,6 +247,10 @@ def _checked(key: str, value: Any) -> Any:
         check_host(value, "listen address")
     elif key == "compression" and value not in COMPRESSION_METHODS:
         raise bad(f"must be one of {', '.join(COMPRESSION_METHODS)}")
+    elif key == "migrate_disks" and value:
+        targets = value.split(",")
+        if not all(_DISK_TARGET.fullmatch(t) for t in targets) or len(set(targets)) != len(targets):
+            raise bad("must be distinct disk targets separated by commas (vda,vdb)")
     elif key == "dname" and value:
         try:
             validate_name(value)
@@ -229,6 +278,8 @@ def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:
         caps["auto-converge"] = bool(flags & MigrateFlags.AUTO_CONVERGE)
         # with --parallel, --compressed is multifd's zstd (validate refuses xbzrle there)
         caps["xbzrle"] = bool(flags & MigrateFlags.COMPRESSED and not flags & MigrateFlags.PARALLEL)
+        # storage: QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
+        caps["pause-before-switchover"] = bool(flags & MigrateFlags.copy_storage())
     return caps
 
 

@@ -15,7 +15,9 @@ source phase            action
                         (:mod:`vmferry.migration.resolver`); libvirt leaves the guest paused
 ``perform2``, QEMU      v2 has no Confirm and the destination keeps a complete v2
 says completed          stream: ask the destination too (libvirt resumes here)
-``confirm3_cancelled``  resume the guest, drop the job
+``confirm3_cancelled``  resume the guest, drop the job (storage: any mirror left
+                        over is cancelled, its NBD client node removed, in the
+                        perform phases too)
 ``confirm3``            the guest runs on the destination: kill the source
                         (shut off ``migrated``), undefine it with --undefinesource
 post-copy: ``perform3_  keep the job (libvirt's "return 1", below)
@@ -27,11 +29,13 @@ phases
 ======================  ==========================================================
 destination phase       action
 ======================  ==========================================================
-``prepare``             kill the incoming QEMU, except a v2 one whose stream
-                        completed: like ``finish2``
+``prepare``             kill the incoming QEMU (its NBD server goes with it) and
+                        delete the disks this migration created, except a v2
+                        one whose stream completed: like ``finish2``
 ``finish2``             the v2 source is gone: ``cont`` if the stream completed
                         (else kill), drop the job
-``finish3``             running already: keep it, drop the job; else kill
+``finish3``             running already: keep it (and the copied disks; the NBD
+                        server stops), drop the job; else kill, as ``prepare``
 post-copy: any phase    keep the job (libvirt's "return 1", below)
 once QEMU switched
 over
@@ -63,7 +67,7 @@ from typing import Any
 from vmferry.domain.state import DomainState, EventType, RunningReason
 from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
-from vmferry.migration import destination, postcopy, resolver
+from vmferry.migration import destination, postcopy, resolver, storage
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
@@ -99,6 +103,8 @@ def bookkeeping(dom: QemuDomain) -> dict[str, Any]:
         "created_here": m.created_here,
         "port": m.port,
         "origin_name": m.origin_name,
+        "storage_disks": list(m.storage_disks),
+        "created_volumes": list(m.created_volumes),
     }
 
 
@@ -118,8 +124,16 @@ def restore_bookkeeping(dom: QemuDomain, data: Any) -> None:
     m.was_running = bool(data.get("was_running", False))
     m.created_here = bool(data.get("created_here", False))
     m.origin_name = str(data.get("origin_name", ""))
+    m.storage_disks = _strings(data.get("storage_disks"))
+    m.created_volumes = _strings(data.get("created_volumes"))
     # The port was held by the daemon that died; this one never reserved it.
     m.port = 0
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return []
+    return list(value)
 
 
 # -- recovery -------------------------------------------------------------------------------------
@@ -211,6 +225,10 @@ async def recover_gone(host: MigrationHost, dom: QemuDomain) -> None:
     ):
         host.unpersist_definition(dom)
         host.lifecycle.emit(dom, EventType.UNDEFINED, "removed", {})
+    if dom.job.async_job is AsyncJob.MIGRATION_IN and phase == MigrationPhase.PREPARE:
+        # The guest never ran here: the disks this migration created go.
+        await storage.delete_created(host, dom)
+        storage.forget(dom)
     dom.job.finish_async()
     if dom.persistent is None and not dom.active:
         host.remove(dom)
@@ -238,10 +256,12 @@ async def _recover_out(
     elif phase in (MigrationPhase.PERFORM2, MigrationPhase.PERFORM3):
         # v3: the destination never got a successful Finish, Perform did not return.
         await _cancel(dom)
+        await storage.cancel(dom)  # a mirror QEMU still runs: the source keeps its own disk
         await resolver.resume_source(dom, flags)
     elif phase == MigrationPhase.PERFORM3_DONE:
         return resolver.start(host, dom)
     elif phase == MigrationPhase.CONFIRM3_CANCELLED:
+        await storage.cancel(dom)
         await resolver.resume_source(dom, flags)
     elif phase == MigrationPhase.CONFIRM3:
         await complete_outgoing(host, dom, flags)
@@ -263,6 +283,10 @@ async def _recover_in(host: MigrationHost, dom: QemuDomain, phase: MigrationPhas
     if phase == MigrationPhase.FINISH3 and dom.state == DomainState.RUNNING:
         if dom.reason == RunningReason.UNKNOWN:
             dom.set_state(DomainState.RUNNING, RunningReason.MIGRATED)
+        # The guest runs on the copied disks: they stay; the NBD server goes.
+        await storage.stop_nbd(host, dom)
+        storage.forget(dom)
+        dom.save()
         return
     # Prepare, or a Finish that had not resumed the guest: it never ran here.
     await destination.discard_incoming(host, dom)

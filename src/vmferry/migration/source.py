@@ -33,7 +33,7 @@ from vmferry.failpoints import armed, failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
-from vmferry.migration import postcopy
+from vmferry.migration import postcopy, storage
 from vmferry.migration import tls as mtls
 from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
@@ -42,6 +42,7 @@ from vmferry.migration.host import MigrationHost, PerformLimits
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import completed_stats, from_query_migrate, to_cookie
+from vmferry.migration.uri import parse_migration_uri
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
@@ -100,6 +101,14 @@ async def begin(
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
             mtls.offer(host.tls, flags, cookie)
+        dom.migration.storage_disks = []
+        if storage.copies_storage(flags):
+            cookie.nbd_disks = await storage.begin_disks(
+                dom, params, top_only=bool(flags & MigrateFlags.NON_SHARED_INC)
+            )
+            cookie.mandatory.append("nbd")
+            dom.migration.storage_disks = [d.target for d in cookie.nbd_disks]
+            dom.save()
         if session:
             host.bind_session(session, dom)  # fails if the client is already gone
     except BaseException:
@@ -164,8 +173,10 @@ async def perform3(
                 host.perform_limits,
                 tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
                 tunnel=tunnel,
+                nbd_port=answer.nbd_port,
             )
     except BaseException:
+        await storage.cancel(dom)
         await restore_source(dom, flags)
         dom.job.finish_async()
         raise
@@ -197,6 +208,12 @@ async def perform2(
         )
     uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
     use_tls = mtls.follow(host.tls, flags, None)  # v2: --tls alone decides
+    if storage.copies_storage(flags):
+        # v2 has no cookie to carry the NBD server's port (QEMU's old block migration is gone).
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            "storage migration (--copy-storage-all/-inc) requires migration protocol v3",
+        )
     if not params.bandwidth_mib_s:
         params.bandwidth_mib_s = dom.max_speed_mib_s
     dom.require_active()
@@ -235,8 +252,9 @@ async def _run(
     *,
     tls: mtls.TlsSetup | None = None,
     tunnel: mtunnel.Sender | None = None,
+    nbd_port: int | None = None,
 ) -> None:
-    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end.
+    """libvirt's qemuMigrationSrcRun: apply parameters, mirror the disks, migrate, wait.
 
     :param tls: encrypt the stream with these credentials (QEMU's TLS).
     :param tunnel: send the stream through the daemons' connection, not to *uri*.
@@ -253,10 +271,25 @@ async def _run(
     await mparams.apply(mon, params, flags, source=True, extra=extra)
     # The convergence policy's own settings; it may switch the migration to post-copy.
     await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
+    if dom.migration.storage_disks:
+        # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
+        await failpoint("src-perform-mirror")
+        try:
+            await storage.mirror_all(
+                dom,
+                parse_migration_uri(uri).host,
+                nbd_port,
+                tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
+            )
+        except BaseException:
+            await storage.cancel(dom)
+            raise
+        await failpoint("src-perform-mirror-ready")
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
     if dom.job.abort_requested:
+        await storage.cancel(dom)
         raise _aborted()
     relay: asyncio.Task[None] | None = None
     if tunnel is not None:
@@ -285,6 +318,7 @@ async def _run(
     except BaseException as err:
         if dom.monitor is not None and dom.monitor.connected:
             await _cancel(dom)
+        await storage.cancel(dom)
         failed = await _stop_relay(relay)
         if failed is not None and isinstance(err, VmferryError):
             raise failed from err  # why the stream broke, rather than QEMU's broken pipe
@@ -353,6 +387,7 @@ async def _wait_loop(
     def settled() -> bool:
         return (
             dom.migration.status in TERMINAL
+            or dom.migration.status == MigrationStatus.PRE_SWITCHOVER
             or dom.migration.status in postcopy.POSTCOPY_STATES
             or precopy_done()
             or dom.job.abort_requested
@@ -379,8 +414,18 @@ async def _wait_loop(
         if status == MigrationStatus.COMPLETED or status in postcopy.POSTCOPY_STATES:
             # Switched to post-copy: the guest runs there from Finish on; Perform is done.
             info = await dom.monitor.execute("query-migrate")
-            dom.migration.stats = from_query_migrate(info, started=dom.migration.started)
+            dom.migration.stats = storage.with_disk(
+                from_query_migrate(info, started=dom.migration.started),
+                storage.final_progress(dom),
+            )
             return
+        if status == MigrationStatus.PRE_SWITCHOVER:
+            # vCPUs stopped, memory sent: the disks' last writes go, then the device state.
+            await failpoint("src-perform-switchover")
+            await storage.complete(dom)
+            dom.migration.status = MigrationStatus.DEVICE  # until QEMU's next event says more
+            await dom.monitor.execute("migrate-continue", {"state": "pre-switchover"})
+            continue
         if precopy_done() and status == MigrationStatus.ACTIVE:
             switch_pending = False
             await postcopy.switch(dom)

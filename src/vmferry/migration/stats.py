@@ -55,7 +55,7 @@ COOKIE_NAMES = {
     "time_elapsed_ms": "time_elapsed",
     "downtime_ms": "downtime",
     "setup_time_ms": "setup_time",
-    "data_total": "memory_total",  # no storage migration: all data is memory
+    "data_total": "memory_total",  # vmferry's data_* is memory (and disk_* with storage)
     "data_processed": "memory_processed",
     "data_remaining": "memory_remaining",
     "memory_bps": "memory_bps",
@@ -64,6 +64,9 @@ COOKIE_NAMES = {
     "memory_iteration": "memory_iteration",
     "memory_normal_bytes": "memory_normal_bytes",
     "auto_converge_throttle": "auto_converge_throttle",
+    "disk_total": "disk_total",  # storage migration (then data_* is memory and disk)
+    "disk_processed": "disk_processed",
+    "disk_remaining": "disk_remaining",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,29 @@ _CACHE_MODES = {
 }
 _IDE_UNITS = 4  # PIIX: two buses, master and slave
 _SATA_PORTS = 6  # ICH9 AHCI
+
+
+@dataclass(frozen=True)
+class BlockLayer:
+    """One image of a disk's chain as the daemon resolved it (top first in a chain)."""
+
+    path: str
+    format: str
+
+
+def format_node(target_dev: str, level: int = 0) -> str:
+    """Node name of the format layer of image *level* of a disk (0: the top image)."""
+    return f"fmt-{target_dev}" + (f"-b{level}" if level else "")
+
+
+def protocol_node(target_dev: str, level: int = 0) -> str:
+    """Node name of the file (protocol) layer of image *level* of a disk."""
+    return f"file-{target_dev}" + (f"-b{level}" if level else "")
+
+
+def cache_direct(disk: DiskDef) -> bool:
+    """Whether the disk's cache mode bypasses the host page cache (``O_DIRECT``)."""
+    return _CACHE_MODES.get(disk.cache, (False, False, False))[0]
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,7 @@ def build_argv(
     emulator: str | None = None,
     passed: PassedFiles | None = None,
     sandbox: bool = False,
+    chains: Mapping[str, Sequence[BlockLayer]] | None = None,
 ) -> list[str]:
     """The QEMU command line for *d*.
 
@@ -109,6 +134,10 @@ def build_argv(
     :param passed: descriptors the daemon opened for QEMU; used instead of
         the paths of the QMP socket, console log and serial files/sockets.
     :param sandbox: turn on QEMU's seccomp filter (`SANDBOX`).
+    :param chains: target dev -> the images of the disk, top first (from
+        ``vmferry.storage``): each gets its own nodes and the last one
+        ``backing: null``. A ``type='volume'`` disk needs one; a file disk
+        without one leaves its backing file to QEMU.
     :raise VmferryError: `CONFIG_UNSUPPORTED` (see :func:`check_supported`).
     """
     check_supported(d)
@@ -161,7 +190,8 @@ def build_argv(
     if not is_q35(d.os.machine) and any(x.target_bus == "sata" for x in d.devices.disks):
         argv += ["-device", "ahci,id=sata0"]
     for disk in d.devices.disks:
-        argv += _disk_args(disk, q35=is_q35(d.os.machine))
+        chain = (chains or {}).get(disk.target_dev)
+        argv += _disk_args(disk, q35=is_q35(d.os.machine), chain=chain, passed=passed)
     for i, nic in enumerate(d.devices.interfaces):
         argv += ["-netdev", f"user,id=hostnet{i}"]
         argv += ["-device", f"{_NIC_DEVICES[nic.model]},netdev=hostnet{i},id=net{i},mac={nic.mac}"]
@@ -213,35 +243,67 @@ def _serial_args(serial: CharDef, console_log: Path, passed: PassedFiles | None)
     ]
 
 
-def _disk_args(disk: DiskDef, *, q35: bool) -> list[str]:
+def _disk_args(
+    disk: DiskDef,
+    *,
+    q35: bool,
+    chain: Sequence[BlockLayer] | None,
+    passed: PassedFiles | None,
+) -> list[str]:
     index = disk_index(disk.target_dev)
     args: list[str] = []
     props = []
-    if disk.source_file:
-        file_node, fmt_node = f"file-{disk.target_dev}", f"fmt-{disk.target_dev}"
+    if disk.type == "volume" and not chain:
+        raise VmferryError(
+            ErrorCode.CONFIG_UNSUPPORTED,
+            f"disk '{disk.target_dev}': volume '{disk.source_volume}' of pool "
+            f"'{disk.source_pool}' is not resolved on this host",
+        )
+    if chain is None and disk.source_file:
+        chain = [BlockLayer(disk.source_file, disk.driver_type)]
+        explicit = False  # QEMU opens a backing file named in the image itself
+    else:
+        explicit = True
+    if chain:
         cache: dict[str, bool] = {}
         if disk.cache in _CACHE_MODES:
             direct, no_flush, write_cache = _CACHE_MODES[disk.cache]
             cache = {"direct": direct, "no-flush": no_flush}
             props.append(f"write-cache={'on' if write_cache else 'off'}")
-        protocol: dict[str, object] = {
-            "driver": "file",
-            "filename": disk.source_file,
-            "node-name": file_node,
-            "auto-read-only": True,
-            "discard": "unmap",
-        }
-        fmt: dict[str, object] = {
-            "driver": disk.driver_type,
-            "node-name": fmt_node,
-            "file": file_node,
-            "read-only": disk.readonly,
-        }
-        if cache:
-            protocol["cache"] = fmt["cache"] = cache
-        # JSON spares escaping the path for QEMU's option syntax.
-        args += ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt)]
-        props.insert(0, f"drive={fmt_node}")
+        # The top image first on the command line is not possible: a node's backing must exist
+        # before it, so the deepest image comes first.
+        for level in reversed(range(len(chain))):
+            layer = chain[level]
+            file_node = protocol_node(disk.target_dev, level)
+            filename = layer.path
+            auto_read_only = True
+            if passed is not None and layer.path in passed.disk_files:
+                filename = passed.disk_files[layer.path]
+                # one descriptor per image, read-write for the guest's top image: opened so
+                # from the start (see confine.DiskFile)
+                auto_read_only = level > 0 or disk.readonly
+            protocol: dict[str, object] = {
+                "driver": "file",
+                "filename": filename,
+                "node-name": file_node,
+                "auto-read-only": auto_read_only,
+                "discard": "unmap",
+            }
+            driver = layer.format if level else disk.driver_type
+            fmt: dict[str, object] = {
+                "driver": driver,
+                "node-name": format_node(disk.target_dev, level),
+                "file": file_node,
+                "read-only": disk.readonly or level > 0,
+            }
+            if explicit and driver == "qcow2":  # raw has no backing option
+                below = level + 1
+                fmt["backing"] = format_node(disk.target_dev, below) if below < len(chain) else None
+            if cache:
+                protocol["cache"] = fmt["cache"] = cache
+            # JSON spares escaping the path for QEMU's option syntax.
+            args += ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt)]
+        props.insert(0, f"drive={format_node(disk.target_dev)}")
 
     if disk.target_bus == "virtio":
         driver, where, dev_id = "virtio-blk-pci", "", f"virtio-disk{index}"

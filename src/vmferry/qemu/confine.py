@@ -28,7 +28,7 @@ import pwd
 import shutil
 import socket
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +135,8 @@ class PassedFiles:
     serial_files: dict[int, str] = field(default_factory=dict)
     #: serial port -> listening socket fd of its ``unix`` bind backend.
     serial_sockets: dict[int, int] = field(default_factory=dict)
+    #: disk image path -> ``/dev/fdset/N`` (volumes: QEMU needs no access to the pool).
+    disk_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def fds(self) -> list[int]:
@@ -155,6 +157,8 @@ class Confinement:
 
     :param roots: directories kernel, initrd and disk files must lie below.
     :param state_root: the daemon's state directory (its own files).
+    :param pool_roots: storage pool directories: roots too, even below the
+        state directory (the pool ``default`` lives there).
     :param protected: further daemon files QEMU must never get (config file,
         PKI directory, API sockets).
     :param emulators: real paths of the allowed emulators.
@@ -169,10 +173,12 @@ class Confinement:
         protected: Iterable[str | Path] = (),
         emulators: Iterable[str] = (),
         user: QemuUser | None = None,
+        pool_roots: Iterable[str | Path] = (),
     ) -> None:
         self.state_root = os.path.realpath(state_root)
         self.console_root = os.path.join(self.state_root, "console")
-        self.roots = tuple(os.path.realpath(r) for r in roots)
+        self.pool_roots = tuple(os.path.realpath(r) for r in pool_roots)
+        self.roots = tuple(os.path.realpath(r) for r in roots) + self.pool_roots
         self.protected = tuple(os.path.realpath(p) for p in protected)
         self.emulators = frozenset(os.path.realpath(e) for e in emulators)
         self.user = user
@@ -212,6 +218,15 @@ class Confinement:
                 if not _within(real, self.console_dir(d.name)):
                     self._check_under_roots(real, serial.path, what)
 
+    def check_new_file(self, given: str, what: str) -> str:
+        """A file the daemon is to create for QEMU (storage migration): below a root, not one
+        of the daemon's own, no symbolic link; return its real path."""
+        if os.path.basename(given) in ("", ".", ".."):
+            raise _refuse(f"{what}: {given} is not a file name")
+        real = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+        self._check_under_roots(real, given, what)
+        return real
+
     def _check_under_roots(self, real: str, given: str, what: str) -> None:
         if not any(_within(real, root) for root in self.roots):
             roots = ", ".join(self.roots) or "none"
@@ -223,7 +238,9 @@ class Confinement:
 
     def _check_not_daemon(self, real: str, given: str, what: str) -> None:
         own = any(_within(real, p) for p in self.protected) or (
-            _within(real, self.state_root) and not _within(real, self.console_root)
+            _within(real, self.state_root)
+            and not _within(real, self.console_root)
+            and not any(_within(real, p) for p in self.pool_roots)
         )
         if own:
             raise _refuse(f"{what}: {given} is one of the daemon's own files")
@@ -255,11 +272,18 @@ class Confinement:
     # -- handing files over ---------------------------------------------------------------
 
     def open_files(
-        self, d: DomainDef, *, qmp_socket: Path, console_log: Path | None
+        self,
+        d: DomainDef,
+        *,
+        qmp_socket: Path,
+        console_log: Path | None,
+        disks: Sequence[DiskFile] = (),
     ) -> PassedFiles:
         """Bind the QMP socket and open every file QEMU writes, as the daemon.
 
         :param console_log: the log of serial port 0 (None: no serial port 0).
+        :param disks: disk images (of pool volumes) QEMU gets as descriptors;
+            the caller resolved them inside their pool.
         :raise VmferryError: ``ACCESS_DENIED`` (see :meth:`check`) or
             ``OPERATION_FAILED`` when a file cannot be opened.
         """
@@ -294,10 +318,49 @@ class Confinement:
                         if stat.S_ISSOCK(os.lstat(path).st_mode):
                             os.unlink(path)
                     files.serial_sockets[serial.target_port] = _listen(path)
+            for disk in disks:
+                if disk.path in files.disk_files:
+                    continue  # one image in two chains: QEMU refuses that itself
+                # One descriptor, in the mode QEMU opens the image with (the command line
+                # turns auto-read-only off for a passed writable image): two descriptors of
+                # one image are two open file descriptions whose image locks conflict, and
+                # QEMU aborts at the first permission change (a block job's, a migration's).
+                files.fdsets.append((next_set, _open_disk(disk, write=disk.write), disk.path))
+                files.disk_files[disk.path] = f"/dev/fdset/{next_set}"
+                next_set += 1
         except BaseException:
             files.close()
             raise
         return files
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    """A disk image QEMU gets as a descriptor, opened as QEMU will use it.
+
+    QEMU hands out a descriptor of an fdset only for the same access mode and
+    ``O_DIRECT`` flag it asks for: the top image of a writable disk read-write
+    (QEMU opens it so from the start), backing images read-only, ``O_DIRECT``
+    for the cache modes that bypass the host's page cache.
+    """
+
+    path: str
+    write: bool
+    direct: bool
+
+
+def _open_disk(disk: DiskFile, *, write: bool) -> int:
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if disk.direct:
+        flags |= os.O_DIRECT
+    try:
+        return os.open(disk.path, flags)
+    except OSError as err:
+        hint = " (cache mode 'none'/'directsync' needs O_DIRECT)" if disk.direct else ""
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"cannot open disk image {disk.path} for QEMU: {err.strerror}{hint}",
+        ) from err
 
 
 def _listen(path: str) -> int:

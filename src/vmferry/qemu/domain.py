@@ -24,6 +24,7 @@ from vmferry.qemu.process import QemuProcess
 
 if TYPE_CHECKING:  # the migration layer's type, kept here as libvirt's job private data is
     from vmferry.migration.params import MigrationParams
+    from vmferry.qemu.blockjob import BlockJob
 
 
 @dataclass
@@ -47,6 +48,11 @@ class MigrationProgress:
     # tunnelled, the destination: the daemon's end of the socket pair, until the peer's
     # stream arrives (vmferry.migration.tunnel)
     tunnel: Any = None
+    # storage migration: the disks copied (targets), the destination's NBD port, and the
+    # volumes Prepare created there (deleted if the migration fails; never pre-existing ones)
+    storage_disks: list[str] = field(default_factory=list)
+    nbd_port: int = 0
+    created_volumes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +69,8 @@ class QemuDomain:
     monitor: Monitor | None = None
     migration: MigrationProgress = field(default_factory=MigrationProgress)
     completed_job: dict[str, Any] | None = None
+    # storage migration jobs by id, as QEMU's events describe them (vmferry.qemu.blockjob)
+    block_jobs: dict[str, BlockJob] = field(default_factory=dict)
     max_speed_mib_s: int = 0  # migrate-setspeed; 0: unlimited
     # the reason the next STOP/RESUME event should carry (libvirt's "pausedReason" bookkeeping)
     pending_pause_reason: str = ""

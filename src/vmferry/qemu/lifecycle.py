@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmferry import trace
+from vmferry.domain.model import DomainDef
 from vmferry.domain.state import (
     DomainState,
     ErrorReason,
@@ -25,8 +26,9 @@ from vmferry.domain.state import (
 )
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.jobs import AsyncJob
-from vmferry.qemu.command import QemuPaths, build_argv, qmp_marker
-from vmferry.qemu.confine import Confinement
+from vmferry.qemu import blockjob
+from vmferry.qemu.command import BlockLayer, QemuPaths, build_argv, cache_direct, qmp_marker
+from vmferry.qemu.confine import Confinement, DiskFile
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
 from vmferry.qemu.migration_status import MigrationStatus
@@ -35,6 +37,20 @@ from vmferry.qemu.process import QemuProcess
 log = logging.getLogger(__name__)
 
 Emit = Callable[[QemuDomain, EventType, str, dict[str, Any]], None]
+#: A domain's disks -> target dev -> its images, top first.
+ResolveDisks = Callable[[DomainDef], Awaitable[Mapping[str, Sequence[BlockLayer]]]]
+
+
+def volume_files(d: DomainDef, chains: Mapping[str, Sequence[BlockLayer]]) -> list[DiskFile]:
+    """The images of *d*'s volume disks, as QEMU opens them (see :class:`DiskFile`)."""
+    files = []
+    for disk in d.devices.disks:
+        if disk.type != "volume":
+            continue
+        for level, layer in enumerate(chains.get(disk.target_dev, ())):
+            write = level == 0 and not disk.readonly and disk.device == "disk"
+            files.append(DiskFile(layer.path, write=write, direct=cache_direct(disk)))
+    return files
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,9 @@ class Lifecycle:
     :param confine: what QEMU may reach (checked at every start); QEMU gets the
         descriptors it opens. None: no checks, QEMU opens its paths itself.
     :param sandbox: start QEMU with its seccomp filter.
+    :param resolve_disks: the images of each disk, top first, by target dev
+        (``vmferry.storage``); volumes are passed to QEMU as descriptors.
+        None: only file disks, QEMU opens their backing files itself.
     """
 
     def __init__(
@@ -68,8 +87,10 @@ class Lifecycle:
         on_stopped: Callable[[QemuDomain], None],
         confine: Confinement | None = None,
         sandbox: bool = False,
+        resolve_disks: ResolveDisks | None = None,
     ) -> None:
         self.confine = confine
+        self._resolve_disks = resolve_disks
         self._sandbox = sandbox
         self._paths_for = paths_for
         self._emulator = emulator
@@ -102,10 +123,14 @@ class Lifecycle:
         qemu_paths = QemuPaths(qmp_socket=paths.qmp_socket, console_log=paths.console_log)
         emulator = dom.definition.devices.emulator or self._emulator
         # Refuse what cannot or may not run before anything changes.
-        build_argv(dom.definition, qemu_paths)
         if self.confine is not None:
             self.confine.check(dom.definition)
-        else:
+        chains = None
+        if self._resolve_disks is not None:
+            with trace.span("resolve disks"):
+                chains = await self._resolve_disks(dom.definition)
+        build_argv(dom.definition, qemu_paths, chains=chains)
+        if self.confine is None:
             for stale in (paths.qmp_socket, paths.console_log):
                 stale.unlink(missing_ok=True)
         dom.run_id = self._next_id
@@ -120,7 +145,10 @@ class Lifecycle:
             if self.confine is not None:
                 paths.console_log.unlink(missing_ok=True)
                 passed = self.confine.open_files(
-                    dom.definition, qmp_socket=paths.qmp_socket, console_log=paths.console_log
+                    dom.definition,
+                    qmp_socket=paths.qmp_socket,
+                    console_log=paths.console_log,
+                    disks=volume_files(dom.definition, chains or {}),
                 )
             argv = build_argv(
                 dom.definition,
@@ -129,6 +157,7 @@ class Lifecycle:
                 emulator=emulator,
                 passed=passed,
                 sandbox=self._sandbox,
+                chains=chains,
             )
             with trace.span("qemu launch"):
                 proc, mon = await launch(
@@ -192,6 +221,7 @@ class Lifecycle:
         dom.monitor = None
         dom.run_id = None
         dom.migration.status = MigrationStatus.NONE
+        dom.block_jobs.clear()
         # A killed QEMU leaves its socket behind; a clean one removes it itself.
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.set_state(DomainState.SHUTOFF, reason)
@@ -233,6 +263,8 @@ class Lifecycle:
         handler = _EVENT_HANDLERS.get(name)
         if handler is not None:
             handler(self, dom, data, ts)
+        elif name in blockjob.EVENTS:
+            blockjob.on_event(dom, name, data)
         dom.notify()
 
     def _stop_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:

@@ -79,6 +79,8 @@ class Host:
     new_session: bool = False
     #: argv before the daemon's options (default: python -m vmferry.daemon.main).
     launcher: list[str] | None = None
+    #: More [paths] roots besides the test guest's (e.g. a dir of disk images).
+    image_roots: list[Path] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
@@ -117,7 +119,7 @@ class Host:
             + f"[migration]\nport_min = {self.port_min}\n"
             + f"port_max = {self.port_min + self.port_span}\n"
             + self.extra_config  # may go on with [migration] keys
-            + daemon_paths_toml()  # the test guest's directory as a root
+            + daemon_paths_toml(extra_roots=self.image_roots)  # the guest's dir, images
             + (f'[tls]\npki_dir = "{self.pki_dir}"\n' if self.pki_dir else "")
         )
 
@@ -269,12 +271,15 @@ def hosts(
     host_type: type[Host] = Host,
     envs: list[dict[str, str]] | None = None,
     setup: Callable[[list[Host]], None] | None = None,
+    image_roots: list[Path] | None = None,
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
 
     With *pki_dir* each also listens on mutual TLS on a loopback port; *envs*
-    gives daemon i extra environment (e.g. failpoints); *setup* may change the
-    hosts (their config) before they start. The daemons start in parallel.
+    gives daemon i extra environment (e.g. failpoints); *image_roots* are
+    further [paths] roots of every daemon (see
+    :func:`vmferry.testing.disk.make_image_dir`); *setup* may change the hosts
+    (their config) before they start. The daemons start in parallel.
     """
     # Short: unix socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
@@ -284,6 +289,7 @@ def hosts(
             port = allocate_ports()
             env = envs[i] if envs else {}
             host = host_type(root / f"h{i}", f"host{i}", port, extra_env=dict(env))
+            host.image_roots = list(image_roots or [])
             if pki_dir is not None:
                 host.pki_dir, host.tls_port = pki_dir, port + 15
             host.root.mkdir()

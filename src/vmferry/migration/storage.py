@@ -1,0 +1,257 @@
+"""Storage migration (non-shared disks): libvirt's NBD scheme, step by step.
+
+* **Begin** (source): picks the disks to copy (``--migrate-disks``, default:
+  every writable disk with a source; CD-ROMs and read-only disks never) and
+  puts them in the cookie's ``<nbd>`` with their capacity.
+* **Prepare** (destination): creates each missing disk (same size and format;
+  for ``--copy-storage-inc`` on top of the backing file that must exist here),
+  recording it as created by this migration *before* creating it; an existing
+  one is used and never deleted. After QEMU started it serves every copied disk
+  over NBD on a port of the migration range and the listen address; the reply
+  cookie carries the port.
+* **Perform** (source): mirrors every disk into the destination's export and
+  waits until all are in sync, then migrates memory; at the switchover
+  (vCPUs stopped, stream complete) the mirrors drain and end without pivot.
+* **Finish** (destination): stops the NBD server.
+* Failure anywhere: mirrors force-cancelled, NBD server stopped, the created
+  disks deleted; the source runs on from its own disks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from vmferry.domain.model import DiskDef, DomainDef
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.cookie import NbdDisk
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.host import MigrationHost
+from vmferry.migration.params import MIB, MigrationParams
+from vmferry.qemu import blockjob
+from vmferry.qemu.domain import QemuDomain
+
+log = logging.getLogger(__name__)
+
+
+def copies_storage(flags: MigrateFlags) -> bool:
+    return bool(flags & MigrateFlags.copy_storage())
+
+
+def _copyable(disk: DiskDef) -> bool:
+    return disk.device == "disk" and not disk.readonly and disk.has_source
+
+
+def select_disks(definition: DomainDef, params: MigrationParams) -> list[DiskDef]:
+    """The disks a storage migration copies (libvirt's ``migrate_disks``).
+
+    :raise VmferryError: ``INVALID_ARG`` for a named disk the domain lacks or that
+        cannot be copied (a CD-ROM, read-only, or without a source).
+    """
+    disks = {d.target_dev: d for d in definition.devices.disks}
+    wanted = params.disk_targets()
+    if not wanted:
+        return [d for d in definition.devices.disks if _copyable(d)]
+    for target in wanted:
+        disk = disks.get(target)
+        if disk is None:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"--migrate-disks: domain '{definition.name}' has no disk '{target}'",
+            )
+        if not _copyable(disk):
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"--migrate-disks: disk '{target}' cannot be copied "
+                "(CD-ROMs, read-only disks and empty drives stay where they are)",
+            )
+    return [disks[t] for t in wanted]
+
+
+# -- source ---------------------------------------------------------------------------------------
+
+
+async def begin_disks(dom: QemuDomain, params: MigrationParams, *, top_only: bool) -> list[NbdDisk]:
+    """Begin: the disks to copy with their capacity (bytes) and backing file, for the cookie."""
+    disks = select_disks(dom.definition, params)
+    if not disks:
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            f"domain '{dom.name}' has no disk to copy: drop --copy-storage-all/-inc",
+        )
+    nodes = await dom.require_monitor().execute("query-named-block-nodes", {"flat": True})
+    by_name = {str(n.get("node-name")): n for n in nodes or []}
+    out = []
+    for disk in disks:
+        node = by_name.get(blockjob.format_node(disk.target_dev))
+        image = (node or {}).get("image") or {}
+        if "virtual-size" not in image:
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"QEMU does not know the size of disk '{disk.target_dev}'",
+            )
+        copied = NbdDisk(disk.target_dev, int(image["virtual-size"]))
+        backing = image.get("backing-image") or {}
+        if top_only and image.get("backing-filename"):
+            # only the top layer moves: the destination creates it over the same backing file
+            copied.backing = os.path.basename(str(image["backing-filename"]))
+            copied.backing_format = str(backing.get("format", "raw"))
+        out.append(copied)
+    return out
+
+
+async def mirror_all(
+    dom: QemuDomain, stream_host: str, cookie_port: int | None, *, tls_creds: str = ""
+) -> None:
+    """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
+
+    *stream_host* is the checked host of the migration stream: the NBD server listens there.
+    *tls_creds*: the connections are TLS with these credentials (``--tls``).
+    """
+    targets = dom.migration.storage_disks
+    if not targets:
+        return
+    if not cookie_port:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            "the destination did not start an NBD server for the disks (no port in its cookie)",
+        )
+    flags = MigrateFlags(dom.migration.flags)
+    params = dom.migration.params or MigrationParams()
+    dom.block_jobs.clear()  # the figures of an earlier attempt
+    for target in targets:
+        await blockjob.start_mirror(
+            dom,
+            target,
+            stream_host,
+            cookie_port,
+            top_only=bool(flags & MigrateFlags.NON_SHARED_INC),
+            write_blocking=bool(flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES),
+            speed=params.bandwidth_mib_s * MIB,
+            tls_creds=tls_creds,
+        )
+    await blockjob.wait_ready(dom, targets, aborted=lambda: dom.job.abort_requested)
+
+
+async def complete(dom: QemuDomain) -> None:
+    """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors."""
+    if dom.migration.storage_disks and dom.block_jobs:
+        await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
+
+
+async def cancel(dom: QemuDomain) -> None:
+    """After a failure on the source: no mirror, no NBD client node left."""
+    if dom.migration.storage_disks or dom.block_jobs:
+        await blockjob.cancel_mirrors(dom)
+
+
+async def progress(dom: QemuDomain) -> dict[str, int]:
+    """``disk_*`` statistics of the mirrors, for domjobinfo (empty without storage migration)."""
+    if not dom.block_jobs:
+        return {}
+    try:
+        return await blockjob.progress(dom)
+    except VmferryError:
+        return {}
+
+
+def final_progress(dom: QemuDomain) -> dict[str, int]:
+    """``disk_*`` statistics of the mirrors that ended (their last events' figures)."""
+    if not dom.block_jobs:
+        return {}
+    total = sum(j.length for j in dom.block_jobs.values())
+    processed = sum(j.offset for j in dom.block_jobs.values())
+    return {
+        "disk_total": total,
+        "disk_processed": processed,
+        "disk_remaining": max(0, total - processed),
+    }
+
+
+def with_disk(stats: dict[str, Any], disk: dict[str, int]) -> dict[str, Any]:
+    """Add the disk figures to memory *stats*; ``data_*`` covers both, as libvirt's does."""
+    if not disk:
+        return stats
+    out = dict(stats)
+    out.update(disk)
+    for part in ("total", "processed", "remaining"):
+        memory = out.get(f"data_{part}", 0)
+        out[f"data_{part}"] = (memory if isinstance(memory, int) else 0) + disk[f"disk_{part}"]
+    return out
+
+
+# -- destination ------------------------------------------------------------------------------
+
+
+async def create_disks(
+    host: MigrationHost, dom: QemuDomain, definition: DomainDef, disks: list[NbdDisk]
+) -> None:
+    """Prepare: create the disks this host lacks, each recorded (persisted) before it is made."""
+    by_target = {d.target_dev: d for d in definition.devices.disks}
+    for nbd in disks:
+        disk = by_target.get(nbd.target)
+        if disk is None or not _copyable(disk):
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"the source copies disk '{nbd.target[:16]}' that the domain XML does not have",
+            )
+        path = host.disk_path(disk)
+        if host.disk_exists(path):
+            log.info("domain %s: disk %s exists here: copying into it", dom.name, nbd.target)
+            continue
+        # Crash-safe: a restart finds the record even if it died while creating.
+        dom.migration.created_volumes.append(path)
+        dom.save()
+        if not await host.create_disk(path, disk, nbd):
+            # Someone else made it meanwhile: it is not ours to delete.
+            dom.migration.created_volumes.remove(path)
+            dom.save()
+    dom.migration.storage_disks = [d.target for d in disks]
+
+
+async def start_nbd(
+    host: MigrationHost, dom: QemuDomain, address: str, *, tls_creds: str = ""
+) -> int:
+    """Serve every disk of ``storage_disks`` over NBD on a migration port; return the port.
+
+    *tls_creds*: only TLS clients with a certificate of the CA (``--tls``).
+    """
+    port = host.acquire_port()
+    dom.migration.nbd_port = port
+    mon = dom.require_monitor()
+    await blockjob.nbd_server_start(mon, address, port, tls_creds=tls_creds)
+    for target in dom.migration.storage_disks:
+        await blockjob.nbd_export(mon, target)
+    return port
+
+
+async def stop_nbd(host: MigrationHost, dom: QemuDomain) -> None:
+    """Finish (or a failure): the NBD server stops, its port goes back."""
+    if dom.migration.nbd_port:
+        host.release_port(dom.migration.nbd_port)
+        dom.migration.nbd_port = 0
+    mon = dom.monitor
+    if dom.migration.storage_disks and mon is not None and mon.connected:
+        try:
+            await blockjob.nbd_server_stop(mon)
+        except VmferryError as err:
+            log.warning("domain %s: stopping the NBD server: %s", dom.name, err.message)
+
+
+async def delete_created(host: MigrationHost, dom: QemuDomain) -> None:
+    """A failed incoming migration: delete the disks it created here (QEMU is gone by now)."""
+    for path in list(dom.migration.created_volumes):
+        try:
+            await host.delete_disk(path)
+        except VmferryError as err:
+            log.error("domain %s: deleting copied disk %s: %s", dom.name, path, err.message)
+            continue
+        dom.migration.created_volumes.remove(path)
+        dom.save()
+
+
+def forget(dom: QemuDomain) -> None:
+    """The migration is over: nothing of it is to be undone any more."""
+    dom.migration.storage_disks = []
+    dom.migration.created_volumes = []

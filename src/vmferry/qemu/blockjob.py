@@ -1,0 +1,333 @@
+"""Block jobs and the NBD server: the QEMU side of storage migration.
+
+libvirt's ``qemu_migration.c`` NBD part, on QMP: the destination QEMU
+serves each copied disk's top node over NBD (``nbd-server-start``,
+``block-export-add``); the source QEMU ``blockdev-add``\\ s an NBD client node
+per disk and ``blockdev-mirror``\\ s the disk's top node into it. A job's state
+comes from QEMU's events (``JOB_STATUS_CHANGE``, ``BLOCK_JOB_*``), recorded in
+:attr:`QemuDomain.block_jobs` by the lifecycle, so every wait here is an event
+wait, never a poll.
+
+Switchover semantics, as libvirt's: a mirror stays ``ready`` (in sync, every
+guest write also going to the destination) until the source's vCPUs stop at the
+end of the memory migration; then a *non-forced* ``block-job-cancel`` lets the
+mirror drain and conclude without pivoting, so the destination has every block
+and the source keeps its own disk. On failure the cancel is forced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+#: Prefix of every job and node storage migration makes, so a restart recognises leftovers.
+PREFIX = "migrate-"
+#: How long a drained (non-forced) cancel may take before it is forced.
+DRAIN_WAIT_S = 60.0
+#: How long a forced cancel may take.
+CANCEL_WAIT_S = 10.0
+
+#: Job statuses after which a job does nothing more (auto-dismiss is off: it stays listed).
+OVER = frozenset({"concluded", "null", "aborting"})
+
+
+@dataclass
+class BlockJob:
+    """What QEMU's events said about one job."""
+
+    status: str = "created"
+    error: str = ""
+    length: int = 0  # bytes to copy (grows while the guest writes)
+    offset: int = 0  # bytes copied
+    cancelled: bool = False  # a BLOCK_JOB_CANCELLED event (forced cancel, or before ready)
+
+    @property
+    def over(self) -> bool:
+        return self.status in OVER
+
+
+def format_node(target: str) -> str:
+    """The node name of a disk's top (format) node (:mod:`vmferry.qemu.command` names it)."""
+    return f"fmt-{target}"
+
+
+def job_id(target: str) -> str:
+    """The mirror job and the NBD client node of disk *target*."""
+    return f"{PREFIX}{target}"
+
+
+def export_name(target: str) -> str:
+    """The NBD export of disk *target* (libvirt's ``drive-<alias>``; vmferry.storage's too)."""
+    return f"drive-{target}"
+
+
+# -- events (called by the lifecycle) ---------------------------------------------------------
+
+
+def on_event(dom: QemuDomain, name: str, data: dict[str, Any]) -> None:
+    """Record a block job event of *dom* (``device`` of BLOCK_JOB_* events is the job id)."""
+    ident = str(data.get("id") or data.get("device") or "")
+    if not ident.startswith(PREFIX):
+        return
+    job = dom.block_jobs.setdefault(ident, BlockJob())
+    if name == "JOB_STATUS_CHANGE":
+        job.status = str(data.get("status", job.status))
+        return
+    job.length = int(data.get("len", job.length) or 0)
+    job.offset = int(data.get("offset", job.offset) or 0)
+    if name == "BLOCK_JOB_READY":
+        job.status = "ready" if job.status in ("created", "running") else job.status
+    elif name == "BLOCK_JOB_CANCELLED":
+        job.cancelled = True
+    elif name == "BLOCK_JOB_COMPLETED" and data.get("error"):
+        job.error = str(data["error"])
+    elif name == "BLOCK_JOB_ERROR":
+        job.error = f"{data.get('operation', 'I/O')} error on the {data.get('action', '')} side"
+
+
+EVENTS = (
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+)
+
+
+# -- destination: the NBD server ----------------------------------------------------------------
+
+
+async def nbd_server_start(mon: Monitor, host: str, port: int, *, tls_creds: str = "") -> None:
+    """Listen for the source's NBD connections on *host*:*port* (both checked by the caller).
+
+    *tls_creds*: a ``tls-creds-x509`` server object (:mod:`vmferry.qemu.tls_creds`): clients
+    must then speak TLS with a certificate of the CA.
+    """
+    args: dict[str, object] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
+    await mon.execute("nbd-server-start", args)
+
+
+async def nbd_export(mon: Monitor, target: str) -> None:
+    """Serve disk *target*'s top node, writable, under the name :func:`export_name`."""
+    await mon.execute(
+        "block-export-add",
+        {
+            "type": "nbd",
+            "id": job_id(target),
+            "node-name": format_node(target),
+            "name": export_name(target),
+            "writable": True,
+        },
+    )
+
+
+async def nbd_server_stop(mon: Monitor) -> None:
+    """Stop the NBD server and its exports; one that is not running is not an error."""
+    try:
+        await mon.execute("nbd-server-stop")
+    except VmferryError as err:
+        if "not running" not in err.message:
+            raise
+
+
+# -- source: the mirrors ------------------------------------------------------------------------
+
+
+async def start_mirror(
+    dom: QemuDomain,
+    target: str,
+    host: str,
+    port: int,
+    *,
+    top_only: bool,
+    write_blocking: bool,
+    speed: int = 0,
+    tls_creds: str = "",
+) -> None:
+    """Connect to the destination's export of *target* and mirror the disk into it.
+
+    *speed*: bytes/s, 0 unlimited (libvirt applies the migration bandwidth to mirrors too).
+    *tls_creds*: a ``tls-creds-x509`` client object: the connection is TLS, the server's
+    certificate checked for *host*.
+    """
+    mon = dom.require_monitor()
+    ident = job_id(target)
+    node: dict[str, object] = {
+        "driver": "nbd",
+        "node-name": ident,
+        "server": {"type": "inet", "host": host, "port": str(port)},
+        "export": export_name(target),
+    }
+    if tls_creds:
+        node.update({"tls-creds": tls_creds, "tls-hostname": host})
+    await mon.execute("blockdev-add", node)
+    dom.block_jobs[ident] = BlockJob()
+    try:
+        await mon.execute(
+            "blockdev-mirror",
+            {
+                "job-id": ident,
+                "device": format_node(target),
+                "target": ident,
+                # top: the backing chain exists on the destination (--copy-storage-inc)
+                "sync": "top" if top_only else "full",
+                "copy-mode": "write-blocking" if write_blocking else "background",
+                "auto-dismiss": False,  # a concluded job keeps its error until dismissed
+                "speed": speed,
+            },
+        )
+    except BaseException:
+        dom.block_jobs.pop(ident, None)
+        await _del_node(mon, ident)
+        raise
+
+
+async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None) -> None:
+    """Wait until every mirror of *targets* is ``ready`` (in sync).
+
+    *aborted* is a zero-argument callable: a true answer ends the wait (the
+    caller raises its own error).
+
+    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away.
+    """
+    ids = [job_id(t) for t in targets]
+
+    def settled() -> bool:
+        jobs = [dom.block_jobs.get(i) for i in ids]
+        return (
+            all(j is not None and j.status == "ready" for j in jobs)
+            or any(j is None or j.over or j.error for j in jobs)
+            or dom.monitor is None
+            or not dom.monitor.connected
+            or bool(aborted and aborted())
+        )
+
+    await dom.wait_for(settled, None)
+    if dom.monitor is None or not dom.monitor.connected:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED, f"domain '{dom.name}' went away while its disks were copied"
+        )
+    for ident in ids:
+        job = dom.block_jobs.get(ident)
+        if job is None or job.over or job.error:
+            why = (job.error if job else "") or "the job ended"
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"copying disk '{ident.removeprefix(PREFIX)}' of domain '{dom.name}' failed: {why}",
+            )
+
+
+async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
+    """At the switchover (source vCPUs stopped): drain each mirror and end it without pivot.
+
+    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed before it was in sync
+        to the last block (the destination's copy would be incomplete).
+    """
+    mon = dom.require_monitor()
+    ids = [job_id(t) for t in targets]
+    for ident in ids:
+        await mon.execute("block-job-cancel", {"device": ident, "force": False})
+    done = await dom.wait_for(
+        lambda: all(dom.block_jobs[i].over for i in ids) or not mon.connected, DRAIN_WAIT_S
+    )
+    failed = [i for i in ids if dom.block_jobs[i].error or not dom.block_jobs[i].over]
+    await _dismiss(dom, ids)
+    if not done or failed:
+        why = "; ".join(f"{i.removeprefix(PREFIX)}: {dom_err(dom, i)}" for i in failed)
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"the last writes of domain '{dom.name}' did not reach the destination ({why})",
+        )
+
+
+def dom_err(dom: QemuDomain, ident: str) -> str:
+    job = dom.block_jobs.get(ident)
+    return (job.error if job else "") or "did not finish"
+
+
+async def cancel_mirrors(dom: QemuDomain) -> None:
+    """Force-cancel every storage migration job of *dom* and drop its NBD client nodes.
+
+    Also what a restarted daemon does with leftovers: it asks QEMU (``query-jobs``,
+    ``query-named-block-nodes``) rather than trusting what it knew.
+    """
+    mon = dom.monitor
+    if mon is None or not mon.connected:
+        dom.block_jobs.clear()
+        return
+    try:
+        jobs = await mon.execute("query-jobs")
+    except VmferryError as err:
+        log.warning("domain %s: listing block jobs: %s", dom.name, err.message)
+        return
+    ids = [str(j.get("id")) for j in jobs or [] if str(j.get("id", "")).startswith(PREFIX)]
+    for ident in ids:
+        job = dom.block_jobs.setdefault(ident, BlockJob())
+        status = next((str(j.get("status")) for j in jobs if j.get("id") == ident), "")
+        job.status = status or job.status
+        if job.over:
+            continue
+        try:
+            await mon.execute("block-job-cancel", {"device": ident, "force": True})
+        except VmferryError as err:
+            log.warning("domain %s: cancelling %s: %s", dom.name, ident, err.message)
+    await dom.wait_for(
+        lambda: all(dom.block_jobs[i].over for i in ids) or not mon.connected, CANCEL_WAIT_S
+    )
+    await _dismiss(dom, ids)
+    try:
+        nodes = await mon.execute("query-named-block-nodes", {"flat": True})
+    except VmferryError:
+        nodes = []
+    for name in {str(n.get("node-name", "")) for n in nodes or []}:
+        if name.startswith(PREFIX):
+            await _del_node(mon, name)
+    dom.block_jobs.clear()
+
+
+async def _dismiss(dom: QemuDomain, ids: list[str]) -> None:
+    mon = dom.monitor
+    for ident in ids:
+        job = dom.block_jobs.get(ident)
+        if mon is not None and mon.connected and job is not None and job.status == "concluded":
+            try:
+                await mon.execute("job-dismiss", {"id": ident})
+            except VmferryError as err:
+                log.warning("domain %s: dismissing %s: %s", dom.name, ident, err.message)
+        if mon is not None and mon.connected:
+            await _del_node(mon, ident)
+
+
+async def _del_node(mon: Monitor, node: str) -> None:
+    try:
+        await mon.execute("blockdev-del", {"node-name": node})
+    except VmferryError as err:
+        if "Failed to find node" not in err.message and "Cannot find" not in err.message:
+            log.warning("removing NBD client node %s: %s", node, err.message)
+
+
+async def progress(dom: QemuDomain) -> dict[str, int]:
+    """Disk bytes of the running mirrors (``query-block-jobs``): total, processed, remaining."""
+    mon = dom.monitor
+    if mon is None or not mon.connected or not dom.block_jobs:
+        return {}
+    jobs = await mon.execute("query-block-jobs")
+    total = processed = 0
+    for job in jobs or []:
+        if str(job.get("device", "")).startswith(PREFIX):
+            total += int(job.get("len", 0))
+            processed += int(job.get("offset", 0))
+    return {
+        "disk_total": total,
+        "disk_processed": processed,
+        "disk_remaining": max(0, total - processed),
+    }
