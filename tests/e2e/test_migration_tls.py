@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.qemu
 LIVE = MigrateFlags.LIVE
 TLS_RECORD = b"\x16\x03"  # handshake record, TLS 1.x
 QEMU_MAGIC = b"QEVM"
+HEAD = 512  # bytes kept of each stream the source side sends
+NBD_CLIENT_MAGIC = b"IHAVEOPT"  # the NBD client's options (before STARTTLS, in the clear)
 
 
 def _pki() -> Path:
@@ -55,8 +58,8 @@ class _Relay:
             async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, tap: bool) -> None:
                 with contextlib.suppress(OSError, ConnectionError):
                     while data := await src.read(65536):
-                        if tap and len(head) < 8:
-                            head.extend(data[: 8 - len(head)])
+                        if tap and len(head) < HEAD:
+                            head.extend(data[: HEAD - len(head)])
                             self.heads[index] = bytes(head)
                         dst.write(data)
                         await dst.drain()
@@ -91,6 +94,10 @@ class _ViaRelay:
     ) -> tuple[str, str]:
         uri, out = await self._inner.prepare(xml, cookie, flags, params)
         host, _, port = uri.removeprefix("tcp:").rpartition(":")
+        nbd = re.search(r'<nbd port="([0-9]+)"', out)
+        if nbd:  # storage migration: the disks' NBD connections through a relay too
+            relayed = await self._relay.start(host, int(nbd.group(1)))
+            out = out.replace(nbd.group(0), f'<nbd port="{relayed}"')
         return f"tcp:127.0.0.1:{await self._relay.start(host, int(port))}", out
 
     async def finish(self, name: str, cookie: str | None, *, cancelled: bool, v3: bool) -> str:
@@ -251,3 +258,43 @@ def test_tls_required_encrypts_without_the_flag() -> None:
 async def _p2p(src: Host, dst: Host, name: str, flags: MigrateFlags = LIVE) -> None:
     async with AsyncClient(src.uri) as s:
         await migrate_p2p(s, dst.uri, name, flags)
+
+
+def test_tls_storage_migration_encrypts_the_disk_copies() -> None:
+    """--copy-storage-all --tls: memory and NBD streams are TLS; without --tls NBD is clear."""
+    from tests.e2e.test_storage_migration import (
+        BLOCKS,
+        SIZE,
+        PoolHost,
+        _copied,
+        _on,
+        _resume_and_check,
+        boot,
+        volume,
+        writing_disk,
+    )
+    from vmferry.testing.disk import create_image
+
+    copy = LIVE | MigrateFlags.NON_SHARED_DISK
+    pki = _pki()
+    with hosts(2, pki_dir=pki, host_type=PoolHost) as (a, b):
+        name, vol = "tls-st", "tls-st.raw"
+        create_image(volume(a, vol), SIZE, fmt="raw", stamp_blocks=BLOCKS)
+        hb = boot(a, name, writing_disk(vol, "raw"))
+        heads = asyncio.run(_captured_hop(a, b, name, copy | MigrateFlags.TLS))
+        nbd = [h for h in heads if NBD_CLIENT_MAGIC in h]
+        assert nbd, heads  # the mirror's connection went through the relay
+        for head in nbd:  # STARTTLS, then a TLS handshake; the export name never in the clear
+            assert TLS_RECORD in head and b"drive-vda" not in head, head
+        memory = [h for h in heads if NBD_CLIENT_MAGIC not in h]
+        assert memory and all(h.startswith(TLS_RECORD) for h in memory), memory
+        _on(b, a, name, hb)
+        with b.client() as c:
+            hb = wait_heartbeat(c, name, after=hb)
+        # the control: back without --tls, the NBD client names its export in the clear
+        heads = asyncio.run(_captured_hop(b, a, name, copy | MigrateFlags.PAUSED))
+        nbd = [h for h in heads if NBD_CLIENT_MAGIC in h]
+        assert nbd and all(b"drive-vda" in h and TLS_RECORD not in h for h in nbd), heads
+        _on(a, b, name, hb, state="paused")
+        _copied(volume(b, vol), volume(a, vol))
+        _resume_and_check(a, name, hb)
