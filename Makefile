@@ -55,6 +55,11 @@ bench-storage: venv guest
 bench-converge: venv guest
 	$(PY) bench/converge_bench.py
 
+# --tls vs plain and --tunnelled vs direct hops, side by side (bench/README.md).
+.PHONY: bench-stream
+bench-stream: venv guest
+	$(PY) bench/stream_bench.py
+
 # The whole fault matrix (needs root: network namespaces); writes docs/faults.md.
 faults: venv guest
 	$(PY) -m tests.faults.matrix

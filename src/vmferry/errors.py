@@ -35,6 +35,8 @@ class ErrorCode(StrEnum):
     RPC_FAILED = "rpc-failed"
     NO_FREE_PORT = "no-free-port"
     QEMU_FAILED = "qemu-failed"
+    # [migration] tls = "required" and the migration would not be encrypted (migrate_tls_force)
+    TLS_REQUIRED = "tls-required"
     # storage pools and volumes (vmferry.storage), libvirt's VIR_ERR_NO_STORAGE_POOL/VOL
     NO_STORAGE_POOL = "no-storage-pool"
     NO_STORAGE_VOL = "no-storage-vol"
@@ -59,6 +61,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFIG_UNSUPPORTED: 400,
     ErrorCode.AUTH_FAILED: 403,
     ErrorCode.ACCESS_DENIED: 403,
+    ErrorCode.TLS_REQUIRED: 409,
 }
 
 

@@ -163,10 +163,11 @@ def _make_leaf(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
+            # keyEncipherment too: QEMU's TLS (migration, NBD) refuses leaves without it
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
-                key_encipherment=False,
+                key_encipherment=True,
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=False,

@@ -99,7 +99,11 @@ def test_parallel_and_offline() -> None:
         (["--live", "--offline", "--persistent"], "mutually exclusive"),
         (["--timeout", "5"], "--timeout requires --live"),
         (["--live", "--p2p", "--v2"], "--v2 cannot be used with --p2p"),
-        (["--live", "--parallel", "2", "--compressed"], "cannot be used with parallel"),
+        (["--live", "--parallel", "2", "--comp-methods", "xbzrle"], "cannot be used with parallel"),
+        (["--live", "--comp-methods", "zstd"], "zstd compression needs parallel"),
+        (["--live", "--tunnelled"], "--tunnelled requires --p2p"),
+        (["--live", "--p2p", "--tunnelled", "--tls"], "do not go together"),
+        (["--live", "--p2p", "--tunnelled", "--parallel", "2"], "cannot be parallel"),
         (["--xml", "/nonexistent/dest.xml"], "cannot read /nonexistent/dest.xml"),
     ],
 )

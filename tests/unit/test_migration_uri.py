@@ -138,7 +138,7 @@ def test_unknown_flag_bits_refused() -> None:
         MigrateFlags.LIVE | MigrateFlags.POSTCOPY
     )
     assert parse_flags(KNOWN_FLAGS) == MigrateFlags(KNOWN_FLAGS)
-    for bad in (1 << 2, 1 << 30, 1 << 64, -1, True, "1", 1.0, 10**5000):
+    for bad in (1 << 9, 1 << 30, 1 << 64, -1, True, "1", 1.0, 10**5000):
         with pytest.raises(VmferryError) as err:
             parse_flags(bad)
         assert err.value.code == ErrorCode.INVALID_ARG

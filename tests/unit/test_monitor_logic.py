@@ -73,6 +73,7 @@ async def test_apply_source_sets_capabilities_then_parameters() -> None:
         "postcopy-ram": True,
         "auto-converge": True,
         "xbzrle": False,
+        "pause-before-switchover": False,
     }
     assert mon.args_of("migrate-set-parameters") == [
         {"max-bandwidth": 64 * MIB, "downtime-limit": 250, "max-postcopy-bandwidth": 8 * MIB}
@@ -89,9 +90,12 @@ async def test_apply_destination_sets_only_its_side() -> None:
     mon = FakeMonitor()
     p = MigrationParams(bandwidth_mib_s=64, parallel_connections=4, downtime_limit_ms=250)
     await params.apply(mon.as_monitor(), p, F.LIVE | F.PARALLEL | F.COMPRESSED, source=False)
-    # no auto-converge/xbzrle switches and no source-only parameters on the destination
+    # no auto-converge/xbzrle switches and no source-only parameters on the destination;
+    # --compressed with --parallel is multifd's zstd, which the destination must know too
     assert caps(mon) == {"return-path": True, "multifd": True, "postcopy-ram": False}
-    assert mon.args_of("migrate-set-parameters") == [{"multifd-channels": 4}]
+    assert mon.args_of("migrate-set-parameters") == [
+        {"multifd-channels": 4, "multifd-compression": "zstd"}
+    ]
     mon2 = FakeMonitor()
     await params.apply(mon2.as_monitor(), MigrationParams(), F.LIVE, source=False)
     assert mon2.commands() == ["migrate-set-capabilities"]  # nothing to set: no empty call

@@ -43,6 +43,8 @@ _SWITCHES = {
     "compressed": MigrateFlags.COMPRESSED,
     "postcopy": MigrateFlags.POSTCOPY,
     "postcopy_resume": MigrateFlags.POSTCOPY_RESUME,
+    "tls": MigrateFlags.TLS,
+    "tunnelled": MigrateFlags.TUNNELLED,
     "copy_storage_all": MigrateFlags.NON_SHARED_DISK,
     "copy_storage_inc": MigrateFlags.NON_SHARED_INC,
     "copy_storage_synchronous_writes": MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES,
@@ -84,6 +86,11 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
     if args.parallel is not None:
         flags |= MigrateFlags.PARALLEL
         params.parallel_connections = args.parallel
+    if args.comp_methods:
+        flags |= MigrateFlags.COMPRESSED
+        params.compression = args.comp_methods
+    if flags & MigrateFlags.TUNNELLED and not flags & MigrateFlags.PEER2PEER:
+        raise VmferryError(ErrorCode.INVALID_ARG, "--tunnelled requires --p2p (as in virsh)")
     if args.timeout is not None:
         # virsh: the timeout suspends a live guest that does not converge.
         if not flags & MigrateFlags.LIVE:
@@ -350,7 +357,17 @@ MIGRATE_ARGS = (
     _switch("undefinesource", "undefine the domain on the source"),
     _switch("suspend", "leave the domain paused on the destination"),
     _switch("auto-converge", "throttle the guest's vCPUs when the migration does not converge"),
-    _switch("compressed", "compress repeated pages (xbzrle)"),
+    _switch("compressed", "compress pages (xbzrle; zstd with --parallel)"),
+    arg(
+        "--comp-methods",
+        choices=("xbzrle", "zstd"),
+        help="compression method (implies --compressed; zstd needs --parallel)",
+    ),
+    _switch("tls", "encrypt the migration stream with QEMU's TLS and the hosts' PKI"),
+    _switch(
+        "tunnelled",
+        "send the stream inside the daemons' own TLS connection (needs --p2p)",
+    ),
     arg("--dname", metavar="NAME", help="rename the domain on the destination"),
     arg("--xml", metavar="FILE", help="domain XML for the destination (same ABI)"),
     arg("--migrateuri", metavar="URI", help="where to send the migration stream (tcp:HOST:PORT)"),

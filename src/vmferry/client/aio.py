@@ -94,7 +94,8 @@ class AsyncClient:
             call.method,
             call.path,
             params=call.params,
-            json=call.json_body(),
+            json=call.json_body() if call.content is None else None,
+            content=call.content,
             headers=call.headers,
             timeout=timeout_for(call, self.timeout, request_timeout),
         )

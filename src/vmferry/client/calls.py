@@ -10,7 +10,7 @@ in each client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -48,6 +48,8 @@ class Call(Generic[T]):
     #: Lower bound for the request timeout (seconds), for calls that wait server-side.
     min_timeout: float | None = None
     headers: dict[str, str] | None = None
+    #: A streaming body instead of *body* (the tunnelled migration stream).
+    content: AsyncIterable[bytes] | None = None
 
     def json_body(self) -> Any:
         return None if self.body is None else self.body.model_dump(mode="json")

@@ -132,6 +132,11 @@ async def migrate(
     """Migrate *name* from *src*'s host to *dst*'s, the client running the protocol."""
     params = params or MigrationParams()
     params.validate(flags)
+    if flags & MigrateFlags.TUNNELLED:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            "a tunnelled migration is peer-to-peer: the daemons carry the stream (use --p2p)",
+        )
     started = time.perf_counter()
     times = StepTimes()
     async with contextlib.AsyncExitStack() as stack:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from typing import Any
 
 from vmferry.api.models import (
@@ -63,6 +64,11 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
         body=PerformRequest(cookie=cookie, uri=uri, peer_uri=peer_uri),
         min_timeout=LONG_CALL,
     )
+
+
+def tunnel(name: str, chunks: AsyncIterable[bytes]) -> Call[CookieBody]:
+    """The tunnelled migration stream of the destination's incoming *name* (its body)."""
+    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), content=chunks)
 
 
 def perform2(

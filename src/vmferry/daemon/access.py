@@ -101,6 +101,8 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/domains/{name}/migrate/perform2"): "migrate.perform",
     ("POST", "/v1/domains/{name}/migrate/finish"): "migrate.finish",
     ("POST", "/v1/domains/{name}/migrate/confirm"): "migrate.confirm",
+    # the tunnelled stream of a prepared incoming migration: as powerful as Prepare
+    ("POST", "/v1/domains/{name}/migrate/tunnel"): "migrate.prepare",
     ("POST", "/v1/domains/{name}/migrate"): "migrate.p2p",
     ("POST", "/v1/domains/{name}/migrate/postcopy"): "migrate.postcopy",
     ("PUT", "/v1/domains/{name}/migrate/maxdowntime"): "migrate.tune",

@@ -103,6 +103,8 @@ class MigrationConfig:
     prepare_timeout: float = 60.0
     perform_stall_timeout: float = 60.0
     perform_timeout: float = 0.0
+    # QEMU's TLS for the stream (vmferry.migration.tls): off (only with --tls), on, required
+    tls: str = "off"
 
 
 @dataclass
@@ -282,6 +284,11 @@ def _check_migration_endpoints(where: str, mig: MigrationConfig) -> None:
     for key in ("prepare_timeout", "perform_stall_timeout"):
         if getattr(mig, key) <= 0:
             raise VmferryError(ErrorCode.INVALID_ARG, f"{where}: migration.{key} must be > 0")
+    if mig.tls not in ("off", "on", "required"):
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f'{where}: migration.tls must be "off", "on" or "required", not {mig.tls!r}',
+        )
     if mig.perform_timeout < 0:
         raise VmferryError(
             ErrorCode.INVALID_ARG, f"{where}: migration.perform_timeout must be >= 0 (0 = none)"

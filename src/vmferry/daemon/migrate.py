@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +45,9 @@ from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.postcopy_watch import PostcopyWatch
 from vmferry.migration.stats import from_query_migrate
+from vmferry.migration.tls import TlsSetup
+from vmferry.migration.tunnel import Sender
+from vmferry.qemu import tls_creds
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
 from vmferry.qemu.migration_status import MigrationStatus
@@ -61,6 +64,14 @@ class MigrationService:
         self._peers = ClientConnector(driver.config)
         self._postcopy_watch = PostcopyWatch(self)
         driver.set_job_hooks(self)
+        confine = driver.lifecycle.confine
+        self._tls = TlsSetup(
+            mode=driver.config.migration.tls,
+            pki_dir=driver.config.tls.pki_dir,
+            staging=driver.state.root / tls_creds.STAGING_DIR,
+            user=confine.user if confine is not None else None,
+        )
+        tls_creds.sweep(self._tls.staging)  # copies a crash left behind
 
     # -- the driver, as the migration layer needs it (vmferry.migration.host.MigrationHost) ---
 
@@ -165,6 +176,11 @@ class MigrationService:
         mig = self.driver.config.migration
         return PerformLimits(stall_s=mig.perform_stall_timeout, total_s=mig.perform_timeout)
 
+    @property
+    def tls(self) -> TlsSetup:
+        """``[migration] tls`` and ``[tls] pki_dir`` (vmferry.migration.tls)."""
+        return self._tls
+
     async def stream_uri(self, uri: str) -> str:
         """Whoever gave *uri* (a client, a p2p destination's Prepare): tcp to an allowed network."""
         return await muri.checked_stream_uri(uri, self.allowed_networks)
@@ -225,11 +241,13 @@ class MigrationService:
             return await source.begin_resume(self, dom, flags, params, session=session)
         return await source.begin(self, dom, flags, params, session=session)
 
-    async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+    async def source_perform(
+        self, dom: QemuDomain, cookie: str, uri: str, *, tunnel: Sender | None = None
+    ) -> str:
         """Perform (or its resume); watches a migration that switched to post-copy."""
         if _resuming(dom, AsyncJob.MIGRATION_OUT):
             return await source.perform_resume(self, dom, cookie, uri)
-        out = await source.perform3(self, dom, cookie, uri)
+        out = await source.perform3(self, dom, cookie, uri, tunnel=tunnel)
         if postcopy.in_postcopy(dom):
             self._postcopy_watch.watch(dom)  # from the switch-over on, until the job ends
         return out
@@ -380,6 +398,10 @@ class MigrationService:
                 self._postcopy_watch.watch(dom)  # QEMU may still complete it unattended
             raise
         return out
+
+    async def migrate_tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> int:
+        """The tunnelled stream of the incoming *name*, from the source daemon."""
+        return await destination.receive_tunnel(self.lookup(name), chunks)
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
         """``migrate/confirm``: Confirm3 on the source."""

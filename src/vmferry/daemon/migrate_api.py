@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from vmferry.api.models import (
@@ -66,6 +66,12 @@ def migration_routes(service: MigrationService) -> APIRouter:
     async def finish(name: str, body: FinishRequest) -> CookieBody:
         cookie = await service.migrate_finish(name, body.cookie, body.cancelled, body.v3)
         return CookieBody(cookie=cookie)
+
+    @r.post("/domains/{name}/migrate/tunnel")
+    async def tunnel(name: str, request: Request) -> CookieBody:
+        # the body is the stream itself, relayed into QEMU as it arrives (never held whole)
+        await service.migrate_tunnel(name, request.stream())
+        return CookieBody()
 
     @r.post("/domains/{name}/migrate/confirm")
     async def confirm(name: str, body: ConfirmRequest) -> CookieBody:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from vmferry.client import AsyncClient
+from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import RemoteDestination, open_session
 from vmferry.client.transport import parse_uri
 from vmferry.daemon.config import DaemonConfig
@@ -42,6 +43,10 @@ class ClientPeer:
         """The peer's domain *name*."""
         info = await self._client.dominfo(name)
         return PeerDomain(uuid=info.uuid, state=info.state, async_job=info.job.async_job)
+
+    async def tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> None:
+        """The tunnelled stream of the peer's incoming *name* (one request, its body)."""
+        await self._client.run(mc.tunnel(name, chunks))
 
     @contextlib.asynccontextmanager
     async def destination(self) -> AsyncIterator[DestinationSide]:

@@ -128,6 +128,10 @@ class MigrationCookie:
     nbd_disks: list[NbdDisk] = field(default_factory=list)
     #: the persistent definition, validated (set by :func:`parse_cookie`)
     persistent: DomainDef | None = None
+    # vmferry's <tls> (vmferry.migration.tls): Begin offers, Prepare answers
+    tls_pki: bool | None = None  # the sender has a PKI
+    tls_mode: str = ""  # the sender's [migration] tls
+    tls_use: bool | None = None  # Prepare: the stream is encrypted by QEMU
 
     def to_xml(self) -> str:
         """libvirt's cookie XML; statistics not in :data:`STAT_NAMES` are left out."""
@@ -150,6 +154,13 @@ class MigrationCookie:
                 if disk.backing:
                     el.set("backing", disk.backing)
                     el.set("backingFormat", disk.backing_format)
+        if self.tls_pki is not None or self.tls_mode or self.tls_use is not None:
+            tls = ET.SubElement(root, "tls")
+            for attr, value in (("pki", self.tls_pki), ("use", self.tls_use)):
+                if value is not None:
+                    tls.set(attr, "yes" if value else "no")
+            if self.tls_mode:
+                tls.set("mode", self.tls_mode)
         if self.statistics:
             stats = ET.SubElement(root, "statistics")
             for key in STAT_NAMES:
@@ -192,6 +203,7 @@ def parse_cookie(text: str, *, name: str, uuid: str, local_hostuuid: str) -> Mig
     _parse_lockstate(root, cookie)
     _parse_persistent(root, cookie)
     _parse_nbd(root, cookie)
+    _parse_tls(root, cookie)
     stats = root.find("statistics")
     if stats is not None:
         cookie.statistics = _parse_statistics(stats)
@@ -324,6 +336,27 @@ def _parse_nbd(root: ET.Element, cookie: MigrationCookie) -> None:
         ):
             raise _invalid(f"Malformed backing file of disk '{target[:64]}' in migration cookie")
         cookie.nbd_disks.append(NbdDisk(target, capacity, backing, backing_format))
+
+
+def _parse_tls(root: ET.Element, cookie: MigrationCookie) -> None:
+    tls = root.find("tls")
+    if tls is None:
+        return
+
+    def yes_no(attr: str) -> bool | None:
+        value = tls.get(attr)
+        if value is None:
+            return None
+        if value not in ("yes", "no"):
+            raise _invalid(f"Malformed tls {attr} '{value[:16]}' in migration cookie")
+        return value == "yes"
+
+    cookie.tls_pki = yes_no("pki")
+    cookie.tls_use = yes_no("use")
+    mode = tls.get("mode", "")
+    if mode not in ("", "off", "on", "required"):
+        raise _invalid(f"Malformed tls mode '{mode[:16]}' in migration cookie")
+    cookie.tls_mode = mode
 
 
 def _parse_statistics(stats: ET.Element) -> dict[str, int]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +42,8 @@ from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import postcopy, storage
+from vmferry.migration import tls as mtls
+from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -86,17 +89,20 @@ async def prepare(
     # (disks still to be created are checked once they exist, below).
     if not copy:
         host.check_definition(definition)
-    nbd_disks = []
+    offer = None
     if cookie_in is not None:
-        nbd_disks = parse_cookie(
+        offer = parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
-        ).nbd_disks
+        )
+    nbd_disks = offer.nbd_disks if offer is not None else []
     if copy and (cookie_in is None or not nbd_disks):
         raise VmferryError(
             ErrorCode.OPERATION_INVALID,
             "storage migration (--copy-storage-all/-inc) requires migration protocol v3 "
             "and a source that names the disks to copy",
         )
+    # decided before anything is made: a refused migration leaves nothing behind
+    use_tls = not flags & MigrateFlags.OFFLINE and mtls.decide(host.tls, flags, offer)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:
         raise VmferryError(
@@ -121,10 +127,13 @@ async def prepare(
             host.check_definition(definition)
             await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
-            uri = await _start_incoming(host, dom, flags, params)
+            uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
         if copy:
             nbd_port = await storage.start_nbd(
-                host, dom, host.migration_address(params.listen_address)
+                host,
+                dom,
+                host.migration_address(params.listen_address),
+                tls_creds=mtls.MIGRATION_CREDS if dom.migration.tls else "",
             )
         if session:
             # The client may have left while Prepare ran: then nobody would Finish it.
@@ -139,23 +148,59 @@ async def prepare(
     )
     if not flags & MigrateFlags.OFFLINE:
         cookie.capabilities = mparams.capabilities(flags, source=False)
+        if offer is not None:
+            cookie.tls_use = use_tls
     if nbd_port is not None:
         cookie.nbd_port = nbd_port
     return uri, cookie.to_xml()
 
 
 async def _start_incoming(
-    host: MigrationHost, dom: QemuDomain, flags: MigrateFlags, params: MigrationParams
+    host: MigrationHost,
+    dom: QemuDomain,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    *,
+    use_tls: bool = False,
 ) -> str:
+    if flags & MigrateFlags.TUNNELLED:
+        # no port: the stream comes through the daemons' connection (vmferry.migration.tunnel)
+        await host.lifecycle.start(dom, incoming=True)
+        mon = dom.require_monitor()
+        await mparams.apply(mon, params, flags, source=False)
+        dom.migration.tunnel = await mtunnel.give_qemu_end(mon)
+        await mon.execute("migrate-incoming", {"uri": f"fd:{mtunnel.FD_NAME}"})
+        return ""
     address = host.migration_address(params.listen_address)
     port = host.acquire_port()
     dom.migration.port = port
     await host.lifecycle.start(dom, incoming=True)
     mon = dom.require_monitor()
-    await mparams.apply(mon, params, flags, source=False)
+    extra = await mtls.enable(host.tls, dom, server=True) if use_tls else {}
+    await mparams.apply(mon, params, flags, source=False, extra=extra)
     listen = f"[{address}]" if ":" in address else address
     await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:{port}"})
     return f"tcp:{listen}:{port}"
+
+
+async def receive_tunnel(dom: QemuDomain, chunks: AsyncIterator[bytes]) -> int:
+    """The peer's tunnelled stream for the incoming *dom*, into its QEMU (once only)."""
+    flags = MigrateFlags(dom.migration.flags)
+    end = dom.migration.tunnel
+    if (
+        dom.job.async_job != AsyncJob.MIGRATION_IN
+        or not flags & MigrateFlags.TUNNELLED
+        or end is None
+    ):
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            f"no tunnelled migration of '{dom.name}' is waiting for its stream",
+        )
+    dom.migration.tunnel = None  # one stream per Prepare
+    try:
+        return await mtunnel.relay_in(end, chunks)
+    finally:
+        end.close()
 
 
 def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-untyped-def]
@@ -178,6 +223,9 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
     if dom.migration.port:
         host.release_port(dom.migration.port)
         dom.migration.port = 0
+    if dom.migration.tunnel is not None:
+        dom.migration.tunnel.close()
+        dom.migration.tunnel = None
     host.unbind_session(dom)
 
 
@@ -360,6 +408,7 @@ async def _finish_active(
     await storage.stop_nbd(host, dom)
     await failpoint("dst-finish-storage")
     _persist(host, dom, cookie, flags)
+    await mtls.disable(dom)  # the stream is over: QEMU forgets the credentials
     if flags & MigrateFlags.PAUSED:
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
         return None
@@ -526,6 +575,7 @@ async def finish_resume(
 async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     """The post-copy stream completed: the whole guest is here; end the job."""
     _release(host, dom)
+    await mtls.disable(dom)
     try:
         if dom.state == DomainState.PAUSED:
             # Finish never ran (the source or client went away): the guest starts now.

@@ -10,6 +10,7 @@ from vmferry.errors import ErrorCode, VmferryError
 class MigrateFlags(IntFlag):
     LIVE = 1 << 0
     PEER2PEER = 1 << 1
+    TUNNELLED = 1 << 2  # the stream travels inside the daemons' own connection (p2p only)
     PERSIST_DEST = 1 << 3
     UNDEFINE_SOURCE = 1 << 4
     PAUSED = 1 << 5  # leave the guest paused on the destination (--suspend)
@@ -20,6 +21,7 @@ class MigrateFlags(IntFlag):
     COMPRESSED = 1 << 11  # xbzrle
     AUTO_CONVERGE = 1 << 13
     POSTCOPY = 1 << 15
+    TLS = 1 << 16  # QEMU encrypts the stream with the certificates of [tls] pki_dir
     PARALLEL = 1 << 17  # multifd
     # --copy-storage-synchronous-writes: write-blocking mirrors, so a disk-busy guest converges
     NON_SHARED_SYNCHRONOUS_WRITES = 1 << 18

@@ -10,7 +10,7 @@ client library.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from vmferry.migration.peer_probe import MigrationPeer
     from vmferry.migration.postcopy_watch import PostcopyWatch
     from vmferry.migration.protocol import DestinationSide
+    from vmferry.migration.tls import TlsSetup
+    from vmferry.migration.tunnel import Sender
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ class PeerConnection(Protocol):
 
     def destination(self) -> AbstractAsyncContextManager[DestinationSide]:
         """The peer as a migration destination, within a session held open meanwhile."""
+        ...
+
+    async def tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> None:
+        """Send *chunks* as the tunnelled stream of the peer's incoming *name*."""
         ...
 
 
@@ -147,6 +153,11 @@ class MigrationHost(Protocol):
     @property
     def perform_limits(self) -> PerformLimits: ...
 
+    @property
+    def tls(self) -> TlsSetup:
+        """``[migration] tls``, the PKI and how QEMU gets a copy (vmferry.migration.tls)."""
+        ...
+
     async def stream_uri(self, uri: str) -> str:
         """*uri* checked (only ``tcp:`` to allowed networks) and as QEMU must get it."""
         ...
@@ -189,7 +200,9 @@ class MigrationHost(Protocol):
         """Begin (or Begin of a post-copy resume) on this, the source host."""
         ...
 
-    async def source_perform(self, dom: QemuDomain, cookie: str, uri: str) -> str:
+    async def source_perform(
+        self, dom: QemuDomain, cookie: str, uri: str, *, tunnel: Sender | None = None
+    ) -> str:
         """Perform on the source; watches a migration that switched to post-copy."""
         ...
 

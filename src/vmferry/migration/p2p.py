@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from vmferry.errors import ErrorCode, VmferryError
@@ -25,6 +25,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.protocol import DestinationSide, StepTimes, migrate_v2, migrate_v3
+from vmferry.migration.tunnel import Sender
 from vmferry.qemu.domain import QemuDomain
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,14 @@ async def migrate(
                     remote = await stack.enter_async_context(dconn.destination())
                 dst = _WatchedDestination(remote, dead, dest_uri)
                 run = migrate_v3 if "migration-v3" in info.features else migrate_v2
-                await run(LocalSource(host), dst, name, flags, params, times=times)
+                tunnel = None
+                if flags & MigrateFlags.TUNNELLED:
+                    dest_name = params.dname or name
+
+                    async def tunnel(chunks: AsyncIterator[bytes]) -> None:
+                        await dconn.tunnel(dest_name, chunks)
+
+                await run(LocalSource(host, tunnel), dst, name, flags, params, times=times)
         except TimeoutError:
             raise VmferryError(
                 ErrorCode.OPERATION_TIMEOUT,
@@ -90,8 +98,9 @@ async def migrate(
 class LocalSource:
     """The source side of the protocol, called in-process."""
 
-    def __init__(self, host: MigrationHost) -> None:
+    def __init__(self, host: MigrationHost, tunnel: Sender | None = None) -> None:
         self._host = host
+        self._tunnel = tunnel  # tunnelled: sends the stream to the destination daemon
 
     async def begin(
         self, name: str, flags: MigrateFlags, params: MigrationParams
@@ -99,7 +108,9 @@ class LocalSource:
         return await self._host.source_begin(self._host.lookup(name), flags, params)
 
     async def perform(self, name: str, cookie: str, uri: str) -> str:
-        return await self._host.source_perform(self._host.lookup(name), cookie, uri)
+        return await self._host.source_perform(
+            self._host.lookup(name), cookie, uri, tunnel=self._tunnel
+        )
 
     async def confirm(self, name: str, cookie: str, *, cancelled: bool) -> None:
         await self._host.source_confirm(self._host.lookup(name), cookie, cancelled=cancelled)

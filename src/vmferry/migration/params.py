@@ -46,6 +46,8 @@ class MigrationParams:
     policy: str = ""
     downtime_target_ms: int = 0  # the contract: 0: none (QEMU's limit)
     deadline_s: float = 0.0  # the contract: complete within this long, else abort; 0: none
+    # --compressed's method: xbzrle (default) or zstd (multifd, the default with --parallel)
+    compression: str = ""
     # the disks a storage migration copies, by target ("vda,vdb"); "": every writable
     # non-shared disk (libvirt's migrate_disks)
     migrate_disks: str = ""
@@ -79,9 +81,26 @@ class MigrationParams:
             raise VmferryError(ErrorCode.INVALID_ARG, "bandwidth must not be negative")
         if self.parallel_connections and not flags & MigrateFlags.PARALLEL:
             raise VmferryError(ErrorCode.INVALID_ARG, "parallel connections need the parallel flag")
-        if flags & MigrateFlags.PARALLEL and flags & MigrateFlags.COMPRESSED:
+        self._validate_compression(flags)
+        if flags & MigrateFlags.TUNNELLED and (
+            flags & MigrateFlags.PARALLEL or flags & MigrateFlags.POSTCOPY
+        ):
+            # one stream, one way: no multifd channels, no return path for post-copy
             raise VmferryError(
-                ErrorCode.INVALID_ARG, "xbzrle compression cannot be used with parallel migration"
+                ErrorCode.INVALID_ARG,
+                "a tunnelled migration cannot be parallel or post-copy (one stream, one way)",
+            )
+        if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.copy_storage():
+            raise VmferryError(
+                ErrorCode.NO_SUPPORT,
+                "tunnelled storage migration is not supported yet: use --tls for encrypted "
+                "disk copies",
+            )
+        if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.TLS:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                "--tls and --tunnelled do not go together: a tunnelled stream is already "
+                "inside the daemons' TLS connection",
             )
         if flags & MigrateFlags.OFFLINE:
             if not flags & MigrateFlags.PERSIST_DEST:
@@ -93,6 +112,20 @@ class MigrationParams:
         self._validate_postcopy(flags)
         self._validate_storage(flags)
         self._validate_policy()
+
+    def _validate_compression(self, flags: MigrateFlags) -> None:
+        if self.compression and not flags & MigrateFlags.COMPRESSED:
+            raise VmferryError(ErrorCode.INVALID_ARG, "a compression method needs --compressed")
+        method = compression_method(flags, self)
+        if method == "xbzrle" and flags & MigrateFlags.PARALLEL:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                "xbzrle compression cannot be used with parallel migration (use zstd)",
+            )
+        if method == "zstd" and not flags & MigrateFlags.PARALLEL:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG, "zstd compression needs parallel migration (--parallel N)"
+            )
 
     def _validate_storage(self, flags: MigrateFlags) -> None:
         copy = flags & MigrateFlags.copy_storage()
@@ -172,6 +205,8 @@ _INTS = {
     "parallel_connections": MAX_CHANNELS,
 }
 _FLOATS = ("timeout_suspend_s", "deadline_s")
+#: ``compression`` values ("" : the default of the flags).
+COMPRESSION_METHODS = ("", "xbzrle", "zstd")
 _BOOLS = ("postcopy_after_precopy", "postcopy_autoresume")
 
 
@@ -210,6 +245,8 @@ def _checked(key: str, value: Any) -> Any:
         parse_migration_uri(value)
     elif value and key == "listen_address":
         check_host(value, "listen address")
+    elif key == "compression" and value not in COMPRESSION_METHODS:
+        raise bad(f"must be one of {', '.join(COMPRESSION_METHODS)}")
     elif key == "migrate_disks" and value:
         targets = value.split(",")
         if not all(_DISK_TARGET.fullmatch(t) for t in targets) or len(set(targets)) != len(targets):
@@ -222,19 +259,27 @@ def _checked(key: str, value: Any) -> Any:
     return value
 
 
+def compression_method(flags: MigrateFlags, params: MigrationParams) -> str:
+    """What ``--compressed`` means here: "" (off), ``xbzrle`` or multifd's ``zstd``."""
+    if not flags & MigrateFlags.COMPRESSED:
+        return ""
+    return params.compression or ("zstd" if flags & MigrateFlags.PARALLEL else "xbzrle")
+
+
 def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:
     """The capabilities one side sets for a migration with *flags*."""
     caps = {
-        "return-path": True,
+        # a tunnel carries one stream one way: QEMU must not wait for the return path
+        "return-path": not flags & MigrateFlags.TUNNELLED,
         "multifd": bool(flags & MigrateFlags.PARALLEL),
         "postcopy-ram": bool(flags & MigrateFlags.POSTCOPY),
     }
     if source:
         caps["auto-converge"] = bool(flags & MigrateFlags.AUTO_CONVERGE)
-        caps["xbzrle"] = bool(flags & MigrateFlags.COMPRESSED)
-        if flags & MigrateFlags.copy_storage():
-            # QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
-            caps["pause-before-switchover"] = True
+        # with --parallel, --compressed is multifd's zstd (validate refuses xbzrle there)
+        caps["xbzrle"] = bool(flags & MigrateFlags.COMPRESSED and not flags & MigrateFlags.PARALLEL)
+        # storage: QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
+        caps["pause-before-switchover"] = bool(flags & MigrateFlags.copy_storage())
     return caps
 
 
@@ -242,6 +287,8 @@ def parameters(params: MigrationParams, flags: MigrateFlags, *, source: bool) ->
     out: dict[str, Any] = {}
     if flags & MigrateFlags.PARALLEL and params.parallel_connections:
         out["multifd-channels"] = params.parallel_connections
+    if compression_method(flags, params) == "zstd":
+        out["multifd-compression"] = "zstd"  # both sides: the destination decompresses
     if source:
         bandwidth = params.bandwidth_mib_s * MIB if params.bandwidth_mib_s else UNLIMITED_BANDWIDTH
         out["max-bandwidth"] = bandwidth
@@ -260,14 +307,20 @@ def resume_parameters(params: MigrationParams) -> dict[str, Any]:
 
 
 async def apply(
-    mon: Monitor, params: MigrationParams, flags: MigrateFlags, *, source: bool
+    mon: Monitor,
+    params: MigrationParams,
+    flags: MigrateFlags,
+    *,
+    source: bool,
+    extra: dict[str, Any] | None = None,
 ) -> None:
+    """Set this migration's capabilities and parameters (*extra*: e.g. TLS's) in QEMU."""
     caps = capabilities(flags, source=source)
     await mon.execute(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
     )
-    values = parameters(params, flags, source=source)
+    values = {**parameters(params, flags, source=source), **(extra or {})}
     if values:
         await mon.execute("migrate-set-parameters", values)
 

@@ -19,6 +19,7 @@ the job back to ``postcopy_failed`` whenever they fail, so they can be retried.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -33,6 +34,8 @@ from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
 from vmferry.migration import postcopy, storage
+from vmferry.migration import tls as mtls
+from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost, PerformLimits
@@ -97,6 +100,7 @@ async def begin(
         cookie = _cookie(host, dom)
         if not offline:
             cookie.capabilities = mparams.capabilities(flags, source=True)
+            mtls.offer(host.tls, flags, cookie)
         dom.migration.storage_disks = []
         if storage.copies_storage(flags):
             cookie.nbd_disks = await storage.begin_disks(
@@ -136,16 +140,29 @@ def _job_cleanup(dom: QemuDomain):  # type: ignore[no-untyped-def]
 
 
 async def perform3(
-    host: MigrationHost, dom: QemuDomain, cookie_in: str, uri: str, *, api: str = "migrate-perform"
+    host: MigrationHost,
+    dom: QemuDomain,
+    cookie_in: str,
+    uri: str,
+    *,
+    api: str = "migrate-perform",
+    tunnel: mtunnel.Sender | None = None,
 ) -> str:
-    """Send the guest to *uri*; on success leave it paused here for Confirm."""
-    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
+    """Send the guest to *uri* (or through *tunnel*); on success leave it paused for Confirm."""
     flags = MigrateFlags(dom.migration.flags)
+    dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.PERFORM3, api)
     try:
         await failpoint("src-perform3-before")
+        if flags & MigrateFlags.TUNNELLED and tunnel is None:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID,
+                "a tunnelled migration is run by the source daemon (peer-to-peer): "
+                "there is no stream URI to perform to",
+            )
         if not flags & MigrateFlags.OFFLINE:
-            uri = await host.stream_uri(uri)
-            cookie = parse_cookie(
+            if tunnel is None:
+                uri = await host.stream_uri(uri)
+            answer = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
             )
             await _run(
@@ -154,7 +171,9 @@ async def perform3(
                 flags,
                 dom.migration.params or MigrationParams(),
                 host.perform_limits,
-                nbd_port=cookie.nbd_port,
+                tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
+                tunnel=tunnel,
+                nbd_port=answer.nbd_port,
             )
     except BaseException:
         await storage.cancel(dom)
@@ -183,7 +202,12 @@ async def perform2(
 ) -> None:
     """Protocol v2: migrate, then kill the source on success or resume it on failure."""
     params.validate(flags)
+    if flags & MigrateFlags.TUNNELLED:
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID, "a tunnelled migration requires migration protocol v3"
+        )
     uri = await host.stream_uri(uri)  # refused before the job starts: nothing changes
+    use_tls = mtls.follow(host.tls, flags, None)  # v2: --tls alone decides
     if storage.copies_storage(flags):
         # v2 has no cookie to carry the NBD server's port (QEMU's old block migration is gone).
         raise VmferryError(
@@ -207,7 +231,7 @@ async def perform2(
     dom.save()  # recovery needs was_running
     try:
         await failpoint("src-perform2-before")
-        await _run(dom, uri, flags, params, host.perform_limits)
+        await _run(dom, uri, flags, params, host.perform_limits, tls=host.tls if use_tls else None)
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -226,22 +250,37 @@ async def _run(
     params: MigrationParams,
     limits: PerformLimits | None = None,
     *,
+    tls: mtls.TlsSetup | None = None,
+    tunnel: mtunnel.Sender | None = None,
     nbd_port: int | None = None,
 ) -> None:
-    """libvirt's qemuMigrationSrcRun: apply parameters, mirror the disks, migrate, wait."""
+    """libvirt's qemuMigrationSrcRun: apply parameters, mirror the disks, migrate, wait.
+
+    :param tls: encrypt the stream with these credentials (QEMU's TLS).
+    :param tunnel: send the stream through the daemons' connection, not to *uri*.
+    """
     mon = dom.require_monitor()
     dom.migration.status = MigrationStatus.SETUP
     dom.migration.iteration = 0
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
-    await mparams.apply(mon, params, flags, source=True)
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        # the destination's certificate must name the host the stream goes to
+        extra = await mtls.enable(tls, dom, server=False, hostname=_uri_host(uri))
+    await mparams.apply(mon, params, flags, source=True, extra=extra)
     # The convergence policy's own settings; it may switch the migration to post-copy.
     await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
     if dom.migration.storage_disks:
         # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
         await failpoint("src-perform-mirror")
         try:
-            await storage.mirror_all(dom, parse_migration_uri(uri).host, nbd_port)
+            await storage.mirror_all(
+                dom,
+                parse_migration_uri(uri).host,
+                nbd_port,
+                tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
+            )
         except BaseException:
             await storage.cancel(dom)
             raise
@@ -252,7 +291,16 @@ async def _run(
     if dom.job.abort_requested:
         await storage.cancel(dom)
         raise _aborted()
-    await mon.execute("migrate", {"uri": uri})
+    relay: asyncio.Task[None] | None = None
+    if tunnel is not None:
+        end = await mtunnel.give_qemu_end(mon)
+        relay = asyncio.create_task(mtunnel.relay_out(end, tunnel))
+        uri = f"fd:{mtunnel.FD_NAME}"
+    try:
+        await mon.execute("migrate", {"uri": uri})
+    except BaseException:
+        await _stop_relay(relay)
+        raise
     try:
         if armed("src-perform-migrating"):
             await dom.wait_for(lambda: dom.migration.status != MigrationStatus.SETUP, 10.0)
@@ -263,11 +311,39 @@ async def _run(
             after_precopy=params.postcopy_after_precopy,
             limits=limits or PerformLimits(),
         )
-    except BaseException:
+        if relay is not None:
+            # QEMU wrote it all; the destination must have taken it all too
+            stall = (limits or PerformLimits()).stall_s
+            await asyncio.wait_for(asyncio.shield(relay), stall)
+    except BaseException as err:
         if dom.monitor is not None and dom.monitor.connected:
             await _cancel(dom)
         await storage.cancel(dom)
+        failed = await _stop_relay(relay)
+        if failed is not None and isinstance(err, VmferryError):
+            raise failed from err  # why the stream broke, rather than QEMU's broken pipe
         raise
+
+
+async def _stop_relay(relay: asyncio.Task[None] | None) -> VmferryError | None:
+    """End the tunnel's relay; the error it failed with, if any."""
+    if relay is None:
+        return None
+    if not relay.done():
+        relay.cancel()
+    try:
+        await relay
+    except VmferryError as err:
+        return err
+    except (asyncio.CancelledError, Exception) as exc:
+        log.debug("tunnel relay ended: %r", exc)
+    return None
+
+
+def _uri_host(uri: str) -> str:
+    """The host of a checked ``tcp:HOST:PORT`` (brackets of IPv6 removed)."""
+    host = uri.removeprefix("tcp:").rpartition(":")[0]
+    return host.strip("[]")
 
 
 async def _wait_completion(
@@ -473,6 +549,7 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     except VmferryError as err:
         # Not a reason to leave the guest paused: the next migration sets them again.
         log.warning("resetting migration parameters of %s: %s", dom.name, err.message)
+    await mtls.disable(dom)
     try:
         if dom.migration.was_running and dom.state != DomainState.RUNNING:
             dom.pending_resume_reason = RunningReason.MIGRATION_CANCELED

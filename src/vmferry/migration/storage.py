@@ -101,10 +101,13 @@ async def begin_disks(dom: QemuDomain, params: MigrationParams, *, top_only: boo
     return out
 
 
-async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None) -> None:
+async def mirror_all(
+    dom: QemuDomain, stream_host: str, cookie_port: int | None, *, tls_creds: str = ""
+) -> None:
     """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
 
     *stream_host* is the checked host of the migration stream: the NBD server listens there.
+    *tls_creds*: the connections are TLS with these credentials (``--tls``).
     """
     targets = dom.migration.storage_disks
     if not targets:
@@ -126,6 +129,7 @@ async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None)
             top_only=bool(flags & MigrateFlags.NON_SHARED_INC),
             write_blocking=bool(flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES),
             speed=params.bandwidth_mib_s * MIB,
+            tls_creds=tls_creds,
         )
     await blockjob.wait_ready(dom, targets, aborted=lambda: dom.job.abort_requested)
 
@@ -206,12 +210,17 @@ async def create_disks(
     dom.migration.storage_disks = [d.target for d in disks]
 
 
-async def start_nbd(host: MigrationHost, dom: QemuDomain, address: str) -> int:
-    """Serve every disk of ``storage_disks`` over NBD on a migration port; return the port."""
+async def start_nbd(
+    host: MigrationHost, dom: QemuDomain, address: str, *, tls_creds: str = ""
+) -> int:
+    """Serve every disk of ``storage_disks`` over NBD on a migration port; return the port.
+
+    *tls_creds*: only TLS clients with a certificate of the CA (``--tls``).
+    """
     port = host.acquire_port()
     dom.migration.nbd_port = port
     mon = dom.require_monitor()
-    await blockjob.nbd_server_start(mon, address, port)
+    await blockjob.nbd_server_start(mon, address, port, tls_creds=tls_creds)
     for target in dom.migration.storage_disks:
         await blockjob.nbd_export(mon, target)
     return port

@@ -107,12 +107,16 @@ EVENTS = (
 # -- destination: the NBD server ----------------------------------------------------------------
 
 
-async def nbd_server_start(mon: Monitor, host: str, port: int) -> None:
-    """Listen for the source's NBD connections on *host*:*port* (both checked by the caller)."""
-    await mon.execute(
-        "nbd-server-start",
-        {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}},
-    )
+async def nbd_server_start(mon: Monitor, host: str, port: int, *, tls_creds: str = "") -> None:
+    """Listen for the source's NBD connections on *host*:*port* (both checked by the caller).
+
+    *tls_creds*: a ``tls-creds-x509`` server object (:mod:`vmferry.qemu.tls_creds`): clients
+    must then speak TLS with a certificate of the CA.
+    """
+    args: dict[str, object] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+    if tls_creds:
+        args["tls-creds"] = tls_creds
+    await mon.execute("nbd-server-start", args)
 
 
 async def nbd_export(mon: Monitor, target: str) -> None:
@@ -150,23 +154,26 @@ async def start_mirror(
     top_only: bool,
     write_blocking: bool,
     speed: int = 0,
+    tls_creds: str = "",
 ) -> None:
     """Connect to the destination's export of *target* and mirror the disk into it.
 
     *speed*: bytes/s, 0 unlimited (libvirt applies the migration bandwidth to mirrors too).
+    *tls_creds*: a ``tls-creds-x509`` client object: the connection is TLS, the server's
+    certificate checked for *host*.
     """
     mon = dom.require_monitor()
     ident = job_id(target)
+    node: dict[str, object] = {
+        "driver": "nbd",
+        "node-name": ident,
+        "server": {"type": "inet", "host": host, "port": str(port)},
+        "export": export_name(target),
+    }
+    if tls_creds:
+        node.update({"tls-creds": tls_creds, "tls-hostname": host})
     try:
-        await mon.execute(
-            "blockdev-add",
-            {
-                "driver": "nbd",
-                "node-name": ident,
-                "server": {"type": "inet", "host": host, "port": str(port)},
-                "export": export_name(target),
-            },
-        )
+        await mon.execute("blockdev-add", node)
     except VmferryError as err:
         if not mon.connected:
             raise

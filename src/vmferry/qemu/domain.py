@@ -44,6 +44,10 @@ class MigrationProgress:
     port: int = 0
     created_here: bool = False  # the destination made the domain object for this migration
     origin_name: str = ""  # the destination: the name on the source (before --dname)
+    tls: bool = False  # QEMU holds TLS credentials for this migration's stream
+    # tunnelled, the destination: the daemon's end of the socket pair, until the peer's
+    # stream arrives (vmferry.migration.tunnel)
+    tunnel: Any = None
     # storage migration: the disks copied (targets), the destination's NBD port, and the
     # volumes Prepare created there (deleted if the migration fails; never pre-existing ones)
     storage_disks: list[str] = field(default_factory=list)

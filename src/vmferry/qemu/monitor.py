@@ -86,6 +86,7 @@ class Monitor:
         self._dropped = False  # the connection ended without close()
         self._closing = False
         self._dc_lock = asyncio.Lock()
+        self._fd_lock = asyncio.Lock()  # one descriptor in flight: the next add-fd/getfd takes it
         self._watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -210,6 +211,25 @@ class Monitor:
                 ErrorCode.OPERATION_FAILED,
                 f"QEMU command '{cmd}' on domain '{self.name}' failed: {err}",
             ) from err
+
+    async def execute_with_fd(
+        self, cmd: str, args: Mapping[str, object], fd: int, *, timeout: float = 30.0
+    ) -> Any:
+        """*cmd* (``getfd`` or ``add-fd``) taking *fd*, passed with SCM_RIGHTS just before it.
+
+        The caller keeps (and closes) its own copy of *fd*.
+        """
+        if not self.connected:
+            raise self._closed_error()
+        async with self._fd_lock:
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as err:
+                raise VmferryError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"cannot pass a file descriptor to QEMU of domain '{self.name}': {err}",
+                ) from err
+            return await self.execute(cmd, args, timeout=timeout)
 
     def _closed_error(self) -> VmferryError:
         return VmferryError(

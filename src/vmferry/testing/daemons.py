@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,7 @@ def hosts(
     pki_dir: Path | None = None,
     host_type: type[Host] = Host,
     envs: list[dict[str, str]] | None = None,
+    setup: Callable[[list[Host]], None] | None = None,
     image_roots: list[Path] | None = None,
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
@@ -277,7 +278,8 @@ def hosts(
     With *pki_dir* each also listens on mutual TLS on a loopback port; *envs*
     gives daemon i extra environment (e.g. failpoints); *image_roots* are
     further [paths] roots of every daemon (see
-    :func:`vmferry.testing.disk.make_image_dir`). The daemons start in parallel.
+    :func:`vmferry.testing.disk.make_image_dir`); *setup* may change the hosts
+    (their config) before they start. The daemons start in parallel.
     """
     # Short: unix socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
@@ -292,6 +294,8 @@ def hosts(
                 host.pki_dir, host.tls_port = pki_dir, port + 15
             host.root.mkdir()
             made.append(host)
+        if setup is not None:
+            setup(made)
         for host in made:
             host.spawn()
         for host in made:

@@ -1,0 +1,169 @@
+"""
+``make bench-stream``: what encrypting and tunnelling the migration stream costs.
+
+Two ``vmferryd`` with one PKI (mutual TLS between them) move one test guest
+back and forth. Side by side, in one run, hops alternate between
+
+* **plain** vs **tls**: client-managed v3, ``--live`` vs ``--live --tls``
+  (QEMU's TLS with the cluster certificates);
+* **direct** vs **tunnelled**: peer-to-peer over the daemons' TLS
+  connection, ``--p2p`` vs ``--p2p --tunnelled`` (the stream relayed by the
+  daemons inside that connection).
+
+Within each pair the order alternates every round, so whatever else the
+machine does hits both alike. The figure compared is QEMU's own throughput,
+bytes of memory sent over the migration's ``total_time``; the wall time of
+the hop is reported too. After every hop the guest's memory is checked (its
+heartbeat continues the source's); a corrupted guest fails the bench.
+
+Targets (issue 8): tls/plain >= 0.7, tunnelled/direct >= 0.8.
+
+``run_stream_bench`` is the reusable part (``make bench-storage`` calls it).
+
+Usage::
+
+    .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmferry.client import AsyncClient
+from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
+from vmferry.migration.flags import MigrateFlags
+from vmferry.pki import init_pki
+from vmferry.testguest import Heartbeat, check_continuity
+from vmferry.testing import Host, hosts, wait_heartbeat
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "build" / "bench" / "stream.json"
+TARGETS = {"tls/plain": 0.7, "tunnelled/direct": 0.8}
+
+LIVE = MigrateFlags.LIVE
+P2P = LIVE | MigrateFlags.PEER2PEER
+#: mode -> (flags, peer-to-peer)
+MODES: dict[str, tuple[MigrateFlags, bool]] = {
+    "plain": (LIVE, False),
+    "tls": (LIVE | MigrateFlags.TLS, False),
+    "direct": (P2P, True),
+    "tunnelled": (P2P | MigrateFlags.TUNNELLED, True),
+}
+PAIRS = (("plain", "tls"), ("direct", "tunnelled"))
+
+
+@dataclass
+class Hop:
+    mode: str
+    wall_s: float
+    bytes: int
+    qemu_ms: int
+
+    @property
+    def mib_s(self) -> float:
+        return self.bytes / (1 << 20) / max(self.qemu_ms / 1000, 1e-3)
+
+
+async def _hop(src: Host, dst: Host, name: str, mode: str) -> Hop:
+    flags, p2p = MODES[mode]
+    started = time.perf_counter()
+    async with AsyncClient(src.uri) as s:
+        report: MigrationReport
+        if p2p:
+            report = await migrate_p2p(s, dst.tls_uri, name, flags)
+        else:
+            async with AsyncClient(dst.uri) as d:
+                report = await migrate(s, d, name, flags)
+    wall = time.perf_counter() - started
+    stats = report.stats
+    return Hop(mode, wall, int(stats.get("data_processed", 0)), int(stats.get("total_time_ms", 0)))
+
+
+def _checked(host: Host, name: str, before: Heartbeat) -> Heartbeat:
+    with host.client() as c:
+        after = wait_heartbeat(c, name, after=before, timeout=60)
+    check_continuity(before, after)  # raises on a corrupted or rebooted guest
+    return after
+
+
+def run_stream_bench(
+    rounds: int = 4,
+    *,
+    memory_mib: int = 512,
+    stamp_mib: int = 256,
+    dirty_mib_s: float = 4,
+    pairs: tuple[tuple[str, str], ...] = PAIRS,
+) -> dict[str, Any]:
+    """Alternate plain/tls and direct/tunnelled hops; per-mode medians and the ratios."""
+    pki = Path(tempfile.mkdtemp(prefix="vfpki", dir="/tmp"))
+    init_pki(pki)
+    hops: list[Hop] = []
+    with hosts(2, pki_dir=pki) as (a, b):
+        name = "streambench"
+        hb = a.boot_guest(name, memory_mib=memory_mib, stamp_mib=stamp_mib, dirty_mib_s=dirty_mib_s)
+        here, there = a, b
+        for i in range(rounds):
+            for pair in pairs:
+                for mode in pair if i % 2 == 0 else tuple(reversed(pair)):
+                    hop = asyncio.run(_hop(here, there, name, mode))
+                    hb = _checked(there, name, hb)
+                    hops.append(hop)
+                    print(
+                        f"  {mode:10} {hop.wall_s:6.2f} s wall  {hop.mib_s:7.1f} MiB/s "
+                        f"({hop.bytes >> 20} MiB in {hop.qemu_ms} ms)",
+                        flush=True,
+                    )
+                    here, there = there, here
+    result: dict[str, Any] = {"modes": {}, "ratios": {}, "hops": [h.__dict__ for h in hops]}
+    for mode in [m for pair in pairs for m in pair]:
+        mine = [h for h in hops if h.mode == mode]
+        result["modes"][mode] = {
+            "mib_s": statistics.median(h.mib_s for h in mine),
+            "wall_s": statistics.median(h.wall_s for h in mine),
+            "hops": len(mine),
+        }
+    for fast, slow in pairs:
+        ratio = result["modes"][slow]["mib_s"] / result["modes"][fast]["mib_s"]
+        result["ratios"][f"{slow}/{fast}"] = ratio
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=4, help="hops of each mode (default 4)")
+    ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
+    ap.add_argument("--stamp", type=int, default=256, help="guest memory filled with data, MiB")
+    ap.add_argument("--only", choices=("tls", "tunnel"), help="one pair only")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    ap.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    print(f"stream bench: {args.rounds} rounds, guest {args.memory} MiB ({args.stamp} stamped)")
+    pairs = PAIRS if not args.only else (PAIRS[0],) if args.only == "tls" else (PAIRS[1],)
+    result = run_stream_bench(
+        args.rounds, memory_mib=args.memory, stamp_mib=args.stamp, pairs=pairs
+    )
+    print("\nmode        median MiB/s   median wall s")
+    for mode, fig in result["modes"].items():
+        print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f}")
+    missed = []
+    for key, ratio in result["ratios"].items():
+        ok = ratio >= TARGETS[key]
+        missed += [] if ok else [key]
+        print(f"{key:17} {ratio:5.2f}  (target >= {TARGETS[key]}) {'ok' if ok else 'MISSED'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"results: {args.json}")
+    return 1 if missed and args.enforce else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""QEMU's TLS credentials (``tls-creds-x509`` objects) from the vmferry PKI.
+
+Used wherever QEMU itself speaks TLS: the migration stream (migration
+parameter ``tls-creds``) and NBD (``nbd-server-start`` / ``blockdev-add``
+``tls-creds``). QEMU runs unprivileged and cannot read the daemon's PKI
+directory, nor traverse the state directory (mode 0700, root). So for each
+object the daemon makes a private copy of just the files this endpoint needs
+(``STATE/qemu-tls/ID``, mode 0700, owned by the QEMU user), opens it, passes
+QEMU the directory descriptor (``add-fd``) and names the credentials'
+``dir`` ``/proc/self/fd/N``: QEMU reaches the copy through its own
+descriptor. QEMU reads every file when the object is created, so the copy and
+the descriptor are removed right after ``object-add``, whatever its outcome:
+no key stays on disk beyond that moment.
+
+A server endpoint (the destination of a stream) presents ``server.pem``; a
+client endpoint (the source) ``client.pem``; both verify the peer against the
+cluster CA (``verify-peer``), so each side proves it belongs to the cluster.
+
+Usage (migration or NBD alike)::
+
+    obj = await add_x509(mon, pki_dir, base, "vmferry-tls-mig", "server", user)
+    ... migrate-set-parameters {"tls-creds": obj} / nbd-server-start {"tls-creds": obj}
+    await remove_x509(mon, obj)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.qemu.confine import QemuUser
+from vmferry.qemu.monitor import Monitor
+
+Endpoint = Literal["server", "client"]
+
+#: QEMU's file names in a ``tls-creds-x509`` directory, by the PKI file they copy.
+_FILES: dict[Endpoint, tuple[tuple[str, str], ...]] = {
+    "server": (
+        ("ca.pem", "ca-cert.pem"),
+        ("server.pem", "server-cert.pem"),
+        ("server-key.pem", "server-key.pem"),
+    ),
+    "client": (
+        ("ca.pem", "ca-cert.pem"),
+        ("client.pem", "client-cert.pem"),
+        ("client-key.pem", "client-key.pem"),
+    ),
+}
+#: Below the state directory: one private directory per credentials object being created.
+STAGING_DIR = "qemu-tls"
+
+
+def has_pki(pki_dir: Path | None, endpoint: Endpoint | None = None) -> bool:
+    """Whether *pki_dir* holds what an endpoint needs (both endpoints if None)."""
+    if pki_dir is None:
+        return False
+    needed = {src for ep, files in _FILES.items() if endpoint in (None, ep) for src, _ in files}
+    return all((pki_dir / name).is_file() for name in needed)
+
+
+def stage(
+    pki_dir: Path, base: Path, obj_id: str, endpoint: Endpoint, user: QemuUser | None
+) -> Path:
+    """Copy this endpoint's files into ``base/obj_id`` (0700, files 0400, owned by *user*).
+
+    :raise VmferryError: ``OPERATION_FAILED`` when a file is missing or cannot be copied.
+    """
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = base / obj_id
+    shutil.rmtree(target, ignore_errors=True)  # a leftover of a crash
+    uid, gid = (user.uid, user.gid) if user is not None else (-1, -1)
+    try:
+        target.mkdir(mode=0o700)
+        for src, dst in _FILES[endpoint]:
+            data = (pki_dir / src).read_bytes()
+            fd = os.open(target / dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            try:
+                os.write(fd, data)
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+        os.chown(target, uid, gid)
+    except OSError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"cannot prepare QEMU's TLS credentials from {pki_dir}: {exc}: "
+            f"run `vmferry pki init {pki_dir}` or copy it from the host that made the CA",
+        ) from exc
+    return target
+
+
+async def add_x509(
+    mon: Monitor,
+    pki_dir: Path,
+    base: Path,
+    obj_id: str,
+    endpoint: Endpoint,
+    user: QemuUser | None,
+) -> str:
+    """Create the ``tls-creds-x509`` object *obj_id* in QEMU; return its id.
+
+    *base* is a directory of the daemon's own (under the state directory).
+    """
+    staged = stage(pki_dir, base, obj_id, endpoint, user)
+    dir_fd = -1
+    fdset: int | None = None
+    try:
+        dir_fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        info = await mon.execute_with_fd("add-fd", {"opaque": f"tls {obj_id}"}, dir_fd)
+        fdset, qemu_fd = int(info["fdset-id"]), int(info["fd"])
+        with contextlib.suppress(VmferryError):
+            await mon.execute("object-del", {"id": obj_id})  # one left by a failed attempt
+        await mon.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": obj_id,
+                "dir": f"/proc/self/fd/{qemu_fd}",
+                "endpoint": endpoint,
+                "verify-peer": True,
+            },
+        )
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+        if fdset is not None and mon.connected:
+            with contextlib.suppress(VmferryError):
+                await mon.execute("remove-fd", {"fdset-id": fdset})
+        shutil.rmtree(staged, ignore_errors=True)
+    return obj_id
+
+
+async def remove_x509(mon: Monitor | None, obj_id: str) -> None:
+    """Delete the credentials object (nothing if QEMU is gone or never had it)."""
+    if mon is None or not mon.connected:
+        return
+    with contextlib.suppress(VmferryError):
+        await mon.execute("object-del", {"id": obj_id})
+
+
+def sweep(base: Path) -> None:
+    """Remove copies a crash left behind (the daemon calls it when it starts)."""
+    shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""TLS of the migration stream: the negotiation rules, the cookie part, QEMU's private copy."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration import tls
+from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.flags import MigrateFlags as F
+from vmferry.migration.params import MigrationParams, compression_method
+from vmferry.pki import init_pki
+from vmferry.qemu import tls_creds
+
+UUID = "11111111-2222-3333-4444-555555555555"
+HOST_A = "aaaaaaaa-2222-3333-4444-555555555555"
+HOST_B = "bbbbbbbb-2222-3333-4444-555555555555"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pki")
+    init_pki(path)
+    return path
+
+
+def setup(mode: str, pki_dir: Path | None) -> tls.TlsSetup:
+    return tls.TlsSetup(mode=mode, pki_dir=pki_dir)
+
+
+def offered(mode: str, pki_dir: Path | None, flags: F = F.LIVE) -> MigrationCookie:
+    cookie = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A)
+    tls.offer(setup(mode, pki_dir), flags, cookie)
+    # through XML, as the destination gets it
+    return parse_cookie(cookie.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_B)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "flags", "expected"),
+    [
+        (("off", True), ("off", True), F.LIVE, False),  # libvirt's default: only when asked
+        (("off", True), ("off", True), F.LIVE | F.TLS, True),
+        (("on", True), ("off", True), F.LIVE, True),  # "on" on either side, both with a PKI
+        (("off", True), ("on", True), F.LIVE, True),
+        (("on", False), ("on", True), F.LIVE, False),  # the source has no PKI
+        (("required", True), ("off", True), F.LIVE, True),
+        (("off", True), ("required", True), F.LIVE, True),
+        (("required", True), ("required", True), F.LIVE | F.TUNNELLED, False),  # daemons' TLS
+    ],
+)
+def test_decide(
+    pki: Path, src: tuple[str, bool], dst: tuple[str, bool], flags: F, expected: bool
+) -> None:
+    cookie = offered(src[0], pki if src[1] else None, flags)
+    assert tls.decide(setup(dst[0], pki if dst[1] else None), flags, cookie) is expected
+
+
+def test_required_refuses_in_both_directions(pki: Path) -> None:
+    # into a host that requires TLS, from a source without a PKI
+    with pytest.raises(VmferryError) as err:
+        tls.decide(setup("required", pki), F.LIVE, offered("off", None))
+    assert err.value.code == ErrorCode.TLS_REQUIRED
+    assert "destination" in err.value.message
+    # out of a host that requires TLS, to a destination without a PKI
+    with pytest.raises(VmferryError) as err:
+        tls.decide(setup("off", None), F.LIVE, offered("required", pki))
+    assert err.value.code == ErrorCode.TLS_REQUIRED
+    assert "source" in err.value.message
+    # a required source without a PKI refuses at Begin
+    with pytest.raises(VmferryError) as err:
+        offered("required", None)
+    assert err.value.code == ErrorCode.TLS_REQUIRED
+    # v2 (no cookie): --tls alone decides
+    with pytest.raises(VmferryError) as err:
+        tls.decide(setup("required", pki), F.LIVE, None)
+    assert err.value.code == ErrorCode.TLS_REQUIRED
+    assert tls.decide(setup("required", pki), F.LIVE | F.TLS, None) is True
+
+
+def test_follow_checks_the_answer(pki: Path) -> None:
+    answer = MigrationCookie(name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_use=False)
+    answer = parse_cookie(answer.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_A)
+    assert answer.tls_use is False
+    assert tls.follow(setup("off", pki), F.LIVE, answer) is False
+    with pytest.raises(VmferryError) as err:
+        tls.follow(setup("required", pki), F.LIVE, answer)
+    assert err.value.code == ErrorCode.TLS_REQUIRED
+    with pytest.raises(VmferryError):
+        tls.follow(setup("off", pki), F.LIVE | F.TLS, answer)  # asked, but not prepared
+    answer.tls_use = True
+    assert tls.follow(setup("off", pki), F.LIVE, answer) is True
+    with pytest.raises(VmferryError) as err:
+        tls.follow(setup("off", None), F.LIVE, answer)
+    assert err.value.code == ErrorCode.OPERATION_INVALID
+
+
+def test_tls_flag_needs_a_pki(tmp_path: Path) -> None:
+    with pytest.raises(VmferryError) as err:
+        offered("off", tmp_path, F.LIVE | F.TLS)  # a directory without the files
+    assert err.value.code == ErrorCode.OPERATION_INVALID
+    assert "pki init" in err.value.message
+
+
+@pytest.mark.parametrize("bad", ["<tls use='maybe'/>", "<tls mode='always'/>", "<tls pki=''/>"])
+def test_malformed_tls_cookie_part(bad: str) -> None:
+    text = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A).to_xml()
+    text = text.replace("</qemu-migration>", bad + "</qemu-migration>")
+    with pytest.raises(VmferryError) as err:
+        parse_cookie(text, name="g", uuid=UUID, local_hostuuid=HOST_B)
+    assert err.value.code == ErrorCode.INVALID_ARG
+
+
+def test_staged_copy_holds_only_the_endpoint_files(pki: Path, tmp_path: Path) -> None:
+    base = tmp_path / "qemu-tls"
+    server = tls_creds.stage(pki, base, "s", "server", None)
+    client = tls_creds.stage(pki, base, "c", "client", None)
+    assert sorted(os.listdir(server)) == ["ca-cert.pem", "server-cert.pem", "server-key.pem"]
+    assert sorted(os.listdir(client)) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
+    assert stat.S_IMODE(server.stat().st_mode) == 0o700
+    assert stat.S_IMODE((server / "server-key.pem").stat().st_mode) == 0o400
+    assert (server / "server-key.pem").read_bytes() == (pki / "server-key.pem").read_bytes()
+    assert not (client / "ca-key.pem").exists() and not (server / "ca-key.pem").exists()
+    with pytest.raises(VmferryError) as err:
+        tls_creds.stage(tmp_path / "nopki", base, "x", "server", None)
+    assert err.value.code == ErrorCode.OPERATION_FAILED
+    assert not (base / "x").exists()
+    tls_creds.sweep(base)
+    assert not base.exists()
+
+
+def test_compression_methods() -> None:
+    assert compression_method(F.LIVE, MigrationParams()) == ""
+    assert compression_method(F.LIVE | F.COMPRESSED, MigrationParams()) == "xbzrle"
+    assert compression_method(F.LIVE | F.COMPRESSED | F.PARALLEL, MigrationParams()) == "zstd"
+    with pytest.raises(VmferryError):
+        MigrationParams.from_dict({"compression": "lz4"})
+    with pytest.raises(VmferryError):
+        MigrationParams(compression="zstd").validate(F.LIVE)  # without --compressed
