@@ -26,6 +26,7 @@ from vmferry.api.models import (
 from vmferry.daemon.access import AccessPolicy, install_access
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
+from vmferry.daemon.metrics import Metrics, add_metrics_route, time_requests
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.errors import ErrorCode, VmferryError
@@ -60,9 +61,18 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
         GuardMiddleware, max_body_bytes=limits.max_body_bytes, idle_timeout=limits.idle_timeout
     )
 
+    # One registry per app: several daemons in one process keep their own figures.
+    metrics = Metrics()
+    app.state.metrics = metrics
+    metrics.domains = driver.domains
+    driver.on_job_wait = metrics.job_waited
+    migration.observe.metrics = metrics
+
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(migration))
+    add_metrics_route(app, metrics)
     install_access(app, access or AccessPolicy())
+    time_requests(app, metrics)
     return app
 
 

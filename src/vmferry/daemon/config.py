@@ -34,7 +34,7 @@ Every key is optional; an absent file means all defaults::
     tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
     admin_permissions = ["*"]                      # permission names or patterns
     readonly_permissions = ["api.read", "host.read", "domain.read",
-                            "domain.console", "events.read"]
+                            "domain.console", "events.read", "metrics.read"]
     readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
     audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
 
@@ -122,6 +122,7 @@ class AccessConfig:
             "domain.read",
             "domain.console",
             "events.read",
+            "metrics.read",
         ]
     )
     readonly_socket_group: str = ""

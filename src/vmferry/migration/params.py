@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry.domain.xml import _validate_name as validate_name
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import is_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.uri import check_host, parse_migration_uri
 
@@ -45,6 +46,8 @@ class MigrationParams:
     policy: str = ""
     downtime_target_ms: int = 0  # the contract: 0: none (QEMU's limit)
     deadline_s: float = 0.0  # the contract: complete within this long, else abort; 0: none
+    # one id per migration, in both daemons' logs and the client's (vmferry.logs)
+    migration_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,6 +174,8 @@ def _checked(key: str, value: Any) -> Any:
         parse_migration_uri(value)
     elif value and key == "listen_address":
         check_host(value, "listen address")
+    elif key == "migration_id" and value and not is_migration_id(value):
+        raise bad("must be 1-64 letters, digits, '.', '_', ':' or '-'")
     elif key == "dname" and value:
         try:
             validate_name(value)
