@@ -66,9 +66,9 @@ def summarize(text: str) -> dict[str, Any]:
         "vmferry_job_wait_seconds": "job_waits",
         "vmferry_api_request_duration_seconds": "api",
     }
-    for (base, labels), (count, total) in sorted(sums.items()):
+    for (base, pairs), (count, total) in sorted(sums.items()):
         if base in where and count:
-            out[where[base]].append({**dict(labels), **_timing(count, total)})
+            out[where[base]].append({**dict(pairs), **_timing(count, total)})
     out["api"].sort(key=lambda row: -row["count"])
     return out
 
