@@ -15,12 +15,14 @@ library and the CLI all use it, and the CLI must stay quick to import.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import json
 import logging
 import re
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 #: The migration the running code works for ("" if none).
@@ -48,6 +50,16 @@ def bind_migration(migration_id: str) -> str:
     """Log what the current task (and the tasks it spawns) does as part of *migration_id*."""
     _migration_id.set(migration_id)
     return migration_id
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """No migration id in the block, nor in the tasks it starts (they may outlive the migration)."""
+    token = _migration_id.set("")
+    try:
+        yield
+    finally:
+        _migration_id.reset(token)
 
 
 def current_migration() -> str:

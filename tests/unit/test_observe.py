@@ -253,3 +253,20 @@ def test_summary_of_the_exposition_text() -> None:
     table = render(summary)
     assert "  source       live      completed  1" in table
     assert "Domains:            running 1" in table
+
+
+def test_tasks_started_detached_do_not_carry_the_migration_id() -> None:
+    seen: list[str] = []
+
+    async def long_lived() -> None:
+        seen.append(logs.current_migration())
+
+    async def main() -> None:
+        logs.bind_migration("m1")
+        with logs.detached():
+            task = asyncio.create_task(long_lived())  # e.g. a QEMU monitor's reader
+        seen.append(logs.current_migration())
+        await task
+
+    asyncio.run(main())
+    assert seen == ["m1", ""]
