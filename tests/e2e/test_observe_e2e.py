@@ -126,3 +126,35 @@ def test_one_migration_followed_across_both_daemons(
     assert main(["-c", b.uri, "metrics"]) == 0
     table = capsys.readouterr().out
     assert re.search(r"^  destination +live +completed +1$", table, re.M), table
+
+
+@pytest.mark.qemu
+def test_the_destination_shows_the_policy_actions_too(
+    pair: tuple[Host, Host], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = pair
+    src, dst = (b, a) if "g1" in _names(b) else (a, b)
+    with src.client() as c:
+        before = wait_heartbeat(c, "g1")
+    argv = ["-c", src.uri, "migrate", "--live", "--verbose", "--downtime-target", "300"]
+    assert main([*argv, "g1", dst.uri]) == 0
+    out = capsys.readouterr().out
+    # The policy's first action (setting QEMU's limit to the target) as it happened.
+    assert re.search(r"^Migration: policy action t=\S+s it=\d+ downtime 300", out, re.M), out
+    with dst.client() as c:
+        check_continuity(before, wait_heartbeat(c, "g1", after=before))
+    shown = {}
+    for host in (src, dst):
+        assert main(["-c", host.uri, "domjobinfo", "--completed", "--json", "g1"]) == 0
+        shown[host.name] = json.loads(capsys.readouterr().out)["stats"]
+    sent, received = shown[src.name], shown[dst.name]
+    assert received["policy"] == sent["policy"] == "vmferry"
+    assert received["policy_actions"] == sent["policy_actions"] and sent["policy_actions"]
+    assert main(["-c", dst.uri, "domjobinfo", "--completed", "g1"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^Policy action: +t=\S+s it=\d+ downtime 300", text, re.M), text
+
+
+def _names(host: Host) -> list[str]:
+    with host.client() as c:
+        return [d.name for d in c.list_domains()]

@@ -270,3 +270,63 @@ def test_tasks_started_detached_do_not_carry_the_migration_id() -> None:
 
     asyncio.run(main())
     assert seen == ["m1", ""]
+
+
+# -- the policy's report in the cookie ----------------------------------------------------------
+
+
+def _cookie_with(policy: dict[str, Any]) -> Any:
+    from vmferry.migration.cookie import MigrationCookie
+
+    return MigrationCookie(
+        name="g1",
+        uuid="3f0e8a4e-8f5e-4a53-9b3e-2a8d3c9c6a11",
+        hostname="a",
+        hostuuid="11111111-1111-4111-8111-111111111111",
+        policy=policy,
+    )
+
+
+def _parsed(xml: str) -> Any:
+    from vmferry.migration.cookie import parse_cookie
+
+    return parse_cookie(
+        xml,
+        name="g1",
+        uuid="3f0e8a4e-8f5e-4a53-9b3e-2a8d3c9c6a11",
+        local_hostuuid="22222222-2222-4222-8222-222222222222",
+    )
+
+
+def test_the_policy_report_travels_in_the_cookie() -> None:
+    stats = {
+        "policy": "vmferry",
+        "policy_downtime_target_ms": 300,
+        "policy_actions": [{"t_s": 0.1, "iteration": 1, "action": "downtime", "value": 300}],
+        "data_processed": 5,  # not the policy's: QEMU's figures travel as <statistics>
+        "policy_nested": {"no": "objects"},
+    }
+    cookie = _parsed(_cookie_with(stats).to_xml())
+    assert cookie.policy == {
+        "policy": "vmferry",
+        "policy_downtime_target_ms": 300,
+        "policy_actions": [{"t_s": 0.1, "iteration": 1, "action": "downtime", "value": 300}],
+    }
+    assert _parsed(_cookie_with({}).to_xml()).policy == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", "[1, 2]", '{"policy_actions": "x"}', '{"policy": "' + "a" * 70000 + '"}'],
+)
+def test_a_malformed_policy_report_is_dropped(text: str) -> None:
+    from xml.sax.saxutils import escape
+
+    xml = (
+        _cookie_with({})
+        .to_xml()
+        .replace(
+            "</qemu-migration>", f"<vmferry-policy>{escape(text)}</vmferry-policy></qemu-migration>"
+        )
+    )
+    assert _parsed(xml).policy == {}
