@@ -19,7 +19,7 @@ from vmferry.api.models import HostInfo, JobStats
 from vmferry.client import migration_calls as mc
 from vmferry.client.aio import AsyncClient
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.logs import bind_migration, new_migration_id
+from vmferry.logs import bind_migration, current_migration, new_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.protocol import StepTimes, migrate_v2, migrate_v3
@@ -146,7 +146,8 @@ async def migrate(
     """Migrate *name* from *src*'s host to *dst*'s, the client running the protocol."""
     params = with_migration_id(params)
     params.validate(flags)
-    log.info("migrating %s from %s to %s", name, src.uri, dst.uri)
+    # The id in the text too: a program's own log format shows it without vmferry.logs.
+    log.info("migration %s: %s from %s to %s", params.migration_id, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
     async with contextlib.AsyncExitStack() as stack:
@@ -174,7 +175,7 @@ async def migrate(
         _completed_or_none(src, name),
     )
     report.stats = {**(source_job.stats if source_job else {}), **dest_job.stats}
-    log.info("migrated %s in %.3f s", name, report.wall_s)
+    log.info("migration %s: done in %.3f s", params.migration_id, report.wall_s)
     return report
 
 
@@ -206,7 +207,13 @@ async def migrate_p2p(
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
     params = with_migration_id(params)
     params.validate(flags)
-    log.info("migrating %s from %s to %s (peer-to-peer)", name, src.uri, dest_uri)
+    log.info(
+        "migration %s: %s from %s to %s (peer-to-peer)",
+        params.migration_id,
+        name,
+        src.uri,
+        dest_uri,
+    )
     started = time.perf_counter()
     async with _watch_progress(src, name, progress) as on_step:
         on_step("perform")
@@ -228,7 +235,7 @@ async def _watch_progress(
 
     def on_step(step: str) -> None:
         current["step"] = step
-        log.info("step %s", step)
+        log.info("migration %s: %s", current_migration(), step)
         if progress is not None:
             progress(step, None)
 
