@@ -32,11 +32,8 @@ def pair() -> Iterator[tuple[Host, Host]]:
 
 
 def _log_lines(host: Host) -> list[dict[str, Any]]:
-    lines = []
-    for text in host.log.read_text(errors="replace").splitlines():
-        if text.startswith("{"):
-            lines.append(json.loads(text))  # every line the daemon writes is one object
-    return lines
+    # Every line the daemon wrote is one JSON object (json.loads fails on anything else).
+    return [json.loads(text) for text in host.log.read_text().splitlines() if text.strip()]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

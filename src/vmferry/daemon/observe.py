@@ -95,7 +95,8 @@ class MigrationObserver:
         """
         if dom is not None and not first:
             self._bind_existing(side, dom)
-        log.info("%s %s of %s starts", side, phase, dom.name if dom is not None else "?")
+        what = dom.name if dom is not None else "an incoming domain"
+        log.info("%s %s of %s starts", side, phase, what)
         started = time.perf_counter()
         error: BaseException | None = None
         try:
