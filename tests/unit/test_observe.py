@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any, cast
@@ -330,3 +331,49 @@ def test_a_malformed_policy_report_is_dropped(text: str) -> None:
         )
     )
     assert _parsed(xml).policy == {}
+
+
+# -- what the CLI shows ------------------------------------------------------------------------
+
+
+def test_verbose_lines_show_the_id_each_steps_time_and_new_policy_actions() -> None:
+    from vmferry.api.models import JobStats
+    from vmferry.cli.progress import LineProgress
+
+    stream = io.StringIO()
+    view = LineProgress(stream)
+    view.start("m-42")
+    view("begin", None)
+    view("perform", None)
+    action = {"t_s": 0.5, "iteration": 1, "action": "downtime", "value": 300, "reason": "target"}
+    stats = {"data_total": 100, "data_remaining": 50, "policy_actions": [action]}
+    view("perform", JobStats(type="unbounded", stats=stats))
+    view("perform", JobStats(type="unbounded", stats=stats))  # the same action: once
+    later = {**action, "t_s": 2.0, "action": "throttle", "value": 40}
+    view.finish({"policy_actions": [action, later]})
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Migration id: m-42"
+    assert lines[1] == "Migration: begin"
+    assert re.fullmatch(r"Migration: begin took \d+ ms", lines[2])
+    actions = [x for x in lines if "policy action" in x]
+    assert actions == [
+        "Migration: policy action t=0.5s it=1 downtime 300 (target)",
+        "Migration: policy action t=2.0s it=1 throttle 40 (target)",
+    ]
+    assert re.fullmatch(r"Migration: perform took \d+ ms", lines[-2])
+
+
+def test_domjobinfo_completed_shows_id_steps_and_guest_downtime() -> None:
+    from vmferry.api.models import JobStats
+    from vmferry.cli.migrate_cmds import job_info
+
+    stats = {
+        "migration_id": "m-42",
+        "downtime_ms": 30,
+        "guest_downtime_ms": 41,
+        "destination_phases_ms": {"prepare": 410.4, "finish": 26.2},
+    }
+    text = job_info(JobStats(type="completed", stats=stats))
+    assert "Migration id:      m-42" in text
+    assert re.search(r"^Guest downtime: +41 +ms$", text, re.M)
+    assert re.search(r"^Destination steps: prepare 410 ms, finish 26 ms$", text, re.M)
