@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry.daemon.access import READ_ONLY_DEFAULT
 from vmferry.errors import ErrorCode, VmferryError
 
 
@@ -115,16 +116,7 @@ class AccessConfig:
     tls_admin: list[str] = field(default_factory=lambda: ["CN=*,O=vmferry"])
     tls_readonly: list[str] = field(default_factory=lambda: ["CN=*,OU=read-only,O=vmferry"])
     admin_permissions: list[str] = field(default_factory=lambda: ["*"])
-    readonly_permissions: list[str] = field(
-        default_factory=lambda: [
-            "api.read",
-            "host.read",
-            "domain.read",
-            "domain.console",
-            "events.read",
-            "metrics.read",
-        ]
-    )
+    readonly_permissions: list[str] = field(default_factory=lambda: list(READ_ONLY_DEFAULT))
     readonly_socket_group: str = ""
     audit_log: bool = True
 
