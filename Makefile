@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest test lint check demo bench faults clean
+.PHONY: deps venv guest test lint check demo bench faults clean install
 
 deps:
 	@bash scripts/install-deps.sh
@@ -66,3 +66,44 @@ faults: venv guest
 
 clean:
 	rm -rf build .demo
+
+# `make install` (as root): vmferry in its own virtualenv PREFIX, `vmferry`/`vmferryd` in BINDIR,
+# the systemd unit, a default SYSCONFDIR/vmferry/vmferryd.toml unless one exists, the state
+# directory and the images root. DESTDIR stages it all elsewhere (packaging, tests): the
+# installed scripts and the unit name the final paths. PIP_OPTS, e.g. `--no-deps
+# --no-build-isolation --no-index`, installs without a network. Then:
+#   systemctl daemon-reload && systemctl enable --now vmferryd
+PREFIX ?= /opt/vmferry
+BINDIR ?= /usr/local/bin
+SYSCONFDIR ?= /etc
+UNITDIR ?= /etc/systemd/system
+STATEDIR ?= /var/lib/vmferry/state
+IMAGESDIR ?= /var/lib/vmferry/images
+PYTHON ?= python3
+PIP_OPTS ?=
+
+install:
+	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 || { echo "make install: run as root (or set DESTDIR)"; exit 1; }
+	$(PYTHON) -m venv --clear $(DESTDIR)$(PREFIX)
+	@# Built from a copy: setuptools would write build/ and *.egg-info into the tree.
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  cp -r pyproject.toml src "$$tmp/" && rm -rf "$$tmp"/src/*.egg-info && \
+	  $(DESTDIR)$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check $(PIP_OPTS) "$$tmp"
+	@# A staged venv names DESTDIR in its scripts: point them at where it will live.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlI -- "$(DESTDIR)$(PREFIX)" $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg \
+	    | xargs -r sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g"; fi
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sfn $(PREFIX)/bin/vmferry $(DESTDIR)$(BINDIR)/vmferry
+	ln -sfn $(PREFIX)/bin/vmferryd $(DESTDIR)$(BINDIR)/vmferryd
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e "s|@PREFIX@|$(PREFIX)|g" -e "s|@SYSCONFDIR@|$(SYSCONFDIR)|g" \
+	    -e "s|@STATEDIR@|$(STATEDIR)|g" dist/systemd/vmferryd.service.in \
+	    > $(DESTDIR)$(UNITDIR)/vmferryd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vmferryd.service
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/vmferry
+	@# Never overwrite the admin's configuration.
+	test -e $(DESTDIR)$(SYSCONFDIR)/vmferry/vmferryd.toml || \
+	  install -m 0644 dist/vmferryd.toml $(DESTDIR)$(SYSCONFDIR)/vmferry/vmferryd.toml
+	install -d -m 0700 $(DESTDIR)$(STATEDIR)
+	install -d -m 0755 $(DESTDIR)$(IMAGESDIR)

@@ -120,6 +120,8 @@ def test_readonly_socket_reads_but_changes_nothing(root: Path) -> None:
             assert ro.dominfo("d1").state == "shutoff"
             assert "<name>d1</name>" in ro.dumpxml("d1")
             assert ro.host().hostname == "h"
+            # A monitoring agent needs no more than the read-only socket.
+            assert 'vmferry_domains{state="shutoff"} 1.0' in ro.metrics()
             with pytest.raises(VmferryError) as err:
                 ro.define(guest_xml("d2"))
             denied(err, "domain.define")
@@ -263,6 +265,9 @@ def test_tls_roles_allow_lists_and_crl(root: Path) -> None:
             with pytest.raises(VmferryError) as err:
                 ro.console("d1")  # taken away by readonly_permissions
             denied(err, "domain.console")
+            with pytest.raises(VmferryError) as err:
+                ro.metrics()  # not in this readonly_permissions either
+            denied(err, "metrics.read")
         # ?ro=1 caps even an admin certificate.
         with Client(f"tls://127.0.0.1:{ro_port}", pki_dir=ca) as capped:
             assert capped.dominfo("d1").name == "d1"

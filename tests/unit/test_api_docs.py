@@ -19,8 +19,8 @@ ROW = re.compile(r"^\| (GET|POST|PUT|DELETE|PATCH) \| (/\S+?)(?:\?\S*)? \|", re.
 
 def app_routes() -> set[tuple[str, str]]:
     # The routes are declared without touching the driver beyond its config.
-    driver = SimpleNamespace(config=DaemonConfig())
-    service = cast(MigrationService, SimpleNamespace(driver=driver))
+    driver = SimpleNamespace(config=DaemonConfig(), domains=lambda: iter(()))
+    service = cast(MigrationService, SimpleNamespace(driver=driver, observe=SimpleNamespace()))
     paths: dict[str, dict[str, Any]] = create_app(service).openapi()["paths"]
     return {(method.upper(), path) for path, ops in paths.items() for method in ops}
 

@@ -19,10 +19,11 @@ from typing import Any
 from vmferry.api.models import JobStats
 from vmferry.cli import format as fmt
 from vmferry.cli.context import Arg, Command, Context, arg
-from vmferry.cli.progress import View, open_view
+from vmferry.cli.progress import View, open_view, policy_action
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import new_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 
@@ -141,8 +142,10 @@ def summary(report: MigrationReport) -> str:
         ("Wall time", f"{report.wall_s:.2f} s"),
         ("QEMU time", _ms(stats, "total_time_ms")),
         ("Downtime", _ms(stats, "downtime_ms")),
-        ("Data moved", "-" if moved is None else pretty_bytes(int(moved))),
     ]
+    if stats.get("guest_downtime_ms") is not None:
+        pairs.append(("Guest downtime", _ms(stats, "guest_downtime_ms")))
+    pairs.append(("Data moved", "-" if moved is None else pretty_bytes(int(moved))))
     if steps:
         pairs.append(("Steps", steps))
     return "Migration: [100 %]\n" + fmt.fields(pairs)
@@ -189,9 +192,12 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
     flags, params = migration_request(args)
     if not ctx.uri:
         raise VmferryError(ErrorCode.INVALID_ARG, "no source vmferryd: use -c URI")
+    # Made here so that the view can show it before the first step: grep it in both daemons' logs.
+    params.migration_id = new_migration_id()
     # --json keeps stdout for exactly one document: progress goes to stderr then.
     stream = sys.stderr if args.json else sys.stdout
     with open_view(stream, verbose=args.verbose) as view:
+        view.start(params.migration_id)
         report = asyncio.run(_migrate(ctx, ctx.uri, args, flags, params, view))
         view.finish(report.stats)
     if args.json:
@@ -231,6 +237,7 @@ _JOB_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("setup_time_ms", "Setup time", "ms"),
     ("expected_downtime_ms", "Expected downtime", "ms"),
     ("downtime_ms", "Downtime", "ms"),
+    ("guest_downtime_ms", "Guest downtime", "ms"),
     ("total_time_ms", "Total time", "ms"),
     ("policy", "Policy", ""),
     ("policy_downtime_target_ms", "Downtime target", "ms"),
@@ -272,6 +279,8 @@ def job_info(job: JobStats) -> str:
     pairs = [("Job type", _capitalized(job.type))]
     if job.type == "none" and not job.stats:
         return _job_lines(pairs)
+    if job.stats.get("migration_id"):
+        pairs.append(("Migration id", str(job.stats["migration_id"])))
     if job.operation:
         pairs.append(("Operation", _capitalized(job.operation)))
     if job.phase and job.phase != "none":
@@ -279,21 +288,24 @@ def job_info(job: JobStats) -> str:
     for key, label, unit in _JOB_FIELDS:
         if job.stats.get(key) is not None:
             pairs.append((label, _job_value(job.stats[key], unit)))
+    for key, label in _PHASES:
+        phases = job.stats.get(key)
+        if isinstance(phases, Mapping) and phases:
+            pairs.append((label, _phase_times(phases)))
     for action in job.stats.get("policy_actions") or []:
-        pairs.append(("Policy action", _policy_action(action)))
+        pairs.append(("Policy action", policy_action(action)))
     if job.stats.get("error"):
         pairs.append(("Error message", str(job.stats["error"])))
     return _job_lines(pairs)
 
 
-def _policy_action(action: Mapping[str, Any]) -> str:
-    """One action of the convergence policy: ``t=3.1s it=4 throttle 60 (why)``."""
-    text = f"t={action.get('t_s', 0)}s it={action.get('iteration', 0)} {action.get('action', '?')}"
-    if "value" in action:
-        text += f" {action['value']}"
-    if action.get("skipped"):
-        return text + f" skipped: {action['skipped']}"
-    return text + (f" ({action['reason']})" if action.get("reason") else "")
+# Each side's step times (vmferry.daemon.observe), in the completed job's statistics.
+_PHASES = (("source_phases_ms", "Source steps"), ("destination_phases_ms", "Destination steps"))
+
+
+def _phase_times(phases: Mapping[str, Any]) -> str:
+    """``begin 12 ms, perform 840 ms, confirm 31 ms``."""
+    return ", ".join(f"{step} {float(ms):.0f} ms" for step, ms in phases.items())
 
 
 def cmd_domjobinfo(ctx: Context, args: argparse.Namespace) -> None:

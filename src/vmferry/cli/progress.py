@@ -10,6 +10,7 @@ draws the bar while the migration runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TextIO
@@ -73,6 +74,22 @@ def fields(step: str, stats: Mapping[str, Any] | None) -> dict[str, str]:
     }
 
 
+def policy_action(action: Mapping[str, Any]) -> str:
+    """One action of the convergence policy: ``t=3.1s it=4 throttle 60 (why)``."""
+    text = f"t={action.get('t_s', 0)}s it={action.get('iteration', 0)} {action.get('action', '?')}"
+    if "value" in action:
+        text += f" {action['value']}"
+    if action.get("skipped"):
+        return text + f" skipped: {action['skipped']}"
+    return text + (f" ({action['reason']})" if action.get("reason") else "")
+
+
+def new_actions(stats: Mapping[str, Any] | None, seen: int) -> list[Mapping[str, Any]]:
+    """The policy actions of *stats* after the first *seen* (the list only grows)."""
+    actions = (stats or {}).get("policy_actions") or []
+    return [a for a in actions[seen:] if isinstance(a, Mapping)]
+
+
 def line(step: str, stats: Mapping[str, Any] | None) -> str:
     """One plain progress line (``--verbose`` without a terminal)."""
     if not stats:
@@ -101,20 +118,52 @@ class NoProgress:
     def __call__(self, step: str, stats: JobStats | None) -> None:
         return None
 
+    def start(self, migration_id: str) -> None:
+        """The migration has this id (the one in both daemons' logs)."""
+        return None
+
     def finish(self, stats: Mapping[str, Any]) -> None:
         """Show the final figures (the last poll may be 0.5 s old, or never happened)."""
         return None
 
 
 class LineProgress(NoProgress):
-    """One line per step and per statistics update."""
+    """One line per step, per statistics update, per step's time and per policy action."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._step = ""
+        self._since = 0.0
+        self._actions = 0
+
+    def _write(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def start(self, migration_id: str) -> None:
+        self._write(f"Migration id: {migration_id}")
 
     def __call__(self, step: str, stats: JobStats | None) -> None:
-        self._stream.write(line(step, stats.stats if stats else None) + "\n")
-        self._stream.flush()
+        if stats is None:
+            self._step_done()
+            self._step, self._since = step, time.perf_counter()
+        self._write(line(step, stats.stats if stats else None))
+        self._show_actions(stats.stats if stats else None)
+
+    def finish(self, stats: Mapping[str, Any]) -> None:
+        self._step_done()
+        self._show_actions(stats)
+
+    def _step_done(self) -> None:
+        if self._step:
+            ms = (time.perf_counter() - self._since) * 1000
+            self._write(f"Migration: {self._step} took {ms:.0f} ms")
+        self._step = ""
+
+    def _show_actions(self, stats: Mapping[str, Any] | None) -> None:
+        for action in new_actions(stats, self._actions):
+            self._actions += 1
+            self._write(f"Migration: policy action {policy_action(action)}")
 
 
 class _TwoLineBar(Progress):
@@ -154,6 +203,7 @@ class BarProgress(NoProgress):
         )
         self._task = self._bar.add_task("migration", total=100, step="start")
         self._step = "start"
+        self._actions = 0
 
     def __enter__(self) -> BarProgress:
         self._bar.start()
@@ -167,14 +217,24 @@ class BarProgress(NoProgress):
     ) -> None:
         self._bar.stop()
 
+    def start(self, migration_id: str) -> None:
+        self.console.print(f"Migration id: {migration_id}", highlight=False)
+
     def __call__(self, step: str, stats: JobStats | None) -> None:
         self._step = step
         if stats is None or not stats.stats:
             self._bar.update(self._task, step=step)
         else:
             self._show(stats.stats)
+            self._show_actions(stats.stats)
         # Draw now: steps are often shorter than the bar's refresh period.
         self._bar.refresh()
+
+    def _show_actions(self, stats: Mapping[str, Any]) -> None:
+        # Printed above the bar, which keeps redrawing below them.
+        for action in new_actions(stats, self._actions):
+            self._actions += 1
+            self.console.print(f"policy action {policy_action(action)}", highlight=False)
 
     def finish(self, stats: Mapping[str, Any]) -> None:
         self._step = "done"

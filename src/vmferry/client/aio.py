@@ -182,6 +182,10 @@ class AsyncClient:
         """Serial console output captured since the domain started, from *offset* on."""
         return await self.run(calls.console(name, offset), request_timeout=request_timeout)
 
+    async def metrics(self, *, request_timeout: float | None = None) -> str:
+        """The daemon's Prometheus metrics, in the text exposition format."""
+        return await self.run(calls.metrics(), request_timeout=request_timeout)
+
     async def jobinfo(
         self, name: str, completed: bool = False, *, request_timeout: float | None = None
     ) -> JobStats:

@@ -31,6 +31,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 EVENTS_PATH = "/v1/events"
+METRICS_PATH = "/metrics"
 # The daemon answers a shutdown only once the guest is off: give it this
 # much longer than the guest's own timeout before giving up on the answer.
 SHUTDOWN_MARGIN = 30.0
@@ -50,6 +51,8 @@ class Call(Generic[T]):
     headers: dict[str, str] | None = None
     #: A streaming body instead of *body* (the tunnelled migration stream).
     content: AsyncIterable[bytes] | None = None
+    #: The answer is text (``/metrics``), given to *parse* as it is, not JSON.
+    text: bool = False
 
     def json_body(self) -> Any:
         return None if self.body is None else self.body.model_dump(mode="json")
@@ -76,6 +79,10 @@ _domain_list = TypeAdapter(list[DomainInfo])
 
 def host() -> Call[HostInfo]:
     return Call("GET", "/v1/host", model(HostInfo))
+
+
+def metrics() -> Call[str]:
+    return Call("GET", METRICS_PATH, str, text=True)
 
 
 def list_domains(all: bool = False) -> Call[list[DomainInfo]]:

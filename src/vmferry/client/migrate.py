@@ -10,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vmferry.api.models import HostInfo, JobStats
 from vmferry.client import migration_calls as mc
 from vmferry.client.aio import AsyncClient
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import bind_migration, current_migration, new_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.protocol import StepTimes, migrate_v2, migrate_v3
 
 ProgressCallback = Callable[[str, JobStats | None], None]
 PROGRESS_POLL_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -117,6 +121,16 @@ class MigrationReport:
     wall_s: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)
+    #: The id both daemons' log lines of this migration carry (``grep`` it).
+    migration_id: str = ""
+
+
+def with_migration_id(params: MigrationParams | None) -> MigrationParams:
+    """A copy of *params* with an id (a new one unless the caller chose it), bound for logging."""
+    params = replace(params or MigrationParams())
+    params.migration_id = params.migration_id or new_migration_id()
+    bind_migration(params.migration_id)
+    return params
 
 
 async def migrate(
@@ -130,13 +144,15 @@ async def migrate(
     progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Migrate *name* from *src*'s host to *dst*'s, the client running the protocol."""
-    params = params or MigrationParams()
+    params = with_migration_id(params)
     params.validate(flags)
     if flags & MigrateFlags.TUNNELLED:
         raise VmferryError(
             ErrorCode.INVALID_ARG,
             "a tunnelled migration is peer-to-peer: the daemons carry the stream (use --p2p)",
         )
+    # The id in the text too: a program's own log format shows it without vmferry.logs.
+    log.info("migration %s: %s from %s to %s", params.migration_id, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
     async with contextlib.AsyncExitStack() as stack:
@@ -153,7 +169,9 @@ async def migrate(
         async with _watch_progress(src, name, progress) as on_step:
             run = migrate_v3 if version == 3 else migrate_v2
             await run(source, dest, name, flags, params, on_step=on_step, times=times)
-    report = MigrationReport(wall_s=time.perf_counter() - started, steps=times.steps)
+    report = MigrationReport(
+        wall_s=time.perf_counter() - started, steps=times.steps, migration_id=params.migration_id
+    )
     # The destination knows both sides' figures (the source's came in the cookie).
     # Both at once: the destination knows the downtime the guest saw, the source
     # everything else (the policy's actions; all of it in v2, which has no cookies).
@@ -162,6 +180,7 @@ async def migrate(
         _completed_or_none(src, name),
     )
     report.stats = {**(source_job.stats if source_job else {}), **dest_job.stats}
+    log.info("migration %s: done in %.3f s", params.migration_id, report.wall_s)
     return report
 
 
@@ -191,14 +210,24 @@ async def migrate_p2p(
     progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
-    params = params or MigrationParams()
+    params = with_migration_id(params)
     params.validate(flags)
+    log.info(
+        "migration %s: %s from %s to %s (peer-to-peer)",
+        params.migration_id,
+        name,
+        src.uri,
+        dest_uri,
+    )
     started = time.perf_counter()
     async with _watch_progress(src, name, progress) as on_step:
         on_step("perform")
         result = await src.run(mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict()))
     return MigrationReport(
-        wall_s=time.perf_counter() - started, steps=result.steps, stats=result.stats
+        wall_s=time.perf_counter() - started,
+        steps=result.steps,
+        stats=result.stats,
+        migration_id=params.migration_id,
     )
 
 
@@ -211,6 +240,7 @@ async def _watch_progress(
 
     def on_step(step: str) -> None:
         current["step"] = step
+        log.info("migration %s: %s", current_migration(), step)
         if progress is not None:
             progress(step, None)
 

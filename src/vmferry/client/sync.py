@@ -108,6 +108,10 @@ class Client:
 
     # One line per API call; the requests themselves are in vmferry.client.calls.
 
+    def metrics(self, *, request_timeout: float | None = None) -> str:
+        """The daemon's Prometheus metrics, in the text exposition format."""
+        return self.run(calls.metrics(), request_timeout=request_timeout)
+
     def host(self, *, request_timeout: float | None = None) -> HostInfo:
         """The daemon's host: name, UUID, versions, features."""
         return self.run(calls.host(), request_timeout=request_timeout)

@@ -211,7 +211,7 @@ def read_answer(endpoint: Endpoint, call: Call[T], response: httpx.Response) -> 
     """The value of a complete (read) *response* to *call*, or the daemon's error."""
     check_status(endpoint, call.method, call.path, response)
     try:
-        return call.parse(response.json())
+        return call.parse(response.text if call.text else response.json())
     except ValueError as exc:  # also pydantic's ValidationError
         raise _garbled(endpoint, f"{call.method} {call.path}", exc) from exc
 

@@ -74,6 +74,7 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("GET", "/docs"): "api.read",
     ("GET", "/docs/oauth2-redirect"): "api.read",
     ("GET", "/redoc"): "api.read",
+    ("GET", "/metrics"): "metrics.read",
     ("GET", "/v1/host"): "host.read",
     ("GET", "/v1/events"): "events.read",
     ("GET", "/v1/domains"): "domain.read",
@@ -128,6 +129,7 @@ READ_ONLY_DEFAULT = (
     "domain.console",
     "events.read",
     "storage.read",
+    "metrics.read",
 )
 #: Certificates made by ``vmferry pki`` (``init``, ``client``) and ``client --read-only``.
 TLS_ADMIN_DEFAULT = ("CN=*,O=vmferry",)
@@ -216,7 +218,7 @@ class AccessPolicy:
 
 # Templates without parameters first, so /v1/domains/create is not taken for {name}.
 _COMPILED = [
-    (method, compile_path(path)[0], perm)
+    (method, compile_path(path)[0], perm, path)
     for (method, path), perm in sorted(PERMISSIONS.items(), key=lambda item: "{" in item[0][1])
 ]
 
@@ -224,10 +226,19 @@ _COMPILED = [
 def route_permission(method: str, path: str) -> tuple[str | None, str]:
     """The permission of a request and the domain it names; None for no known route."""
     method = "GET" if method == "HEAD" else method
-    for route_method, regex, perm in _COMPILED:
+    for route_method, regex, perm, _ in _COMPILED:
         if route_method == method and (match := regex.match(path)):
             return perm, match.groupdict().get("name", "")
     return None, ""
+
+
+def route_template(method: str, path: str) -> str | None:
+    """The route *path* is a call of (``/v1/domains/{name}``); None for no known route."""
+    method = "GET" if method == "HEAD" else method
+    for route_method, regex, _, template in _COMPILED:
+        if route_method == method and regex.match(path):
+            return template
+    return None
 
 
 def check_routes(app: FastAPI) -> None:

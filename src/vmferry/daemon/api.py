@@ -27,6 +27,7 @@ from vmferry.api.models import (
 from vmferry.daemon.access import AccessPolicy, install_access
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
+from vmferry.daemon.metrics import Metrics, add_metrics_route, time_requests
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.daemon.storage import StorageService
@@ -66,10 +67,19 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
         streamed_uploads=re.compile(UPLOAD_PATH),
     )
 
+    # One registry per app: several daemons in one process keep their own figures.
+    metrics = Metrics()
+    app.state.metrics = metrics
+    metrics.domains = driver.domains
+    driver.on_job_wait = metrics.job_waited
+    migration.observe.metrics = metrics
+
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(migration))
     app.include_router(storage_routes(StorageService(driver)))
+    add_metrics_route(app, metrics)
     install_access(app, access or AccessPolicy())
+    time_requests(app, metrics)
     return app
 
 

@@ -34,7 +34,7 @@ Every key is optional; an absent file means all defaults::
     tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
     admin_permissions = ["*"]                      # permission names or patterns
     readonly_permissions = ["api.read", "host.read", "domain.read",
-                            "domain.console", "events.read", "storage.read"]
+                            "domain.console", "events.read", "storage.read", "metrics.read"]
     readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
     audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
 
@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmferry.daemon.access import READ_ONLY_DEFAULT
 from vmferry.domain.storage_names import check_pool_name
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.storage.pool import PoolConfig
@@ -124,16 +125,7 @@ class AccessConfig:
     tls_admin: list[str] = field(default_factory=lambda: ["CN=*,O=vmferry"])
     tls_readonly: list[str] = field(default_factory=lambda: ["CN=*,OU=read-only,O=vmferry"])
     admin_permissions: list[str] = field(default_factory=lambda: ["*"])
-    readonly_permissions: list[str] = field(
-        default_factory=lambda: [
-            "api.read",
-            "host.read",
-            "domain.read",
-            "domain.console",
-            "events.read",
-            "storage.read",
-        ]
-    )
+    readonly_permissions: list[str] = field(default_factory=lambda: list(READ_ONLY_DEFAULT))
     readonly_socket_group: str = ""
     audit_log: bool = True
 

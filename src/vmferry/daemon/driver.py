@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,6 +104,8 @@ class Driver:
         self.last_completed: dict[str, dict[str, Any]] = {}
         # where each outgoing migration went, by domain uuid (persisted: recovery asks there)
         self.migration_peers: dict[str, MigrationPeer] = {}
+        #: (job, seconds) after each wait for a domain's job: the metrics of the daemon's app.
+        self.on_job_wait: Callable[[str, float], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._job_hooks: JobHooks | None = None  # the migration service, once composed
 
@@ -215,9 +217,14 @@ class Driver:
             save_status=self._save_status,
         )
         dom.job.on_change = dom.save
+        dom.job.on_wait = self._job_waited
         self._domains[definition.uuid] = dom
         self.last_completed.pop(definition.name, None)
         return dom
+
+    def _job_waited(self, job: str, seconds: float) -> None:
+        if self.on_job_wait is not None:
+            self.on_job_wait(job, seconds)
 
     def remove(self, dom: QemuDomain) -> None:
         if dom.completed_job:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vmferry import trace
+from vmferry import logs, trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.config import DaemonConfig, load_config
@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "or unix://",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.LOG_FORMATS,
+        help="text lines (default) or one JSON object per line; a migration's lines carry "
+        "its id either way",
+    )
     return p.parse_args(argv)
 
 
@@ -180,9 +187,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format)
     try:
         asyncio.run(run(args))
     except VmferryError as err:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
 from vmferry.api.models import JobStats, MigrationResult
 from vmferry.daemon import migrate_disks
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.observe import DESTINATION, SOURCE, MigrationObserver, bind_params
 from vmferry.daemon.peer_client import ClientConnector, check_peer_uri
 from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.domain.xml import parse_domain_xml
@@ -63,6 +64,7 @@ class MigrationService:
         self.insecure = False  # vmferryd --insecure: plain tcp:// and unix:// peers allowed
         self._peers = ClientConnector(driver.config)
         self._postcopy_watch = PostcopyWatch(self)
+        self.observe = MigrationObserver()  # step times, results, the id in the logs
         driver.set_job_hooks(self)
         confine = driver.lifecycle.confine
         self._tls = TlsSetup(
@@ -238,26 +240,31 @@ class MigrationService:
     ) -> tuple[str, str]:
         """Begin on this, the source host (of a post-copy resume with ``POSTCOPY_RESUME``)."""
         if flags & MigrateFlags.POSTCOPY_RESUME:
-            return await source.begin_resume(self, dom, flags, params, session=session)
-        return await source.begin(self, dom, flags, params, session=session)
+            with self.observe.step(SOURCE, "begin", dom):
+                return await source.begin_resume(self, dom, flags, params, session=session)
+        bind_params(params)
+        with self.observe.step(SOURCE, "begin", dom, flags=int(flags), first=True):
+            return await source.begin(self, dom, flags, params, session=session)
 
     async def source_perform(
         self, dom: QemuDomain, cookie: str, uri: str, *, tunnel: Sender | None = None
     ) -> str:
         """Perform (or its resume); watches a migration that switched to post-copy."""
-        if _resuming(dom, AsyncJob.MIGRATION_OUT):
-            return await source.perform_resume(self, dom, cookie, uri)
-        out = await source.perform3(self, dom, cookie, uri, tunnel=tunnel)
+        with self.observe.step(SOURCE, "perform", dom):
+            if _resuming(dom, AsyncJob.MIGRATION_OUT):
+                return await source.perform_resume(self, dom, cookie, uri)
+            out = await source.perform3(self, dom, cookie, uri, tunnel=tunnel)
         if postcopy.in_postcopy(dom):
             self._postcopy_watch.watch(dom)  # from the switch-over on, until the job ends
         return out
 
     async def source_confirm(self, dom: QemuDomain, cookie: str, *, cancelled: bool) -> None:
         """Confirm (or its resume); watches a post-copy migration that failed."""
-        if _resuming(dom, AsyncJob.MIGRATION_OUT):
-            await source.confirm_resume(self, dom, cookie, cancelled=cancelled)
-        else:
-            await source.confirm3(self, dom, cookie, cancelled=cancelled)
+        with self.observe.step(SOURCE, "confirm", dom, final=True, cancelled=cancelled):
+            if _resuming(dom, AsyncJob.MIGRATION_OUT):
+                await source.confirm_resume(self, dom, cookie, cancelled=cancelled)
+            else:
+                await source.confirm3(self, dom, cookie, cancelled=cancelled)
         if dom.job.async_job == AsyncJob.MIGRATION_OUT and postcopy.failed(dom):
             self._postcopy_watch.watch(dom)
 
@@ -284,12 +291,19 @@ class MigrationService:
         """``migrate/prepare``: Prepare3 or Prepare2 on the destination; (URI, cookie)."""
         mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
+        bind_params(mparams)
         self.migration_address(mparams.listen_address)  # refused before anything is made
         if mflags & MigrateFlags.POSTCOPY_RESUME:
-            return await destination.prepare_resume(
+            with self.observe.step(DESTINATION, "prepare", find=self._incoming(xml, mparams)):
+                return await destination.prepare_resume(
+                    self, xml, cookie, mflags, mparams, session=session
+                )
+        with self.observe.step(
+            DESTINATION, "prepare", find=self._incoming(xml, mparams), flags=flags, first=True
+        ):
+            uri, out = await destination.prepare(
                 self, xml, cookie, mflags, mparams, session=session
             )
-        uri, out = await destination.prepare(self, xml, cookie, mflags, mparams, session=session)
         self._reap_unclaimed(xml, mparams)
         return uri, out
 
@@ -315,6 +329,17 @@ class MigrationService:
                 else:
                     # The client left while Perform ran: nobody will Finish or Confirm.
                     self.spawn(self.session_lost(dom))
+
+    def _incoming(self, xml: str, params: MigrationParams) -> Callable[[], QemuDomain | None]:
+        """The domain a Prepare of *xml* made (None if there is none, e.g. it failed)."""
+
+        def find() -> QemuDomain | None:
+            try:
+                return self.lookup(params.dname or parse_domain_xml(xml).name)
+            except VmferryError:
+                return None
+
+        return find
 
     def _reap_unclaimed(self, xml: str, params: MigrationParams) -> None:
         """Destroy an incoming migration nobody claims within ``[migration] prepare_timeout``.
@@ -378,21 +403,26 @@ class MigrationService:
         dom = self.lookup(name)
         mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
+        bind_params(mparams)
         if peer_uri:
             await self.check_peer(peer_uri, "peer")
             self._record_peer(dom, peer_uri, "", dname=mparams.dname)
         else:
             self.migration_peers.pop(dom.uuid, None)
-        await source.perform2(self, dom, uri, mflags, mparams)
+        with self.observe.step(SOURCE, "perform", dom, flags=flags, first=True, final=True):
+            await source.perform2(self, dom, uri, mflags, mparams)
 
     async def migrate_finish(self, name: str, cookie: str | None, cancelled: bool, v3: bool) -> str:
         """``migrate/finish``: Finish3 or Finish2 on the destination; the cookie out."""
         dom = self.lookup(name)
         try:
-            if _resuming(dom, AsyncJob.MIGRATION_IN):
-                _, out = await destination.finish_resume(self, dom, cookie, cancelled=cancelled)
-            else:
-                _, out = await destination.finish(self, name, cookie, cancelled=cancelled, v3=v3)
+            with self.observe.step(DESTINATION, "finish", dom, final=True, cancelled=cancelled):
+                if _resuming(dom, AsyncJob.MIGRATION_IN):
+                    _, out = await destination.finish_resume(self, dom, cookie, cancelled=cancelled)
+                else:
+                    _, out = await destination.finish(
+                        self, name, cookie, cancelled=cancelled, v3=v3
+                    )
         except VmferryError:
             if dom.job.async_job == AsyncJob.MIGRATION_IN and postcopy.failed(dom):
                 self._postcopy_watch.watch(dom)  # QEMU may still complete it unattended
@@ -421,6 +451,7 @@ class MigrationService:
         """Run the whole protocol from here against the destination daemon (p2p)."""
         mflags = parse_flags(flags)
         mparams = MigrationParams.from_dict(params)
+        bind_params(mparams)  # before the destination's Prepare: it carries the id there
         times = await p2p.migrate(self, name, dest_uri, mflags, mparams)
         return MigrationResult(steps=times.steps, stats=self._completed_stats(name))
 

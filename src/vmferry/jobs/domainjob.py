@@ -85,6 +85,8 @@ class DomainJob:
         self.domain = domain
         self.wait_timeout = wait_timeout
         self.on_change = on_change
+        #: Called with (job name, seconds waited) after every wait for the job (metrics).
+        self.on_wait: Callable[[str, float], None] | None = None
         # sync job
         self._job = Job.NONE
         self._job_api = ""
@@ -476,6 +478,8 @@ class DomainJob:
     ) -> None:
         """Wait until *ready()*, at most :attr:`wait_timeout` seconds in total."""
         if ready():
+            if self.on_wait is not None:
+                self.on_wait(str(requested), 0.0)
             return
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -496,6 +500,8 @@ class DomainJob:
                 raise err from None
         finally:
             self._waiting -= 1
+            if self.on_wait is not None:
+                self.on_wait(str(requested), loop.time() - start)
 
     def _refuse_nested(self, what: str, api: str) -> None:
         # Waiting for a job this very task holds would only end in the timeout.

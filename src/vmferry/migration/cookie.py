@@ -16,11 +16,14 @@ only, in range; a malformed statistic is dropped, as libvirt does).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Any
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
@@ -132,6 +135,9 @@ class MigrationCookie:
     tls_pki: bool | None = None  # the sender has a PKI
     tls_mode: str = ""  # the sender's [migration] tls
     tls_use: bool | None = None  # Prepare: the stream is encrypted by QEMU
+    #: vmferry's own part: the convergence policy's report (``policy*`` job statistics and
+    #: its actions), so the destination's ``domjobinfo --completed`` shows them too
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def to_xml(self) -> str:
         """libvirt's cookie XML; statistics not in :data:`STAT_NAMES` are left out."""
@@ -170,6 +176,9 @@ class MigrationCookie:
             caps = ET.SubElement(root, "capabilities")
             for cap, auto in sorted(self.capabilities.items()):
                 ET.SubElement(caps, "cap", name=cap, auto="yes" if auto else "no")
+        report = policy_report(self.policy)
+        if report:
+            ET.SubElement(root, POLICY_TAG).text = json.dumps(report, separators=(",", ":"))
         return ET.tostring(root, encoding="unicode")
 
 
@@ -207,6 +216,9 @@ def parse_cookie(text: str, *, name: str, uuid: str, local_hostuuid: str) -> Mig
     stats = root.find("statistics")
     if stats is not None:
         cookie.statistics = _parse_statistics(stats)
+    policy = root.find(POLICY_TAG)
+    if policy is not None:
+        cookie.policy = _parse_policy(policy.text or "")
     caps = root.find("capabilities")
     if caps is not None:
         for cap in caps.findall("cap"):
@@ -215,6 +227,57 @@ def parse_cookie(text: str, *, name: str, uuid: str, local_hostuuid: str) -> Mig
                 raise _invalid("missing migration capability name in migration cookie")
             cookie.capabilities[cap_name] = cap.get("auto") == "yes"
     return cookie
+
+
+#: vmferry's policy report: JSON text (libvirt ignores a part it does not know).
+POLICY_TAG = "vmferry-policy"
+MAX_POLICY_BYTES = 64 * 1024
+MAX_POLICY_ACTIONS = 256
+_MAX_POLICY_TEXT = 500
+
+
+def _scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= _MAX_POLICY_TEXT
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, bool | int)
+
+
+def policy_report(stats: dict[str, Any]) -> dict[str, Any]:
+    """The ``policy*`` entries of job *stats* that may travel: scalars, and the actions.
+
+    Anything else (a nested value, an oversized string, too many actions) is left out,
+    when sent as when received: a malformed report is dropped, as libvirt drops a
+    malformed statistic.
+    """
+    out: dict[str, Any] = {}
+    for key, value in stats.items():
+        if not isinstance(key, str) or not key.startswith("policy") or len(key) > 64:
+            continue
+        if key == "policy_actions":
+            if isinstance(value, list) and len(value) <= MAX_POLICY_ACTIONS:
+                actions = [
+                    {str(k): v for k, v in a.items() if len(str(k)) <= 64 and _scalar(v)}
+                    for a in value
+                    if isinstance(a, dict)
+                ]
+                out[key] = actions
+        elif _scalar(value):
+            out[key] = value
+    return out
+
+
+def _parse_policy(text: str) -> dict[str, Any]:
+    if len(text) > MAX_POLICY_BYTES:
+        log.debug("dropping an oversized policy report from a migration cookie")
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        log.debug("dropping a malformed policy report from a migration cookie")
+        return {}
+    return policy_report(data) if isinstance(data, dict) else {}
 
 
 def _parse_xml(text: str) -> ET.Element:

@@ -355,6 +355,8 @@ def _completed_here(
     """
     sent = dict(cookie.statistics) if cookie is not None else {}
     stats: dict[str, Any] = from_cookie(sent)
+    if cookie is not None:
+        stats.update(cookie.policy)  # the source's convergence policy and its actions
     stats["status"] = MigrationStatus.COMPLETED.value
     # libvirt's cookie times: ms since the epoch, 0 when not set
     if sent.get("stopped"):

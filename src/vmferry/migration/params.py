@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry.domain.xml import _validate_name as validate_name
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import is_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.uri import check_host, parse_migration_uri
 
@@ -51,6 +52,8 @@ class MigrationParams:
     # the disks a storage migration copies, by target ("vda,vdb"); "": every writable
     # non-shared disk (libvirt's migrate_disks)
     migrate_disks: str = ""
+    # one id per migration, in both daemons' logs and the client's (vmferry.logs)
+    migration_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +254,8 @@ def _checked(key: str, value: Any) -> Any:
         targets = value.split(",")
         if not all(_DISK_TARGET.fullmatch(t) for t in targets) or len(set(targets)) != len(targets):
             raise bad("must be distinct disk targets separated by commas (vda,vdb)")
+    elif key == "migration_id" and value and not is_migration_id(value):
+        raise bad("must be 1-64 letters, digits, '.', '_', ':' or '-'")
     elif key == "dname" and value:
         try:
             validate_name(value)

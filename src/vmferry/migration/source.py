@@ -36,7 +36,7 @@ from vmferry.migration import policy as mpolicy
 from vmferry.migration import postcopy, storage
 from vmferry.migration import tls as mtls
 from vmferry.migration import tunnel as mtunnel
-from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.cookie import MigrationCookie, parse_cookie, policy_report
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost, PerformLimits
 from vmferry.migration.params import MigrationParams
@@ -183,6 +183,7 @@ async def perform3(
     dom.job.set_phase(MigrationPhase.PERFORM3_DONE)
     cookie = _cookie(host, dom)
     cookie.statistics = _sent_statistics(dom)
+    cookie.policy = policy_report(dom.migration.stats)  # the actions, for Finish to show
     if flags & MigrateFlags.PERSIST_DEST and dom.persistent is not None:
         cookie.persistent_xml = format_domain_xml(dom.persistent, migratable=True)
         cookie.mandatory.append("persistent")

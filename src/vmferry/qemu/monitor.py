@@ -33,7 +33,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from vmferry import trace
+from vmferry import logs, trace
 from vmferry.errors import ErrorCode, VmferryError
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,12 @@ class Monitor:
             in time (e.g. another client holds its monitor);
             ``OPERATION_FAILED`` when the connection fails.
         """
+        # The monitor's tasks outlive the migration that may start this QEMU: not its log lines.
+        with logs.detached():
+            return await cls._connect(socket_path, name=name, timeout=timeout)
+
+    @classmethod
+    async def _connect(cls, socket_path: Path, *, name: str, timeout: float) -> Monitor:
         client = QMPClient(name or None)
         # The built-in all-events listener would keep every event forever.
         client.events.event_filter = lambda _event: False
