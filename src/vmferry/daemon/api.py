@@ -28,6 +28,8 @@ from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
+from vmferry.daemon.verbs import DomainVerbs
+from vmferry.daemon.verbs_api import verb_routes
 from vmferry.errors import ErrorCode, VmferryError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
 
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(migration))
+    app.include_router(verb_routes(DomainVerbs(driver)))
     install_access(app, access or AccessPolicy())
     return app
 
