@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vmferry.api.models import DomainInfo
 from vmferry.cli import format as fmt
-from vmferry.cli import migrate_cmds
+from vmferry.cli import migrate_cmds, verbs
 from vmferry.cli.context import Command, Context, arg
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -243,6 +243,7 @@ COMMANDS: tuple[Command, ...] = (
         json=True,
     ),
     *migrate_cmds.COMMANDS,
+    *verbs.COMMANDS,
     Command(
         "pki init",
         "create a CA and the server and client certificates in DIR",

@@ -10,8 +10,12 @@ from vmferry.api.models import ERROR_RESPONSES, DomainInfo
 from vmferry.api.verbs import AutostartBody, DomainStats, InterfaceInfo, MemoryRequest, VncDisplay
 from vmferry.daemon.verbs import DomainVerbs
 
-#: Most names one domstats call may list (each is looked up).
-MAX_STATS_NAMES = 1024
+#: Longest ``names`` list of one domstats call (each name is looked up).
+MAX_STATS_QUERY = 64 * 1024
+
+
+def _split(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
 
 
 def verb_routes(verbs: DomainVerbs) -> APIRouter:
@@ -48,9 +52,10 @@ def verb_routes(verbs: DomainVerbs) -> APIRouter:
 
     @r.get("/domstats")
     async def domstats(
-        name: Annotated[list[str] | None, Query(max_length=MAX_STATS_NAMES)] = None,
-        group: Annotated[list[str] | None, Query(max_length=16)] = None,
+        names: Annotated[str, Query(max_length=MAX_STATS_QUERY)] = "",
+        groups: Annotated[str, Query(max_length=256)] = "",
     ) -> DomainStats:
-        return DomainStats(domains=await verbs.stats(name or [], group or []))
+        # Comma-separated: domain names and UUIDs have no commas (vmferry.domain.xml).
+        return DomainStats(domains=await verbs.stats(_split(names), _split(groups)))
 
     return r
