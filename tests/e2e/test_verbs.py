@@ -101,6 +101,7 @@ def test_domstats(host: DiskHost) -> None:
         assert before["block.0.path"].endswith("vda.img")
         for key in ("rd.reqs", "rd.bytes", "wr.reqs", "wr.bytes", "fl.reqs"):
             assert isinstance(before[f"block.0.{key}"], int)
+        assert before["block.0.rd.bytes"] > 0  # the guest kernel read its partition table
         assert before["cpu.time"] > 0
         assert not any(k.startswith("migration.") for k in before)  # no migration running
         # the guest keeps running: its QEMU burns CPU time
