@@ -17,6 +17,7 @@ from vmferry.client import AsyncClient, Client
 from vmferry.client.migrate import migrate
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
 from vmferry.testguest import check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
 
@@ -265,3 +266,39 @@ def test_autostart_skips_a_domain_that_migrated_away(fresh_pair: tuple[Host, Hos
     with b.client() as d:
         assert d.domstate("mig").state == "running"
     assert os.path.exists(a.state_dir / "autostart" / "mig")
+
+
+def test_during_a_migration_changes_wait_and_queries_pass(pair: tuple[Host, Host]) -> None:
+    """setmem is refused with the lock error while the guest migrates; domstats shows the
+    migration; the balloon target set before moves with the guest."""
+    a, b = pair
+    with a.client() as c:
+        c.create(verbs_xml("mv"))
+        before = wait_heartbeat(c, "mv")
+        c.set_memory("mv", 128 * MIB)
+
+    async def run() -> None:
+        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
+            hop = asyncio.create_task(
+                migrate(s, d, "mv", MigrateFlags.LIVE, MigrationParams(bandwidth_mib_s=1))
+            )
+            deadline = time.monotonic() + 60
+            stats: dict[str, object] = {}
+            while stats.get("migration.status") != "active":  # the job starts at Begin
+                assert time.monotonic() < deadline and not hop.done(), stats
+                await asyncio.sleep(0.1)
+                stats = (await s.domstats(["mv"], ["migration"]))["mv"]
+            assert isinstance(stats["migration.data_total"], int) and stats["migration.data_total"]
+            with pytest.raises(VmferryError) as err:
+                await s.set_memory("mv", 96 * MIB)
+            assert err.value.code == ErrorCode.OPERATION_TIMEOUT
+            assert "cannot acquire state change lock" in err.value.message
+            await s.set_speed("mv", 0)  # let it finish
+            await hop
+
+    asyncio.run(run())
+    with b.client() as d:
+        check_continuity(before, wait_heartbeat(d, "mv", after=before))
+        stats = d.domstats(["mv"], ["balloon"])["mv"]
+        assert (stats["balloon.target"], stats["balloon.maximum"]) == (128 * MIB, MEMORY_MIB * MIB)
+        d.destroy("mv")
