@@ -140,7 +140,7 @@ def test_setmem_and_setmaxmem(host: DiskHost) -> None:
         # setmaxmem: never live on QEMU; --config changes the definition only
         with pytest.raises(VmferryError) as err:
             c.set_max_memory("v1", 256 * MIB)
-        assert err.value.code == ErrorCode.OPERATION_UNSUPPORTED
+        assert err.value.code == ErrorCode.OPERATION_INVALID
         c.set_max_memory("v1", 192 * MIB, config=True)
         c.set_memory("v1", 144 * MIB, config=True)
         inactive = c.dumpxml("v1", inactive=True)

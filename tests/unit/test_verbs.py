@@ -282,7 +282,7 @@ async def test_setmem_sets_the_balloon_and_the_live_definition(tmp_path: Path) -
     assert err.value.code == ErrorCode.INVALID_ARG
     with pytest.raises(VmferryError) as err:
         await verbs.set_max_memory(dom, MemoryRequest(size_kib=524288))
-    assert err.value.code == ErrorCode.OPERATION_UNSUPPORTED
+    assert err.value.code == ErrorCode.OPERATION_INVALID
     # --config lowers <currentMemory> with the new maximum, leaves the running guest
     await verbs.set_max_memory(dom, MemoryRequest(size_kib=65536, config=True))
     assert dom.persistent is not None and dom.persistent.memory_kib == 65536
@@ -298,7 +298,7 @@ async def test_setmem_without_balloon_and_reboot_without_acpi(tmp_path: Path) ->
     assert "balloon" in err.value.message
     with pytest.raises(VmferryError) as err:
         await verbs.reboot(dom)
-    assert err.value.code == ErrorCode.OPERATION_UNSUPPORTED and "ACPI" in err.value.message
+    assert err.value.code == ErrorCode.OPERATION_INVALID and "ACPI" in err.value.message
     dom.definition.features.acpi = True
     await verbs.reboot(dom)
     assert dom.fake_reboot and mon.commands() == ["system_powerdown"]

@@ -46,7 +46,7 @@ class DomainVerbs:
                 raise _invalid(f"domain '{dom.name}' is not running (it is {dom.state})")
             if not dom.definition.features.acpi:
                 raise VmferryError(
-                    ErrorCode.OPERATION_UNSUPPORTED,
+                    ErrorCode.OPERATION_INVALID,
                     f"domain '{dom.name}' has no ACPI (<features><acpi/>): "
                     "it cannot be asked to reboot; use reset",
                 )
@@ -121,7 +121,7 @@ class DomainVerbs:
             live, config = self._targets(dom, req)
             if live:
                 raise VmferryError(
-                    ErrorCode.OPERATION_UNSUPPORTED,
+                    ErrorCode.OPERATION_INVALID,
                     f"cannot resize the maximum memory of running domain '{dom.name}' "
                     "(use --config, effective at its next start)",
                 )
