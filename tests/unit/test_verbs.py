@@ -22,7 +22,9 @@ from vmferry.client.calls import Call
 from vmferry.daemon import autostart
 from vmferry.daemon.access import READ_ONLY_DEFAULT, route_permission
 from vmferry.daemon.autostart import Autostart
+from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.host import HostIdentity
 from vmferry.daemon.state import StateDir
 from vmferry.daemon.verbs import DomainVerbs
 from vmferry.domain.model import DiskDef, DomainDef, InterfaceDef
@@ -334,3 +336,21 @@ def test_autostart_flags_persist_and_run_once_per_boot(
     assert third.first_start_this_boot() is False  # a daemon restart
     boot.write_text("two\n")  # a host reboot
     assert third.first_start_this_boot() is True
+
+
+async def test_a_requested_reboot_survives_a_daemon_restart(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "s")
+    state.ensure()
+    driver = Driver(state, DaemonConfig(), HostIdentity("h", "u"))
+    verbs, dom, mon = _domain(tmp_path)
+    dom.definition.features.acpi = True
+    dom.save_status = driver._save_status
+    await verbs.reboot(dom)
+    assert driver.status_of(dom)["fake_reboot"] is True
+    assert state.read_json(state.status_path("vm1"))["fake_reboot"] is True
+    # QEMU refusing the power button: no reboot left pending
+    mon.fail("system_powerdown")
+    with pytest.raises(VmferryError):
+        await verbs.reboot(dom)
+    assert dom.fake_reboot is False
+    assert state.read_json(state.status_path("vm1"))["fake_reboot"] is False

@@ -274,6 +274,7 @@ class Driver:
             "job": dom.job.to_status(),
             "migration": bookkeeping(dom),
             "peer": peer.to_dict() if peer is not None else None,
+            "fake_reboot": dom.fake_reboot,
             "xml": self._live_xml(dom.definition),
         }
 
@@ -428,6 +429,7 @@ class Driver:
         dom.state = state
         dom.reason = str(status.get("reason", "unknown"))
         dom.run_id = run_id
+        dom.fake_reboot = status.get("fake_reboot") is True  # a reboot asked before the restart
         # Back in memory before anything saves the status again: a second crash during
         # recovery must find the same job, bookkeeping and peer.
         try:

@@ -51,10 +51,12 @@ class DomainVerbs:
                     "it cannot be asked to reboot; use reset",
                 )
             dom.fake_reboot = True
+            dom.save()  # persisted first: a restarted daemon still reboots it (libvirt too)
             try:
                 await mon.execute("system_powerdown")
             except BaseException:
                 dom.fake_reboot = False
+                dom.save()
                 raise
         return dom
 
