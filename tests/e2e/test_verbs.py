@@ -178,7 +178,7 @@ def _wait_new_boot(c: Client, name: str, old_boot: str, timeout: float = 90.0) -
 
 
 def test_reset_and_reboot(host: DiskHost) -> None:
-    with host.client() as c:
+    with host.client() as c, host.client() as watcher, watcher.events() as events:
         run_id = c.dominfo("v1").id
         boot = wait_heartbeat(c, "v1").boot
         c.reset("v1")
@@ -189,6 +189,25 @@ def test_reset_and_reboot(host: DiskHost) -> None:
         # the same QEMU all along (a fake reboot), running again
         info = c.dominfo("v1")
         assert (info.id, info.state, info.reason) == (run_id, "running", "booted")
+        # the events: reset; then the guest's power-off, the pause it leaves, the reset (the
+        # firmware may reset the machine once more on its own: "reboot guest")
+        want = [
+            ("reboot", "host"),
+            ("shutdown", "guest"),
+            ("suspended", "shutting-down"),
+            ("reboot", "host"),
+        ]
+        seen = []
+        for event in events:
+            if event.domain == "v1" and (event.type, event.reason) != ("reboot", "guest"):
+                seen.append((event.type, event.reason))
+            if len(seen) == len(want):
+                break
+        assert seen == want
+    # both were audited
+    log = host.log.read_text()
+    for verb in ("reset", "reboot"):
+        assert f"POST /v1/domains/v1/{verb} domain=v1 status=200" in log
 
 
 def _restart(h: Host, *, new_boot: bool) -> None:
