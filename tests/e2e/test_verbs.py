@@ -155,8 +155,8 @@ def test_setmem_and_setmaxmem(host: DiskHost) -> None:
         c.set_memory("v1", MEMORY_MIB * MIB, live=True)
 
 
-def test_setmem_needs_a_balloon() -> None:
-    with hosts(1) as (h,), h.client() as c:
+def test_setmem_needs_a_balloon_and_currentmemory_starts_ballooned(host: DiskHost) -> None:
+    with host.client() as c:
         c.create(guest_xml("nb"))  # memballoon none
         with pytest.raises(VmferryError) as err:
             c.set_memory("nb", 64 * MIB)
@@ -164,6 +164,21 @@ def test_setmem_needs_a_balloon() -> None:
         with pytest.raises(VmferryError) as err:
             c.set_autostart("nb")
         assert err.value.code == ErrorCode.OPERATION_INVALID and "transient" in err.value.message
+        c.destroy("nb")
+        # <currentMemory> below <memory>: the daemon sets the balloon's target at start
+        memory = f"<memory unit='MiB'>{MEMORY_MIB}</memory>"
+        xml = verbs_xml("cm")
+        assert memory in xml
+        c.create(xml.replace(memory, f"{memory}<currentMemory unit='MiB'>120</currentMemory>"))
+        wait_heartbeat(c, "cm")
+        info = c.dominfo("cm")
+        assert (info.state, info.memory_kib, info.max_memory_kib) == (
+            "running",
+            120 * MIB,
+            MEMORY_MIB * MIB,
+        )
+        assert c.domstats(["cm"], ["balloon"])["cm"]["balloon.target"] == 120 * MIB
+        c.destroy("cm")
 
 
 def _wait_new_boot(c: Client, name: str, old_boot: str, timeout: float = 90.0) -> str:
