@@ -48,6 +48,7 @@ class DomainInfo(BaseModel):
     memory_kib: int
     vcpus: int
     domain_type: str = "qemu"
+    autostart: bool = False
     job: JobInfo = Field(default_factory=JobInfo)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vmferry.api.models import DomainInfo
 from vmferry.cli import format as fmt
-from vmferry.cli import migrate_cmds, observe_cmds, storage_cmds
+from vmferry.cli import migrate_cmds, observe_cmds, storage_cmds, verbs
 from vmferry.cli.context import Command, Context, arg
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -245,6 +245,7 @@ COMMANDS: tuple[Command, ...] = (
     *migrate_cmds.COMMANDS,
     *storage_cmds.COMMANDS,
     *observe_cmds.COMMANDS,
+    *verbs.COMMANDS,
     Command(
         "pki init",
         "create a CA and the server and client certificates in DIR",

@@ -111,6 +111,7 @@ def domain_info(dom: DomainInfo) -> str:
         ("Max memory", f"{dom.max_memory_kib} KiB"),
         ("Used memory", f"{dom.memory_kib} KiB"),
         ("Persistent", _yes_no(dom.persistent)),
+        ("Autostart", "enable" if dom.autostart else "disable"),  # virsh's words
     ]
     job = dom.job
     if job.job != "none":

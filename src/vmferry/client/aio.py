@@ -6,10 +6,10 @@ awaited.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,9 +23,11 @@ from vmferry.api.models import (
     JobStats,
 )
 from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
+from vmferry.api.verbs import InterfaceInfo, VncDisplay
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
+from vmferry.client import verb_calls as vc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -185,6 +187,69 @@ class AsyncClient:
     async def metrics(self, *, request_timeout: float | None = None) -> str:
         """The daemon's Prometheus metrics, in the text exposition format."""
         return await self.run(calls.metrics(), request_timeout=request_timeout)
+    # The verbs beyond the life cycle: the requests are in vmferry.client.verb_calls.
+
+    async def reboot(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Ask the guest to reboot (ACPI); returns once asked, the guest may ignore it."""
+        return await self.run(vc.reboot(name), request_timeout=request_timeout)
+
+    async def reset(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Reset the machine at once, like its reset button."""
+        return await self.run(vc.reset(name), request_timeout=request_timeout)
+
+    async def set_autostart(
+        self, name: str, enabled: bool = True, *, request_timeout: float | None = None
+    ) -> DomainInfo:
+        """Start the persistent domain when the daemon starts (once per host boot), or not."""
+        return await self.run(vc.autostart(name, enabled), request_timeout=request_timeout)
+
+    async def set_memory(
+        self,
+        name: str,
+        size_kib: int,
+        *,
+        live: bool = False,
+        config: bool = False,
+        request_timeout: float | None = None,
+    ) -> DomainInfo:
+        """``setmem``: the balloon target (live) and/or ``<currentMemory>`` (config), KiB."""
+        call = vc.set_memory(name, size_kib, live=live, config=config)
+        return await self.run(call, request_timeout=request_timeout)
+
+    async def set_max_memory(
+        self,
+        name: str,
+        size_kib: int,
+        *,
+        live: bool = False,
+        config: bool = False,
+        request_timeout: float | None = None,
+    ) -> DomainInfo:
+        """``setmaxmem``: ``<memory>`` in KiB; only of the persistent definition."""
+        call = vc.set_max_memory(name, size_kib, live=live, config=config)
+        return await self.run(call, request_timeout=request_timeout)
+
+    async def interfaces(
+        self, name: str, *, request_timeout: float | None = None
+    ) -> list[InterfaceInfo]:
+        """``domiflist``: the domain's network interfaces."""
+        return await self.run(vc.interfaces(name), request_timeout=request_timeout)
+
+    async def vncdisplay(self, name: str, *, request_timeout: float | None = None) -> VncDisplay:
+        """Where the running domain's VNC server listens."""
+        return await self.run(vc.vncdisplay(name), request_timeout=request_timeout)
+
+    async def domstats(
+        self,
+        names: Sequence[str] = (),
+        groups: Sequence[str] = (),
+        *,
+        request_timeout: float | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Statistics by domain name (all domains if *names* is empty; all groups if empty)."""
+        return await self.run(vc.domstats(names, groups), request_timeout=request_timeout)
+
+    # Migration jobs: the requests are in vmferry.client.migration_calls.
 
     async def jobinfo(
         self, name: str, completed: bool = False, *, request_timeout: float | None = None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
@@ -18,9 +18,11 @@ from vmferry.api.models import (
     JobStats,
 )
 from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
+from vmferry.api.verbs import InterfaceInfo, VncDisplay
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
+from vmferry.client import verb_calls as vc
 from vmferry.client.calls import Call
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
@@ -181,6 +183,66 @@ class Client:
     ) -> ConsoleOutput:
         """Serial console output captured since the domain started, from *offset* on."""
         return self.run(calls.console(name, offset), request_timeout=request_timeout)
+
+    # The verbs beyond the life cycle: the requests are in vmferry.client.verb_calls.
+
+    def reboot(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Ask the guest to reboot (ACPI); returns once asked, the guest may ignore it."""
+        return self.run(vc.reboot(name), request_timeout=request_timeout)
+
+    def reset(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
+        """Reset the machine at once, like its reset button."""
+        return self.run(vc.reset(name), request_timeout=request_timeout)
+
+    def set_autostart(
+        self, name: str, enabled: bool = True, *, request_timeout: float | None = None
+    ) -> DomainInfo:
+        """Start the persistent domain when the daemon starts (once per host boot), or not."""
+        return self.run(vc.autostart(name, enabled), request_timeout=request_timeout)
+
+    def set_memory(
+        self,
+        name: str,
+        size_kib: int,
+        *,
+        live: bool = False,
+        config: bool = False,
+        request_timeout: float | None = None,
+    ) -> DomainInfo:
+        """``setmem``: the balloon target (live) and/or ``<currentMemory>`` (config), KiB."""
+        call = vc.set_memory(name, size_kib, live=live, config=config)
+        return self.run(call, request_timeout=request_timeout)
+
+    def set_max_memory(
+        self,
+        name: str,
+        size_kib: int,
+        *,
+        live: bool = False,
+        config: bool = False,
+        request_timeout: float | None = None,
+    ) -> DomainInfo:
+        """``setmaxmem``: ``<memory>`` in KiB; only of the persistent definition."""
+        call = vc.set_max_memory(name, size_kib, live=live, config=config)
+        return self.run(call, request_timeout=request_timeout)
+
+    def interfaces(self, name: str, *, request_timeout: float | None = None) -> list[InterfaceInfo]:
+        """``domiflist``: the domain's network interfaces."""
+        return self.run(vc.interfaces(name), request_timeout=request_timeout)
+
+    def vncdisplay(self, name: str, *, request_timeout: float | None = None) -> VncDisplay:
+        """Where the running domain's VNC server listens."""
+        return self.run(vc.vncdisplay(name), request_timeout=request_timeout)
+
+    def domstats(
+        self,
+        names: Sequence[str] = (),
+        groups: Sequence[str] = (),
+        *,
+        request_timeout: float | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Statistics by domain name (all domains if *names* is empty; all groups if empty)."""
+        return self.run(vc.domstats(names, groups), request_timeout=request_timeout)
 
     # Migration jobs: the requests are in vmferry.client.migration_calls.
 

@@ -32,6 +32,8 @@ from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
 from vmferry.daemon.storage import StorageService
 from vmferry.daemon.storage_api import UPLOAD_PATH, storage_routes
+from vmferry.daemon.verbs import DomainVerbs
+from vmferry.daemon.verbs_api import verb_routes
 from vmferry.errors import ErrorCode, VmferryError
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
     app.include_router(migration_routes(migration))
     app.include_router(storage_routes(StorageService(driver)))
     add_metrics_route(app, metrics)
+    app.include_router(verb_routes(DomainVerbs(driver)))
     install_access(app, access or AccessPolicy())
     time_requests(app, metrics)
     return app

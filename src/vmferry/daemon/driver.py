@@ -20,6 +20,7 @@ import defusedxml.ElementTree as SafeET
 
 from vmferry import __version__, failpoints
 from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
+from vmferry.daemon.autostart import Autostart
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
@@ -85,6 +86,7 @@ class Driver:
         self.config = config
         self.host = host
         self.events = EventBus()
+        self.autostart = Autostart(state)
         self._domains: dict[str, QemuDomain] = {}  # by uuid
         self.lifecycle = Lifecycle(
             paths_for=self._paths_for,
@@ -129,6 +131,7 @@ class Driver:
 
     def unpersist_definition(self, dom: QemuDomain) -> None:
         self.state.remove(self.state.definition_path(dom.name))
+        self.autostart.set(dom.name, False)  # libvirt drops the autostart link with it
         dom.persistent = None
         dom.save()
 
@@ -288,6 +291,7 @@ class Driver:
             "job": dom.job.to_status(),
             "migration": bookkeeping(dom),
             "peer": peer.to_dict() if peer is not None else None,
+            "fake_reboot": dom.fake_reboot,
             "xml": self._live_xml(dom.definition),
         }
 
@@ -318,6 +322,8 @@ class Driver:
             self.remove(dom)
         else:
             dom.definition = dom.persistent
+            # it runs elsewhere now: no autostart here until it is started here again
+            self.autostart.note(dom.name, migrated=dom.reason == ShutoffReason.MIGRATED)
 
     def _emit(self, dom: QemuDomain, kind: EventType, reason: str, detail: dict[str, Any]) -> None:
         self.events.publish(
@@ -342,6 +348,7 @@ class Driver:
         """
         failpoints.load_from_env()  # a typo in a failpoint must stop the daemon here
         self.state.ensure()
+        self.autostart.load()
         for name in self.state.list_definitions():
             self._load_definition(name)
         for name in self.state.list_statuses():
@@ -439,6 +446,7 @@ class Driver:
         dom.state = state
         dom.reason = str(status.get("reason", "unknown"))
         dom.run_id = run_id
+        dom.fake_reboot = status.get("fake_reboot") is True  # a reboot asked before the restart
         # Back in memory before anything saves the status again: a second crash during
         # recovery must find the same job, bookkeeping and peer.
         try:
@@ -500,8 +508,7 @@ class Driver:
             features=["migration-v2", "migration-v3", "migration-p2p", "migration-offline"],
         )
 
-    @staticmethod
-    def info(dom: QemuDomain) -> DomainInfo:
+    def info(self, dom: QemuDomain) -> DomainInfo:
         d = dom.definition
         return DomainInfo(
             name=d.name,
@@ -515,6 +522,7 @@ class Driver:
             memory_kib=d.current_memory_kib,
             vcpus=d.vcpus,
             domain_type=d.type,
+            autostart=self.autostart.enabled(d.name),
             job=JobInfo(**dom.job.info()),
         )
 
@@ -567,6 +575,7 @@ class Driver:
                     ErrorCode.OPERATION_INVALID, f"cannot undefine transient domain '{dom.name}'"
                 )
             self.state.remove(self.state.definition_path(dom.name))
+            self.autostart.set(dom.name, False)
             dom.persistent = None
             if not dom.active and dom.job.async_job == "none":
                 self.remove(dom)
@@ -604,11 +613,13 @@ class Driver:
     async def start(self, dom: QemuDomain) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "start"):
             await self.lifecycle.start(dom)
+        self.autostart.note(dom.name, migrated=False)
         return dom
 
     async def shutdown(self, dom: QemuDomain, timeout: float) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "shutdown"):
             mon = dom.require_monitor()
+            dom.fake_reboot = False  # a shutdown after a reboot request means off (libvirt)
             await mon.execute("system_powerdown")
         if not await dom.wait_for(lambda: not dom.active, timeout):
             raise VmferryError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from vmferry import logs, trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
+from vmferry.daemon.autostart import autostart_domains
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import install_log_rate_limit
@@ -145,6 +146,13 @@ def confinement(
     )
 
 
+async def _autostart(driver: Driver) -> None:
+    try:
+        await autostart_domains(driver)
+    except Exception:  # never stops the daemon
+        log.exception("autostart failed")
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     install_log_rate_limit(config.limits.error_log_interval)
@@ -165,6 +173,8 @@ async def run(args: argparse.Namespace) -> None:
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()
+    # after restart recovery; in the background, so a slow guest does not hold the listeners
+    driver.spawn(_autostart(driver))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

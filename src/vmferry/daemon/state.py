@@ -114,6 +114,10 @@ class StateDir:
         self.config_dir = self.root / "qemu"
         self.run_dir = self.root / "run"
         self.log_dir = self.root / "log"
+        # one empty file per autostarted domain (libvirt's autostart/NAME.xml links)
+        self.autostart_dir = self.root / "autostart"
+        # the boot id of the host boot whose autostart already ran (libvirt's /run marker)
+        self.autostarted_marker = self.run_dir / "autostarted"
 
     def __repr__(self) -> str:
         return f"StateDir({str(self.root)!r})"
@@ -134,7 +138,7 @@ class StateDir:
             )
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for sub in (self.config_dir, self.run_dir, self.log_dir):
+            for sub in (self.config_dir, self.run_dir, self.log_dir, self.autostart_dir):
                 sub.mkdir(mode=0o700, exist_ok=True)
                 os.chmod(sub, 0o700)
         except OSError as exc:
@@ -156,6 +160,9 @@ class StateDir:
             return path
         digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_LEN]
         return self.run_dir / f".{digest}.qmp"
+
+    def autostart_path(self, name: str) -> Path:
+        return self.autostart_dir / check_name(name)
 
     def qemu_log(self, name: str) -> Path:
         return self.log_dir / f"{check_name(name)}.log"

@@ -72,5 +72,6 @@ class EventType(StrEnum):
     RESUMED = "resumed"
     STOPPED = "stopped"
     SHUTDOWN = "shutdown"
+    REBOOT = "reboot"  # the guest was reset (reboot, reset, or the guest itself)
     MIGRATION_ITERATION = "migration-iteration"
     JOB_COMPLETED = "job-completed"

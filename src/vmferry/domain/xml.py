@@ -36,11 +36,10 @@ from vmferry.domain.model import (
     OsDef,
 )
 from vmferry.domain.storage_names import check_pool_name, check_volume_name
+from vmferry.domain.units import MAX_MEMORY_KIB, unit_scale
 from vmferry.errors import ErrorCode, VmferryError
 
 MAX_XML_BYTES = 1024 * 1024
-#: Upper bound for memory (1 PiB), so absurd values fail here and not in QEMU.
-MAX_MEMORY_KIB = 1 << 40
 MAX_VCPUS = 4096
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
@@ -50,9 +49,6 @@ _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _QEMU_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TARGET_DEV_RE = re.compile(r"(vd|sd|hd)([a-z]{1,3})")
 _BUS_BY_PREFIX = {"vd": "virtio", "sd": "sata", "hd": "ide"}
-
-# libvirt's virScaleInteger: k/KiB are 1024, KB is 1000, and so on.
-_UNIT_POWER = {"k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def _xml_error(message: str) -> VmferryError:
@@ -166,15 +162,9 @@ def parse_memory(value: str, unit: str | None, what: str) -> int:
     number = value.strip()
     if not re.fullmatch(r"[0-9]+", number):
         raise _xml_error(f"invalid {what} '{value}': expected a non-negative integer")
-    lowered = (unit or "KiB").lower()
-    if lowered in ("b", "byte", "bytes"):
-        scale = 1
-    else:
-        power = _UNIT_POWER.get(lowered[:1])
-        rest = lowered[1:]
-        if power is None or rest not in ("", "ib", "b"):
-            raise _xml_error(f"unknown unit '{unit}' for {what} (use b, KB, KiB, MB, MiB, ...)")
-        scale = (1000 if rest == "b" else 1024) ** power
+    scale = unit_scale(unit or "KiB")
+    if scale is None:
+        raise _xml_error(f"unknown unit '{unit}' for {what} (use b, KB, KiB, MB, MiB, ...)")
     kib = -(-int(number) * scale // 1024)
     if kib <= 0:
         raise _xml_error(f"{what} must be greater than zero")

@@ -243,6 +243,16 @@ def _serial_args(serial: CharDef, console_log: Path, passed: PassedFiles | None)
     ]
 
 
+def disk_device_id(disk: DiskDef, *, q35: bool) -> str:
+    """The QEMU device id of *disk* (libvirt's names; query-blockstats reports it)."""
+    index = disk_index(disk.target_dev)
+    if disk.target_bus == "virtio":
+        return f"virtio-disk{index}"
+    if disk.target_bus == "ide":
+        return f"ide0-{index // 2}-{index % 2}"
+    return f"sata0-0-{index}"
+
+
 def _disk_args(
     disk: DiskDef,
     *,
@@ -305,15 +315,14 @@ def _disk_args(
             args += ["-blockdev", json.dumps(protocol), "-blockdev", json.dumps(fmt)]
         props.insert(0, f"drive={format_node(disk.target_dev)}")
 
+    dev_id = disk_device_id(disk, q35=q35)
     if disk.target_bus == "virtio":
-        driver, where, dev_id = "virtio-blk-pci", "", f"virtio-disk{index}"
+        driver, where = "virtio-blk-pci", ""
     else:
         driver = "ide-cd" if disk.device == "cdrom" else "ide-hd"
         if disk.target_bus == "ide":
             where = f"bus=ide.{index // 2},unit={index % 2}"
-            dev_id = f"ide0-{index // 2}-{index % 2}"
         else:
             where = f"bus={'ide' if q35 else 'sata0'}.{index}"
-            dev_id = f"sata0-0-{index}"
     device = ",".join(p for p in (driver, where, *props, f"id={dev_id}") if p)
     return [*args, "-device", device]

@@ -75,6 +75,9 @@ class QemuDomain:
     # the reason the next STOP/RESUME event should carry (libvirt's "pausedReason" bookkeeping)
     pending_pause_reason: str = ""
     pending_resume_reason: str = ""
+    # reboot asked the guest to power off: start it again in the same QEMU (libvirt's fakeReboot)
+    fake_reboot: bool = False
+    resets: int = 0  # RESET events seen from this QEMU
     # set while the daemon itself stops QEMU, so the exit is not taken for a crash
     stopping: bool = False
     # client session bound to this domain (Prepare's caller: libvirt's autodestroy)

@@ -182,6 +182,12 @@ class Lifecycle:
                 "migrate-set-capabilities",
                 {"capabilities": [{"capability": "events", "state": True}]},
             )
+            d = dom.definition
+            ballooned = d.devices.memballoon == "virtio" and d.current_memory_kib < d.memory_kib
+            if ballooned and not incoming:
+                # <currentMemory> below <memory>: the balloon's target (libvirt's
+                # qemuProcessSetupBalloon); an incoming guest's comes with the stream.
+                await mon.execute("balloon", {"value": d.current_memory_kib * 1024})
             if incoming:
                 dom.set_state(DomainState.PAUSED, PausedReason.MIGRATION)
                 self._emit(dom, EventType.STARTED, "migrated", {})
@@ -294,10 +300,41 @@ class Lifecycle:
     def _shutdown_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
         # -no-shutdown keeps QEMU around after a guest poweroff; on_poweroff decides.
         self._emit(dom, EventType.SHUTDOWN, "guest" if data.get("guest") else "host", {})
+        if dom.fake_reboot:
+            dom.fake_reboot = False
+            dom.pending_pause_reason = PausedReason.SHUTTING_DOWN
+            self._spawn(self._fake_reboot(dom))
+            return
         if dom.definition.on_poweroff == "preserve":
             return
         dom.stopping = True
         self._spawn(self.stop(dom, ShutoffReason.SHUTDOWN))
+
+    async def _fake_reboot(self, dom: QemuDomain) -> None:
+        """The guest powered off for a reboot: reset it and run it again in the same QEMU.
+
+        libvirt's qemuProcessFakeReboot: QEMU runs with -no-shutdown, so the powered-off
+        machine waits for a reset; ``cont`` is refused until QEMU has done it (RESET event).
+        """
+        mon = dom.monitor
+        if mon is None:
+            return
+        try:
+            before = dom.resets
+            await mon.execute("system_reset")
+            if not await dom.wait_for(lambda: dom.resets > before, 10.0):
+                raise VmferryError(ErrorCode.OPERATION_FAILED, "QEMU did not reset the guest")
+            dom.pending_resume_reason = RunningReason.BOOTED
+            await mon.execute("cont")
+        except VmferryError as err:
+            if dom.stopping or dom.monitor is None:
+                return  # destroyed meanwhile
+            log.error("domain %s: cannot reboot after its power-off: %s", dom.name, err.message)
+            await self.stop(dom, ShutoffReason.SHUTDOWN)
+
+    def _reset_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        dom.resets += 1
+        self._emit(dom, EventType.REBOOT, "guest" if data.get("guest") else "host", {})
 
     def _migration_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
         status = MigrationStatus.of(data)
@@ -461,6 +498,7 @@ _EVENT_HANDLERS: dict[str, _EventHandler] = {
     "STOP": Lifecycle._stop_event,
     "RESUME": Lifecycle._resume_event,
     "SHUTDOWN": Lifecycle._shutdown_event,
+    "RESET": Lifecycle._reset_event,
     "MIGRATION": Lifecycle._migration_event,
     "MIGRATION_PASS": Lifecycle._migration_pass_event,
 }
