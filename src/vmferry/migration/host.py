@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from vmferry.migration.flags import MigrateFlags
     from vmferry.migration.params import MigrationParams
     from vmferry.migration.peer_probe import MigrationPeer
+    from vmferry.migration.policy.contract import ConvergenceDefaults
     from vmferry.migration.postcopy_watch import PostcopyWatch
     from vmferry.migration.protocol import DestinationSide
 
@@ -125,6 +126,11 @@ class MigrationHost(Protocol):
 
     @property
     def perform_limits(self) -> PerformLimits: ...
+
+    @property
+    def convergence(self) -> ConvergenceDefaults:
+        """``[migration] downtime_target_ms``, ``deadline_s``, ``policy``: the default contract."""
+        ...
 
     async def stream_uri(self, uri: str) -> str:
         """*uri* checked (only ``tcp:`` to allowed networks) and as QEMU must get it."""

@@ -143,6 +143,7 @@ async def perform3(
                 flags,
                 dom.migration.params or MigrationParams(),
                 host.perform_limits,
+                host.convergence,
             )
     except BaseException:
         await restore_source(dom, flags)
@@ -188,7 +189,7 @@ async def perform2(
     dom.save()  # recovery needs was_running
     try:
         await failpoint("src-perform2-before")
-        await _run(dom, uri, flags, params, host.perform_limits)
+        await _run(dom, uri, flags, params, host.perform_limits, host.convergence)
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -206,8 +207,13 @@ async def _run(
     flags: MigrateFlags,
     params: MigrationParams,
     limits: PerformLimits | None = None,
+    convergence: mpolicy.ConvergenceDefaults | None = None,
 ) -> None:
-    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end."""
+    """libvirt's qemuMigrationSrcRun: apply parameters, migrate, wait for the end.
+
+    *convergence*: the daemon's default contract, for a live migration that
+    does not name all of its own (None: only the request's).
+    """
     mon = dom.require_monitor()
     dom.migration.status = MigrationStatus.SETUP
     dom.migration.iteration = 0
@@ -215,7 +221,9 @@ async def _run(
     dom.migration.stopped = 0.0
     await mparams.apply(mon, params, flags, source=True)
     # The convergence policy's own settings; it may switch the migration to post-copy.
-    await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
+    await mpolicy.prepare(
+        dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
+    )
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
@@ -426,6 +434,7 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     if mon is None or not mon.connected:
         return
     try:
+        await mpolicy.restore(dom)  # the policy's settings, kept after a completed wait
         await mparams.reset(mon, flags, source=True)
     except VmferryError as err:
         # Not a reason to leave the guest paused: the next migration sets them again.
@@ -463,6 +472,7 @@ async def confirm3(
     api: str = "migrate-confirm",
 ) -> None:
     """Kill the source after a successful Finish, or resume it when the migration was cancelled."""
+    arrived = time.time()  # before anything else: the guest-visible downtime ends before it
     phase = MigrationPhase.CONFIRM3_CANCELLED if cancelled else MigrationPhase.CONFIRM3
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, phase, api)
     host.unbind_session(dom)
@@ -478,7 +488,7 @@ async def confirm3(
             cookie = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
             )
-            dom.completed_job = completed_stats(dom, cookie.statistics)
+            dom.completed_job = completed_stats(dom, cookie.statistics, arrived=arrived)
         if cancelled:
             await restore_source(dom, flags)
         else:
@@ -508,6 +518,7 @@ async def complete_outgoing(host: MigrationHost, dom: QemuDomain, flags: Migrate
     """The guest runs on the destination now: stop it here and drop what must go."""
     if dom.completed_job is None:
         dom.completed_job = completed_stats(dom, {})
+    mpolicy.forget(dom)
     if dom.active:
         await host.lifecycle.stop(dom, ShutoffReason.MIGRATED)
     if flags & MigrateFlags.UNDEFINE_SOURCE and dom.persistent is not None:
@@ -600,6 +611,7 @@ async def confirm_resume(
     api: str = "migrate-confirm",
 ) -> None:
     """The resumed migration completed there: kill the source; else back to postcopy_failed."""
+    arrived = time.time()
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.CONFIRM_RESUME, api)
     host.unbind_session(dom)
     if cancelled:
@@ -609,7 +621,7 @@ async def confirm_resume(
         with_stats = parse_cookie(
             cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
         )
-        dom.completed_job = completed_stats(dom, with_stats.statistics)
+        dom.completed_job = completed_stats(dom, with_stats.statistics, arrived=arrived)
     try:
         await _settle_stream(dom)
         await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))
