@@ -149,13 +149,13 @@ async def perform3(
         await restore_source(dom, flags)
         dom.job.finish_async()
         raise
-    dom.job.set_phase(MigrationPhase.PERFORM3_DONE)
     cookie = _cookie(host, dom)
     cookie.statistics = _sent_statistics(dom)
     if flags & MigrateFlags.PERSIST_DEST and dom.persistent is not None:
         cookie.persistent_xml = format_domain_xml(dom.persistent, migratable=True)
         cookie.mandatory.append("persistent")
-    dom.job.continue_(cleanup=_job_cleanup(dom))
+    # One status write for both: the guest is paused until Finish, every write counts.
+    dom.job.continue_(cleanup=_job_cleanup(dom), phase=MigrationPhase.PERFORM3_DONE)
     await failpoint("src-perform3-after")
     return cookie.to_xml()
 
