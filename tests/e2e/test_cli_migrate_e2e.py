@@ -49,8 +49,9 @@ def test_migrate_live_then_p2p_back(
     polled = [line for line in out if line.startswith("Migration: [") and "perform:" in line]
     assert polled, out
     assert re.search(r"MiB/s, iteration \d+, ETA ", polled[-1])
-    assert out[-6] == "Migration: [100 %]"
-    assert re.fullmatch(r"Downtime:       \d+ ms", out[-3])
+    assert out[-7] == "Migration: [100 %]"
+    assert re.fullmatch(r"Downtime:       \d+ ms", out[-4])
+    assert re.fullmatch(r"Guest downtime: \d+ ms", out[-3])
     _continues(b, before)
 
     # The source keeps the completed job's statistics.
@@ -58,6 +59,8 @@ def test_migrate_live_then_p2p_back(
     info = capsys.readouterr().out
     assert info.startswith("Job type:         Completed\n")
     assert re.search(r"^Downtime: +\d+ +ms$", info, re.M)
+    assert re.search(r"^Guest downtime: +\d+ +ms$", info, re.M)
+    assert re.search(r"^Contract: +default$", info, re.M)  # a plain --live: the daemon's
 
     before = _hb(b)
     assert main(["-c", b.uri, "migrate", "--live", "--p2p", "--json", "g1", a.uri]) == 0

@@ -130,9 +130,10 @@ def summary(report: MigrationReport) -> str:
         ("Wall time", f"{report.wall_s:.2f} s"),
         ("QEMU time", _ms(stats, "total_time_ms")),
         ("Downtime", _ms(stats, "downtime_ms")),
-        ("Guest downtime", _ms(stats, "guest_downtime_ms")),
         ("Data moved", "-" if moved is None else pretty_bytes(int(moved))),
     ]
+    if stats.get("guest_downtime_ms") is not None:  # v3: the daemons measured the guest's pause
+        pairs.insert(3, ("Guest downtime", _ms(stats, "guest_downtime_ms")))
     if steps:
         pairs.append(("Steps", steps))
     return "Migration: [100 %]\n" + fmt.fields(pairs)
