@@ -21,7 +21,6 @@ from typing import Any
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.policy.contract import (
-    DEFAULT_TARGET_MS,
     ConvergenceDefaults,
     Terms,
     auto_deadline,
@@ -66,7 +65,6 @@ __all__ = [
     "parse_policy",
     "predict",
     "prepare",
-    "resolve",
     "restore",
     "terms",
 ]
@@ -79,18 +77,6 @@ _ENGINES: dict[str, Engine] = {}
 # Engines whose migration completed: QEMU's settings are put back only if the
 # guest stays here after all (Confirm cancelled); the source QEMU is killed otherwise.
 _PARKED: dict[str, Engine] = {}
-
-
-def resolve(params: MigrationParams, defaults: ConvergenceDefaults | None = None) -> Policy | None:
-    """The policy a migration runs under; None: no policy (QEMU's defaults)."""
-    got = terms(params, defaults)
-    return got.policy if got is not None else None
-
-
-def contract(params: MigrationParams) -> Contract:
-    """The contract *params* name themselves (without the daemon's defaults)."""
-    target = params.downtime_target_ms or params.downtime_limit_ms or DEFAULT_TARGET_MS
-    return Contract(int(target), float(params.deadline_s) if params.deadline_s else None)
 
 
 async def prepare(
