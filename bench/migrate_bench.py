@@ -60,6 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "build" / "bench" / "migrate.json"
 #: The issue's target: vmferry's hop end to end within this factor of the floor's.
 TARGET_RATIO = 1.2
+#: The issue's target: guest-visible downtime within QEMU's own downtime + this (median).
+TARGET_BEYOND_QEMU_MS = 20
 STEPS = ("begin", "prepare", "perform", "finish", "confirm")
 
 
@@ -167,7 +169,10 @@ class VmferryPath:
             "report_wall_s": report.wall_s,
             "steps_s": dict(report.steps),
             "other_s": report.wall_s - sum(report.steps.values()),
-            "paused_ms": _num(stats.get("downtime_ms")),
+            # guest-visible downtime, as the daemons measure it (source STOP to Finish's
+            # reply, less the time since the destination resumed: an upper bound)
+            "paused_ms": _num(stats.get("guest_downtime_ms")),
+            "qemu_downtime_ms": _num(stats.get("downtime_ms")),
             "qemu_total_ms": _num(stats.get("total_time_ms")),
             "qemu_setup_ms": _num(stats.get("setup_time_ms")),
             "ram_transferred": _num(stats.get("data_processed")),
@@ -480,7 +485,9 @@ def render(result: dict[str, Any]) -> str:
     ]
     rows = [
         ("wall per hop", "wall_s", 1000.0),
-        ("guest paused (host clock)", "paused_ms", 1.0),
+        ("guest paused", "paused_ms", 1.0),
+        ("QEMU downtime", "qemu_downtime_ms", 1.0),
+        ("guest paused - QEMU's", "paused_beyond_qemu_ms", 1.0),
         ("QEMU total_time", "qemu_total_ms", 1.0),
         ("QEMU setup_time", "qemu_setup_ms", 1.0),
         ("wall - QEMU total_time", "outside_qemu_ms", 1.0),
@@ -492,10 +499,9 @@ def render(result: dict[str, Any]) -> str:
             f"{title:<26}{_ms(vs[key], scale):>22}{_ms(fs[key], scale):>22}"
             + (f"{r:>8.2f}x" if not math.isnan(r) else f"{'':>9}")
         )
-    lines.append(f"{'QEMU downtime (floor)':<26}{'':>22}{_ms(fs['qemu_downtime_ms'], 1.0):>22}")
     lines.append(
-        f"{'  paused - QEMU downtime':<26}{'(--trace)':>22}"
-        f"{_ms(fs['paused_beyond_qemu_ms'], 1.0):>22}"
+        "  (guest paused: vmferry's guest_downtime_ms from the daemons, the floor's STOP event"
+        " to its cont)"
     )
     lines.append(
         f"{'RAM sent, MiB':<26}{vs['ram_transferred']['median'] / 2**20:>22.1f}"
@@ -533,6 +539,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"vmferry/floor wall per hop: {ratio:.2f}x (target {TARGET_RATIO}x: {verdict});"
         f" guest paused: {result['ratio_paused']:.2f}x",
+        f"guest paused beyond QEMU's downtime: median {result['beyond_qemu_ms']:.1f} ms"
+        f" (target {TARGET_BEYOND_QEMU_MS} ms:"
+        f" {'met' if result['beyond_qemu_ms'] <= TARGET_BEYOND_QEMU_MS else 'NOT met'})",
         f"vmferry adds {result['added_ms']:.0f} ms per hop outside QEMU's own migration;"
         f" with QEMU's time equal on both paths: {result['ratio_same_qemu']:.2f}x",
         f"guest heartbeats: {result['verified']}",
@@ -552,6 +561,7 @@ def build_result(
 ) -> dict[str, Any]:
     for h in vm.hops:
         h["outside_qemu_ms"] = h["wall_s"] * 1000 - h["qemu_total_ms"]
+        h["paused_beyond_qemu_ms"] = h["paused_ms"] - h["qemu_downtime_ms"]
         h["after_s"] = h["wall_s"] - h["report_wall_s"]
     for h in fl.hops:
         h["outside_qemu_ms"] = h["wall_s"] * 1000 - _num(h["qemu_total_ms"])
@@ -565,7 +575,17 @@ def build_result(
         "ram_transferred",
         "iterations",
     )
-    vs = summarize(vm.hops, (*common, "other_s", "after_s", "report_wall_s"))
+    vs = summarize(
+        vm.hops,
+        (
+            *common,
+            "qemu_downtime_ms",
+            "paused_beyond_qemu_ms",
+            "other_s",
+            "after_s",
+            "report_wall_s",
+        ),
+    )
     fs = summarize(
         fl.hops,
         (
@@ -590,6 +610,7 @@ def build_result(
         "target_ratio": TARGET_RATIO,
         "ratio_wall": _ratio(vs["wall_s"], fs["wall_s"]),
         "ratio_paused": _ratio(vs["paused_ms"], fs["paused_ms"]),
+        "beyond_qemu_ms": vs["paused_beyond_qemu_ms"]["median"],
         # Robust to QEMU's own time swinging with the machine's load: vmferry's
         # added time (outside QEMU's migration) on top of the floor's median hop.
         "added_ms": added_ms,

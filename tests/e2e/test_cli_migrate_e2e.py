@@ -52,13 +52,16 @@ def test_migrate_live_then_p2p_back(
     summary = out[out.index("Migration: [100 %]") :]
     assert any(re.fullmatch(r"Downtime: +\d+ ms", line) for line in summary), summary
     assert any(line.startswith("Migration id: ") for line in out)
+    assert any(re.fullmatch(r"Guest downtime: +\d+ ms", line) for line in summary), summary
     _continues(b, before)
 
     # The source keeps the completed job's statistics.
     assert main(["-c", a.uri, "domjobinfo", "--completed", "g1"]) == 0
     info = capsys.readouterr().out
-    assert info.startswith("Job type:         Completed\n")
+    assert re.match(r"Job type: +Completed\n", info)  # aligned to the longest label
     assert re.search(r"^Downtime: +\d+ +ms$", info, re.M)
+    assert re.search(r"^Guest downtime: +\d+ +ms$", info, re.M)
+    assert re.search(r"^Contract: +default$", info, re.M)  # a plain --live: the daemon's
 
     before = _hb(b)
     assert main(["-c", b.uri, "migrate", "--live", "--p2p", "--json", "g1", a.uri]) == 0

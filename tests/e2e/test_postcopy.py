@@ -150,12 +150,14 @@ def test_migrate_postcopy_switch_and_abort_refused(pair: tuple[Host, Host]) -> N
         after = _check_arrived(src, dst, "pc1", before)
         assert after.errors == 0
         stats = dst.jobinfo("pc1", completed=True).stats
-        # The guest paused for the switch only, not for the whole post-copy phase.
-        assert 0 < stats["downtime_ms"] < 2000, stats
         assert stats.get("postcopy") == 1
+        # The guest paused for the switch only, not for the whole post-copy phase
+        # (the source measures it: STOP there, to Finish's reply less resumed_ago).
+        guest = src.jobinfo("pc1", completed=True).stats["guest_downtime_ms"]
+        assert 0 < guest < 2000 and report.stats["guest_downtime_ms"] == guest, report.stats
         print(
             f"\nmigrate-postcopy: switched at {switched:.2f} s, wall {report.wall_s:.2f} s, "
-            f"downtime {stats['downtime_ms']} ms, steps {report.steps}"
+            f"guest downtime {guest} ms, steps {report.steps}"
         )
 
 
@@ -177,11 +179,10 @@ def test_postcopy_after_precopy_p2p(pair: tuple[Host, Host]) -> None:
         assert report.result is not None
         _check_arrived(src, dst, "pc2", before)
         stats = dst.jobinfo("pc2", completed=True).stats
-        assert stats.get("postcopy") == 1 and stats["downtime_ms"] < 2000, stats
-        print(
-            f"\nafter-precopy p2p: wall {report.result.wall_s:.2f} s, "
-            f"downtime {stats['downtime_ms']} ms"
-        )
+        assert stats.get("postcopy") == 1, stats
+        guest = src.jobinfo("pc2", completed=True).stats["guest_downtime_ms"]
+        assert 0 < guest < 2000, guest
+        print(f"\nafter-precopy p2p: wall {report.result.wall_s:.2f} s, guest downtime {guest} ms")
 
 
 def test_postcopy_needs_v3_and_the_flag(pair: tuple[Host, Host]) -> None:

@@ -148,6 +148,10 @@ def test_summary() -> None:
         "Data moved:     103.555 MiB\n"
         "Steps:          begin 5 ms, prepare 50 ms, perform 200 ms, finish 20 ms, confirm 10 ms"
     )
+    guest = migrate_cmds.summary(
+        MigrationReport(wall_s=0.3, stats={"downtime_ms": 18, "guest_downtime_ms": 25})
+    )
+    assert guest.splitlines()[3:5] == ["Downtime:       18 ms", "Guest downtime: 25 ms"]
     bare = migrate_cmds.summary(MigrationReport(wall_s=2.0))
     assert bare.splitlines()[1:4] == [
         "Wall time:      2.00 s",

@@ -628,3 +628,19 @@ async def test_cancelled_holder_releases_the_job() -> None:
         await task
     await quick(waiter)
     assert job.job_api == "shutdown"
+
+
+async def test_continue_with_a_phase_is_one_change() -> None:
+    changes: list[dict[str, Any]] = []
+    job = DomainJob("vm1")
+    job.on_change = lambda: changes.append(job.to_status())
+    await job.start_async(AsyncJob.MIGRATION_OUT, "migrate-begin", Phase.BEGIN3)
+    job.continue_()
+    job.start_phase(AsyncJob.MIGRATION_OUT, Phase.PERFORM3, "migrate-perform")
+    del changes[:]
+    job.continue_(phase=Phase.PERFORM3_DONE)
+    assert [(c["phase"], c["owner_api"]) for c in changes] == [("perform3_done", "")]
+    assert not job.owned
+    with pytest.raises(VmferryError) as err:  # a phase going backwards is refused as ever
+        job.continue_(phase=Phase.BEGIN3)
+    assert err.value.code == ErrorCode.INTERNAL_ERROR

@@ -143,8 +143,8 @@ def summary(report: MigrationReport) -> str:
         ("QEMU time", _ms(stats, "total_time_ms")),
         ("Downtime", _ms(stats, "downtime_ms")),
     ]
-    if stats.get("guest_downtime_ms") is not None:
-        pairs.append(("Guest downtime", _ms(stats, "guest_downtime_ms")))
+    if stats.get("guest_downtime_ms") is not None:  # v3: the daemons measured the guest's pause
+        pairs.insert(3, ("Guest downtime", _ms(stats, "guest_downtime_ms")))
     pairs.append(("Data moved", "-" if moved is None else pretty_bytes(int(moved))))
     if steps:
         pairs.append(("Steps", steps))
@@ -240,11 +240,16 @@ _JOB_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("guest_downtime_ms", "Guest downtime", "ms"),
     ("total_time_ms", "Total time", "ms"),
     ("policy", "Policy", ""),
+    ("policy_contract", "Contract", ""),
     ("policy_downtime_target_ms", "Downtime target", "ms"),
     ("policy_deadline_s", "Deadline", "s"),
+    ("policy_deadline_auto", "Deadline automatic", "yes/no"),
+    ("policy_deadline_left_s", "Deadline left", "s"),
     ("policy_converges", "Converges", "yes/no"),
+    ("policy_expected_downtime_ms", "Predicted downtime", "ms"),
     ("policy_eta_s", "ETA", "s"),
     ("policy_needed_downtime_ms", "Needed downtime", "ms"),
+    ("policy_choice", "Policy choice", ""),
 )
 
 
@@ -396,19 +401,20 @@ MIGRATE_ARGS = (
         "--policy",
         metavar="NAME|FILE",
         help="convergence policy: a built-in name (vmferry, none, nova, ovirt-minimal-downtime, "
-        "ovirt-postcopy, ovirt-suspend) or a TOML file; default with a contract: vmferry",
+        "ovirt-postcopy, ovirt-suspend) or a TOML file; default: the daemon's [migration] policy "
+        "(vmferry); none: QEMU's behaviour, no default contract",
     ),
     arg(
         "--downtime-target",
         type=_count(1),
         metavar="MS",
-        help="the contract's downtime target in milliseconds",
+        help="the contract's downtime target in milliseconds (default: the daemon's)",
     ),
     arg(
         "--deadline",
         type=_count(1),
         metavar="S",
-        help="the contract's deadline: complete within S seconds, else abort",
+        help="the contract's deadline: complete within S seconds (default: the daemon's)",
     ),
     _switch("postcopy", "enable post-copy (switch with migrate-postcopy or the options below)"),
     _switch(

@@ -20,6 +20,10 @@ Every key is optional; an absent file means all defaults::
     prepare_timeout = 60.0   # s an incoming QEMU prepared without a client session may wait
     perform_stall_timeout = 60.0   # s a Perform may go without the stream moving
     perform_timeout = 0.0    # s a Perform may take at all, 0 = no overall limit
+    # the contract of a live migration that names none (see docs/convergence.md)
+    downtime_target_ms = 300 # the downtime the guest may see at the switchover
+    deadline_s = 0.0         # complete within this long; 0 = automatic (memory / bandwidth)
+    policy = "vmferry"       # the convergence policy; "none" = QEMU's and libvirt's behaviour
 
     [keepalive]
     interval = 5.0           # seconds between keepalive probes, 0 = off
@@ -106,6 +110,10 @@ class MigrationConfig:
     perform_timeout: float = 0.0
     # QEMU's TLS for the stream (vmferry.migration.tls): off (only with --tls), on, required
     tls: str = "off"
+    # the default contract (vmferry.migration.policy.contract)
+    downtime_target_ms: int = 300
+    deadline_s: float = 0.0
+    policy: str = "vmferry"
 
 
 @dataclass
@@ -284,6 +292,29 @@ def _check_migration_endpoints(where: str, mig: MigrationConfig) -> None:
     if mig.perform_timeout < 0:
         raise VmferryError(
             ErrorCode.INVALID_ARG, f"{where}: migration.perform_timeout must be >= 0 (0 = none)"
+        )
+    _check_contract(where, mig)
+
+
+def _check_contract(where: str, mig: MigrationConfig) -> None:
+    from vmferry.migration.params import MAX_DOWNTIME_MS, MAX_SECONDS
+    from vmferry.migration.policy.spec import builtin_names
+
+    if not 1 <= mig.downtime_target_ms <= MAX_DOWNTIME_MS:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"{where}: migration.downtime_target_ms must be between 1 and {MAX_DOWNTIME_MS}",
+        )
+    if not 0 <= mig.deadline_s <= MAX_SECONDS:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"{where}: migration.deadline_s must be between 0 (automatic) and {MAX_SECONDS:g}",
+        )
+    if mig.policy not in builtin_names():
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"{where}: migration.policy {mig.policy!r} is not a built-in policy "
+            f"({', '.join(builtin_names())})",
         )
 
 

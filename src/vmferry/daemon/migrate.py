@@ -183,6 +183,14 @@ class MigrationService:
         """``[migration] tls`` and ``[tls] pki_dir`` (vmferry.migration.tls)."""
         return self._tls
 
+    @property
+    def convergence(self) -> mpolicy.ConvergenceDefaults:
+        """``[migration] downtime_target_ms``, ``deadline_s``, ``policy``: the default contract."""
+        mig = self.driver.config.migration
+        return mpolicy.ConvergenceDefaults(
+            downtime_target_ms=mig.downtime_target_ms, deadline_s=mig.deadline_s, policy=mig.policy
+        )
+
     async def stream_uri(self, uri: str) -> str:
         """Whoever gave *uri* (a client, a p2p destination's Prepare): tcp to an allowed network."""
         return await muri.checked_stream_uri(uri, self.allowed_networks)

@@ -312,13 +312,22 @@ class DomainJob:
         self._wake()
         self._changed_hook()
 
-    def continue_(self, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
+    def continue_(
+        self,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+        *,
+        phase: JobPhase | None = None,
+    ) -> None:
         """Release ownership between two steps; the job and its mask stay in force.
 
         *cleanup* runs (:meth:`run_cleanup`) if the domain's QEMU dies before the
-        next step takes the job (libvirt's qemuMigrationJobContinue).
+        next step takes the job (libvirt's qemuMigrationJobContinue). *phase*:
+        move to it as well, in the same change (one status write, not two).
         """
         self._require_async("release")
+        if phase is not None:
+            self._check_phase(phase)
+            self._phase = phase
         self._owned = False
         self._owner_api = ""
         self._cleanup = cleanup

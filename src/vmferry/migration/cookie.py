@@ -91,6 +91,9 @@ STAT_NAMES = (
     "compression_cache_misses",
     "compression_overflow",
     "auto_converge_throttle",
+    # vmferry's own (libvirt ignores it): ms from the guest resuming on the destination
+    # to Finish writing this cookie, so the source can tell the guest-visible downtime
+    "resumed_ago",
 )
 _SIGNED = frozenset({"delta", "auto_converge_throttle"})
 _U64 = (1 << 64) - 1

@@ -174,6 +174,7 @@ async def _start_incoming(
     address = host.migration_address(params.listen_address)
     port = host.acquire_port()
     dom.migration.port = port
+    dom.migration.resumed = 0.0
     await host.lifecycle.start(dom, incoming=True)
     mon = dom.require_monitor()
     extra = await mtls.enable(host.tls, dom, server=True) if use_tls else {}
@@ -339,30 +340,40 @@ async def finish(
         hostname=host.hostname,
         hostuuid=host.host_uuid,
     )
-    dom.completed_job = _completed_here(cookie, resumed_at)
-    if "downtime_ms" in dom.completed_job:
-        out.statistics = {"downtime": int(dom.completed_job["downtime_ms"])}
+    dom.completed_job = _completed_here(cookie, postcopy=resumed_at is not None)
+    out.statistics = _resume_report(dom)
     return dom, out.to_xml()
 
 
-def _completed_here(
-    cookie: MigrationCookie | None, resumed_at: float | None = None
-) -> dict[str, Any]:
-    """The source's figures, with the downtime the guest saw: paused there, resumed here.
+def _resume_report(dom: QemuDomain) -> dict[str, int]:
+    """Finish's figures for the source: QEMU's downtime, and how long ago the guest resumed.
 
-    After post-copy the guest resumed here at *resumed_at*, long before the
-    stream completed.
+    The source adds the stop it saw (its clock) to the Finish reply's arrival
+    (its clock) and takes off ``resumed_ago`` (this clock): the guest-visible
+    downtime without comparing the two hosts' clocks. What it cannot know
+    (the reply's way back) it leaves in, so the figure is an upper bound.
+    """
+    stats = dom.completed_job or {}
+    out: dict[str, int] = {}
+    if "downtime_ms" in stats:
+        out["downtime"] = int(stats["downtime_ms"])
+    if dom.migration.resumed and dom.state == DomainState.RUNNING:
+        out["resumed_ago"] = max(0, int((time.time() - dom.migration.resumed) * 1000))
+    return out
+
+
+def _completed_here(cookie: MigrationCookie | None, *, postcopy: bool = False) -> dict[str, Any]:
+    """The source's figures (QEMU's ``downtime_ms`` among them), as the source sent them.
+
+    The guest-visible downtime (``guest_downtime_ms``) is the source's to tell,
+    at Confirm: only it saw the guest stop.
     """
     sent = dict(cookie.statistics) if cookie is not None else {}
     stats: dict[str, Any] = from_cookie(sent)
     if cookie is not None:
         stats.update(cookie.policy)  # the source's convergence policy and its actions
     stats["status"] = MigrationStatus.COMPLETED.value
-    # libvirt's cookie times: ms since the epoch, 0 when not set
-    if sent.get("stopped"):
-        resumed = resumed_at if resumed_at is not None else time.time()
-        stats["downtime_ms"] = max(0, int(resumed * 1000) - sent["stopped"])
-    if resumed_at is not None:
+    if postcopy:
         stats["postcopy"] = 1
     if sent.get("started"):
         stats["time_elapsed_ms"] = max(0, int(time.time() * 1000) - sent["started"])
@@ -436,7 +447,7 @@ async def _finish_postcopy(
     dom.pending_resume_reason = RunningReason.POSTCOPY
     await mon.execute("cont")
     await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
-    resumed_at = time.time()
+    resumed_at = dom.migration.resumed or time.time()
     await failpoint("dst-postcopy-running")
     await wait_postcopy_end(dom)
     _mark_migrated(host, dom)
@@ -569,8 +580,7 @@ async def finish_resume(
     out = MigrationCookie(
         name=dom.name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
     )
-    if dom.completed_job and "downtime_ms" in dom.completed_job:
-        out.statistics = {"downtime": int(dom.completed_job["downtime_ms"])}
+    out.statistics = _resume_report(dom)
     return dom, out.to_xml()
 
 

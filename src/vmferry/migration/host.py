@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from vmferry.migration.flags import MigrateFlags
     from vmferry.migration.params import MigrationParams
     from vmferry.migration.peer_probe import MigrationPeer
+    from vmferry.migration.policy.contract import ConvergenceDefaults
     from vmferry.migration.postcopy_watch import PostcopyWatch
     from vmferry.migration.protocol import DestinationSide
     from vmferry.migration.tls import TlsSetup
@@ -156,6 +157,11 @@ class MigrationHost(Protocol):
     @property
     def tls(self) -> TlsSetup:
         """``[migration] tls``, the PKI and how QEMU gets a copy (vmferry.migration.tls)."""
+        ...
+
+    @property
+    def convergence(self) -> ConvergenceDefaults:
+        """``[migration] downtime_target_ms``, ``deadline_s``, ``policy``: the default contract."""
         ...
 
     async def stream_uri(self, uri: str) -> str:

@@ -171,6 +171,7 @@ async def perform3(
                 flags,
                 dom.migration.params or MigrationParams(),
                 host.perform_limits,
+                host.convergence,
                 tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
                 tunnel=tunnel,
                 nbd_port=answer.nbd_port,
@@ -180,14 +181,14 @@ async def perform3(
         await restore_source(dom, flags)
         dom.job.finish_async()
         raise
-    dom.job.set_phase(MigrationPhase.PERFORM3_DONE)
     cookie = _cookie(host, dom)
     cookie.statistics = _sent_statistics(dom)
     cookie.policy = policy_report(dom.migration.stats)  # the actions, for Finish to show
     if flags & MigrateFlags.PERSIST_DEST and dom.persistent is not None:
         cookie.persistent_xml = format_domain_xml(dom.persistent, migratable=True)
         cookie.mandatory.append("persistent")
-    dom.job.continue_(cleanup=_job_cleanup(dom))
+    # One status write for both: the guest is paused until Finish, every write counts.
+    dom.job.continue_(cleanup=_job_cleanup(dom), phase=MigrationPhase.PERFORM3_DONE)
     await failpoint("src-perform3-after")
     return cookie.to_xml()
 
@@ -232,7 +233,15 @@ async def perform2(
     dom.save()  # recovery needs was_running
     try:
         await failpoint("src-perform2-before")
-        await _run(dom, uri, flags, params, host.perform_limits, tls=host.tls if use_tls else None)
+        await _run(
+            dom,
+            uri,
+            flags,
+            params,
+            host.perform_limits,
+            host.convergence,
+            tls=host.tls if use_tls else None,
+        )
     except BaseException:
         await restore_source(dom, flags)
         dom.job.finish_async()
@@ -250,6 +259,7 @@ async def _run(
     flags: MigrateFlags,
     params: MigrationParams,
     limits: PerformLimits | None = None,
+    convergence: mpolicy.ConvergenceDefaults | None = None,
     *,
     tls: mtls.TlsSetup | None = None,
     tunnel: mtunnel.Sender | None = None,
@@ -257,6 +267,8 @@ async def _run(
 ) -> None:
     """libvirt's qemuMigrationSrcRun: apply parameters, mirror the disks, migrate, wait.
 
+    :param convergence: the daemon's default contract, for a live migration that does not
+        name all of its own (None: only the request's).
     :param tls: encrypt the stream with these credentials (QEMU's TLS).
     :param tunnel: send the stream through the daemons' connection, not to *uri*.
     """
@@ -271,7 +283,9 @@ async def _run(
         extra = await mtls.enable(tls, dom, server=False, hostname=_uri_host(uri))
     await mparams.apply(mon, params, flags, source=True, extra=extra)
     # The convergence policy's own settings; it may switch the migration to post-copy.
-    await mpolicy.prepare(dom, mon, params, flags, postcopy_switch=postcopy.switch)
+    await mpolicy.prepare(
+        dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
+    )
     if dom.migration.storage_disks:
         # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
         await failpoint("src-perform-mirror")
@@ -546,6 +560,7 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     if mon is None or not mon.connected:
         return
     try:
+        await mpolicy.restore(dom)  # the policy's settings, kept after a completed wait
         await mparams.reset(mon, flags, source=True)
     except VmferryError as err:
         # Not a reason to leave the guest paused: the next migration sets them again.
@@ -584,6 +599,7 @@ async def confirm3(
     api: str = "migrate-confirm",
 ) -> None:
     """Kill the source after a successful Finish, or resume it when the migration was cancelled."""
+    arrived = time.time()  # before anything else: the guest-visible downtime ends before it
     phase = MigrationPhase.CONFIRM3_CANCELLED if cancelled else MigrationPhase.CONFIRM3
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, phase, api)
     host.unbind_session(dom)
@@ -599,7 +615,7 @@ async def confirm3(
             cookie = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
             )
-            dom.completed_job = completed_stats(dom, cookie.statistics)
+            dom.completed_job = completed_stats(dom, cookie.statistics, arrived=arrived)
         if cancelled:
             await restore_source(dom, flags)
         else:
@@ -629,6 +645,7 @@ async def complete_outgoing(host: MigrationHost, dom: QemuDomain, flags: Migrate
     """The guest runs on the destination now: stop it here and drop what must go."""
     if dom.completed_job is None:
         dom.completed_job = completed_stats(dom, {})
+    mpolicy.forget(dom)
     if dom.active:
         await host.lifecycle.stop(dom, ShutoffReason.MIGRATED)
     if flags & MigrateFlags.UNDEFINE_SOURCE and dom.persistent is not None:
@@ -721,6 +738,7 @@ async def confirm_resume(
     api: str = "migrate-confirm",
 ) -> None:
     """The resumed migration completed there: kill the source; else back to postcopy_failed."""
+    arrived = time.time()
     dom.job.start_phase(AsyncJob.MIGRATION_OUT, MigrationPhase.CONFIRM_RESUME, api)
     host.unbind_session(dom)
     if cancelled:
@@ -730,7 +748,7 @@ async def confirm_resume(
         with_stats = parse_cookie(
             cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
         )
-        dom.completed_job = completed_stats(dom, with_stats.statistics)
+        dom.completed_job = completed_stats(dom, with_stats.statistics, arrived=arrived)
     try:
         await _settle_stream(dom)
         await complete_outgoing(host, dom, MigrateFlags(dom.migration.flags))

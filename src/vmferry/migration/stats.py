@@ -39,15 +39,42 @@ def from_query_migrate(info: dict[str, Any], *, started: float) -> dict[str, Any
     return stats
 
 
-def completed_stats(dom: QemuDomain, remote: dict[str, int]) -> dict[str, Any]:
-    """Statistics of a finished migration, as ``domjobinfo --completed`` shows them."""
+def completed_stats(
+    dom: QemuDomain, remote: dict[str, int], *, arrived: float | None = None
+) -> dict[str, Any]:
+    """Statistics of a finished migration, as ``domjobinfo --completed`` shows them.
+
+    *remote*: the destination's Finish cookie figures; *arrived*: when its
+    reply reached this host (Confirm), which gives ``guest_downtime_ms``.
+    """
     stats = dict(dom.migration.stats)
     stats["status"] = MigrationStatus.COMPLETED.value
     if dom.migration.started:
         stats["time_elapsed_ms"] = int((time.time() - dom.migration.started) * 1000)
     if "downtime" in remote:
         stats["downtime_ms"] = int(remote["downtime"])
+    guest = guest_downtime_ms(dom.migration.stopped, arrived, remote.get("resumed_ago"))
+    if guest is not None:
+        stats["guest_downtime_ms"] = guest
     return stats
+
+
+def guest_downtime_ms(
+    stopped: float, arrived: float | None, resumed_ago_ms: int | None
+) -> int | None:
+    """
+    The guest-visible downtime: stopped here, running there, each read on one clock.
+
+    From the STOP event (*stopped*, this host's clock) to the arrival of the
+    Finish reply (*arrived*, this host's clock), less the time the destination
+    says passed between the guest resuming and its reply (*resumed_ago_ms*, its
+    clock). The reply's way back (and a client's relay of it) cannot be known
+    and stays in: an upper bound, never an understatement. None when a figure
+    is missing (protocol v2, a guest left paused, a lost reply).
+    """
+    if not stopped or arrived is None or resumed_ago_ms is None:
+        return None
+    return max(0, round((arrived - stopped) * 1000) - int(resumed_ago_ms))
 
 
 #: vmferry's job statistics that travel in the cookie, with libvirt's cookie names.

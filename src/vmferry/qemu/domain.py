@@ -37,6 +37,7 @@ class MigrationProgress:
     error: str = ""
     started: float = 0.0
     stopped: float = 0.0  # when the source's vCPUs paused for the switchover
+    resumed: float = 0.0  # when the destination's vCPUs ran again (QEMU's RESUME event)
     # bookkeeping of the migration job (libvirt keeps these in the job's private data)
     flags: int = 0
     params: MigrationParams | None = None  # None: no migration has run (all defaults)

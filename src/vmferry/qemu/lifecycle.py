@@ -289,6 +289,8 @@ class Lifecycle:
         self._emit(dom, EventType.SUSPENDED, str(reason), {})
 
     def _resume_event(self, dom: QemuDomain, data: dict[str, Any], ts: float) -> None:
+        if dom.job.async_job == AsyncJob.MIGRATION_IN:
+            dom.migration.resumed = ts  # the guest-visible downtime ends here
         if dom.state == DomainState.RUNNING:
             return
         reason = dom.pending_resume_reason or RunningReason.UNPAUSED

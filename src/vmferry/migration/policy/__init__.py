@@ -7,8 +7,10 @@ side calls :func:`prepare` before ``migrate``, then on each wake-up of its wait
 loop :meth:`Engine.step`, and :func:`finish` at the end; the daemon shows
 :func:`live_stats` in ``domjobinfo``.
 
-Without a policy and without a contract nothing is changed: QEMU's defaults,
-as libvirt has them. A contract without a policy gets :data:`DEFAULT_POLICY`.
+A live migration without a contract of its own runs under the daemon's
+default one (:mod:`.contract`: ``[migration] downtime_target_ms``,
+``deadline_s``, ``policy``). Policy ``none`` without a contract changes
+nothing: QEMU's defaults, as libvirt has them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from typing import Any
 
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
+from vmferry.migration.policy.contract import (
+    ConvergenceDefaults,
+    Terms,
+    auto_deadline,
+    terms,
+)
 from vmferry.migration.policy.decide import Action, Contract, Situation, choose
 from vmferry.migration.policy.engine import Engine, PostcopySwitch
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
@@ -36,6 +44,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "Action",
     "Contract",
+    "ConvergenceDefaults",
     "DirtyModel",
     "Engine",
     "Policy",
@@ -43,41 +52,31 @@ __all__ = [
     "Prediction",
     "Situation",
     "Step",
+    "Terms",
+    "auto_deadline",
     "builtin_names",
     "choose",
     "engine_for",
     "finish",
     "fit",
+    "forget",
     "live_stats",
     "load_policy",
     "parse_policy",
     "predict",
     "prepare",
-    "resolve",
+    "restore",
+    "terms",
 ]
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
-#: The downtime target when a migration names a policy but no target: QEMU's default limit.
-DEFAULT_TARGET_MS = 300
 
 # The engine of each domain's running outgoing migration, by domain UUID.
 _ENGINES: dict[str, Engine] = {}
-
-
-def resolve(params: MigrationParams) -> Policy | None:
-    """The policy a migration asked for; None: no policy, no contract (QEMU's defaults)."""
-    name = params.policy
-    if not name:
-        if not params.downtime_target_ms and not params.deadline_s:
-            return None
-        name = DEFAULT_POLICY
-    return load_policy(name)
-
-
-def contract(params: MigrationParams) -> Contract:
-    target = params.downtime_target_ms or params.downtime_limit_ms or DEFAULT_TARGET_MS
-    return Contract(int(target), float(params.deadline_s) if params.deadline_s else None)
+# Engines whose migration completed: QEMU's settings are put back only if the
+# guest stays here after all (Confirm cancelled); the source QEMU is killed otherwise.
+_PARKED: dict[str, Engine] = {}
 
 
 async def prepare(
@@ -87,25 +86,33 @@ async def prepare(
     flags: MigrateFlags,
     *,
     postcopy_switch: PostcopySwitch | None = None,
+    defaults: ConvergenceDefaults | None = None,
 ) -> None:
-    """Before ``migrate``: start *dom*'s engine if the migration has a policy or a contract.
+    """Before ``migrate``: start *dom*'s engine if the migration runs under a policy.
 
-    *postcopy_switch* lets the policy switch the migration to post-copy (None: it cannot).
+    *defaults* (the daemon's ``[migration]`` contract) fill what *params* leave
+    out; *postcopy_switch* lets the policy switch the migration to post-copy
+    (None: it cannot).
     """
-    stale = _ENGINES.pop(dom.uuid, None)
-    if stale is not None:  # the last migrate command failed before its wait
-        await stale.close()
-    policy = resolve(params)
-    if policy is None or not flags & MigrateFlags.LIVE:
+    for table in (_ENGINES, _PARKED):
+        stale = table.pop(dom.uuid, None)
+        if stale is not None:  # the last migrate command failed before its wait
+            await stale.close()
+    if not flags & MigrateFlags.LIVE:
+        return
+    got = terms(params, defaults)
+    if got is None:
         return
     engine = Engine(
         dom,
-        policy,
-        contract(params),
+        got.policy,
+        got.contract,
         flags,
         bandwidth_cap_bps=params.bandwidth_mib_s * MIB,
         memory_bytes=dom.definition.memory_kib * 1024,
         postcopy_switch=postcopy_switch,
+        auto_deadline=got.auto_deadline,
+        origin=got.origin,
     )
     await engine.start(mon, explicit_downtime_ms=params.downtime_limit_ms)
     _ENGINES[dom.uuid] = engine
@@ -117,13 +124,33 @@ def engine_for(dom: QemuDomain) -> Engine | None:
 
 
 async def finish(dom: QemuDomain, stats: dict[str, Any] | None) -> None:
-    """The wait is over: add the policy's report to *stats* (completed), restore QEMU's settings."""
+    """The wait is over: add the policy's report to *stats* (completed).
+
+    A failed wait (*stats* None) puts QEMU's settings back now; a completed one
+    parks the engine: the source QEMU is killed at Confirm, so nothing is spent
+    between the switchover and the guest running there; :func:`restore` puts
+    them back if the guest stays here after all.
+    """
     engine = _ENGINES.pop(dom.uuid, None)
     if engine is None:
         return
-    if stats is not None:
-        stats.update(engine.summary())
-    await engine.close()
+    if stats is None:
+        await engine.close()
+        return
+    stats.update(engine.summary())
+    _PARKED[dom.uuid] = engine
+
+
+async def restore(dom: QemuDomain) -> None:
+    """The guest stays here after a completed wait (Confirm cancelled): QEMU's settings back."""
+    engine = _PARKED.pop(dom.uuid, None)
+    if engine is not None:
+        await engine.close()
+
+
+def forget(dom: QemuDomain) -> None:
+    """The guest left this host: nothing to put back."""
+    _PARKED.pop(dom.uuid, None)
 
 
 def live_stats(dom: QemuDomain) -> dict[str, Any]:

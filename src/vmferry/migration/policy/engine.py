@@ -17,12 +17,14 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from vmferry.domain.state import DomainState
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.policy import decide
+from vmferry.migration.policy.contract import auto_deadline
 from vmferry.migration.policy.decide import Action, Contract, Situation
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
 from vmferry.migration.policy.spec import Policy, Step
@@ -73,8 +75,14 @@ class Engine:
         bandwidth_cap_bps: float,
         memory_bytes: int,
         postcopy_switch: PostcopySwitch | None = None,
+        auto_deadline: bool = False,
+        origin: str = "request",
     ) -> None:
         self.dom = dom
+        #: The deadline is automatic: set once the bandwidth is known (.contract.auto_deadline).
+        self.auto_deadline = auto_deadline
+        self.origin = origin  # where the contract came from: request, default, request+default
+        self.choice = ""  # what the engine chose at its last look, for domjobinfo
         self._postcopy_switch = postcopy_switch  # None: a policy cannot switch to post-copy
         self.policy = policy
         self.contract = contract
@@ -222,6 +230,7 @@ class Engine:
         ram = info.get("ram") or {}
         remaining = float(ram.get("remaining", 0))
         self._observe_bandwidth(float(ram.get("mbps", 0.0)) * 1e6 / 8)
+        self._fix_deadline()
         throttle = int(info.get("cpu-throttle-percentage", 0))
         await self._track_throttle(mon, throttle)
         if self._samples != self._fitted:  # a fit costs a few ms: only on new samples
@@ -231,7 +240,9 @@ class Engine:
             self.model = fitted or self._model_guess(throttle)
             self._model_throttle = throttle
         elapsed = now - self.started
-        for action in self._decide(elapsed, remaining, throttle, iteration, now):
+        actions = self._decide(elapsed, remaining, throttle, iteration, now)
+        self.choice = self._choice_text(actions, iteration)
+        for action in actions:
             try:
                 await self._act(mon, action, iteration, throttle)
             except VmferryError as err:
@@ -242,6 +253,40 @@ class Engine:
             if self._handed_over:
                 break
         self._predict(remaining, now)
+
+    def _fix_deadline(self) -> None:
+        """An automatic deadline, once the bandwidth is known (the cap, or a first reading)."""
+        if not self.auto_deadline or self.contract.deadline_s is not None:
+            return
+        if self.bandwidth_bps > 0:
+            seconds = round(auto_deadline(self.memory_bytes, self.bandwidth_bps), 1)
+            self.contract = replace(self.contract, deadline_s=seconds)
+            log.info(
+                "migration policy %s on %s: automatic deadline %g s",
+                self.policy.name,
+                self.dom.name,
+                seconds,
+            )
+
+    def _choice_text(self, actions: list[Action], iteration: int) -> str:
+        """What the engine decided at this look, in words (domjobinfo's "Policy choice")."""
+        if actions:
+            last = actions[-1]
+            value = f" {int(last.value)}" if last.kind in ("downtime", "throttle") else ""
+            return last.kind + value + (f": {last.reason}" if last.reason else "")
+        if self.policy.kind == "none":
+            return "nothing (QEMU's defaults)"
+        if self._handed_over:
+            return "nothing (post-copy runs)"
+        if iteration in self._held:
+            return f"wait: {self._hold_reason}"
+        if self._throttle_asked or (self._throttle_seen and len(self._samples) < 2):
+            return "wait: the last throttle step is taking effect"
+        if self.prediction is not None and self.prediction.converges:
+            return "nothing: pre-copy converges"
+        if self.model is None:
+            return "wait: measuring the dirty rate"
+        return "nothing"
 
     def _observe_bandwidth(self, measured: float) -> None:
         """The cap when there is one; else a smoothed reading (short periods read low)."""
@@ -519,9 +564,16 @@ class Engine:
             "policy_downtime_target_ms": self.contract.downtime_target_ms,
             "policy_downtime_limit_ms": self.limit_ms,
             "policy_actions": list(self.actions),
+            "policy_contract": self.origin,
         }
+        if self.choice:
+            out["policy_choice"] = self.choice
         if self.contract.deadline_s is not None:
             out["policy_deadline_s"] = self.contract.deadline_s
+            left = self.contract.deadline_s - (time.monotonic() - self.started)
+            out["policy_deadline_left_s"] = round(max(0.0, left), 1)
+        if self.auto_deadline:
+            out["policy_deadline_auto"] = True
         if self._throttle_seen:
             out["policy_throttle_pct"] = self._throttle_seen
         if self.model is not None:
@@ -534,6 +586,8 @@ class Engine:
             out["policy_passes"] = pred.passes
             if not math.isinf(pred.needed_downtime_s):
                 out["policy_needed_downtime_ms"] = int(pred.needed_downtime_s * 1000)
+            if pred.converges:
+                out["policy_expected_downtime_ms"] = int(pred.downtime_s * 1000)
             if self._eta_at is not None:
                 out["policy_eta_s"] = round(max(0.0, self._eta_at - time.monotonic()), 2)
         if self._held:
