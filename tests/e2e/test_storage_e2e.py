@@ -140,6 +140,11 @@ def test_volumes_end_to_end(tmp: Path) -> None:
             with pytest.raises(VmferryError) as err:
                 ro.vol_download("default", "base.raw", io.BytesIO())
             assert _code(err) == ErrorCode.ACCESS_DENIED
+            downloads = [
+                (e["role"], e["status"]) for e in h.audit if str(e["path"]).endswith("/data")
+                and e["method"] == "GET"
+            ]  # fmt: skip
+            assert downloads == [("admin", 200), ("read-only", 403)]  # a read, audited
             with pytest.raises(VmferryError) as err:
                 ro.vol_create("default", "x", MiB)
             assert _code(err) == ErrorCode.ACCESS_DENIED

@@ -6,7 +6,8 @@ client certificate's subject, and the listener's ``?ro=1`` cap
 (see :mod:`vmferry.daemon.peer`).  :class:`AccessMiddleware` maps each
 request to one permission through :data:`PERMISSIONS`, refuses it with
 ``403 access-denied`` unless the caller's role holds that permission, and
-writes one audit line for every call that is not a read.
+writes one audit line for every call that is not a read (and for the reads
+of :data:`AUDITED_READS`, which hand out a guest's data).
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ PERMISSIONS: dict[tuple[str, str], str] = {
 }
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS.values())
+#: Reads that are audited all the same: they hand out a guest's data.
+AUDITED_READS = frozenset({"storage.download"})
 
 #: What the read-only role may do unless ``[access] readonly_permissions`` says otherwise.
 READ_ONLY_DEFAULT = (
@@ -323,7 +326,9 @@ async def run_audited(
     app: ASGIApp, policy: AccessPolicy, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Run *app*; unless the request is a read, write its audit line with the outcome."""
-    if scope["method"] in ("GET", "HEAD"):
+    if scope["method"] in ("GET", "HEAD") and (
+        route_permission(scope["method"], scope["path"])[0] not in AUDITED_READS
+    ):
         await app(scope, receive, send)
         return
     status = 0
