@@ -372,6 +372,16 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
 
 
+async def _incoming_done(dst_events: EventListener, deadline: float) -> None:
+    """The destination's MIGRATION event ``completed``: it has loaded everything."""
+    while True:
+        event = await _next_event(dst_events, deadline)
+        if _status(event) == "completed":
+            return
+        if _status(event) == "failed":
+            raise VmferryError(ErrorCode.OPERATION_FAILED, "incoming migration failed")
+
+
 async def _setup_migration(
     src: BareQemu,
     dst: BareQemu,
@@ -460,12 +470,7 @@ async def bare_hop(
                     f"migration {info['status']}: {info.get('error-desc', 'no reason given')}",
                 )
             # The destination finishes loading a moment after the source is done sending.
-            while True:
-                event = await _next_event(dst_events, deadline)
-                if _status(event) == "completed":
-                    break
-                if _status(event) == "failed":
-                    raise VmferryError(ErrorCode.OPERATION_FAILED, "incoming migration failed")
+            await _incoming_done(dst_events, deadline)
             await dst.execute("cont")
             resumed = time.time()
             t_resumed = time.perf_counter()
@@ -700,12 +705,7 @@ async def bare_storage_hop(
                     ErrorCode.OPERATION_FAILED,
                     f"migration {info['status']}: {info.get('error-desc', 'no reason given')}",
                 )
-            while True:
-                event = await _next_event(dst_events, deadline)
-                if _status(event) == "completed":
-                    break
-                if _status(event) == "failed":
-                    raise VmferryError(ErrorCode.OPERATION_FAILED, "incoming migration failed")
+            await _incoming_done(dst_events, deadline)
             t_switched = time.perf_counter()
             await dst.execute("nbd-server-stop")
             await dst.execute("cont")

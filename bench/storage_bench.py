@@ -7,8 +7,8 @@ hop (re-stamps at ``--disk-mib-s``) and reading it back, besides stamping
 and dirtying their memory:
 
 * **vmferry**: two ``vmferryd`` (unix sockets on this host, each with its own
-  image directory as a root), client-managed v3 ``--copy-storage-all``
-  (``--p2p``: peer to peer), the destination's XML naming its own directory;
+  image directory as a root), client-managed v3 ``--copy-storage-all``, the
+  destination's XML naming its own directory;
 * **floor**: bare QEMU processes driven over QMP (:func:`floor.bare_storage_hop`):
   create the destination disk, NBD server + export on the destination,
   ``blockdev-add nbd`` + ``blockdev-mirror`` on the source, migrate with
@@ -23,14 +23,15 @@ stopped and their final images checked block by block
 bench (exit 1).
 
 The ratio vmferry/floor (median wall per hop) has the target 1.2x. Other
-vmferry variants (``--tls``, ``--tunnelled``: :data:`VARIANTS`) run as further
-guests beside the plain one, and their ratio to the plain one is reported:
-the hook for the TLS and tunnel figures of issue 8 (a variant registers
-itself once vmferry has the flag).
+vmferry variants (:data:`VARIANTS`: ``p2p``; ``tls`` and ``tunnelled`` once
+vmferry has the flags) run as further guests beside the plain one, each
+compared with its baseline (p2p with the floor, tls with plain, tunnelled with
+direct p2p over the same mutual-TLS peer connection): the hook for the TLS and
+tunnel throughput ratios of issue 8.
 
 Usage::
 
-    .venv/bin/python bench/storage_bench.py [--hops 3] [--p2p] [--variants tls,tunnelled]
+    .venv/bin/python bench/storage_bench.py [--hops 3] [--variants p2p,tls,tunnelled]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.errors import VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
+from vmferry.pki import init_pki
 from vmferry.testguest import (
     GuestDisk,
     Heartbeat,
@@ -132,18 +134,30 @@ class Variant:
     target: float
     #: Daemon config appended to its [migration] section (e.g. ``tls = "on"``).
     extra_config: str = ""
+    #: The daemons need the cluster PKI (``[tls] pki_dir``; made for the run).
+    pki: bool = False
+    #: p2p to the destination's mutual-TLS URI rather than its unix socket (the tunnel
+    #: travels inside the daemons' own connection).
+    tls_peer: bool = False
 
 
 def _variants() -> dict[str, Variant]:
-    """The variants this vmferry can run: plain always; TLS and tunnelled once they exist."""
-    out = {"plain": Variant("plain", MigrateFlags(0), None, TARGET_RATIO)}
+    """
+    The variants this vmferry can run: plain and p2p always; TLS and tunnelled once
+    ``MigrateFlags`` has them (TLS against plain, tunnelled against direct p2p).
+    """
+    p2p = MigrateFlags.PEER2PEER
+    out = {
+        "plain": Variant("plain", MigrateFlags(0), None, TARGET_RATIO),
+        "p2p": Variant("p2p", p2p, None, TARGET_RATIO),
+    }
     tls = getattr(MigrateFlags, "TLS", None)
     if tls is not None:
-        out["tls"] = Variant("tls", tls, "plain", TARGET_TLS)
+        out["tls"] = Variant("tls", tls, "plain", TARGET_TLS, pki=True)
     tunnelled = getattr(MigrateFlags, "TUNNELLED", None)
     if tunnelled is not None:
         out["tunnelled"] = Variant(
-            "tunnelled", tunnelled | MigrateFlags.PEER2PEER, "plain", TARGET_TUNNEL
+            "tunnelled", tunnelled | p2p, "p2p", TARGET_TUNNEL, pki=True, tls_peer=True
         )
     return out
 
@@ -178,7 +192,6 @@ class VmferryPath:
     dests: tuple[str, str]
     dirs: tuple[Path, Path]
     variant: Variant
-    p2p: bool
     shape: Shape
     here: int = 0
     boot: Heartbeat | None = None
@@ -191,7 +204,7 @@ class VmferryPath:
 
     @property
     def label(self) -> str:
-        return f"vmferry {self.variant.name}{' p2p' if self.p2p else ''}"
+        return f"vmferry {self.variant.name}"
 
     def image(self, side: int) -> Path:
         return self.dirs[side] / f"{self.name}.qcow2"
@@ -224,10 +237,8 @@ class VmferryPath:
         t_start = time.time()
         t0 = time.perf_counter()
         report: MigrationReport
-        if self.p2p or flags & MigrateFlags.PEER2PEER:
-            report = await migrate_p2p(
-                src, self.dests[1 - self.here], self.name, flags | MigrateFlags.PEER2PEER, params
-            )
+        if flags & MigrateFlags.PEER2PEER:
+            report = await migrate_p2p(src, self.dests[1 - self.here], self.name, flags, params)
         else:
             report = await migrate(src, dst, self.name, flags, params)
         wall = time.perf_counter() - t0
@@ -387,7 +398,7 @@ def build_result(
     out: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hops": args.hops,
-        "mode": "p2p" if args.p2p else "client-managed v3",
+        "variants": [p.variant.name for p in paths if isinstance(p, VmferryPath)],
         "guest": {**asdict(shape), "blocks": shape.blocks},
         "cpus": os.cpu_count(),
         "paths": {},
@@ -409,7 +420,7 @@ def build_result(
     for p in paths:
         if not isinstance(p, VmferryPath):
             continue
-        base = FloorPath.label if p.variant.baseline is None else _label(p.variant.baseline, args)
+        base = FloorPath.label if p.variant.baseline is None else f"vmferry {p.variant.baseline}"
         # vmferry vs floor: time ratio (lower is better); variant vs plain: throughput
         # ratio (higher is better), as the issue states the TLS and tunnel targets.
         if p.variant.baseline is None:
@@ -422,14 +433,10 @@ def build_result(
     return out
 
 
-def _label(variant: str, args: argparse.Namespace) -> str:
-    return f"vmferry {variant}{' p2p' if args.p2p else ''}"
-
-
 def render(result: dict[str, Any]) -> str:
     g = result["guest"]
     lines = [
-        f"{result['hops']} hops each, interleaved ({result['mode']}); guest {g['memory_mib']} MiB"
+        f"{result['hops']} hops each, interleaved; guest {g['memory_mib']} MiB"
         f" RAM ({g['stamp_mib']} MiB stamped, dirtying {g['dirty_mib_s']:g} MiB/s), disk"
         f" {g['disk_mib']} MiB qcow2 holding {g['data_mib']} MiB, writing"
         f" {g['disk_mib_s']:g} MiB/s during the hops; TCG",
@@ -479,6 +486,30 @@ def render(result: dict[str, Any]) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
+def _wanted(spec: str) -> list[str]:
+    """The variants to run: plain, those asked for, and what those are compared with."""
+    wanted = ["plain"]
+    for name in (v.strip() for v in spec.split(",")):
+        if not name:
+            continue
+        if name not in VARIANTS:
+            raise SystemExit(
+                f"variant {name!r} not available in this vmferry (have: {', '.join(VARIANTS)})"
+            )
+        for v in (VARIANTS[name].baseline, name):
+            if v is not None and v not in wanted:
+                wanted.append(v)
+    return wanted
+
+
+def _with_pki(daemons: Sequence[Host], pki: Path) -> None:
+    """Mutual TLS for the daemons: the cluster PKI and a TLS listener on their 16th port."""
+    init_pki(pki)
+    for host in daemons:
+        host.pki_dir, host.port_span = pki, 14
+        host.tls_port = host.port_min + 15
+
+
 def stamped_image(work: Path, shape: Shape) -> Path:
     """The template every guest's disk starts from: data_mib stamped at generation 1."""
     return create_image(
@@ -494,13 +525,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         data_mib=args.data_mib,
         disk_mib_s=args.disk_mib_s,
     )
-    wanted = ["plain", *[v for v in args.variants.split(",") if v and v != "plain"]]
-    unknown = [v for v in wanted if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(
-            f"variant(s) {', '.join(unknown)} not available in this vmferry "
-            f"(have: {', '.join(VARIANTS)})"
-        )
+    wanted = _wanted(args.variants)
     with _workdir(args.keep) as work:
         images = make_image_dir()
         dirs = (images / "h0", images / "h1")
@@ -522,6 +547,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 host.image_roots = [dirs[i]]
                 host.extra_config = extra
                 daemons.append(host)
+            if any(VARIANTS[v].pki or VARIANTS[v].tls_peer for v in wanted):
+                _with_pki(daemons, work / "pki")
+            # Direct and tunnelled p2p alike reach the peer over its mutual-TLS listener.
+            tls_peer = any(VARIANTS[v].tls_peer for v in wanted)
+            dests = tuple(h.tls_uri if tls_peer else h.uri for h in daemons)
             fl = FloorPath(work / "floor", shape)
             async with contextlib.AsyncExitStack() as stack:
                 for h in daemons:
@@ -532,12 +562,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 vms = [
                     VmferryPath(
-                        (clients[0], clients[1]),
-                        (daemons[0].uri, daemons[1].uri),
-                        dirs,
-                        VARIANTS[v],
-                        args.p2p,
-                        shape,
+                        (clients[0], clients[1]), (dests[0], dests[1]), dirs, VARIANTS[v], shape
                     )
                     for v in wanted
                 ]
@@ -572,7 +597,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--hops", type=int, default=3, help="migrations per path (default 3)")
-    p.add_argument("--p2p", action="store_true", help="vmferry migrates peer-to-peer")
     p.add_argument(
         "--variants",
         default="",

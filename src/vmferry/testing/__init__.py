@@ -9,6 +9,9 @@ tests, ``make demo`` and the benchmarks (outside the layers, like
   heartbeat, sync or async; :func:`boot_guest` defines, starts and waits.
 - :mod:`vmferry.testing.fakemonitor`: a stand-in for QEMU's monitor in
   pure-logic unit tests.
+- :mod:`vmferry.testing.disk`: the test guest's disk from the host: images
+  for it, :func:`~vmferry.testing.disk.wait_disk_ready`, the offline
+  verifier of what it wrote, ``qemu-img compare``.
 """
 
 from vmferry.testing.daemons import Host, allocate_ports, hosts, kill_qemu, qemu_pids
