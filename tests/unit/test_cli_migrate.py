@@ -182,7 +182,7 @@ RUNNING = JobStats(
 
 
 def test_domjobinfo_running_job() -> None:
-    assert migrate_cmds.job_info(RUNNING) == (
+    assert migrate_cmds.job_info(RUNNING.model_dump()) == (
         "Job type:          Unbounded\n"
         "Operation:         Outgoing migration\n"
         "Phase:             perform3\n"
@@ -204,15 +204,15 @@ def test_domjobinfo_completed_and_none() -> None:
         type="completed",
         stats={"data_processed": 2048, "downtime_ms": 18, "total_time_ms": 72, "error": None},
     )
-    assert migrate_cmds.job_info(done).splitlines() == [
+    assert migrate_cmds.job_info(done.model_dump()).splitlines() == [
         "Job type:       Completed",
         "Data processed: 2.000 KiB",
         "Downtime:       18           ms",
         "Total time:     72           ms",
     ]
-    assert migrate_cmds.job_info(JobStats()) == "Job type: None"
+    assert migrate_cmds.job_info(JobStats().model_dump()) == "Job type: None"
     failed = JobStats(type="failed", stats={"error": "Unable to write to socket"})
-    assert migrate_cmds.job_info(failed).splitlines()[-1] == (
+    assert migrate_cmds.job_info(failed.model_dump()).splitlines()[-1] == (
         "Error message: Unable to write to socket"
     )
 
@@ -238,7 +238,7 @@ def test_progress_view_choice_and_bar() -> None:
         assert isinstance(view, progress.BarProgress)
         for step in ("begin", "prepare", "perform"):
             view(step, None)
-        view("perform", RUNNING)
+        view("perform", RUNNING.stats)
         view.finish({**RUNNING.stats, "memory_iteration": 3})
     text = out.getvalue()
     assert "\x1b[" in text  # drawn as a live terminal bar
@@ -272,17 +272,17 @@ class FakeClient(Client):
         }
         FakeClient.last = self
 
-    def run(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+    def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
         self.sent.append(call)
         answer = self.answers[(call.method, call.path)]
         if isinstance(answer, BaseException):
             raise answer
-        return call.parse(answer)
+        return answer
 
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(context, "Client", FakeClient)
+    monkeypatch.setattr(context, "client_class", FakeClient)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -293,7 +293,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def test_job_and_tuning_commands(fake: None, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = cli(capsys, "domjobinfo", "g1")
-    assert status == 0 and out == migrate_cmds.job_info(RUNNING) + "\n"
+    assert status == 0 and out == migrate_cmds.job_info(RUNNING.model_dump()) + "\n"
     assert FakeClient.last.sent[0].params == {"completed": "false"}
     status, out, _ = cli(capsys, "domjobinfo", "g1", "--completed", "--json")
     assert json.loads(out)["stats"]["expected_downtime_ms"] == 300
@@ -307,12 +307,10 @@ def test_job_and_tuning_commands(fake: None, capsys: pytest.CaptureFixture[str])
     )
 
     assert cli(capsys, "migrate-setmaxdowntime", "g1", "50") == (0, "", "")
-    body = FakeClient.last.sent[0].body
-    assert body is not None and body.model_dump() == {"downtime_ms": 50}
+    assert FakeClient.last.sent[0].json_body() == {"downtime_ms": 50}
     assert cli(capsys, "migrate-getmaxdowntime", "g1") == (0, "300\n", "")
     assert cli(capsys, "migrate-setspeed", "g1", "80") == (0, "", "")
-    body = FakeClient.last.sent[0].body
-    assert body is not None and body.model_dump() == {"bandwidth_mib_s": 80}
+    assert FakeClient.last.sent[0].json_body() == {"bandwidth_mib_s": 80}
     status, out, _ = cli(capsys, "migrate-getspeed", "g1", "--json")
     assert json.loads(out) == {"bandwidth_mib_s": 0}
     assert cli(capsys, "migrate-setmaxdowntime", "g1", "0")[0] == 2

@@ -36,8 +36,8 @@ from vmferry.api.models import (
     XmlBody,
 )
 from vmferry.client import AsyncClient, Client, calls, parse_uri, resolve_pki_dir
-from vmferry.client.calls import Call, model
 from vmferry.client.aio import timeout_for
+from vmferry.client.calls import Call, model
 from vmferry.errors import ErrorCode, VmferryError
 
 CONSOLE = "SeaBIOS\nbooting...\nlogin: "

@@ -1,22 +1,26 @@
-"""A command's table entry (:class:`Command`) and what it works with (:class:`Context`)."""
+"""A command's table entry (:class:`Command`) and what it works with (:class:`Context`).
+
+Plain classes, not dataclasses: ``dataclasses`` imports ``inspect``, which
+alone is a tenth of a fast command's budget (docs/cli.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vmferry.client import Client
 from vmferry.errors import ErrorCode, VmferryError
 
+if TYPE_CHECKING:
+    from vmferry.client.sync import Client
+
 URI_ENV = "VMFERRY_URI"
+PKI_DIR_ENV = "VMFERRY_PKI_DIR"  # as vmferry.client.PKI_DIR_ENV (not imported for --help)
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     """One ``add_argument`` call, kept as data so commands fit in a table."""
 
     flags: tuple[str, ...]
@@ -27,8 +31,7 @@ def arg(*flags: str, **options: Any) -> Arg:
     return Arg(flags, options)
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """
     One ``vmferry`` command.
 
@@ -47,14 +50,18 @@ class Command:
     connect: bool = True
 
 
-@dataclass
+#: The client class (tests put a fake here); None: vmferry.client.sync.Client, imported when used.
+client_class: type[Client] | None = None
+
+
 class Context:
     """The global options, and the clients a command opened (closed when it ends)."""
 
-    uri: str | None
-    pki_dir: Path | None = None
-    _clients: list[Client] = field(default_factory=list, init=False)
-    _client: Client | None = field(default=None, init=False)
+    def __init__(self, uri: str | None, pki_dir: str | None = None) -> None:
+        self.uri = uri
+        self.pki_dir = pki_dir
+        self._clients: list[Client] = []
+        self._client: Client | None = None
 
     @property
     def client(self) -> Client:
@@ -69,7 +76,12 @@ class Context:
 
     def connect(self, uri: str) -> Client:
         """A client for another daemon (e.g. a migration's destination)."""
-        client = Client(uri, pki_dir=self.pki_dir)
+        if client_class is not None:
+            client = client_class(uri, pki_dir=self.pki_dir)
+        else:
+            from vmferry.client.sync import Client as SyncClient
+
+            client = SyncClient(uri, pki_dir=self.pki_dir)
         self._clients.append(client)
         return client
 

@@ -6,13 +6,11 @@ awaited.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
-
-import ssl
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -138,9 +139,8 @@ def _split_lines(pieces: Iterator[bytes]) -> Iterator[str]:
 
 def _reason(exc: BaseException) -> str:
     # What a user recognises: the OS's words, or the TLS library's reason.
-    import ssl  # already loaded whenever an SSLError can occur
-
-    if isinstance(exc, ssl.SSLError):
+    ssl = sys.modules.get("ssl")  # loaded whenever an SSLError can occur
+    if ssl is not None and isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
@@ -456,4 +456,3 @@ async def async_exchange(
         raise exchange_error(endpoint, exc) from exc
     finally:
         await answer.aclose()
-

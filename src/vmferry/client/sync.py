@@ -8,7 +8,6 @@ the CLI's fast commands use :meth:`Client.fetch` and never pay for them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,6 +35,7 @@ from vmferry.client.transport import request_timeout as timeout_of
 from vmferry.errors import ErrorCode, VmferryError
 
 if TYPE_CHECKING:
+    from pathlib import Path
     import ssl
 
     from vmferry.api.models import (

@@ -15,7 +15,6 @@ here (the CLI's fast commands go through it: docs/cli.md).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,6 +22,7 @@ from vmferry.errors import ErrorCode, VmferryError
 
 if TYPE_CHECKING:
     import ssl
+    from pathlib import Path
 
     from vmferry.api.models import Event
     from vmferry.client.calls import Call
@@ -35,7 +35,7 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 120.0
 
 PKI_DIR_ENV = "VMFERRY_PKI_DIR"
-DEFAULT_PKI_DIR = Path("~/.config/vmferry/pki")
+DEFAULT_PKI_DIR = "~/.config/vmferry/pki"
 
 Scheme = Literal["unix", "tls", "tcp"]
 _EXAMPLES = "unix:///path/to/vmferryd.sock, tls://host:port or tcp://host:port"
@@ -93,10 +93,12 @@ def parse_uri(uri: str) -> Endpoint:
 
 def resolve_pki_dir(pki_dir: Path | str | None) -> Path:
     """*pki_dir*, else ``$VMFERRY_PKI_DIR``, else ``~/.config/vmferry/pki``."""
+    from pathlib import Path  # only for tls://: unix-socket commands skip pathlib
+
     if pki_dir is not None:
         return Path(pki_dir).expanduser()
     env = os.environ.get(PKI_DIR_ENV)
-    return Path(env).expanduser() if env else DEFAULT_PKI_DIR.expanduser()
+    return Path(env or DEFAULT_PKI_DIR).expanduser()
 
 
 def ssl_context(endpoint: Endpoint, pki_dir: Path | str | None) -> ssl.SSLContext | None:
@@ -109,7 +111,9 @@ def ssl_context(endpoint: Endpoint, pki_dir: Path | str | None) -> ssl.SSLContex
     return client_ssl_context(resolve_pki_dir(pki_dir))
 
 
-def request_timeout(call: Call[Any] | None, default: float | None, override: float | None) -> float | None:
+def request_timeout(
+    call: Call[Any] | None, default: float | None, override: float | None
+) -> float | None:
     """
     The read timeout of one request: *override*, else the client's *default*,
     raised to the call's own minimum (e.g. a shutdown's guest timeout).
