@@ -35,8 +35,8 @@ from vmferry.client.transport import request_timeout as timeout_of
 from vmferry.errors import ErrorCode, VmferryError
 
 if TYPE_CHECKING:
-    from pathlib import Path
     import ssl
+    from pathlib import Path
 
     from vmferry.api.models import (
         ConsoleOutput,
