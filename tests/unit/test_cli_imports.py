@@ -81,7 +81,8 @@ class _Handler(socketserver.StreamRequestHandler):
         status = "200 OK" if target in ANSWERS else "404 Not Found"
         self.wfile.write(
             f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
         )
 
 

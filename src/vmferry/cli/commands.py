@@ -12,8 +12,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from vmferry.cli import completion, migrate_cmds
 from vmferry.cli import format as fmt
-from vmferry.cli import migrate_cmds
 from vmferry.cli.context import Command, Context, arg
 from vmferry.client import calls
 from vmferry.errors import ErrorCode, VmferryError
@@ -304,4 +304,5 @@ COMMANDS: tuple[Command, ...] = (
         (arg("dir", metavar="DIR"), arg("cert", metavar="CERT", help="the certificate (PEM)")),
         connect=False,
     ),
+    *completion.COMMANDS,
 )
