@@ -7,7 +7,6 @@ models (docs/cli.md); :func:`to_json` takes either.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,8 @@ def _plain(value: Any) -> Any:
 
 def to_json(value: Any, *, indent: int | None = 2) -> str:
     """One JSON document for JSON data, a model, or a list of either."""
+    import json
+
     return json.dumps(_plain(value), indent=indent)
 
 

@@ -21,28 +21,41 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vmferry.client.calls import Call
-from vmferry.client.sync import Client, EventStream
-from vmferry.client.transport import (
-    DEFAULT_TIMEOUT,
-    PKI_DIR_ENV,
-    Endpoint,
-    parse_uri,
-    resolve_pki_dir,
-)
-
 if TYPE_CHECKING:
     from vmferry.client.aio import AsyncClient, AsyncEventStream
+    from vmferry.client.calls import Call
+    from vmferry.client.sync import Client, EventStream
+    from vmferry.client.transport import (
+        DEFAULT_TIMEOUT,
+        PKI_DIR_ENV,
+        Endpoint,
+        parse_uri,
+        resolve_pki_dir,
+    )
+
+# Each name is imported from its module on first use (PEP 562): `import
+# vmferry.client.calls` does not load the HTTP code, and the asyncio client
+# (httpx, the API models) is loaded only by those who use it (docs/cli.md).
+_WHERE = {
+    "AsyncClient": "aio",
+    "AsyncEventStream": "aio",
+    "Call": "calls",
+    "Client": "sync",
+    "EventStream": "sync",
+    "DEFAULT_TIMEOUT": "transport",
+    "PKI_DIR_ENV": "transport",
+    "Endpoint": "transport",
+    "parse_uri": "transport",
+    "resolve_pki_dir": "transport",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The asyncio client imports httpx and the API models: only for those who use it,
-    # not for every `import vmferry.client` (the CLI's fast commands: docs/cli.md).
-    if name in ("AsyncClient", "AsyncEventStream"):
-        from vmferry.client import aio
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(aio, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vmferry.client.{_WHERE[name]}"), name)
 
 
 __all__ = [

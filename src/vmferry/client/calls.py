@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
-from urllib.parse import quote
 
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -73,6 +72,14 @@ def lazy_model(name: str) -> Callable[[Any], Any]:
     return parse
 
 
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def quote(text: str) -> str:
+    """``urllib.parse.quote(text, safe="")``, without importing urllib.parse (and ipaddress)."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in text.encode())
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -81,7 +88,7 @@ def domain_path(name: str, suffix: str = "") -> str:
     """``/v1/domains/{name}{suffix}``; *name* may be a name or a UUID."""
     if not name:
         raise VmferryError(ErrorCode.INVALID_ARG, "a domain name or UUID is required")
-    return f"/v1/domains/{quote(name, safe='')}{suffix}"
+    return f"/v1/domains/{quote(name)}{suffix}"
 
 
 def _domain_list(data: Any) -> list[DomainInfo]:

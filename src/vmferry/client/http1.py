@@ -19,7 +19,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -68,7 +67,11 @@ def encode_request(
     headers: dict[str, str] | None = None,
 ) -> bytes:
     """The bytes of one request; *body* is sent as JSON unless it is ``None``."""
-    target = f"{path}?{urlencode(params)}" if params else path
+    if params:
+        from vmferry.client.calls import quote
+
+        path += "?" + "&".join(f"{quote(k)}={quote(v)}" for k, v in params.items())
+    target = path
     if endpoint.scheme == "unix":
         host = "vmferry"
     else:

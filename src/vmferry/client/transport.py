@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
-from urllib.parse import urlsplit
 
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -69,6 +68,17 @@ def parse_uri(uri: str) -> Endpoint:
 
     def bad(why: str) -> VmferryError:
         return VmferryError(ErrorCode.INVALID_ARG, f"invalid vmferryd URI '{uri}': {why}")
+
+    if uri.startswith("unix:"):
+        # By hand, as urlsplit would: the local case must not import urllib.parse
+        # (and ipaddress with it) on the CLI's fast path.
+        if "?" in uri or "#" in uri:
+            raise bad("no query or fragment allowed")
+        rest = uri[len("unix:") :]
+        if not rest.startswith("///"):
+            raise bad("expected unix:///absolute/path.sock (three slashes)")
+        return Endpoint(uri, "unix", socket_path=rest[2:])
+    from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(uri)
