@@ -218,8 +218,8 @@ class SyncStream:
         try:
             yield from pieces
         except (OSError, ValueError) as exc:
-            if self._file.closed:
-                return  # closed by us: the end
+            if self.closed:
+                return  # closed by us (maybe from another thread): the end
             raise exchange_error(self._endpoint, exc) from exc
 
     def read(self) -> bytes:
