@@ -120,7 +120,7 @@ class FakeClient(Client):
 @pytest.fixture(autouse=True)
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     FakeClient.instances = []
-    monkeypatch.setattr(context, "client_class", FakeClient)
+    monkeypatch.setattr(context, "Client", FakeClient)
     monkeypatch.delenv("VMFERRY_URI", raising=False)
     yield
 
@@ -294,7 +294,7 @@ def test_ctrl_c(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
 def test_connect_failure_with_real_client(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(context, "client_class", Client)
+    monkeypatch.setattr(context, "Client", Client)
     tmp = tempfile.mkdtemp(prefix="vf", dir="/tmp")
     try:
         uri = f"unix://{tmp}/missing.sock"

@@ -282,7 +282,7 @@ class FakeClient(Client):
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(context, "client_class", FakeClient)
+    monkeypatch.setattr(context, "Client", FakeClient)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

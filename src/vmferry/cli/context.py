@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from vmferry.errors import ErrorCode, VmferryError
 
 if TYPE_CHECKING:
-    from vmferry.client.sync import Client
+    from vmferry.client.sync import Client as SyncClient
 
 URI_ENV = "VMFERRY_URI"
 PKI_DIR_ENV = "VMFERRY_PKI_DIR"  # as vmferry.client.PKI_DIR_ENV (not imported for --help)
@@ -51,7 +51,7 @@ class Command(NamedTuple):
 
 
 #: The client class (tests put a fake here); None: vmferry.client.sync.Client, imported when used.
-client_class: type[Client] | None = None
+Client: type[SyncClient] | None = None
 
 
 class Context:
@@ -60,11 +60,11 @@ class Context:
     def __init__(self, uri: str | None, pki_dir: str | None = None) -> None:
         self.uri = uri
         self.pki_dir = pki_dir
-        self._clients: list[Client] = []
-        self._client: Client | None = None
+        self._clients: list[SyncClient] = []
+        self._client: SyncClient | None = None
 
     @property
-    def client(self) -> Client:
+    def client(self) -> SyncClient:
         """The client of ``-c URI``, connected on first use."""
         if self._client is None:
             if not self.uri:
@@ -74,14 +74,14 @@ class Context:
             self._client = self.connect(self.uri)
         return self._client
 
-    def connect(self, uri: str) -> Client:
+    def connect(self, uri: str) -> SyncClient:
         """A client for another daemon (e.g. a migration's destination)."""
-        if client_class is not None:
-            client = client_class(uri, pki_dir=self.pki_dir)
+        if Client is not None:
+            client = Client(uri, pki_dir=self.pki_dir)
         else:
-            from vmferry.client.sync import Client as SyncClient
+            from vmferry.client.sync import Client as Default
 
-            client = SyncClient(uri, pki_dir=self.pki_dir)
+            client = Default(uri, pki_dir=self.pki_dir)
         self._clients.append(client)
         return client
 
