@@ -103,3 +103,52 @@ def test_zsh_script_parses() -> None:
     zsh = shutil.which("zsh")
     assert zsh is not None
     subprocess.run([zsh, "-n", "-c", zsh_script(COMMANDS)], check=True, timeout=60)
+
+
+# zsh's completion builtins, stubbed to print what they would offer.
+ZSH_STUBS = """
+compdef() { : }
+_describe() { local -a entries; entries=("${(@P)2}"); print -l -- ${entries%%:*} }
+compadd() { if [[ $1 == -a ]]; then print -l -- "${(@P)2}"; else shift; print -l -- "$@"; fi }
+_files() { print -- '<files>' }
+vmferry() { print -r -- "$*" >> "$CALLS"; print 'vm1'; print 'web server' }
+"""
+
+
+def zsh_complete(line: str, tmp: str) -> tuple[list[str], list[str]]:
+    """What the zsh script offers at the end of *line* (builtins stubbed); its vmferry calls."""
+    zsh = shutil.which("zsh")
+    assert zsh is not None
+    calls = f"{tmp}/zcalls"
+    words = line.split(" ")
+    quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
+    script = (
+        zsh_script(COMMANDS)
+        + ZSH_STUBS
+        + f"CALLS={calls!r}\nwords=({quoted}); CURRENT={len(words)}\n_vmferry\n"
+    )
+    done = subprocess.run(
+        [zsh, "-f", "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    try:
+        with open(calls) as f:
+            made = f.read().splitlines()
+    except FileNotFoundError:
+        made = []
+    return [w for w in done.stdout.splitlines() if w], made
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
+def test_zsh_completes_commands_options_and_domains(tmp_path: object) -> None:
+    tmp = str(tmp_path)
+    words, calls = zsh_complete("vmferry ", tmp)
+    assert {"list", "domstate", "migrate", "pki", "completion"} <= set(words)
+    assert calls == []
+    assert zsh_complete("vmferry pki ", tmp)[0] == ["init", "client", "revoke"]
+    assert "--reason" in zsh_complete("vmferry domstate --", tmp)[0]
+    words, calls = zsh_complete("vmferry -c unix:///run/v.sock domstate ", tmp)
+    assert words == ["vm1", "web server"]
+    assert calls == ["-c unix:///run/v.sock list --all --name"]
+    assert zsh_complete("vmferry migrate --live vm1 ", tmp)[0] == []
+    assert zsh_complete("vmferry migrate --xml ", tmp)[0] == ["<files>"]
+    assert zsh_complete("vmferry completion ", tmp)[0] == ["bash", "zsh"]
