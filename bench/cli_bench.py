@@ -11,11 +11,12 @@ target: under 100 ms median each.
 The processes run as an installed ``vmferry`` does: with the bytecode cache
 (the environment's ``PYTHONDONTWRITEBYTECODE`` is dropped for them, and one
 run of each warms the cache first).  ``--src DIR`` runs the CLI from another
-source tree (e.g. an export of ``main``, to compare).
+source tree; ``--baseline DIR`` runs the commands from a second tree too
+(e.g. an export of ``main``), interleaved, so that both see the same load.
 
 Usage::
 
-    .venv/bin/python bench/cli_bench.py [--runs 20] [--src DIR] [--json PATH]
+    .venv/bin/python bench/cli_bench.py [--runs 20] [--src DIR] [--baseline DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -106,30 +107,35 @@ def running_daemon() -> Iterator[Host]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    env = cli_env(args.src)
+    envs = {"": cli_env(args.src)}
+    if args.baseline:
+        envs["baseline: "] = cli_env(args.baseline)
     vmferry = vmferry_argv()
     with running_daemon() as host:
         with Client(host.uri) as client:
             for name in ("bench1", "bench2"):
                 client.define(guest_xml(name))
-        cases = {
-            "python -c pass": [sys.executable, "-c", "pass"],
+        commands = {
             "vmferry --help": [*vmferry, "--help"],
             "vmferry list --all": [*vmferry, "-c", host.uri, "list", "--all"],
             "vmferry domstate NAME": [*vmferry, "-c", host.uri, "domstate", "bench1"],
         }
-        for argv in cases.values():  # warm the bytecode cache and the page cache
+        cases = {"python -c pass": ([sys.executable, "-c", "pass"], envs[""])}
+        for prefix, env in envs.items():
+            cases |= {prefix + name: (argv, env) for name, argv in commands.items()}
+        for argv, env in cases.values():  # warm the bytecode cache and the page cache
             timed(argv, env)
         walls: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
         for i in range(args.runs):
             order = list(cases.items())
             if i % 2:
                 order.reverse()
-            for name, argv in order:
+            for name, (argv, env) in order:
                 walls[name].append(timed(argv, env))
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "src": str(args.src),
+        "baseline": str(args.baseline) if args.baseline else None,
         "runs": args.runs,
         "cpus": os.cpu_count(),
         "target_ms": TARGET_MS,
@@ -139,14 +145,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['runs']} runs each as processes, interleaved; CLI from {result['src']}",
+        f"{result['runs']} runs each as processes, interleaved; CLI from {result['src']}"
+        + (f", baseline from {result['baseline']}" if result.get("baseline") else ""),
         "",
-        f"{'ms':<26}{'median':>9}{'min':>8}{'max':>8}{'CPU':>8}",
+        f"{'ms':<34}{'median':>9}{'min':>8}{'max':>8}{'CPU':>8}",
     ]
     verdicts = []
     for name, s in result["commands"].items():
         lines.append(
-            f"{name:<26}{s['median_ms']:9.1f}{s['min_ms']:8.1f}{s['max_ms']:8.1f}"
+            f"{name:<34}{s['median_ms']:9.1f}{s['min_ms']:8.1f}{s['max_ms']:8.1f}"
             f"{s['cpu_median_ms']:8.1f}"
         )
         if name.startswith("vmferry"):
@@ -172,6 +179,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--runs", type=int, default=20, help="runs per command (default 20)")
     p.add_argument("--src", type=Path, default=REPO / "src", help="source tree the CLI runs from")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the commands from this source tree, interleaved (a before/after)",
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     p.add_argument(
         "--enforce", action="store_true", help=f"exit 1 when a command is over {TARGET_MS:.0f} ms"
