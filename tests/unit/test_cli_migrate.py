@@ -199,6 +199,11 @@ def test_domjobinfo_running_job() -> None:
     )
 
 
+def test_layouts_take_models_too() -> None:
+    # Commands that hold a model (ctx.client.jobinfo(...)) lay it out the same.
+    assert migrate_cmds.job_info(RUNNING) == migrate_cmds.job_info(RUNNING.model_dump())
+
+
 def test_domjobinfo_completed_and_none() -> None:
     done = JobStats(
         type="completed",

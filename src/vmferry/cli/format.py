@@ -2,7 +2,7 @@
 
 The domain and host layouts take the daemon's JSON as it came (a dict, see
 docs/api.md), so that the fast commands never import the API's pydantic
-models (docs/cli.md); :func:`to_json` takes either.
+models (docs/cli.md); they, and :func:`to_json`, also take the models.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ _STATE_TEXT = {
 _LIFECYCLE = {"defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"}
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """JSON data as is; a pydantic model (or a list of them) as its JSON data."""
     if hasattr(value, "model_dump"):  # a pydantic model
         return value.model_dump(mode="json")
     if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     return value
 
 
@@ -43,7 +44,7 @@ def to_json(value: Any, *, indent: int | None = 2) -> str:
     """One JSON document for JSON data, a model, or a list of either."""
     import json
 
-    return json.dumps(_plain(value), indent=indent)
+    return json.dumps(plain(value), indent=indent)
 
 
 def state_text(state: str) -> str:
@@ -85,7 +86,8 @@ def _listed_state(d: Mapping[str, Any]) -> str:
 
 
 def domain_list(domains: Iterable[Mapping[str, Any]]) -> str:
-    """``vmferry list``'s table of ``GET /v1/domains``' answer."""
+    """``vmferry list``'s table of ``GET /v1/domains``' answer (or of DomainInfo models)."""
+    domains = plain(list(domains))
     rows = [
         ["-" if d.get("id") is None else str(d["id"]), str(d["name"]), _listed_state(d)]
         for d in domains
@@ -94,6 +96,7 @@ def domain_list(domains: Iterable[Mapping[str, Any]]) -> str:
 
 
 def host_info(host: Mapping[str, Any]) -> str:
+    host = plain(host)
     return fields(
         [
             ("Hostname", host["hostname"]),
@@ -106,7 +109,8 @@ def host_info(host: Mapping[str, Any]) -> str:
 
 
 def domain_info(dom: Mapping[str, Any]) -> str:
-    """``vmferry dominfo``'s lines of one domain (``GET /v1/domains/NAME``)."""
+    """``vmferry dominfo``'s lines of one domain (``GET /v1/domains/NAME``, or a DomainInfo)."""
+    dom = plain(dom)
     pairs: list[tuple[str, object]] = [
         ("Id", "-" if dom.get("id") is None else dom["id"]),
         ("Name", dom["name"]),
@@ -134,6 +138,7 @@ def domain_info(dom: Mapping[str, Any]) -> str:
 
 
 def domain_state(info: Mapping[str, Any], *, reason: bool = False) -> str:
+    info = plain(info)
     text = state_text(info["state"])
     return f"{text} ({info['reason']})" if reason and info.get("reason") else text
 

@@ -271,7 +271,8 @@ def _capitalized(text: str) -> str:
 
 
 def job_info(job: Mapping[str, Any]) -> str:
-    """``virsh domjobinfo``'s layout for a job (``GET .../jobinfo``: docs/api.md)."""
+    """``virsh domjobinfo``'s layout for a job (``GET .../jobinfo``: docs/api.md; or JobStats)."""
+    job = fmt.plain(job)
     kind = str(job.get("type") or "none")
     stats: Mapping[str, Any] = job.get("stats") or {}
     pairs = [("Job type", _capitalized(kind))]
