@@ -45,6 +45,8 @@ demo: venv guest
 
 bench: venv guest
 	$(PY) bench/migrate_bench.py
+	$(PY) bench/migrate_bench.py --cli --json build/bench/migrate-cli.json
+	$(PY) bench/cli_bench.py
 
 # Storage migration (--copy-storage-all) against the bare-QMP NBD floor; see bench/README.md.
 .PHONY: bench-storage

@@ -14,7 +14,7 @@ corrupted or rebooted guest fails the bench.
 
 Usage::
 
-    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--trace] [--json PATH]
+    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--cli] [--trace] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,6 +124,8 @@ class VmferryPath:
     hosts: tuple[AsyncClient, AsyncClient]
     name: str
     p2p: bool
+    #: --cli: each hop is a `vmferry migrate` process (this argv, then its options).
+    cli: list[str] | None = None
     here: int = 0
     boot: Heartbeat | None = None
     last: Heartbeat | None = None
@@ -129,6 +133,8 @@ class VmferryPath:
 
     @property
     def label(self) -> str:
+        if self.cli:
+            return "vmferry migrate" + (" --p2p" if self.p2p else "")
         return "vmferry p2p" if self.p2p else "vmferry v3"
 
     async def _console(self) -> str:
@@ -152,7 +158,9 @@ class VmferryPath:
         t_start = time.time()
         t0 = time.perf_counter()
         report: MigrationReport
-        if self.p2p:
+        if self.cli:
+            report = await self._cli_hop(src.uri, dests[1 - self.here])
+        elif self.p2p:
             report = await migrate_p2p(
                 src, dests[1 - self.here], self.name, flags | MigrateFlags.PEER2PEER
             )
@@ -179,6 +187,22 @@ class VmferryPath:
             "iterations": _num(stats.get("memory_iteration")),
         }
         self.hops.append(hop)
+
+    async def _cli_hop(self, src_uri: str, dest_uri: str) -> MigrationReport:
+        """One ``vmferry -c SRC migrate --live NAME DEST --json`` process: its report."""
+        assert self.cli is not None
+        argv = [*self.cli, "-c", src_uri, "migrate", "--live", self.name, dest_uri, "--json"]
+        proc = await asyncio.create_subprocess_exec(
+            *(argv + (["--p2p"] if self.p2p else [])),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise VmferryError("operation-failed", f"vmferry migrate failed: {err.decode()}")
+        data = json.loads(out)
+        return MigrationReport(wall_s=data["wall_s"], steps=data["steps"], stats=data["stats"])
 
     async def verify(self) -> None:
         """Wait for the destination's next heartbeat; it must continue the last one."""
@@ -262,6 +286,25 @@ class FloorPath:
     async def destroy(self) -> None:
         if self.qemu is not None:
             await self.qemu.stop()
+
+
+def cli_env() -> dict[str, str]:
+    """A CLI process's environment: as installed, with its bytecode cache (see cli_bench.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def vmferry_argv() -> list[str]:
+    """The installed ``vmferry`` next to this interpreter, else ``python -m``."""
+    script = Path(sys.executable).parent / "vmferry"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vmferry.cli.main"]
+
+
+def _children_cpu_ns() -> int:
+    """CPU time of this process's finished children (the `vmferry migrate` processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((usage.ru_utime + usage.ru_stime) * 1e9)
 
 
 def _cpu_ns(pids: Sequence[int]) -> int:
@@ -531,7 +574,11 @@ def render(result: dict[str, Any]) -> str:
     )
     lines.append(
         f"  {'stats':<9}{vs['after_s']['median'] * 1000:8.1f}"
-        "   (client: jobinfo calls after the migration, inside the wall time)"
+        + (
+            "   (the process: start, imports, jobinfo calls after the migration, exit)"
+            if result.get("cli")
+            else "   (client: jobinfo calls after the migration, inside the wall time)"
+        )
     )
     ratio = result["ratio_wall"]
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
@@ -604,7 +651,9 @@ def build_result(
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hops": args.hops,
-        "mode": "p2p" if args.p2p else "client-managed v3",
+        "mode": ("p2p" if args.p2p else "client-managed v3")
+        + (", vmferry CLI" if args.cli else ""),
+        "cli": bool(args.cli),
         "guest": asdict(shape),
         "cpus": os.cpu_count(),
         "target_ratio": TARGET_RATIO,
@@ -693,7 +742,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack.push_async_callback(stop_daemon, d)
             await asyncio.gather(*(start_daemon(d) for d in daemons))
             clients = tuple([await stack.enter_async_context(AsyncClient(d.uri)) for d in daemons])
-            vm = VmferryPath((clients[0], clients[1]), "bench", args.p2p)
+            cli = vmferry_argv() if args.cli else None
+            if cli:  # warm the CLI's bytecode cache, as an installed vmferry has it
+                await asyncio.to_thread(
+                    subprocess.run, [*cli, "--help"], env=cli_env(), capture_output=True
+                )
+            vm = VmferryPath((clients[0], clients[1]), "bench", args.p2p, cli)
             stack.push_async_callback(vm.destroy)
             stack.push_async_callback(fl.destroy)
             log("booting both guests")
@@ -708,10 +762,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.hops):
                 # Alternate who goes first, so neither always follows the other's aftermath.
                 for p in paths if i % 2 == 0 else paths[::-1]:
-                    cpu = _cpu_ns(managers[p.label])
+                    # The CLI processes are this bench's children; the floor's QEMUs are too,
+                    # but their CPU is the guest's, not the driver's.
+                    children = p is vm and cli is not None
+                    cpu = _cpu_ns(managers[p.label]) + (_children_cpu_ns() if children else 0)
                     await p.hop(dests)
                     h = p.hops[-1]
-                    h["manager_cpu_ms"] = (_cpu_ns(managers[p.label]) - cpu) / 1e6
+                    cpu_after = _cpu_ns(managers[p.label]) + (_children_cpu_ns() if children else 0)
+                    h["manager_cpu_ms"] = (cpu_after - cpu) / 1e6
                     await p.verify()
                     log(f"hop {i + 1:2}/{args.hops} {p.label:<12} {h['wall_s'] * 1000:7.1f} ms")
         result = build_result(args, shape, vm, fl)
@@ -730,6 +788,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--hops", type=int, default=10, help="migrations per path (default 10)")
     p.add_argument("--p2p", action="store_true", help="vmferry migrates peer-to-peer")
+    p.add_argument(
+        "--cli",
+        action="store_true",
+        help="each vmferry hop is a `vmferry migrate --json` process (the whole command's cost)",
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     p.add_argument("--memory-mib", type=int, default=192)
     p.add_argument("--stamp-mib", type=int, default=64)

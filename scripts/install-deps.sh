@@ -28,4 +28,6 @@ fi
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils
 apt-get install -y -qq cpio iproute2 libc6-dev
+# zsh: tests/unit/test_cli_completion.py checks the zsh completion script with it
+apt-get install -y -qq zsh
 python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv

@@ -1,8 +1,8 @@
 """The ``vmferry`` command: parsing, output (tables and --json), errors and exit codes.
 
 The daemon is faked one layer below the client's methods: :class:`FakeClient`
-is a real :class:`Client` whose ``run`` answers the described request from a
-table, so the CLI, the client's methods and the answer parsing are all real.
+is a real :class:`Client` whose ``fetch`` answers the described request's JSON
+from a table, so the CLI, the client's methods and the answer parsing are all real.
 """
 
 from __future__ import annotations
@@ -94,16 +94,16 @@ class FakeClient(Client):
         self.console_chunks = ["boot\n", "", "login: "]
         FakeClient.instances.append(self)
 
-    def run(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+    def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
         self.sent.append(call)
         if call.path.endswith("/console"):
-            return call.parse(self._console(int((call.params or {})["offset"])))
+            return self._console(int((call.params or {})["offset"]))
         answer = self.answers[(call.method, call.path)]
         if isinstance(answer, BaseException):
             raise answer
         if call.path == "/v1/domains" and call.method == "GET" and call.params == {"all": "true"}:
             answer = [VM1.model_dump(), VM2.model_dump()]
-        return call.parse(answer)
+        return answer
 
     def _console(self, offset: int) -> dict[str, Any]:
         polls = sum(c.path.endswith("/console") for c in self.sent)
@@ -284,10 +284,10 @@ def test_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
 
 
 def test_ctrl_c(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(self: Client) -> HostInfo:
+    def interrupted(self: Client, call: Call[Any], **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FakeClient, "host", interrupted)
+    monkeypatch.setattr(FakeClient, "fetch", interrupted)
     assert run(capsys, "hostinfo") == (130, "", "")
 
 

@@ -190,7 +190,7 @@ RUNNING = JobStats(
 
 
 def test_domjobinfo_running_job() -> None:
-    assert migrate_cmds.job_info(RUNNING) == (
+    assert migrate_cmds.job_info(RUNNING.model_dump()) == (
         "Job type:          Unbounded\n"
         "Operation:         Outgoing migration\n"
         "Phase:             perform3\n"
@@ -207,20 +207,25 @@ def test_domjobinfo_running_job() -> None:
     )
 
 
+def test_layouts_take_models_too() -> None:
+    # Commands that hold a model (ctx.client.jobinfo(...)) lay it out the same.
+    assert migrate_cmds.job_info(RUNNING) == migrate_cmds.job_info(RUNNING.model_dump())
+
+
 def test_domjobinfo_completed_and_none() -> None:
     done = JobStats(
         type="completed",
         stats={"data_processed": 2048, "downtime_ms": 18, "total_time_ms": 72, "error": None},
     )
-    assert migrate_cmds.job_info(done).splitlines() == [
+    assert migrate_cmds.job_info(done.model_dump()).splitlines() == [
         "Job type:       Completed",
         "Data processed: 2.000 KiB",
         "Downtime:       18           ms",
         "Total time:     72           ms",
     ]
-    assert migrate_cmds.job_info(JobStats()) == "Job type: None"
+    assert migrate_cmds.job_info(JobStats().model_dump()) == "Job type: None"
     failed = JobStats(type="failed", stats={"error": "Unable to write to socket"})
-    assert migrate_cmds.job_info(failed).splitlines()[-1] == (
+    assert migrate_cmds.job_info(failed.model_dump()).splitlines()[-1] == (
         "Error message: Unable to write to socket"
     )
 
@@ -246,7 +251,7 @@ def test_progress_view_choice_and_bar() -> None:
         assert isinstance(view, progress.BarProgress)
         for step in ("begin", "prepare", "perform"):
             view(step, None)
-        view("perform", RUNNING)
+        view("perform", RUNNING.stats)
         view.finish({**RUNNING.stats, "memory_iteration": 3})
     text = out.getvalue()
     assert "\x1b[" in text  # drawn as a live terminal bar
@@ -280,12 +285,12 @@ class FakeClient(Client):
         }
         FakeClient.last = self
 
-    def run(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+    def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
         self.sent.append(call)
         answer = self.answers[(call.method, call.path)]
         if isinstance(answer, BaseException):
             raise answer
-        return call.parse(answer)
+        return answer
 
 
 @pytest.fixture
@@ -301,7 +306,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def test_job_and_tuning_commands(fake: None, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = cli(capsys, "domjobinfo", "g1")
-    assert status == 0 and out == migrate_cmds.job_info(RUNNING) + "\n"
+    assert status == 0 and out == migrate_cmds.job_info(RUNNING.model_dump()) + "\n"
     assert FakeClient.last.sent[0].params == {"completed": "false"}
     status, out, _ = cli(capsys, "domjobinfo", "g1", "--completed", "--json")
     assert json.loads(out)["stats"]["expected_downtime_ms"] == 300
@@ -315,12 +320,10 @@ def test_job_and_tuning_commands(fake: None, capsys: pytest.CaptureFixture[str])
     )
 
     assert cli(capsys, "migrate-setmaxdowntime", "g1", "50") == (0, "", "")
-    body = FakeClient.last.sent[0].body
-    assert body is not None and body.model_dump() == {"downtime_ms": 50}
+    assert FakeClient.last.sent[0].json_body() == {"downtime_ms": 50}
     assert cli(capsys, "migrate-getmaxdowntime", "g1") == (0, "300\n", "")
     assert cli(capsys, "migrate-setspeed", "g1", "80") == (0, "", "")
-    body = FakeClient.last.sent[0].body
-    assert body is not None and body.model_dump() == {"bandwidth_mib_s": 80}
+    assert FakeClient.last.sent[0].json_body() == {"bandwidth_mib_s": 80}
     status, out, _ = cli(capsys, "migrate-getspeed", "g1", "--json")
     assert json.loads(out) == {"bandwidth_mib_s": 0}
     assert cli(capsys, "migrate-setmaxdowntime", "g1", "0")[0] == 2

@@ -36,8 +36,8 @@ from vmferry.api.models import (
     XmlBody,
 )
 from vmferry.client import AsyncClient, Client, calls, parse_uri, resolve_pki_dir
+from vmferry.client.aio import timeout_for
 from vmferry.client.calls import Call, model
-from vmferry.client.transport import timeout_for
 from vmferry.errors import ErrorCode, VmferryError
 
 CONSOLE = "SeaBIOS\nbooting...\nlogin: "
@@ -579,3 +579,49 @@ def test_tls(tmp: Path, standin: Standin, monkeypatch: pytest.MonkeyPatch) -> No
                 client.host()
         assert info.value.code == ErrorCode.CONNECT_FAILED
         assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+
+
+# -- the CLI's standard-library asyncio client -----------------------------------------------
+
+
+async def test_std_async_client(uri: str, standin: Standin, tmp: Path) -> None:
+    from vmferry.client import migration_calls as mc
+    from vmferry.client.stdaio import StdAsyncClient
+
+    async with StdAsyncClient(uri) as client:
+        assert client.uri == uri
+        host = await client.fetch(calls.host())
+        assert host["features"] == ["migration-v3"]
+        assert (await client.run(calls.host())).hostname == "standin"  # parsed into the model
+        started = await client.fetch(calls.start("my vm"))
+        assert (started["state"], started["name"]) == ("running", "my vm")
+        assert ("POST", "/v1/domains/my%20vm/start", None) in standin.seen
+
+        with pytest.raises(VmferryError) as info:
+            await client.fetch(calls.start("my vm"))
+        assert (info.value.code, info.value.message) == (
+            ErrorCode.OPERATION_INVALID,
+            "domain is already running",
+        )
+        with pytest.raises(VmferryError) as info:
+            await client.fetch(mc.jobinfo("vm1"))  # not a route of the stand-in
+        assert info.value.code == ErrorCode.NO_SUPPORT
+        with pytest.raises(VmferryError) as info:
+            await client.fetch(Call("GET", "/v1/test/slow", lambda d: d), request_timeout=0.2)
+        assert info.value.code == ErrorCode.RPC_FAILED
+
+        # a stream: lines as they come, through chunked encoding
+        stream = await client.open_stream(calls.EVENTS_PATH)
+        lines = stream.aiter_lines()
+        assert await asyncio.wait_for(anext(lines), 5) == ""  # the subscription's first line
+        await client.fetch(calls.define("<domain><name>vm4</name></domain>"))
+        line = await asyncio.wait_for(anext(lines), 5)
+        assert Event.model_validate_json(line).domain == "vm4"
+        await stream.aclose()
+    await asyncio.to_thread(wait_until, lambda: not standin.subscribers)
+
+    async with StdAsyncClient(f"unix://{tmp}/missing.sock") as client:
+        with pytest.raises(VmferryError) as info:
+            await client.fetch(calls.host())
+        assert info.value.code == ErrorCode.CONNECT_FAILED
+        assert info.value.message.endswith(os.strerror(ENOENT))

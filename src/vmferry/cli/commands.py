@@ -1,16 +1,21 @@
-"""The commands of ``vmferry``: one small function each, registered in :data:`COMMANDS`."""
+"""The commands of ``vmferry``: one small function each, registered in :data:`COMMANDS`.
+
+They read the daemon's answers as JSON (``ctx.client.fetch``), so that none
+of them imports pydantic, and import anything heavy inside the function that
+needs it (docs/cli.md, "Adding a command").
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
-from vmferry.api.models import DomainInfo
+from vmferry.cli import completion, migrate_cmds, observe_cmds, storage_cmds, verbs
 from vmferry.cli import format as fmt
-from vmferry.cli import migrate_cmds, observe_cmds, storage_cmds, verbs
 from vmferry.cli.context import Command, Context, arg
+from vmferry.client import calls
 from vmferry.errors import ErrorCode, VmferryError
 
 #: Seconds between two polls of ``console --follow``.
@@ -24,72 +29,79 @@ def _read_file(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
     try:
-        return Path(path).read_text()
+        with open(path, encoding="utf-8") as file:
+            return file.read()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise VmferryError(ErrorCode.INVALID_ARG, f"cannot read {path}: {why}") from exc
 
 
-def _done(ctx: Context, dom: DomainInfo, what: str) -> None:
-    ctx.out(f"Domain '{dom.name}' {what}")
+def _done(ctx: Context, dom: Mapping[str, Any], what: str) -> None:
+    ctx.out(f"Domain '{dom['name']}' {what}")
 
 
 def cmd_hostinfo(ctx: Context, args: argparse.Namespace) -> None:
-    host = ctx.client.host()
+    host = ctx.client.fetch(calls.host())
     ctx.out(fmt.to_json(host) if args.json else fmt.host_info(host))
 
 
 def cmd_list(ctx: Context, args: argparse.Namespace) -> None:
-    domains = ctx.client.list_domains(all=args.all)
-    ctx.out(fmt.to_json(domains) if args.json else fmt.domain_list(domains))
+    domains = ctx.client.fetch(calls.list_domains(all=args.all))
+    if args.name:  # one name a line: for scripts and shell completion
+        ctx.out("".join(f"{d['name']}\n" for d in domains), end="")
+    else:
+        ctx.out(fmt.to_json(domains) if args.json else fmt.domain_list(domains))
 
 
 def cmd_define(ctx: Context, args: argparse.Namespace) -> None:
-    dom = ctx.client.define(_read_file(args.file))
+    dom = ctx.client.fetch(calls.define(_read_file(args.file)))
     _done(ctx, dom, f"defined from {args.file}")
 
 
 def cmd_create(ctx: Context, args: argparse.Namespace) -> None:
-    dom = ctx.client.create(_read_file(args.file))
+    dom = ctx.client.fetch(calls.create(_read_file(args.file)))
     _done(ctx, dom, f"created from {args.file}")
 
 
 def cmd_undefine(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.undefine(args.name), "has been undefined")
+    _done(ctx, ctx.client.fetch(calls.undefine(args.name)), "has been undefined")
 
 
 def cmd_start(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.start(args.name), "started")
+    _done(ctx, ctx.client.fetch(calls.start(args.name)), "started")
 
 
 def cmd_shutdown(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.shutdown(args.name, timeout=args.timeout), "has been shut down")
+    dom = ctx.client.fetch(calls.shutdown(args.name, timeout=args.timeout))
+    _done(ctx, dom, "has been shut down")
 
 
 def cmd_destroy(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.destroy(args.name), "destroyed")
+    _done(ctx, ctx.client.fetch(calls.destroy(args.name)), "destroyed")
 
 
 def cmd_suspend(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.suspend(args.name), "suspended")
+    _done(ctx, ctx.client.fetch(calls.suspend(args.name)), "suspended")
 
 
 def cmd_resume(ctx: Context, args: argparse.Namespace) -> None:
-    _done(ctx, ctx.client.resume(args.name), "resumed")
+    _done(ctx, ctx.client.fetch(calls.resume(args.name)), "resumed")
 
 
 def cmd_dominfo(ctx: Context, args: argparse.Namespace) -> None:
-    dom = ctx.client.dominfo(args.name)
+    dom = ctx.client.fetch(calls.dominfo(args.name))
     ctx.out(fmt.to_json(dom) if args.json else fmt.domain_info(dom))
 
 
 def cmd_domstate(ctx: Context, args: argparse.Namespace) -> None:
-    state = ctx.client.domstate(args.name)
+    state = ctx.client.fetch(calls.domstate(args.name))
     ctx.out(fmt.to_json(state) if args.json else fmt.domain_state(state, reason=args.reason))
 
 
 def cmd_dumpxml(ctx: Context, args: argparse.Namespace) -> None:
-    xml = ctx.client.dumpxml(args.name, migratable=args.migratable, inactive=args.inactive)
+    xml = ctx.client.run(
+        calls.dumpxml(args.name, migratable=args.migratable, inactive=args.inactive)
+    )
     if args.json:
         ctx.out(fmt.to_json({"xml": xml}))
     else:
@@ -97,12 +109,14 @@ def cmd_dumpxml(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_console(ctx: Context, args: argparse.Namespace) -> None:
+    import time
+
     offset = 0
     while True:
-        chunk = ctx.client.console(args.name, offset)
-        if chunk.data:
-            ctx.out(chunk.data, end="")
-        offset = chunk.next_offset
+        chunk = ctx.client.fetch(calls.console(args.name, offset))
+        if chunk["data"]:
+            ctx.out(chunk["data"], end="")
+        offset = int(chunk["next_offset"])
         if not args.follow:
             return
         time.sleep(CONSOLE_POLL)
@@ -130,6 +144,8 @@ def cmd_event(ctx: Context, args: argparse.Namespace) -> None:
 
 def cmd_pki_init(ctx: Context, args: argparse.Namespace) -> None:
     # Lazy: only this command needs cryptography.
+    from pathlib import Path
+
     from vmferry.pki import init_pki
 
     directory = Path(args.dir)
@@ -138,6 +154,8 @@ def cmd_pki_init(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_pki_client(ctx: Context, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from vmferry.pki import issue_client
 
     cert = issue_client(
@@ -148,6 +166,8 @@ def cmd_pki_client(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_pki_revoke(ctx: Context, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from vmferry.pki import CRL, revoke
 
     serial = revoke(Path(args.dir), Path(args.cert))
@@ -180,7 +200,10 @@ COMMANDS: tuple[Command, ...] = (
         "list",
         "list domains",
         cmd_list,
-        (arg("--all", action="store_true", help="also list inactive domains"),),
+        (
+            arg("--all", action="store_true", help="also list inactive domains"),
+            arg("--name", action="store_true", help="only the names, one a line"),
+        ),
         json=True,
     ),
     Command("define", "define (but do not start) a domain from an XML file", cmd_define, (FILE,)),
@@ -284,4 +307,5 @@ COMMANDS: tuple[Command, ...] = (
         (arg("dir", metavar="DIR"), arg("cert", metavar="CERT", help="the certificate (PEM)")),
         connect=False,
     ),
+    *completion.COMMANDS,
 )

@@ -1,22 +1,26 @@
-"""A command's table entry (:class:`Command`) and what it works with (:class:`Context`)."""
+"""A command's table entry (:class:`Command`) and what it works with (:class:`Context`).
+
+Plain classes, not dataclasses: ``dataclasses`` imports ``inspect``, which
+alone is a tenth of a fast command's budget (docs/cli.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vmferry.client import Client
 from vmferry.errors import ErrorCode, VmferryError
 
+if TYPE_CHECKING:
+    from vmferry.client.sync import Client as SyncClient
+
 URI_ENV = "VMFERRY_URI"
+PKI_DIR_ENV = "VMFERRY_PKI_DIR"  # as vmferry.client.PKI_DIR_ENV (not imported for --help)
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     """One ``add_argument`` call, kept as data so commands fit in a table."""
 
     flags: tuple[str, ...]
@@ -27,8 +31,7 @@ def arg(*flags: str, **options: Any) -> Arg:
     return Arg(flags, options)
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """
     One ``vmferry`` command.
 
@@ -47,17 +50,21 @@ class Command:
     connect: bool = True
 
 
-@dataclass
+#: The client class (tests put a fake here); None: vmferry.client.sync.Client, imported when used.
+Client: type[SyncClient] | None = None
+
+
 class Context:
     """The global options, and the clients a command opened (closed when it ends)."""
 
-    uri: str | None
-    pki_dir: Path | None = None
-    _clients: list[Client] = field(default_factory=list, init=False)
-    _client: Client | None = field(default=None, init=False)
+    def __init__(self, uri: str | None, pki_dir: str | None = None) -> None:
+        self.uri = uri
+        self.pki_dir = pki_dir
+        self._clients: list[SyncClient] = []
+        self._client: SyncClient | None = None
 
     @property
-    def client(self) -> Client:
+    def client(self) -> SyncClient:
         """The client of ``-c URI``, connected on first use."""
         if self._client is None:
             if not self.uri:
@@ -67,9 +74,14 @@ class Context:
             self._client = self.connect(self.uri)
         return self._client
 
-    def connect(self, uri: str) -> Client:
+    def connect(self, uri: str) -> SyncClient:
         """A client for another daemon (e.g. a migration's destination)."""
-        client = Client(uri, pki_dir=self.pki_dir)
+        if Client is not None:
+            client = Client(uri, pki_dir=self.pki_dir)
+        else:
+            from vmferry.client.sync import Client as Default
+
+            client = Default(uri, pki_dir=self.pki_dir)
         self._clients.append(client)
         return client
 

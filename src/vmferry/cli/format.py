@@ -1,16 +1,21 @@
-"""Text and JSON output of the ``vmferry`` command, laid out like virsh's."""
+"""Text and JSON output of the ``vmferry`` command, laid out like virsh's.
+
+The domain and host layouts take the daemon's JSON as it came (a dict, see
+docs/api.md), so that the fast commands never import the API's pydantic
+models (docs/cli.md); they, and :func:`to_json`, also take the models.
+"""
 
 from __future__ import annotations
 
-import datetime
-import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+if TYPE_CHECKING:
+    from vmferry.api.models import Event
 
-from vmferry.api.models import DomainInfo, DomainStateInfo, Event, HostInfo
-from vmferry.domain.state import ErrorReason
+#: vmferry.domain.state.ErrorReason's values (importing vmferry.domain would load its XML
+#: code; a unit test keeps the two equal).
+ERROR_REASONS = frozenset({"status-corrupt", "monitor-lost"})
 
 # virsh's words for the states (virshDomainStateToString).
 _STATE_TEXT = {
@@ -26,18 +31,20 @@ _STATE_TEXT = {
 _LIFECYCLE = {"defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown"}
 
 
-def to_json(
-    value: BaseModel | Sequence[BaseModel] | dict[str, Any], *, indent: int | None = 2
-) -> str:
-    """One JSON document for a model, a list of models or a plain dict."""
-    data: Any
-    if isinstance(value, BaseModel):
-        data = value.model_dump(mode="json")
-    elif isinstance(value, dict):
-        data = value
-    else:
-        data = [item.model_dump(mode="json") for item in value]
-    return json.dumps(data, indent=indent)
+def plain(value: Any) -> Any:
+    """JSON data as is; a pydantic model (or a list of them) as its JSON data."""
+    if hasattr(value, "model_dump"):  # a pydantic model
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+def to_json(value: Any, *, indent: int | None = 2) -> str:
+    """One JSON document for JSON data, a model, or a list of either."""
+    import json
+
+    return json.dumps(plain(value), indent=indent)
 
 
 def state_text(state: str) -> str:
@@ -71,60 +78,70 @@ def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _listed_state(d: DomainInfo) -> str:
+def _listed_state(d: Mapping[str, Any]) -> str:
     # A domain the daemon could not fully load says why, even without --reason.
-    if d.reason in ErrorReason.__members__.values():
-        return f"{state_text(d.state)} ({d.reason})"
-    return state_text(d.state)
+    if d.get("reason") in ERROR_REASONS:
+        return f"{state_text(d['state'])} ({d['reason']})"
+    return state_text(d["state"])
 
 
-def domain_list(domains: Iterable[DomainInfo]) -> str:
-    rows = [["-" if d.id is None else str(d.id), d.name, _listed_state(d)] for d in domains]
+def domain_list(domains: Iterable[Mapping[str, Any]]) -> str:
+    """``vmferry list``'s table of ``GET /v1/domains``' answer (or of DomainInfo models)."""
+    domains = plain(list(domains))
+    rows = [
+        ["-" if d.get("id") is None else str(d["id"]), str(d["name"]), _listed_state(d)]
+        for d in domains
+    ]
     return table(["Id", "Name", "State"], rows)
 
 
-def host_info(host: HostInfo) -> str:
+def host_info(host: Mapping[str, Any]) -> str:
+    host = plain(host)
     return fields(
         [
-            ("Hostname", host.hostname),
-            ("UUID", host.uuid),
-            ("Version", host.version),
-            ("QEMU version", host.qemu_version or "-"),
-            ("Features", " ".join(host.features) or "-"),
+            ("Hostname", host["hostname"]),
+            ("UUID", host["uuid"]),
+            ("Version", host["version"]),
+            ("QEMU version", host.get("qemu_version") or "-"),
+            ("Features", " ".join(host.get("features") or []) or "-"),
         ]
     )
 
 
-def domain_info(dom: DomainInfo) -> str:
+def domain_info(dom: Mapping[str, Any]) -> str:
+    """``vmferry dominfo``'s lines of one domain (``GET /v1/domains/NAME``, or a DomainInfo)."""
+    dom = plain(dom)
     pairs: list[tuple[str, object]] = [
-        ("Id", "-" if dom.id is None else dom.id),
-        ("Name", dom.name),
-        ("UUID", dom.uuid),
+        ("Id", "-" if dom.get("id") is None else dom["id"]),
+        ("Name", dom["name"]),
+        ("UUID", dom["uuid"]),
     ]
-    if dom.title:
-        pairs.append(("Title", dom.title))
+    if dom.get("title"):
+        pairs.append(("Title", dom["title"]))
     pairs += [
-        ("Type", dom.domain_type),
-        ("State", state_text(dom.state)),
-        ("Reason", dom.reason or "-"),
-        ("CPU(s)", dom.vcpus),
-        ("Max memory", f"{dom.max_memory_kib} KiB"),
-        ("Used memory", f"{dom.memory_kib} KiB"),
-        ("Persistent", _yes_no(dom.persistent)),
-        ("Autostart", "enable" if dom.autostart else "disable"),  # virsh's words
+        ("Type", dom.get("domain_type", "qemu")),
+        ("State", state_text(dom["state"])),
+        ("Reason", dom.get("reason") or "-"),
+        ("CPU(s)", dom["vcpus"]),
+        ("Max memory", f"{dom['max_memory_kib']} KiB"),
+        ("Used memory", f"{dom['memory_kib']} KiB"),
+        ("Persistent", _yes_no(bool(dom["persistent"]))),
+        ("Autostart", "enable" if dom.get("autostart") else "disable"),  # virsh's words
     ]
-    job = dom.job
-    if job.job != "none":
-        pairs.append(("Job", f"{job.job} ({job.job_owner_api})" if job.job_owner_api else job.job))
-    if job.async_job != "none":
-        owner = f", {job.async_owner_api}" if job.async_owner_api else ""
-        pairs.append(("Async job", f"{job.async_job} (phase {job.phase}{owner})"))
+    job: Mapping[str, Any] = dom.get("job") or {}
+    sync_job, owner = job.get("job", "none"), job.get("job_owner_api", "")
+    if sync_job != "none":
+        pairs.append(("Job", f"{sync_job} ({owner})" if owner else sync_job))
+    if job.get("async_job", "none") != "none":
+        owner = f", {job['async_owner_api']}" if job.get("async_owner_api") else ""
+        pairs.append(("Async job", f"{job['async_job']} (phase {job.get('phase')}{owner})"))
     return fields(pairs)
 
 
-def domain_state(info: DomainStateInfo, *, reason: bool = False) -> str:
-    text = state_text(info.state)
-    return f"{text} ({info.reason})" if reason and info.reason else text
+def domain_state(info: Mapping[str, Any], *, reason: bool = False) -> str:
+    info = plain(info)
+    text = state_text(info["state"])
+    return f"{text} ({info['reason']})" if reason and info.get("reason") else text
 
 
 def _words(text: str) -> str:
@@ -149,6 +166,8 @@ def event_line(event: Event, *, timestamp: bool = False) -> str:
         if details:
             text += ": " + ", ".join(details)
     if timestamp:
+        import datetime
+
         when = datetime.datetime.fromtimestamp(event.timestamp, datetime.UTC)
         text = f"{when.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}+0000: {text}"
     return text

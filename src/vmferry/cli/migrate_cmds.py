@@ -8,53 +8,53 @@ here (client-managed) against the source (``-c URI``) and the destination
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
 import sys
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmferry.api.models import JobStats
 from vmferry.cli import format as fmt
 from vmferry.cli.context import Arg, Command, Context, arg
-from vmferry.cli.progress import View, open_view, policy_action
-from vmferry.client import AsyncClient
-from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
+from vmferry.client import migration_calls as mc
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.logs import new_migration_id
-from vmferry.migration.flags import MigrateFlags
-from vmferry.migration.params import MigrationParams
+
+if TYPE_CHECKING:
+    from vmferry.cli.progress import View
+    from vmferry.client.migrate import MigrationReport
+    from vmferry.migration.flags import MigrateFlags
+    from vmferry.migration.params import MigrationParams
+
+# Imports are lazy (in the functions): `vmferry --help` and the other commands load
+# this module for its table only (docs/cli.md).
 
 #: Seconds to wait for the source to accept a domjobabort after Ctrl-C.
 ABORT_WAIT_S = 5.0
 
 NAME = arg("name", metavar="NAME", help="domain name or UUID")
 
-# --flag -> MigrateFlags member, for the plain switches of `migrate`.
+# --flag -> MigrateFlags member name, for the plain switches of `migrate`.
 _SWITCHES = {
-    "live": MigrateFlags.LIVE,
-    "offline": MigrateFlags.OFFLINE,
-    "p2p": MigrateFlags.PEER2PEER,
-    "persistent": MigrateFlags.PERSIST_DEST,
-    "undefinesource": MigrateFlags.UNDEFINE_SOURCE,
-    "suspend": MigrateFlags.PAUSED,
-    "auto_converge": MigrateFlags.AUTO_CONVERGE,
-    "compressed": MigrateFlags.COMPRESSED,
-    "postcopy": MigrateFlags.POSTCOPY,
-    "postcopy_resume": MigrateFlags.POSTCOPY_RESUME,
-    "tls": MigrateFlags.TLS,
-    "tunnelled": MigrateFlags.TUNNELLED,
-    "copy_storage_all": MigrateFlags.NON_SHARED_DISK,
-    "copy_storage_inc": MigrateFlags.NON_SHARED_INC,
-    "copy_storage_synchronous_writes": MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES,
+    "live": "LIVE",
+    "offline": "OFFLINE",
+    "p2p": "PEER2PEER",
+    "persistent": "PERSIST_DEST",
+    "undefinesource": "UNDEFINE_SOURCE",
+    "suspend": "PAUSED",
+    "auto_converge": "AUTO_CONVERGE",
+    "compressed": "COMPRESSED",
+    "postcopy": "POSTCOPY",
+    "postcopy_resume": "POSTCOPY_RESUME",
+    "tls": "TLS",
+    "tunnelled": "TUNNELLED",
+    "copy_storage_all": "NON_SHARED_DISK",
+    "copy_storage_inc": "NON_SHARED_INC",
+    "copy_storage_synchronous_writes": "NON_SHARED_SYNCHRONOUS_WRITES",
 }
 
 
 def _read_xml(path: str) -> str:
     try:
-        return Path(path).read_text()
+        with open(path, encoding="utf-8") as file:
+            return file.read()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise VmferryError(ErrorCode.INVALID_ARG, f"cannot read {path}: {why}") from exc
@@ -70,10 +70,13 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
     :raise VmferryError: ``INVALID_ARG`` for options that do not go together
         or an unreadable ``--xml`` file.
     """
+    from vmferry.migration.flags import MigrateFlags
+    from vmferry.migration.params import MigrationParams
+
     flags = MigrateFlags(0)
     for option, flag in _SWITCHES.items():
         if getattr(args, option):
-            flags |= flag
+            flags |= MigrateFlags[flag]
     params = MigrationParams(
         bandwidth_mib_s=args.bandwidth or 0,
         migrate_uri=args.migrateuri or "",
@@ -120,7 +123,9 @@ def migration_request(args: argparse.Namespace) -> tuple[MigrateFlags, Migration
 
 def _policy_ref(text: str) -> str:
     """``--policy``: a built-in name as is; a file (a path, or ``*.toml``) becomes its TOML text."""
-    if "/" in text or text.endswith(".toml") or Path(text).is_file():
+    import os.path
+
+    if "/" in text or text.endswith(".toml") or os.path.isfile(text):
         return _read_xml(text)
     return text
 
@@ -158,7 +163,10 @@ def report_json(report: MigrationReport, name: str, source: str, dest: str, p2p:
             "source": source,
             "destination": dest,
             "p2p": p2p,
-            **dataclasses.asdict(report),
+            "wall_s": report.wall_s,
+            "steps": report.steps,
+            "stats": report.stats,
+            "migration_id": report.migration_id,
         }
     )
 
@@ -171,11 +179,17 @@ async def _migrate(
     params: MigrationParams,
     view: View,
 ) -> MigrationReport:
-    async with AsyncClient(src_uri, pki_dir=ctx.pki_dir) as src:
+    import asyncio
+    import contextlib
+
+    from vmferry.client.migrate import migrate, migrate_p2p
+    from vmferry.client.stdaio import StdAsyncClient
+
+    async with StdAsyncClient(src_uri, pki_dir=ctx.pki_dir) as src:
         try:
             if args.p2p:
                 return await migrate_p2p(src, args.desturi, args.name, flags, params, progress=view)
-            async with AsyncClient(args.desturi, pki_dir=ctx.pki_dir) as dst:
+            async with StdAsyncClient(args.desturi, pki_dir=ctx.pki_dir) as dst:
                 version = 2 if args.v2 else None
                 return await migrate(
                     src, dst, args.name, flags, params, version=version, progress=view
@@ -184,11 +198,16 @@ async def _migrate(
             # Ctrl-C: like virsh, abort the job rather than leave it running unwatched.
             with contextlib.suppress(VmferryError, TimeoutError):
                 async with asyncio.timeout(ABORT_WAIT_S):
-                    await src.jobabort(args.name)
+                    await src.fetch(mc.jobabort(args.name))
             raise
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
+    import asyncio
+
+    from vmferry.cli.progress import open_view
+    from vmferry.logs import new_migration_id
+
     flags, params = migration_request(args)
     if not ctx.uri:
         raise VmferryError(ErrorCode.INVALID_ARG, "no source vmferryd: use -c URI")
@@ -279,28 +298,34 @@ def _capitalized(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def job_info(job: JobStats) -> str:
-    """``virsh domjobinfo``'s layout for :class:`JobStats`."""
-    pairs = [("Job type", _capitalized(job.type))]
-    if job.type == "none" and not job.stats:
+def job_info(job: Mapping[str, Any]) -> str:
+    """``virsh domjobinfo``'s layout for a job (``GET .../jobinfo``: docs/api.md; or JobStats)."""
+    from vmferry.cli.progress import policy_action
+
+    job = fmt.plain(job)
+    kind = str(job.get("type") or "none")
+    stats: Mapping[str, Any] = job.get("stats") or {}
+    pairs = [("Job type", _capitalized(kind))]
+    if kind == "none" and not stats:
         return _job_lines(pairs)
-    if job.stats.get("migration_id"):
-        pairs.append(("Migration id", str(job.stats["migration_id"])))
-    if job.operation:
-        pairs.append(("Operation", _capitalized(job.operation)))
-    if job.phase and job.phase != "none":
-        pairs.append(("Phase", job.phase))
+    if stats.get("migration_id"):
+        pairs.append(("Migration id", str(stats["migration_id"])))
+    if job.get("operation"):
+        pairs.append(("Operation", _capitalized(str(job["operation"]))))
+    phase = job.get("phase")
+    if phase and phase != "none":
+        pairs.append(("Phase", str(phase)))
     for key, label, unit in _JOB_FIELDS:
-        if job.stats.get(key) is not None:
-            pairs.append((label, _job_value(job.stats[key], unit)))
+        if stats.get(key) is not None:
+            pairs.append((label, _job_value(stats[key], unit)))
     for key, label in _PHASES:
-        phases = job.stats.get(key)
+        phases = stats.get(key)
         if isinstance(phases, Mapping) and phases:
             pairs.append((label, _phase_times(phases)))
-    for action in job.stats.get("policy_actions") or []:
+    for action in stats.get("policy_actions") or []:
         pairs.append(("Policy action", policy_action(action)))
-    if job.stats.get("error"):
-        pairs.append(("Error message", str(job.stats["error"])))
+    if stats.get("error"):
+        pairs.append(("Error message", str(stats["error"])))
     return _job_lines(pairs)
 
 
@@ -314,33 +339,33 @@ def _phase_times(phases: Mapping[str, Any]) -> str:
 
 
 def cmd_domjobinfo(ctx: Context, args: argparse.Namespace) -> None:
-    job = ctx.client.jobinfo(args.name, completed=args.completed)
+    job = ctx.client.fetch(mc.jobinfo(args.name, completed=args.completed))
     ctx.out(fmt.to_json(job) if args.json else job_info(job))
 
 
 def cmd_domjobabort(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.jobabort(args.name, postcopy=args.postcopy)
+    ctx.client.fetch(mc.jobabort(args.name, postcopy=args.postcopy))
 
 
 def cmd_migrate_postcopy(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.start_postcopy(args.name)
+    ctx.client.fetch(mc.start_postcopy(args.name))
 
 
 def cmd_setmaxdowntime(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.set_maxdowntime(args.name, args.downtime)
+    ctx.client.fetch(mc.set_maxdowntime(args.name, args.downtime))
 
 
 def cmd_getmaxdowntime(ctx: Context, args: argparse.Namespace) -> None:
-    value = ctx.client.get_maxdowntime(args.name)
+    value = ctx.client.fetch(mc.get_maxdowntime(args.name))["downtime_ms"]
     ctx.out(fmt.to_json({"downtime_ms": value}) if args.json else str(value))
 
 
 def cmd_setspeed(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.set_speed(args.name, args.bandwidth)
+    ctx.client.fetch(mc.set_speed(args.name, args.bandwidth))
 
 
 def cmd_getspeed(ctx: Context, args: argparse.Namespace) -> None:
-    value = ctx.client.get_speed(args.name)
+    value = ctx.client.fetch(mc.get_speed(args.name))["bandwidth_mib_s"]
     ctx.out(fmt.to_json({"bandwidth_mib_s": value}) if args.json else str(value))
 
 

@@ -11,15 +11,11 @@ draws the bar while the migration runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TextIO
 
-from rich.console import Console, RenderableType
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
-
-from vmferry.api.models import JobStats
+# rich is imported (vmferry.cli.progress_bar) only when a bar is drawn: on a terminal.
 
 MIB = 1 << 20
 
@@ -115,7 +111,7 @@ class NoProgress:
     ) -> None:
         return None
 
-    def __call__(self, step: str, stats: JobStats | None) -> None:
+    def __call__(self, step: str, stats: Mapping[str, Any] | None) -> None:
         return None
 
     def start(self, migration_id: str) -> None:
@@ -143,12 +139,12 @@ class LineProgress(NoProgress):
     def start(self, migration_id: str) -> None:
         self._write(f"Migration id: {migration_id}")
 
-    def __call__(self, step: str, stats: JobStats | None) -> None:
+    def __call__(self, step: str, stats: Mapping[str, Any] | None) -> None:
         if stats is None:
             self._step_done()
             self._step, self._since = step, time.perf_counter()
-        self._write(line(step, stats.stats if stats else None))
-        self._show_actions(stats.stats if stats else None)
+        self._write(line(step, stats))
+        self._show_actions(stats)
 
     def finish(self, stats: Mapping[str, Any]) -> None:
         self._step_done()
@@ -166,86 +162,6 @@ class LineProgress(NoProgress):
             self._write(f"Migration: policy action {policy_action(action)}")
 
 
-class _TwoLineBar(Progress):
-    """The bar, and under it a line of figures (one line would not fit 80 columns)."""
-
-    details = ""
-
-    def get_renderables(self) -> Iterable[RenderableType]:
-        yield self.make_tasks_table(self.tasks)
-        if self.details:
-            yield Text(self.details, overflow="ellipsis", no_wrap=True)
-
-
-def details(stats: Mapping[str, Any]) -> str:
-    f = fields("", stats)
-    return (
-        f"  {f['moved']}, remaining {f['remaining']}, {f['rate']}, "
-        f"iteration {f['iteration']}, ETA {f['eta']}"
-    )
-
-
-class BarProgress(NoProgress):
-    """
-    A live bar: step, percentage and elapsed time, then transferred / total,
-    remaining, rate, iteration and ETA (remaining / rate).
-    """
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self._bar = _TwoLineBar(
-            TextColumn("[bold]{task.fields[step]:<8}"),
-            BarColumn(bar_width=40),
-            TextColumn("{task.percentage:>3.0f} %"),
-            TimeElapsedColumn(),
-            console=console,
-            refresh_per_second=8,
-        )
-        self._task = self._bar.add_task("migration", total=100, step="start")
-        self._step = "start"
-        self._actions = 0
-
-    def __enter__(self) -> BarProgress:
-        self._bar.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bar.stop()
-
-    def start(self, migration_id: str) -> None:
-        self.console.print(f"Migration id: {migration_id}", highlight=False)
-
-    def __call__(self, step: str, stats: JobStats | None) -> None:
-        self._step = step
-        if stats is None or not stats.stats:
-            self._bar.update(self._task, step=step)
-        else:
-            self._show(stats.stats)
-            self._show_actions(stats.stats)
-        # Draw now: steps are often shorter than the bar's refresh period.
-        self._bar.refresh()
-
-    def _show_actions(self, stats: Mapping[str, Any]) -> None:
-        # Printed above the bar, which keeps redrawing below them.
-        for action in new_actions(stats, self._actions):
-            self._actions += 1
-            self.console.print(f"policy action {policy_action(action)}", highlight=False)
-
-    def finish(self, stats: Mapping[str, Any]) -> None:
-        self._step = "done"
-        # A completed migration has sent everything, whatever the last poll said.
-        self._show({**stats, "data_remaining": 0})
-
-    def _show(self, stats: Mapping[str, Any]) -> None:
-        self._bar.details = details(stats)
-        self._bar.update(self._task, completed=percent(stats), step=self._step)
-
-
 View = NoProgress
 
 
@@ -258,7 +174,19 @@ def open_view(stream: TextIO, *, verbose: bool, terminal: bool | None = None) ->
     """
     is_tty = stream.isatty() if terminal is None else terminal
     if is_tty:
+        from rich.console import Console
+
+        from vmferry.cli.progress_bar import BarProgress
+
         return BarProgress(Console(file=stream, force_terminal=True))
     if verbose:
         return LineProgress(stream)
     return NoProgress()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BarProgress":  # lazy: it imports rich
+        from vmferry.cli import progress_bar
+
+        return progress_bar.BarProgress
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

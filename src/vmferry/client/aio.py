@@ -6,10 +6,11 @@ awaited.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 
@@ -29,20 +30,84 @@ from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
 from vmferry.client import verb_calls as vc
 from vmferry.client.calls import Call
+from vmferry.client.http1 import CONNECT_TIMEOUT, Answer, _reason
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
     Endpoint,
     check_status,
+    parse_answer,
     parse_event_line,
     parse_uri,
-    read_answer,
-    timeout_for,
-    transport_error,
-    transport_options,
+    read_json,
+    request_timeout,
+    ssl_context,
 )
 from vmferry.errors import ErrorCode, VmferryError
 
 T = TypeVar("T")
+
+
+class TransportOptions(TypedDict):
+    """Keyword arguments of ``httpx.AsyncHTTPTransport``."""
+
+    uds: str | None
+    verify: ssl.SSLContext | bool
+    trust_env: bool
+    retries: int
+
+
+def transport_options(endpoint: Endpoint, pki_dir: Path | str | None) -> TransportOptions:
+    """How to reach *endpoint*; loads the TLS files only for ``tls://``."""
+    return TransportOptions(
+        uds=endpoint.socket_path or None,
+        verify=ssl_context(endpoint, pki_dir) or False,
+        trust_env=False,  # proxies from the environment must not reroute daemon traffic
+        retries=0,
+    )
+
+
+def timeout_for(
+    call: Call[Any] | None, default: float | None, override: float | None
+) -> httpx.Timeout:
+    """httpx's form of :func:`~vmferry.client.transport.request_timeout`: connecting stays short."""
+    seconds = request_timeout(call, default, override)
+    connect = CONNECT_TIMEOUT if seconds is None else min(seconds, CONNECT_TIMEOUT)
+    return httpx.Timeout(seconds, connect=connect)
+
+
+def transport_error(endpoint: Endpoint, exc: httpx.TransportError) -> VmferryError:
+    """Map an httpx failure to a :class:`VmferryError` naming the daemon."""
+    reason = _httpx_reason(exc)
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return VmferryError(
+            ErrorCode.CONNECT_FAILED, f"cannot connect to vmferryd at {endpoint.uri}: {reason}"
+        )
+    # Past this point the request may have reached the daemon: its outcome is unknown.
+    if isinstance(exc, httpx.TimeoutException):
+        return VmferryError(
+            ErrorCode.RPC_FAILED,
+            f"no answer from vmferryd at {endpoint.uri} in time ({reason}); "
+            "the operation may still complete: check the domain's state",
+        )
+    return VmferryError(
+        ErrorCode.RPC_FAILED, f"lost connection to vmferryd at {endpoint.uri}: {reason}"
+    )
+
+
+def _httpx_reason(exc: BaseException) -> str:
+    # httpx wraps httpcore's error, which wraps the OSError: its text is what a user recognises.
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLError) or (isinstance(cause, OSError) and cause.strerror):
+            return _reason(cause)
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+def _answer(response: httpx.Response) -> Answer:
+    return Answer(response.status_code, response.content)
 
 
 class AsyncClient:
@@ -92,6 +157,11 @@ class AsyncClient:
 
     async def run(self, call: Call[T], *, request_timeout: float | None = None) -> T:
         """Send *call* and return its parsed answer."""
+        data = await self.fetch(call, request_timeout=request_timeout)
+        return parse_answer(self.endpoint, call, data)
+
+    async def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+        """Send *call* and return its answer's JSON, unparsed."""
         request = self._http.build_request(
             call.method,
             call.path,
@@ -106,7 +176,7 @@ class AsyncClient:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
                 raise transport_error(self.endpoint, exc) from exc
-            return read_answer(self.endpoint, call, response)
+            return read_json(self.endpoint, call, _answer(response))
 
     # One line per API call; the requests themselves are in vmferry.client.calls.
 
@@ -187,6 +257,7 @@ class AsyncClient:
     async def metrics(self, *, request_timeout: float | None = None) -> str:
         """The daemon's Prometheus metrics, in the text exposition format."""
         return await self.run(calls.metrics(), request_timeout=request_timeout)
+
     # The verbs beyond the life cycle: the requests are in vmferry.client.verb_calls.
 
     async def reboot(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
@@ -359,7 +430,8 @@ class AsyncClient:
                 await response.aclose()
         except httpx.TransportError as exc:
             raise transport_error(self.endpoint, exc) from exc
-        check_status(self.endpoint, "GET", path, response)
+        if not response.is_success:
+            check_status(self.endpoint, "GET", path, _answer(response))
         return response
 
 

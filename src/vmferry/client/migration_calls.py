@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmferry.api.models import (
-    BeginReply,
-    ConfirmRequest,
-    CookieBody,
-    DowntimeBody,
-    FinishRequest,
-    JobStats,
-    MigrationRequest,
-    MigrationResult,
-    PeerMigrationRequest,
-    Perform2Request,
-    PerformRequest,
-    PrepareReply,
-    PrepareRequest,
-    SpeedBody,
-)
-from vmferry.client.calls import Call, domain_path, model
+from vmferry.client.calls import Call, domain_path, lazy_model
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable
+
+    from vmferry.api.models import (
+        BeginReply,
+        CookieBody,
+        DowntimeBody,
+        JobStats,
+        MigrationResult,
+        PrepareReply,
+        SpeedBody,
+    )
+
+# The bodies are plain dicts (the daemon validates them against vmferry.api.models),
+# the answers pydantic models imported when parsed: `vmferry migrate` reads the
+# answers' JSON with fetch() and never imports pydantic (docs/cli.md).
 
 SESSION_PATH = "/v1/session"
 SESSION_HEADER = "X-Vmferry-Session"
@@ -38,8 +38,8 @@ def begin(name: str, flags: int, params: dict[str, Any], session: str) -> Call[B
     return Call(
         "POST",
         domain_path(name, "/migrate/begin"),
-        model(BeginReply),
-        body=MigrationRequest(flags=flags, params=params),
+        lazy_model("BeginReply"),
+        body={"flags": flags, "params": params},
         headers=_session(session),
     )
 
@@ -50,8 +50,8 @@ def prepare(
     return Call(
         "POST",
         "/v1/migrate/prepare",
-        model(PrepareReply),
-        body=PrepareRequest(xml=xml, cookie=cookie, flags=flags, params=params),
+        lazy_model("PrepareReply"),
+        body={"xml": xml, "cookie": cookie, "flags": flags, "params": params},
         headers=_session(session),
     )
 
@@ -60,15 +60,16 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     return Call(
         "POST",
         domain_path(name, "/migrate/perform"),
-        model(CookieBody),
-        body=PerformRequest(cookie=cookie, uri=uri, peer_uri=peer_uri),
+        lazy_model("CookieBody"),
+        body={"cookie": cookie, "uri": uri, "peer_uri": peer_uri},
         min_timeout=LONG_CALL,
     )
 
 
 def tunnel(name: str, chunks: AsyncIterable[bytes]) -> Call[CookieBody]:
     """The tunnelled migration stream of the destination's incoming *name* (its body)."""
-    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), content=chunks)
+    path = domain_path(name, "/migrate/tunnel")
+    return Call("POST", path, lazy_model("CookieBody"), content=chunks)
 
 
 def perform2(
@@ -77,8 +78,8 @@ def perform2(
     return Call(
         "POST",
         domain_path(name, "/migrate/perform2"),
-        model(CookieBody),
-        body=Perform2Request(uri=uri, flags=flags, params=params, peer_uri=peer_uri),
+        lazy_model("CookieBody"),
+        body={"uri": uri, "flags": flags, "params": params, "peer_uri": peer_uri},
         min_timeout=LONG_CALL,
     )
 
@@ -87,8 +88,8 @@ def finish(name: str, cookie: str | None, cancelled: bool, v3: bool) -> Call[Coo
     return Call(
         "POST",
         domain_path(name, "/migrate/finish"),
-        model(CookieBody),
-        body=FinishRequest(cookie=cookie, cancelled=cancelled, v3=v3),
+        lazy_model("CookieBody"),
+        body={"cookie": cookie, "cancelled": cancelled, "v3": v3},
         min_timeout=300.0,
     )
 
@@ -97,8 +98,8 @@ def confirm(name: str, cookie: str, cancelled: bool) -> Call[CookieBody]:
     return Call(
         "POST",
         domain_path(name, "/migrate/confirm"),
-        model(CookieBody),
-        body=ConfirmRequest(cookie=cookie, cancelled=cancelled),
+        lazy_model("CookieBody"),
+        body={"cookie": cookie, "cancelled": cancelled},
     )
 
 
@@ -108,8 +109,8 @@ def migrate_p2p(
     return Call(
         "POST",
         domain_path(name, "/migrate"),
-        model(MigrationResult),
-        body=PeerMigrationRequest(dest_uri=dest_uri, flags=flags, params=params),
+        lazy_model("MigrationResult"),
+        body={"dest_uri": dest_uri, "flags": flags, "params": params},
         min_timeout=LONG_CALL,
     )
 
@@ -118,7 +119,7 @@ def jobinfo(name: str, completed: bool = False) -> Call[JobStats]:
     return Call(
         "GET",
         domain_path(name, "/jobinfo"),
-        model(JobStats),
+        lazy_model("JobStats"),
         params={"completed": "true" if completed else "false"},
     )
 
@@ -128,37 +129,37 @@ def jobabort(name: str, postcopy: bool = False) -> Call[CookieBody]:
     return Call(
         "POST",
         domain_path(name, "/jobabort"),
-        model(CookieBody),
+        lazy_model("CookieBody"),
         params={"postcopy": "true"} if postcopy else None,
     )
 
 
 def start_postcopy(name: str) -> Call[CookieBody]:
     """Switch the running outgoing migration to post-copy (``migrate-postcopy``)."""
-    return Call("POST", domain_path(name, "/migrate/postcopy"), model(CookieBody))
+    return Call("POST", domain_path(name, "/migrate/postcopy"), lazy_model("CookieBody"))
 
 
 def get_maxdowntime(name: str) -> Call[DowntimeBody]:
-    return Call("GET", domain_path(name, "/migrate/maxdowntime"), model(DowntimeBody))
+    return Call("GET", domain_path(name, "/migrate/maxdowntime"), lazy_model("DowntimeBody"))
 
 
 def set_maxdowntime(name: str, downtime_ms: int) -> Call[DowntimeBody]:
     return Call(
         "PUT",
         domain_path(name, "/migrate/maxdowntime"),
-        model(DowntimeBody),
-        body=DowntimeBody.model_construct(downtime_ms=downtime_ms),  # the daemon validates
+        lazy_model("DowntimeBody"),
+        body={"downtime_ms": downtime_ms},  # the daemon validates
     )
 
 
 def get_speed(name: str) -> Call[SpeedBody]:
-    return Call("GET", domain_path(name, "/migrate/speed"), model(SpeedBody))
+    return Call("GET", domain_path(name, "/migrate/speed"), lazy_model("SpeedBody"))
 
 
 def set_speed(name: str, bandwidth_mib_s: int) -> Call[SpeedBody]:
     return Call(
         "PUT",
         domain_path(name, "/migrate/speed"),
-        model(SpeedBody),
-        body=SpeedBody.model_construct(bandwidth_mib_s=bandwidth_mib_s),  # the daemon validates
+        lazy_model("SpeedBody"),
+        body={"bandwidth_mib_s": bandwidth_mib_s},  # the daemon validates
     )

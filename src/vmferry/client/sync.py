@@ -1,41 +1,55 @@
-"""The blocking client: :class:`Client` and its :class:`EventStream`."""
+"""The blocking client: :class:`Client` and its :class:`EventStream`.
+
+It speaks HTTP with the standard library (:mod:`vmferry.client.http1`) and
+imports the API's pydantic models only when an answer is parsed into one:
+the CLI's fast commands use :meth:`Client.fetch` and never pay for them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-import httpx
-
-from vmferry.api.models import (
-    ConsoleOutput,
-    DomainInfo,
-    DomainStateInfo,
-    Event,
-    HostInfo,
-    JobStats,
-)
-from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
-from vmferry.api.verbs import InterfaceInfo, VncDisplay
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
 from vmferry.client import verb_calls as vc
 from vmferry.client.calls import Call
+from vmferry.client.http1 import (
+    Answer,
+    SyncStream,
+    encode_request,
+    sync_exchange,
+    sync_request,
+)
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
     Endpoint,
     check_status,
+    parse_answer,
     parse_event_line,
     parse_uri,
-    read_answer,
-    timeout_for,
-    transport_error,
-    transport_options,
+    read_json,
+    ssl_context,
 )
+from vmferry.client.transport import request_timeout as timeout_of
 from vmferry.errors import ErrorCode, VmferryError
+
+if TYPE_CHECKING:
+    import ssl
+    from pathlib import Path
+
+    from vmferry.api.models import (
+        ConsoleOutput,
+        DomainInfo,
+        DomainStateInfo,
+        Event,
+        HostInfo,
+        JobStats,
+    )
+    from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
+    from vmferry.api.verbs import InterfaceInfo, VncDisplay
 
 T = TypeVar("T")
 
@@ -65,12 +79,8 @@ class Client:
     ) -> None:
         self.endpoint: Endpoint = parse_uri(uri)
         self.timeout = timeout
-        self._http = httpx.Client(
-            transport=httpx.HTTPTransport(**transport_options(self.endpoint, pki_dir)),
-            base_url=self.endpoint.base_url,
-            timeout=timeout_for(None, timeout, None),
-            trust_env=False,
-        )
+        self._ssl: ssl.SSLContext | None = ssl_context(self.endpoint, pki_dir)
+        self._streams: list[SyncStream] = []
 
     @property
     def uri(self) -> str:
@@ -78,8 +88,10 @@ class Client:
         return self.endpoint.uri
 
     def close(self) -> None:
-        """Close the connection pool; the client cannot be used afterwards."""
-        self._http.close()
+        """Close the streams still open (each request has its own connection)."""
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -94,19 +106,22 @@ class Client:
 
     def run(self, call: Call[T], *, request_timeout: float | None = None) -> T:
         """Send *call* and return its parsed answer."""
-        request = self._http.build_request(
+        data = self.fetch(call, request_timeout=request_timeout)
+        return parse_answer(self.endpoint, call, data)
+
+    def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+        """Send *call* and return its answer's JSON, unparsed (no pydantic model)."""
+        request = encode_request(
+            self.endpoint,
             call.method,
             call.path,
             params=call.params,
-            json=call.json_body(),
+            body=call.json_body(),
             headers=call.headers,
-            timeout=timeout_for(call, self.timeout, request_timeout),
         )
-        try:
-            response = self._http.send(request)
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
-        return read_answer(self.endpoint, call, response)
+        timeout = timeout_of(call, self.timeout, request_timeout)
+        answer = sync_exchange(self.endpoint, self._ssl, request, timeout)
+        return read_json(self.endpoint, call, answer)
 
     # One line per API call; the requests themselves are in vmferry.client.calls.
 
@@ -328,29 +343,31 @@ class Client:
             while data := source.read(sc.CHUNK):
                 yield data
 
-        path = sc.volume_path(pool, name, "/data")
-        request = self._http.build_request(
-            "PUT", path, content=chunks(), headers={"content-type": "application/octet-stream"}
+        call = sc.vol_upload(pool, name)
+        request = encode_request(
+            self.endpoint,
+            call.method,
+            call.path,
+            headers={"Content-Type": "application/octet-stream"},
+            chunked=True,
         )
+        stream = sync_request(self.endpoint, self._ssl, request, self.timeout, body=chunks())
         try:
-            response = self._http.send(request)
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
-        check_status(self.endpoint, "PUT", path, response)
-        return VolumeInfo.model_validate(response.json())
+            answer = Answer(stream.status, stream.read())
+        finally:
+            stream.close()
+        return parse_answer(self.endpoint, call, read_json(self.endpoint, call, answer))
 
     def vol_download(self, pool: str, name: str, dest: BinaryIO) -> int:
         """Write a volume's content to *dest* (streamed); the number of bytes."""
-        response = self.open_stream(sc.volume_path(pool, name, "/data"))
+        stream = self.open_stream(sc.volume_path(pool, name, "/data"))
         written = 0
         try:
-            for data in response.iter_bytes(sc.CHUNK):
+            for data in stream.iter_bytes():
                 dest.write(data)
                 written += len(data)
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
         finally:
-            response.close()
+            stream.close()
         return written
 
     def events(self) -> EventStream:
@@ -363,26 +380,28 @@ class Client:
         """
         return EventStream(self)
 
-    def open_stream(self, path: str) -> httpx.Response:
+    def open_stream(self, path: str) -> SyncStream:
         """
         Start a long-lived ``GET`` of *path* (no read timeout) and return the
-        streaming response once its status is 2xx; the caller closes it.
+        streaming response once its status is 2xx; the caller closes it
+        (:meth:`close` closes those still open).
 
         :raise VmferryError: The daemon's error, or ``CONNECT_FAILED``.
         """
-        request = self._http.build_request("GET", path, timeout=timeout_for(None, None, None))
-        try:
-            response = self._http.send(request, stream=True)
-            if not response.is_success:
-                response.read()
-                response.close()
-        except httpx.TransportError as exc:
-            raise transport_error(self.endpoint, exc) from exc
-        check_status(self.endpoint, "GET", path, response)
-        return response
+        request = encode_request(self.endpoint, "GET", path)
+        stream = sync_request(self.endpoint, self._ssl, request, None)
+        if not 200 <= stream.status < 300:
+            try:
+                body = stream.read()
+            finally:
+                stream.close()
+            check_status(self.endpoint, "GET", path, Answer(stream.status, body))
+        self._streams = [s for s in self._streams if not s.closed]
+        self._streams.append(stream)
+        return stream
 
 
-class EventStream(Iterator[Event]):
+class EventStream(Iterator["Event"]):
     """
     The NDJSON event stream of ``/v1/events``; iterate it for :class:`Event`.
 
@@ -393,7 +412,7 @@ class EventStream(Iterator[Event]):
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._response: httpx.Response | None = None
+        self._response: SyncStream | None = None
         self._lines: Iterator[str] | None = None
         self._pending: list[str] = []
         self._closed = False
@@ -447,7 +466,4 @@ class EventStream(Iterator[Event]):
 
     def _next_line(self) -> str | None:
         assert self._lines is not None
-        try:
-            return next(self._lines, None)
-        except httpx.TransportError as exc:
-            raise transport_error(self._client.endpoint, exc) from exc
+        return next(self._lines, None)

@@ -8,42 +8,39 @@ A vmferryd URI names one listener of the daemon:
 
 Nothing here does I/O: :class:`~vmferry.client.sync.Client` and
 :class:`~vmferry.client.aio.AsyncClient` both use these helpers, so URI
-rules and error mapping are the same for both.
+rules and error mapping are the same for both.  Nothing heavy is imported
+here (the CLI's fast commands go through it: docs/cli.md).
 """
 
 from __future__ import annotations
 
 import os
-import ssl
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypedDict, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
-import httpx
-from pydantic import ValidationError
-
-from vmferry.api.models import Event
-from vmferry.client.calls import Call
 from vmferry.errors import ErrorCode, VmferryError
+
+if TYPE_CHECKING:
+    import ssl
+    from pathlib import Path
+
+    from vmferry.api.models import Event
+    from vmferry.client.calls import Call
+    from vmferry.client.http1 import Answer
 
 T = TypeVar("T")
 
 #: Seconds to wait for an answer unless told otherwise; generous because
 #: shutdown and the steps of a migration take long.
 DEFAULT_TIMEOUT = 120.0
-#: Connecting never needs long; a dead host should fail fast.
-CONNECT_TIMEOUT = 15.0
 
 PKI_DIR_ENV = "VMFERRY_PKI_DIR"
-DEFAULT_PKI_DIR = Path("~/.config/vmferry/pki")
+DEFAULT_PKI_DIR = "~/.config/vmferry/pki"
 
 Scheme = Literal["unix", "tls", "tcp"]
 _EXAMPLES = "unix:///path/to/vmferryd.sock, tls://host:port or tcp://host:port"
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """A parsed vmferryd URI."""
 
     uri: str
@@ -72,6 +69,17 @@ def parse_uri(uri: str) -> Endpoint:
     def bad(why: str) -> VmferryError:
         return VmferryError(ErrorCode.INVALID_ARG, f"invalid vmferryd URI '{uri}': {why}")
 
+    if uri.startswith("unix:"):
+        # By hand, as urlsplit would: the local case must not import urllib.parse
+        # (and ipaddress with it) on the CLI's fast path.
+        if "?" in uri or "#" in uri:
+            raise bad("no query or fragment allowed")
+        rest = uri[len("unix:") :]
+        if not rest.startswith("///"):
+            raise bad("expected unix:///absolute/path.sock (three slashes)")
+        return Endpoint(uri, "unix", socket_path=rest[2:])
+    from urllib.parse import urlsplit
+
     try:
         parts = urlsplit(uri)
         port = parts.port
@@ -95,93 +103,46 @@ def parse_uri(uri: str) -> Endpoint:
 
 def resolve_pki_dir(pki_dir: Path | str | None) -> Path:
     """*pki_dir*, else ``$VMFERRY_PKI_DIR``, else ``~/.config/vmferry/pki``."""
+    from pathlib import Path  # only for tls://: unix-socket commands skip pathlib
+
     if pki_dir is not None:
         return Path(pki_dir).expanduser()
     env = os.environ.get(PKI_DIR_ENV)
-    return Path(env).expanduser() if env else DEFAULT_PKI_DIR.expanduser()
+    return Path(env or DEFAULT_PKI_DIR).expanduser()
 
 
-class TransportOptions(TypedDict):
-    """Keyword arguments shared by ``httpx.HTTPTransport`` and ``httpx.AsyncHTTPTransport``."""
+def ssl_context(endpoint: Endpoint, pki_dir: Path | str | None) -> ssl.SSLContext | None:
+    """The TLS context of a ``tls://`` endpoint (its files loaded now), else ``None``."""
+    if endpoint.scheme != "tls":
+        return None
+    # Lazy: plain unix-socket users need neither the PKI files nor cryptography.
+    from vmferry.pki import client_ssl_context
 
-    uds: str | None
-    verify: ssl.SSLContext | bool
-    trust_env: bool
-    retries: int
-
-
-def transport_options(endpoint: Endpoint, pki_dir: Path | str | None) -> TransportOptions:
-    """How to reach *endpoint*; loads the TLS files only for ``tls://``."""
-    verify: ssl.SSLContext | bool = False
-    if endpoint.scheme == "tls":
-        # Lazy: plain unix-socket users need neither the PKI files nor cryptography.
-        from vmferry.pki import client_ssl_context
-
-        verify = client_ssl_context(resolve_pki_dir(pki_dir))
-    return TransportOptions(
-        uds=endpoint.socket_path or None,
-        verify=verify,
-        trust_env=False,  # proxies from the environment must not reroute daemon traffic
-        retries=0,
-    )
+    return client_ssl_context(resolve_pki_dir(pki_dir))
 
 
-def timeout_for(
+def request_timeout(
     call: Call[Any] | None, default: float | None, override: float | None
-) -> httpx.Timeout:
+) -> float | None:
     """
-    The timeout of one request: *override*, else the client's *default*,
+    The read timeout of one request: *override*, else the client's *default*,
     raised to the call's own minimum (e.g. a shutdown's guest timeout).
-    ``None`` as the result disables the read timeout (streams).
+    ``None`` disables the read timeout (streams).
     """
     seconds = override if override is not None else default
     if seconds is not None and call is not None and call.min_timeout is not None:
         seconds = max(seconds, call.min_timeout)
-    connect = CONNECT_TIMEOUT if seconds is None else min(seconds, CONNECT_TIMEOUT)
-    return httpx.Timeout(seconds, connect=connect)
+    return seconds
 
 
-def transport_error(endpoint: Endpoint, exc: httpx.TransportError) -> VmferryError:
-    """Map an httpx failure to a :class:`VmferryError` naming the daemon."""
-    reason = _reason(exc)
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return VmferryError(
-            ErrorCode.CONNECT_FAILED, f"cannot connect to vmferryd at {endpoint.uri}: {reason}"
-        )
-    # Past this point the request may have reached the daemon: its outcome is unknown.
-    if isinstance(exc, httpx.TimeoutException):
-        return VmferryError(
-            ErrorCode.RPC_FAILED,
-            f"no answer from vmferryd at {endpoint.uri} in time ({reason}); "
-            "the operation may still complete: check the domain's state",
-        )
-    return VmferryError(
-        ErrorCode.RPC_FAILED, f"lost connection to vmferryd at {endpoint.uri}: {reason}"
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    # httpx wraps httpcore's error, which wraps the OSError: its text is what a user recognises.
-    cause: BaseException | None = exc
-    for _ in range(5):
-        if cause is None:
-            break
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS: {cause.reason or cause}"
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__ or cause.__context__
-    return str(exc) or type(exc).__name__
-
-
-def check_status(endpoint: Endpoint, method: str, path: str, response: httpx.Response) -> None:
+def check_status(endpoint: Endpoint, method: str, path: str, response: Answer) -> None:
     """
     Raise the daemon's error for a non-2xx *response* (its body must be read).
 
     A ``{"code", "message"}`` body is raised unchanged; anything else (a
     proxy, an older daemon without the route) gets a code of its own.
     """
-    if response.is_success:
+    if response.ok:
         return
     try:
         body = response.json()
@@ -193,7 +154,7 @@ def check_status(endpoint: Endpoint, method: str, path: str, response: httpx.Res
         and isinstance(body.get("message"), str)
     ):
         raise VmferryError.from_dict(body)
-    status = response.status_code
+    status = response.status
     if status in (404, 405):
         raise VmferryError(
             ErrorCode.NO_SUPPORT,
@@ -207,12 +168,20 @@ def check_status(endpoint: Endpoint, method: str, path: str, response: httpx.Res
     )
 
 
-def read_answer(endpoint: Endpoint, call: Call[T], response: httpx.Response) -> T:
-    """The value of a complete (read) *response* to *call*, or the daemon's error."""
+def read_json(endpoint: Endpoint, call: Call[Any], response: Answer) -> Any:
+    """The JSON of a complete *response* to *call*, or the daemon's error."""
     check_status(endpoint, call.method, call.path, response)
     try:
-        return call.parse(response.text if call.text else response.json())
-    except ValueError as exc:  # also pydantic's ValidationError
+        return response.text if call.text else response.json()
+    except ValueError as exc:
+        raise _garbled(endpoint, f"{call.method} {call.path}", exc) from exc
+
+
+def parse_answer(endpoint: Endpoint, call: Call[T], data: Any) -> T:
+    """*call*'s value of its answer *data*; a garbled answer is ``INTERNAL_ERROR``."""
+    try:
+        return call.parse(data)
+    except (ValueError, TypeError, KeyError) as exc:  # also pydantic's ValidationError
         raise _garbled(endpoint, f"{call.method} {call.path}", exc) from exc
 
 
@@ -220,6 +189,10 @@ def parse_event_line(endpoint: Endpoint, line: str) -> Event | None:
     """One NDJSON line of ``/v1/events``; ``None`` for a blank (keep-alive) line."""
     if not line.strip():
         return None
+    from pydantic import ValidationError
+
+    from vmferry.api.models import Event
+
     try:
         return Event.model_validate_json(line)
     except ValidationError as exc:

@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter
-
-from vmferry.api.models import DomainInfo
-from vmferry.api.verbs import AutostartBody, DomainStats, InterfaceInfo, MemoryRequest, VncDisplay
-from vmferry.client.calls import Call, domain_path, model
+from vmferry.client.calls import Call, domain_path, lazy_list, lazy_model
 from vmferry.errors import ErrorCode, VmferryError
 
-_interfaces = TypeAdapter(list[InterfaceInfo])
+if TYPE_CHECKING:
+    from vmferry.api.models import DomainInfo
+    from vmferry.api.verbs import InterfaceInfo, VncDisplay
+
+# Bodies are plain dicts (the daemon validates them), the answers' models are
+# imported when parsed: the CLI imports this module without pydantic (docs/cli.md).
+_VERBS = "vmferry.api.verbs"
 
 
 def reboot(name: str) -> Call[DomainInfo]:
-    return Call("POST", domain_path(name, "/reboot"), model(DomainInfo))
+    return Call("POST", domain_path(name, "/reboot"), lazy_model("DomainInfo"))
 
 
 def reset(name: str) -> Call[DomainInfo]:
-    return Call("POST", domain_path(name, "/reset"), model(DomainInfo))
+    return Call("POST", domain_path(name, "/reset"), lazy_model("DomainInfo"))
 
 
 def autostart(name: str, enabled: bool) -> Call[DomainInfo]:
-    body = AutostartBody(enabled=enabled)
-    return Call("PUT", domain_path(name, "/autostart"), model(DomainInfo), body=body)
+    body = {"enabled": enabled}
+    return Call("PUT", domain_path(name, "/autostart"), lazy_model("DomainInfo"), body=body)
 
 
 def _memory(name: str, what: str, size_kib: int, live: bool, config: bool) -> Call[DomainInfo]:
-    # model_construct: the daemon validates (and says what is wrong in its words)
-    body = MemoryRequest.model_construct(size_kib=size_kib, live=live, config=config)
-    return Call("PUT", domain_path(name, what), model(DomainInfo), body=body)
+    # the daemon validates (and says what is wrong in its words)
+    body = {"size_kib": size_kib, "live": live, "config": config}
+    return Call("PUT", domain_path(name, what), lazy_model("DomainInfo"), body=body)
 
 
 def set_memory(name: str, size_kib: int, *, live: bool, config: bool) -> Call[DomainInfo]:
@@ -43,14 +45,16 @@ def set_max_memory(name: str, size_kib: int, *, live: bool, config: bool) -> Cal
 
 
 def interfaces(name: str) -> Call[list[InterfaceInfo]]:
-    return Call("GET", domain_path(name, "/interfaces"), _interfaces.validate_python)
+    return Call("GET", domain_path(name, "/interfaces"), lazy_list("InterfaceInfo", _VERBS))
 
 
 def vncdisplay(name: str) -> Call[VncDisplay]:
-    return Call("GET", domain_path(name, "/vncdisplay"), model(VncDisplay))
+    return Call("GET", domain_path(name, "/vncdisplay"), lazy_model("VncDisplay", _VERBS))
 
 
 def _stats(data: Any) -> dict[str, dict[str, Any]]:
+    from vmferry.api.verbs import DomainStats
+
     return DomainStats.model_validate(data).domains
 
 

@@ -12,11 +12,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmferry.domain.xml import _validate_name as validate_name
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.logs import is_migration_id
 from vmferry.migration.flags import MigrateFlags
-from vmferry.migration.uri import check_host, parse_migration_uri
 
 if TYPE_CHECKING:  # only for the annotations: the client and CLI import this module
     from vmferry.qemu.monitor import Monitor
@@ -244,9 +242,15 @@ def _checked(key: str, value: Any) -> Any:
         raise bad("must be a string")
     if len(value) > MAX_TEXT.get(key, 64):
         raise bad(f"is longer than {MAX_TEXT.get(key, 64)} characters")
+    # Imported here: `vmferry migrate` imports this module, and these two load the XML
+    # parser, asyncio and ipaddress, needed only when the values are given.
     if value and key == "migrate_uri":
+        from vmferry.migration.uri import parse_migration_uri
+
         parse_migration_uri(value)
     elif value and key == "listen_address":
+        from vmferry.migration.uri import check_host
+
         check_host(value, "listen address")
     elif key == "compression" and value not in COMPRESSION_METHODS:
         raise bad(f"must be one of {', '.join(COMPRESSION_METHODS)}")
@@ -257,6 +261,8 @@ def _checked(key: str, value: Any) -> Any:
     elif key == "migration_id" and value and not is_migration_id(value):
         raise bad("must be 1-64 letters, digits, '.', '_', ':' or '-'")
     elif key == "dname" and value:
+        from vmferry.domain.xml import _validate_name as validate_name
+
         try:
             validate_name(value)
         except VmferryError as err:
