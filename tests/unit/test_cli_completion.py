@@ -77,7 +77,13 @@ def test_specs_follow_the_command_table() -> None:
 def test_bash_completes_commands_options_and_domains(tmp_path: object) -> None:
     tmp = str(tmp_path)
     words, calls = complete("vmferry dom", tmp)
-    assert sorted(words) == ["dominfo", "domjobabort", "domjobinfo", "domstate"]
+    dom = sorted(c.name for c in COMMANDS if c.name.startswith("dom"))
+    assert sorted(words) == dom
+    # every branch's commands are in the table the script is made from
+    assert {"dominfo", "domjobinfo", "domstate", "domblklist", "domstats", "domiflist"} <= set(dom)
+    assert complete("vmferry vol-up", tmp)[0] == ["vol-upload"]
+    assert complete("vmferry metr", tmp)[0] == ["metrics"]
+    assert complete("vmferry migrate --copy-storage-a", tmp)[0] == ["--copy-storage-all"]
     assert calls == []
     assert complete("vmferry --c", tmp)[0] == ["--connect"]
     assert complete("vmferry pki ", tmp)[0] == ["init", "client", "revoke"]

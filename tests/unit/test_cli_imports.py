@@ -68,6 +68,26 @@ ANSWERS = {
     "/v1/domains?all=false": DOMAINS,
     "/v1/domains?all=true": DOMAINS,
     "/v1/domains/vm1/state": {"state": "running", "reason": "booted"},
+    # the commands of the storage, verbs and observe branches
+    "/v1/pools": [
+        {"name": "default", "path": "/p", "capacity": 1 << 30, "available": 1 << 29, "volumes": 1}
+    ],
+    "/v1/pools/default/volumes": [
+        {
+            "name": "a.qcow2",
+            "path": "/p/a.qcow2",
+            "format": "qcow2",
+            "capacity": 1 << 20,
+            "allocation": 4096,
+            "backing": [{"name": "base.raw", "format": "raw"}],
+        }
+    ],
+    "/v1/domstats?names=vm1&groups=": {"domains": {"vm1": {"state.state": 1}}},
+    "/v1/domains/vm1/interfaces": [
+        {"interface": "n0", "type": "user", "source": "-", "model": "e1000", "mac": "52:54:0:0:0:1"}
+    ],
+    "/v1/domains/vm1/reboot": DOMAINS[0],
+    "/metrics": "vmferry_domains 1\n",
 }
 
 
@@ -77,10 +97,13 @@ class _Handler(socketserver.StreamRequestHandler):
         while self.rfile.readline() not in (b"\r\n", b"\n", b""):
             pass
         target = request.split()[1]
-        body = json.dumps(ANSWERS.get(target, {"code": "no-domain", "message": target})).encode()
+        answer = ANSWERS.get(target, {"code": "no-domain", "message": target})
+        text = isinstance(answer, str)
+        body = (answer if text else json.dumps(answer)).encode()
         status = "200 OK" if target in ANSWERS else "404 Not Found"
+        kind = "text/plain" if text else "application/json"
         self.wfile.write(
-            f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+            f"HTTP/1.1 {status}\r\ncontent-type: {kind}\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
             + body
         )
@@ -138,6 +161,26 @@ def test_list_and_domstate_import_nothing_heavy(daemon_uri: str) -> None:
     assert heavy(modules) == []
     status, out, modules = run_cli("-c", daemon_uri, "list", "--all", "--name")
     assert (status, out) == (0, "vm1\n")
+    assert heavy(modules) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "shows"),
+    [
+        (["pool-list"], "default"),
+        (["vol-list", "default"], "base.raw (raw)"),
+        (["domstats", "vm1"], "state.state=1"),
+        (["domiflist", "vm1"], "52:54:0:0:0:1"),
+        (["reboot", "vm1"], "Domain 'vm1' is being rebooted"),
+        (["pool-list", "--json"], '"available"'),
+        (["metrics", "--raw"], "vmferry_domains 1"),
+    ],
+)
+def test_storage_verbs_commands_import_nothing_heavy(
+    daemon_uri: str, argv: list[str], shows: str
+) -> None:
+    status, out, modules = run_cli("-c", daemon_uri, *argv)
+    assert status == 0 and shows in out
     assert heavy(modules) == []
 
 

@@ -337,7 +337,6 @@ def test_a_malformed_policy_report_is_dropped(text: str) -> None:
 
 
 def test_verbose_lines_show_the_id_each_steps_time_and_new_policy_actions() -> None:
-    from vmferry.api.models import JobStats
     from vmferry.cli.progress import LineProgress
 
     stream = io.StringIO()
@@ -347,8 +346,8 @@ def test_verbose_lines_show_the_id_each_steps_time_and_new_policy_actions() -> N
     view("perform", None)
     action = {"t_s": 0.5, "iteration": 1, "action": "downtime", "value": 300, "reason": "target"}
     stats = {"data_total": 100, "data_remaining": 50, "policy_actions": [action]}
-    view("perform", JobStats(type="unbounded", stats=stats))
-    view("perform", JobStats(type="unbounded", stats=stats))  # the same action: once
+    view("perform", stats)  # the progress callback gets the job's stats (a dict)
+    view("perform", stats)  # the same action: once
     later = {**action, "t_s": 2.0, "action": "throttle", "value": 40}
     view.finish({"policy_actions": [action, later]})
     lines = stream.getvalue().splitlines()

@@ -88,9 +88,10 @@ class FakeClient(Client):
     sent: list[Call[Any]] = []
     answers: dict[tuple[str, str], Any] = {}
 
-    def run(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+    def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
+        # The answer's JSON: commands read it as is (fetch) or parsed (run, via fetch).
         FakeClient.sent.append(call)
-        return call.parse(FakeClient.answers.get((call.method, call.path), DOM.model_dump()))
+        return FakeClient.answers.get((call.method, call.path), DOM.model_dump(mode="json"))
 
 
 @pytest.fixture

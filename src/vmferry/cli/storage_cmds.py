@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from vmferry.cli.context import Command, Context, arg
+from vmferry.client import storage_calls as sc
 
-if TYPE_CHECKING:
-    from vmferry.api.storage import VolumeInfo
+# Answers are read as JSON (ctx.client.fetch): no pydantic model is imported (docs/cli.md).
 
 # virsh's scaled integers: a bare number is bytes; k, M, G, T, P are powers of 1024
 # (with or without "iB"), KB, MB, ... powers of 1000.
@@ -43,48 +44,51 @@ def _size(value: int) -> str:
     return pretty_bytes(value)
 
 
-def _backing(info: VolumeInfo) -> str:
-    return " <- ".join(f"{b.name} ({b.format})" for b in info.backing)
+def _backing(info: Mapping[str, Any]) -> str:
+    return " <- ".join(f"{b['name']} ({b['format']})" for b in info.get("backing") or [])
 
 
 def cmd_pool_list(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    pools = ctx.client.pool_list()
+    pools = ctx.client.fetch(sc.pool_list())
     if args.json:
         ctx.out(fmt.to_json(pools))
         return
-    rows = [(p.name, p.path, _size(p.capacity), _size(p.available), str(p.volumes)) for p in pools]
+    rows = [
+        (p["name"], p["path"], _size(p["capacity"]), _size(p["available"]), str(p["volumes"]))
+        for p in pools
+    ]
     ctx.out(fmt.table(("Name", "Path", "Capacity", "Available", "Volumes"), rows))
 
 
 def cmd_vol_list(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    volumes = ctx.client.vol_list(args.pool)
+    volumes = ctx.client.fetch(sc.vol_list(args.pool))
     if args.json:
         ctx.out(fmt.to_json(volumes))
         return
-    rows = [(v.name, v.path, v.format, _size(v.capacity), _backing(v)) for v in volumes]
+    rows = [(v["name"], v["path"], v["format"], _size(v["capacity"]), _backing(v)) for v in volumes]
     ctx.out(fmt.table(("Name", "Path", "Format", "Capacity", "Backing"), rows))
 
 
 def cmd_vol_info(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    info = ctx.client.vol_info(args.pool, args.vol)
+    info = ctx.client.fetch(sc.vol_info(args.pool, args.vol))
     if args.json:
         ctx.out(fmt.to_json(info))
         return
     pairs: list[tuple[str, object]] = [
-        ("Name", info.name),
+        ("Name", info["name"]),
         ("Type", "file"),
-        ("Path", info.path),
-        ("Format", info.format),
-        ("Capacity", _size(info.capacity)),
-        ("Allocation", _size(info.allocation)),
+        ("Path", info["path"]),
+        ("Format", info["format"]),
+        ("Capacity", _size(info["capacity"])),
+        ("Allocation", _size(info["allocation"])),
     ]
-    if info.backing:
+    if info.get("backing"):
         pairs.append(("Backing", _backing(info)))
     ctx.out(fmt.fields(pairs))
 
@@ -95,14 +99,16 @@ def cmd_vol_create_as(ctx: Context, args: argparse.Namespace) -> None:
     if args.backing_vol_format and not args.backing_vol:
         raise VmferryError(ErrorCode.INVALID_ARG, "--backing-vol-format needs --backing-vol")
     fmt = args.format or ("qcow2" if args.backing_vol else "raw")
-    ctx.client.vol_create(
-        args.pool, args.name, args.capacity, fmt, args.backing_vol, args.backing_vol_format
+    ctx.client.fetch(
+        sc.vol_create(
+            args.pool, args.name, args.capacity, fmt, args.backing_vol, args.backing_vol_format
+        )
     )
     ctx.out(f"Vol {args.name} created")
 
 
 def cmd_vol_delete(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.client.vol_delete(args.pool, args.vol)
+    ctx.client.fetch(sc.vol_delete(args.pool, args.vol))
     ctx.out(f"Vol {args.vol} deleted")
 
 
@@ -128,20 +134,20 @@ def _open_local(path: str, mode: str) -> Any:
 def cmd_domblklist(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    disks = ctx.client.domblklist(args.name)
+    disks = ctx.client.fetch(sc.domblklist(args.name))
     if args.json:
         ctx.out(fmt.to_json(disks))
         return
 
     def source(d: Any) -> str:
-        where = d.source or "-"
-        return f"{where} ({d.pool}/{d.volume})" if d.type == "volume" else where
+        where = d.get("source") or "-"
+        return f"{where} ({d.get('pool')}/{d.get('volume')})" if d["type"] == "volume" else where
 
     if args.details:
-        rows = [(d.type, d.device, d.target, source(d)) for d in disks]
+        rows = [(d["type"], d["device"], d["target"], source(d)) for d in disks]
         ctx.out(fmt.table(("Type", "Device", "Target", "Source"), rows))
     else:
-        ctx.out(fmt.table(("Target", "Source"), [(d.target, source(d)) for d in disks]))
+        ctx.out(fmt.table(("Target", "Source"), [(d["target"], source(d)) for d in disks]))
 
 
 POOL = arg("pool", metavar="POOL", help="pool name")

@@ -11,6 +11,9 @@ import argparse
 from typing import Any
 
 from vmferry.cli.context import Command, Context, arg
+from vmferry.client import verb_calls as vc
+
+# Answers are read as JSON (ctx.client.fetch): no pydantic model is imported (docs/cli.md).
 
 NAME = arg("name", metavar="NAME", help="domain name or UUID")
 
@@ -42,16 +45,16 @@ def size_kib(text: str) -> int:
 
 
 def cmd_reboot(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.out(f"Domain '{ctx.client.reboot(args.name).name}' is being rebooted")
+    ctx.out(f"Domain '{ctx.client.fetch(vc.reboot(args.name))['name']}' is being rebooted")
 
 
 def cmd_reset(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.out(f"Domain '{ctx.client.reset(args.name).name}' was reset")
+    ctx.out(f"Domain '{ctx.client.fetch(vc.reset(args.name))['name']}' was reset")
 
 
 def cmd_autostart(ctx: Context, args: argparse.Namespace) -> None:
-    dom = ctx.client.set_autostart(args.name, not args.disable)
-    ctx.out(f"Domain '{dom.name}' {'unmarked' if args.disable else 'marked'} as autostarted")
+    dom = ctx.client.fetch(vc.autostart(args.name, not args.disable))
+    ctx.out(f"Domain '{dom['name']}' {'unmarked' if args.disable else 'marked'} as autostarted")
 
 
 def stats_text(stats: dict[str, dict[str, Any]]) -> str:
@@ -67,41 +70,41 @@ def cmd_domstats(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
     groups = [group for option, group in STATS_GROUPS.items() if getattr(args, option)]
-    stats = ctx.client.domstats(args.names, groups)
+    stats = ctx.client.fetch(vc.domstats(args.names, groups))["domains"]
     ctx.out(fmt.to_json(stats) if args.json else stats_text(stats), end="\n" if args.json else "")
 
 
 def cmd_domiflist(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    nics = ctx.client.interfaces(args.name)
+    nics = ctx.client.fetch(vc.interfaces(args.name))
     if args.json:
         ctx.out(fmt.to_json(nics))
         return
-    rows = [[n.interface, n.type, n.source, n.model, n.mac] for n in nics]
+    rows = [[n["interface"], n["type"], n["source"], n["model"], n["mac"]] for n in nics]
     ctx.out(fmt.table(["Interface", "Type", "Source", "Model", "MAC"], rows))
 
 
 def cmd_vncdisplay(ctx: Context, args: argparse.Namespace) -> None:
     from vmferry.cli import format as fmt
 
-    vnc = ctx.client.vncdisplay(args.name)
+    vnc = ctx.client.fetch(vc.vncdisplay(args.name))
     if args.json:
         ctx.out(fmt.to_json(vnc))
     else:  # virsh: HOST:DISPLAY, or :DISPLAY when it listens on every address
-        host = "" if vnc.listen in ("0.0.0.0", "::") else vnc.listen
+        host = "" if vnc["listen"] in ("0.0.0.0", "::") else vnc["listen"]
         host = f"[{host}]" if ":" in host else host
-        ctx.out(f"{host}:{vnc.display}")
+        ctx.out(f"{host}:{vnc['display']}")
 
 
 def cmd_setmem(ctx: Context, args: argparse.Namespace) -> None:
     live, config = _scope(args)
-    ctx.client.set_memory(args.name, args.size, live=live, config=config)
+    ctx.client.fetch(vc.set_memory(args.name, args.size, live=live, config=config))
 
 
 def cmd_setmaxmem(ctx: Context, args: argparse.Namespace) -> None:
     live, config = _scope(args)
-    ctx.client.set_max_memory(args.name, args.size, live=live, config=config)
+    ctx.client.fetch(vc.set_max_memory(args.name, args.size, live=live, config=config))
 
 
 def _scope(args: argparse.Namespace) -> tuple[bool, bool]:
