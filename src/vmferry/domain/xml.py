@@ -153,7 +153,9 @@ def _yes_no(node: _Node, name: str, values: tuple[str, str], default: bool) -> b
 
 def _int(value: str, what: str) -> int:
     if not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
-        raise _xml_error(f"invalid integer '{value}' for {what}")
+        raise _xml_error(f"invalid integer '{value[:40]}' for {what}")
+    if len(value.strip().lstrip("+-").lstrip("0")) > 40:  # int() refuses 4300+ digits
+        raise _xml_error(f"integer '{value.strip()[:20]}...' for {what} is too large")
     return int(value)
 
 
@@ -165,6 +167,8 @@ def parse_memory(value: str, unit: str | None, what: str) -> int:
     scale = unit_scale(unit or "KiB")
     if scale is None:
         raise _xml_error(f"unknown unit '{unit}' for {what} (use b, KB, KiB, MB, MiB, ...)")
+    if len(number.lstrip("0")) > 40:  # int() refuses 4300+ digits; far beyond any limit anyway
+        raise _xml_error(f"{what} '{number[:20]}...' is too large")
     kib = -(-int(number) * scale // 1024)
     if kib <= 0:
         raise _xml_error(f"{what} must be greater than zero")
