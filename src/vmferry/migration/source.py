@@ -241,7 +241,12 @@ async def _run(
         # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
         await failpoint("src-perform-mirror")
         try:
-            await storage.mirror_all(dom, parse_migration_uri(uri).host, nbd_port)
+            await storage.mirror_all(
+                dom,
+                parse_migration_uri(uri).host,
+                nbd_port,
+                stall_s=(limits or PerformLimits()).stall_s,
+            )
         except BaseException:
             await storage.cancel(dom)
             raise

@@ -101,10 +101,13 @@ async def begin_disks(dom: QemuDomain, params: MigrationParams, *, top_only: boo
     return out
 
 
-async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None) -> None:
+async def mirror_all(
+    dom: QemuDomain, stream_host: str, cookie_port: int | None, *, stall_s: float = 0.0
+) -> None:
     """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
 
     *stream_host* is the checked host of the migration stream: the NBD server listens there.
+    *stall_s*: fail when no byte was copied for this long (0: wait for ever).
     """
     targets = dom.migration.storage_disks
     if not targets:
@@ -127,7 +130,9 @@ async def mirror_all(dom: QemuDomain, stream_host: str, cookie_port: int | None)
             write_blocking=bool(flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES),
             speed=params.bandwidth_mib_s * MIB,
         )
-    await blockjob.wait_ready(dom, targets, aborted=lambda: dom.job.abort_requested)
+    await blockjob.wait_ready(
+        dom, targets, aborted=lambda: dom.job.abort_requested, stall_s=stall_s
+    )
 
 
 async def complete(dom: QemuDomain) -> None:
