@@ -341,7 +341,7 @@ def test_a_stalled_copy_fails_the_wait() -> None:
     dom = _domain(mon)
     dom.migration.storage_disks = ["vda"]
     dom.migration.flags = int(ALL)
-    with pytest.raises(VmferryError, match="made no progress for 0.6 s") as err:
+    with pytest.raises(VmferryError, match=r"made no progress for 0\.6 s") as err:
         asyncio.run(storage.mirror_all(dom, "192.0.2.7", 49153, stall_s=0.6))
     assert err.value.code == ErrorCode.OPERATION_TIMEOUT
     assert len(mon.args_of("query-block-jobs")) >= 2
