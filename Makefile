@@ -46,6 +46,11 @@ demo: venv guest
 bench: venv guest
 	$(PY) bench/migrate_bench.py
 
+# Storage migration (--copy-storage-all) against the bare-QMP NBD floor; see bench/README.md.
+.PHONY: bench-storage
+bench-storage: venv guest
+	$(PY) bench/storage_bench.py
+
 .PHONY: bench-converge
 bench-converge: venv guest
 	$(PY) bench/converge_bench.py

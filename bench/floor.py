@@ -372,6 +372,33 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
 
 
+async def _setup_migration(
+    src: BareQemu,
+    dst: BareQemu,
+    host: str,
+    src_caps: list[dict[str, object]],
+    dst_caps: list[dict[str, object]],
+    parameters: Mapping[str, object],
+) -> str:
+    """Capabilities on both sides, the destination listening (its port), source parameters."""
+    await dst.execute("migrate-set-capabilities", {"capabilities": dst_caps})
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
+    incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
+    ports = [
+        a["port"]
+        for a in incoming.get("socket-address") or []
+        if a.get("type") in ("inet", "ipv4", "ipv6")
+    ]
+    if not ports:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
+        )
+    await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
+    if parameters:
+        await src.execute("migrate-set-parameters", dict(parameters))
+    return f"tcp:{host}:{ports[0]}"
+
+
 async def bare_hop(
     src: BareQemu,
     argv: Sequence[str],
@@ -399,7 +426,7 @@ async def bare_hop(
         killed and the source left as it is.
     """
     deadline = time.monotonic() + limit_s
-    caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+    caps: list[dict[str, object]] = [{"capability": k, "state": v} for k, v in capabilities.items()]
     t0 = time.perf_counter()
     dst = BareQemu(argv, qmp, log=log)
     try:
@@ -409,24 +436,10 @@ async def bare_hop(
             src.qmp.listener(("MIGRATION", "STOP")) as src_events,
             dst.qmp.listener(("MIGRATION", "RESUME")) as dst_events,
         ):
-            await dst.execute("migrate-set-capabilities", {"capabilities": caps})
-            await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
-            incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
-            ports = [
-                a["port"]
-                for a in incoming.get("socket-address") or []
-                if a.get("type") in ("inet", "ipv4", "ipv6")
-            ]
-            if not ports:
-                raise VmferryError(
-                    ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
-                )
-            await src.execute("migrate-set-capabilities", {"capabilities": caps})
-            if parameters:
-                await src.execute("migrate-set-parameters", dict(parameters))
+            uri = await _setup_migration(src, dst, host, caps, caps, parameters)
             t_setup = time.perf_counter()
 
-            await src.execute("migrate", {"uri": f"tcp:{host}:{ports[0]}"})
+            await src.execute("migrate", {"uri": uri})
             stopped = 0.0
             try:
                 while True:
@@ -597,7 +610,7 @@ async def bare_storage_hop(
         the source's mirrors cancelled and the source left running.
     """
     deadline = time.monotonic() + limit_s
-    caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+    caps: list[dict[str, object]] = [{"capability": k, "state": v} for k, v in capabilities.items()]
     src_caps = [*caps, {"capability": "pause-before-switchover", "state": True}]
     port = free_port(host)
     t0 = time.perf_counter()
@@ -661,22 +674,8 @@ async def bare_storage_hop(
                 disk_bytes += int(cast(Mapping[str, Any], ready["data"]).get("len", 0))
             t_mirrored = time.perf_counter()
 
-            await dst.execute("migrate-set-capabilities", {"capabilities": caps})
-            await dst.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
-            incoming = cast(dict[str, Any], await dst.execute("query-migrate"))
-            ports = [
-                a["port"]
-                for a in incoming.get("socket-address") or []
-                if a.get("type") in ("inet", "ipv4", "ipv6")
-            ]
-            if not ports:
-                raise VmferryError(
-                    ErrorCode.OPERATION_FAILED, f"destination reports no listening port: {incoming}"
-                )
-            await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
-            if parameters:
-                await src.execute("migrate-set-parameters", dict(parameters))
-            await src.execute("migrate", {"uri": f"tcp:{host}:{ports[0]}"})
+            uri = await _setup_migration(src, dst, host, src_caps, caps, parameters)
+            await src.execute("migrate", {"uri": uri})
             stopped = 0.0
             while True:
                 event = await _next_event(src_events, deadline)

@@ -41,6 +41,8 @@ class ErrorCode(StrEnum):
     NO_STORAGE_POOL = "no-storage-pool"
     NO_STORAGE_VOL = "no-storage-vol"
     STORAGE_VOL_EXISTS = "storage-vol-exists"
+    # the pool's file system has no room for what was asked (a volume, an upload)
+    STORAGE_FULL = "storage-full"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -50,6 +52,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NO_STORAGE_POOL: 404,
     ErrorCode.NO_STORAGE_VOL: 404,
     ErrorCode.STORAGE_VOL_EXISTS: 409,
+    ErrorCode.STORAGE_FULL: 409,
     ErrorCode.OPERATION_INVALID: 409,
     # a guest or a lock that did not give way in time: the request conflicts with the state
     ErrorCode.OPERATION_TIMEOUT: 409,

@@ -212,6 +212,13 @@ def test_migrate_disks_subset(pair: tuple[Host, Host], shared: Path) -> None:
         _run(_migrate(a, b, name, ALL, migrate_disks="vdd"))
     with pytest.raises(VmferryError, match="'vdc' cannot be copied"):
         _run(_migrate(a, b, name, ALL, migrate_disks="vda,vdc"))
+
+    async def v2() -> None:
+        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
+            await migrate(s, d, name, ALL, MigrationParams(), version=2)
+
+    with pytest.raises(VmferryError, match="requires migration protocol v3"):
+        _run(v2())
     report = _run(_migrate(a, b, name, ALL | PAUSED, migrate_disks="vda"))
     assert report.stats["disk_total"] >= SIZE  # type: ignore[operator]
     # vda only: the destination served no other disk over NBD

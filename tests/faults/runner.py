@@ -49,6 +49,8 @@ from vmferry.testing.disk import wait_disk_ready
 
 GUEST = "g"
 REPO = Path(__file__).resolve().parents[2]
+#: This checkout's sources first (a worktree's, not the venv's editable install), then tests.
+PYTHONPATH = f"{REPO / 'src'}:{REPO}"
 
 #: How long the client may take to reach the failpoint.
 REACH_TIMEOUT_S = 30.0
@@ -102,7 +104,7 @@ class _Run:
         return self.src if side == "src" else self.dst
 
     def env(self, armed: bool) -> dict[str, str]:
-        env = {"PYTHONPATH": str(REPO), DIR_ENV: str(self.fpdir)}
+        env = {"PYTHONPATH": PYTHONPATH, DIR_ENV: str(self.fpdir)}
         if armed:
             env[ENV_VAR] = f"{self.case.point}=pause"
         return env
@@ -204,7 +206,7 @@ def _start_client(run: _Run, src: NetnsHost, dst: NetnsHost) -> None:
             [sys.executable, "-m", "tests.faults.client", run.case.mode, src.uri, dst_uri, GUEST],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
         )
 
 

@@ -321,3 +321,23 @@ def test_job_and_tuning_commands(fake: None, capsys: pytest.CaptureFixture[str])
     assert json.loads(out) == {"bandwidth_mib_s": 0}
     assert cli(capsys, "migrate-setmaxdowntime", "g1", "0")[0] == 2
     assert cli(capsys, "migrate-setspeed", "g1", "-1")[0] == 2
+
+
+def test_storage_options() -> None:
+    flags, params = request("--live", "--copy-storage-all", "--migrate-disks", "vda,vdb")
+    assert flags == F.LIVE | F.NON_SHARED_DISK and params.migrate_disks == "vda,vdb"
+    flags, _ = request("--live", "--copy-storage-inc", "--copy-storage-synchronous-writes")
+    assert flags == F.LIVE | F.NON_SHARED_INC | F.NON_SHARED_SYNCHRONOUS_WRITES
+    with pytest.raises(VmferryError, match="mutually exclusive"):
+        request("--copy-storage-all", "--copy-storage-inc")
+    with pytest.raises(VmferryError, match="require --copy-storage"):
+        request("--migrate-disks", "vda")
+
+
+def test_domjobinfo_shows_the_disks_part() -> None:
+    job = JobStats(
+        type="unbounded",
+        stats={"disk_total": 16 * MIB, "disk_processed": 4 * MIB, "disk_remaining": 12 * MIB},
+    )
+    text = migrate_cmds.job_info(job)
+    assert "File total:" in text and "16.000 MiB" in text and "File remaining:" in text

@@ -12,7 +12,7 @@ import pytest
 
 from vmferry import failpoints
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.failpoints import ENV_VAR, IO_POINTS, POINTS, failpoint
+from vmferry.failpoints import ENV_VAR, IO_POINTS, POINTS, STORAGE_POINTS, failpoint
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,8 @@ def test_points_cover_every_phase_boundary() -> None:
     for step in ("dst-prepare", "dst-finish"):
         assert {f"{step}-before", f"{step}-after"} <= POINTS
     assert {"src-perform-migrating", "dst-postcopy-running"} <= POINTS
-    assert len(POINTS - set(IO_POINTS)) == 14
+    assert set(STORAGE_POINTS) <= POINTS
+    assert len(POINTS - set(IO_POINTS) - set(STORAGE_POINTS)) == 14
 
 
 def test_parse() -> None:

@@ -28,6 +28,7 @@ from vmferry.testing.disk import (
     DISK_BLOCK,
     block_bytes,
     block_generation,
+    check_no_lost_writes,
     create_image,
     qemu_img_compare,
     stamp_image,
@@ -188,3 +189,34 @@ def test_qcow2_images_verify_and_compare(tmp_path: Path) -> None:
     assert not diff.identical and diff.output
     with pytest.raises(VmferryError, match="qemu-img compare"):
         qemu_img_compare(q, tmp_path / "missing.raw")
+
+
+def test_daemon_parses_guest_disk_xml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmferry.domain.xml import parse_domain_xml
+
+    for name in ("vmlinuz", "initramfs.cpio.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setenv("VMFERRY_GUEST_DIR", str(tmp_path))
+    vol = GuestDisk(pool="default", volume="g.qcow2", format="qcow2", cache="none")
+    (d,) = parse_domain_xml(guest_xml("g", disk=vol)).devices.disks
+    assert (d.type, d.source_pool, d.source_volume, d.driver_type, d.cache, d.target_dev) == (
+        "volume", "default", "g.qcow2", "qcow2", "none", "vda",
+    )  # fmt: skip
+    (f,) = parse_domain_xml(guest_xml("g", disk=GuestDisk(file="/srv/x.raw"))).devices.disks
+    assert (f.type, f.source_file, f.driver_type, f.target_bus) == (
+        "file", "/srv/x.raw", "raw", "virtio",
+    )  # fmt: skip
+
+
+def test_no_lost_writes_between_source_and_copy(tmp_path: Path) -> None:
+    src = create_image(tmp_path / "src.raw", 8 * DISK_BLOCK, stamp_blocks=8)
+    dst = create_image(tmp_path / "dst.raw", 8 * DISK_BLOCK, stamp_blocks=8)
+    for path, block, gen in ((src, 3, 5), (dst, 3, 6), (dst, 4, 2)):  # the copy went on
+        with open(path, "r+b") as f:
+            f.seek(block * DISK_BLOCK)
+            f.write(block_bytes(block, gen))
+    before, after = verify_disk_image(src), verify_disk_image(dst)
+    assert before.generations == [1, 1, 1, 5, 1, 1, 1, 1]
+    check_no_lost_writes(before, after)
+    with pytest.raises(AssertionError, match="block 3: generation 6 -> 5"):
+        check_no_lost_writes(after, before)

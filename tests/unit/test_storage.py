@@ -270,3 +270,126 @@ def test_pools_resolve(pool: Pool) -> None:
     with pytest.raises(VmferryError, match="disk 'vda'") as err:
         pools.resolve(d)
     assert err.value.code == ErrorCode.NO_STORAGE_VOL
+
+
+# -- file disks, the daemon's pools, CLI, permissions -------------------------------------------
+
+
+def test_file_disk_backing_must_stay_below_a_root(tmp: Path) -> None:
+    root, outside = tmp / "root", tmp / "outside"
+    root.mkdir()
+    outside.mkdir()
+    img = ["qemu-img", "create", "-q", "-f"]
+    subprocess.run([*img, "raw", str(outside / "b.raw"), "1M"], check=True)
+    subprocess.run([*img, "raw", str(root / "b.raw"), "1M"], check=True)
+    for base, name in ((outside / "b.raw", "evil"), (root / "b.raw", "good")):
+        subprocess.run(
+            [*img, "qcow2", "-F", "raw", "-b", str(base), str(root / f"{name}.qcow2")], check=True
+        )
+    pools = Pools.from_config([], state_root=tmp / "state", roots=[root])
+
+    def xml(name: str) -> str:
+        return _domain(
+            f"<disk type='file'><driver name='qemu' type='qcow2'/><source file='{root}/{name}'/>"
+            "<target dev='vdb'/></disk>"
+        )
+
+    assert pools.resolve(parse_domain_xml(xml("good.qcow2"))) == {
+        "vdb": [
+            BlockLayer(str(root / "good.qcow2"), "qcow2"),
+            BlockLayer(str(root / "b.raw"), "raw"),
+        ]
+    }
+    with pytest.raises(VmferryError, match="not below an allowed directory") as err:
+        pools.resolve(parse_domain_xml(xml("evil.qcow2")))
+    assert err.value.code == ErrorCode.ACCESS_DENIED
+
+
+@pytest.mark.parametrize(
+    ("where", "ok"),
+    [
+        ("state/pools/x", True),
+        ("elsewhere", True),
+        ("state", False),
+        ("state/qemu", False),
+        (".", False),  # holds the state dir
+        ("pki", False),
+        ("pki/sub", False),
+    ],
+)
+def test_pools_may_not_overlap_the_daemons_files(tmp: Path, where: str, ok: bool) -> None:
+    from vmferry.daemon.config import DaemonConfig
+    from vmferry.daemon.main import storage_pools
+    from vmferry.daemon.state import StateDir
+
+    config = DaemonConfig()
+    config.pools = {"p": PoolConfig("p", tmp / where)}
+    state = StateDir(tmp / "state")
+    if ok:
+        assert [p.path for p in storage_pools(config, state, [tmp / "pki", None])] == [
+            Path(os.path.realpath(tmp / where))
+        ]
+    else:
+        with pytest.raises(VmferryError, match="overlaps the daemon's own files") as err:
+            storage_pools(config, state, [tmp / "pki", None])
+        assert err.value.code == ErrorCode.INVALID_ARG
+
+
+def test_ensure_removes_what_a_crash_left(pool: Pool) -> None:
+    pool.create_volume("v", 1 << 20)
+    (pool.path / ".create-x.0123").write_text("half")
+    (pool.path / ".upload-v.4567").write_text("half")
+    (pool.path / ".keep").write_text("not ours")
+    pool.ensure()
+    assert sorted(os.listdir(pool.path)) == [".keep", "v"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("512", 512), ("1k", 1024), ("10M", 10 << 20), ("2GiB", 2 << 30), ("1GB", 10**9), ("3b", 3)],
+)
+def test_capacity_is_a_virsh_scaled_integer(text: str, value: int) -> None:
+    from vmferry.cli.storage_cmds import scaled_size
+
+    assert scaled_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "1X", "1.5G", "G"])
+def test_bad_capacities(text: str) -> None:
+    import argparse
+
+    from vmferry.cli.storage_cmds import scaled_size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        scaled_size(text)
+
+
+def test_storage_commands_are_registered() -> None:
+    from vmferry.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["vol-create-as", "default", "v", "1G", "--format", "qcow2", "--backing-vol", "b"]
+    )
+    assert (args.pool, args.name, args.capacity, args.format, args.backing_vol) == (
+        "default",
+        "v",
+        1 << 30,
+        "qcow2",
+        "b",
+    )
+    for argv in (["pool-list"], ["vol-list", "p"], ["vol-info", "p", "v"], ["domblklist", "d"]):
+        assert parser.parse_args(argv).json is False
+    for argv in (["vol-delete", "p", "v"], ["vol-upload", "p", "v", "f"]):
+        parser.parse_args(argv)
+
+
+def test_download_is_admin_only_by_default() -> None:
+    from vmferry.daemon.access import PERMISSIONS, READ_ONLY_DEFAULT
+    from vmferry.daemon.config import AccessConfig
+
+    data = ("GET", "/v1/pools/{pool}/volumes/{volume}/data")
+    assert PERMISSIONS[data] == "storage.download"
+    assert "storage.download" not in READ_ONLY_DEFAULT
+    assert "storage.read" in READ_ONLY_DEFAULT
+    assert list(READ_ONLY_DEFAULT) == AccessConfig().readonly_permissions

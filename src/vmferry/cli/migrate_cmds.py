@@ -219,6 +219,10 @@ _JOB_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("data_processed", "Data processed", "bytes"),
     ("data_remaining", "Data remaining", "bytes"),
     ("data_total", "Data total", "bytes"),
+    ("disk_processed", "File processed", "bytes"),  # virsh's names for the disks' part
+    ("disk_remaining", "File remaining", "bytes"),
+    ("disk_total", "File total", "bytes"),
+    ("disk_bps", "File bandwidth", "bps"),
     ("memory_bps", "Memory bandwidth", "bps"),
     ("memory_dirty_rate", "Dirty rate", "pages/s"),
     ("memory_page_size", "Page size", "bytes"),

@@ -47,7 +47,7 @@ def eta_s(stats: Mapping[str, Any]) -> float | None:
     """Seconds left: the policy engine's prediction, else remaining / rate; None without a rate."""
     if stats.get("policy_eta_s") is not None:
         return float(stats["policy_eta_s"])
-    rate = _int(stats, "memory_bps")
+    rate = _int(stats, "memory_bps") + _int(stats, "disk_bps")  # disks mirror meanwhile
     return _int(stats, "data_remaining") / rate if rate > 0 else None
 
 
@@ -67,7 +67,7 @@ def fields(step: str, stats: Mapping[str, Any] | None) -> dict[str, str]:
         "step": step,
         "moved": f"{mib(_int(stats, 'data_processed'))} / {mib(_int(stats, 'data_total'))}",
         "remaining": mib(_int(stats, "data_remaining")),
-        "rate": f"{_int(stats, 'memory_bps') / MIB:.1f} MiB/s",
+        "rate": f"{(_int(stats, 'memory_bps') + _int(stats, 'disk_bps')) / MIB:.1f} MiB/s",
         "iteration": str(_int(stats, "memory_iteration")),
         "eta": "-" if eta is None else f"{eta:.1f} s",
     }

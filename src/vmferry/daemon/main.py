@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.state import StateDir
-from vmferry.errors import VmferryError
+from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.confine import (
     USERFAULTFD,
     Confinement,
@@ -86,11 +87,33 @@ def access_policy(config: DaemonConfig, state: StateDir) -> AccessPolicy:
     )
 
 
-def storage_pools(config: DaemonConfig, state: StateDir) -> Pools:
-    """The ``[pools.NAME]`` of the config (or ``default`` in the state dir), created."""
+def storage_pools(config: DaemonConfig, state: StateDir, protected: list[Path | None]) -> Pools:
+    """The ``[pools.NAME]`` of the config (or ``default`` in the state dir), created.
+
+    A pool may not hold or lie in the daemon's own files: its volumes can be
+    overwritten and deleted through the API.
+
+    :raise VmferryError: ``INVALID_ARG`` naming the pool.
+    """
     pools = Pools.from_config(
         list(config.pools.values()), state_root=state.root, roots=config.paths.roots
     )
+    own = [Path(os.path.realpath(p)) for p in protected if p is not None]
+    state_root = Path(os.path.realpath(state.root))
+    for pool in pools:
+        path = Path(os.path.realpath(pool.path))
+        clash = [p for p in own if p == path or p in path.parents or path in p.parents]
+        if path == state_root or path in state_root.parents:
+            clash.append(state_root)
+        elif state_root in path.parents and (state_root / "pools") not in path.parents:
+            clash.append(state_root)
+        if clash:
+            raise VmferryError(
+                ErrorCode.INVALID_ARG,
+                f"pool '{pool.name}': directory {pool.path} overlaps the daemon's own files "
+                f"({clash[0]}); give it a directory of its own (below the state directory "
+                "only under pools/)",
+            )
     pools.ensure()
     return pools
 
@@ -126,7 +149,7 @@ async def run(args: argparse.Namespace) -> None:
     access = access_policy(config, state)
     host = load_or_create_host_identity(state, config)
     protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
-    pools = storage_pools(config, state)
+    pools = storage_pools(config, state, protected)
     confine = confinement(config, state, protected, pools.paths())
     if confine.user is not None:
         pools.set_owner((confine.user.uid, confine.user.gid))

@@ -278,8 +278,9 @@ def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:
         caps["auto-converge"] = bool(flags & MigrateFlags.AUTO_CONVERGE)
         # with --parallel, --compressed is multifd's zstd (validate refuses xbzrle there)
         caps["xbzrle"] = bool(flags & MigrateFlags.COMPRESSED and not flags & MigrateFlags.PARALLEL)
-        # storage: QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
-        caps["pause-before-switchover"] = bool(flags & MigrateFlags.copy_storage())
+        if flags & MigrateFlags.copy_storage():
+            # QEMU waits with the vCPUs stopped until the mirrors drained (libvirt's too)
+            caps["pause-before-switchover"] = True
     return caps
 
 

@@ -18,6 +18,7 @@ and the source keeps its own disk. On failure the cancel is forced.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ class BlockJob:
     length: int = 0  # bytes to copy (grows while the guest writes)
     offset: int = 0  # bytes copied
     cancelled: bool = False  # a BLOCK_JOB_CANCELLED event (forced cancel, or before ready)
+    # the last progress look (monotonic seconds, bytes copied): the rate between two looks
+    sample: tuple[float, int] | None = None
 
     @property
     def over(self) -> bool:
@@ -169,7 +172,16 @@ async def start_mirror(
     }
     if tls_creds:
         node.update({"tls-creds": tls_creds, "tls-hostname": host})
-    await mon.execute("blockdev-add", node)
+    try:
+        await mon.execute("blockdev-add", node)
+    except VmferryError as err:
+        if not mon.connected:
+            raise
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"copying disk '{target}' of domain '{dom.name}': cannot use the destination's NBD "
+            f"server at {host}:{port}: {err.message}",
+        ) from None
     dom.block_jobs[ident] = BlockJob()
     try:
         await mon.execute(
@@ -191,13 +203,18 @@ async def start_mirror(
         raise
 
 
-async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None) -> None:
+async def wait_ready(
+    dom: QemuDomain, targets: list[str], *, aborted: Any = None, stall_s: float = 0.0
+) -> None:
     """Wait until every mirror of *targets* is ``ready`` (in sync).
 
     *aborted* is a zero-argument callable: a true answer ends the wait (the
-    caller raises its own error).
+    caller raises its own error). With *stall_s* a look at the jobs' progress every
+    third of it fails the wait when no byte moved for that long (a destination that
+    stopped reading without closing the connection: QEMU would wait for TCP).
 
-    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away.
+    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away,
+        ``OPERATION_TIMEOUT`` when the copy stalled.
     """
     ids = [job_id(t) for t in targets]
 
@@ -211,7 +228,18 @@ async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None
             or bool(aborted and aborted())
         )
 
-    await dom.wait_for(settled, None)
+    every = max(0.2, stall_s / 3) if stall_s > 0 else None
+    moved, last = time.monotonic(), -1
+    while not await dom.wait_for(settled, every):
+        copied = (await progress(dom)).get("disk_processed", 0)
+        if copied != last:
+            moved, last = time.monotonic(), copied
+        elif time.monotonic() - moved >= stall_s:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"copying the disks of domain '{dom.name}' made no progress for {stall_s:g} s "
+                "([migration] perform_stall_timeout): the destination stopped receiving",
+            )
     if dom.monitor is None or not dom.monitor.connected:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED, f"domain '{dom.name}' went away while its disks were copied"
@@ -321,13 +349,23 @@ async def progress(dom: QemuDomain) -> dict[str, int]:
     if mon is None or not mon.connected or not dom.block_jobs:
         return {}
     jobs = await mon.execute("query-block-jobs")
+    now = time.monotonic()
     total = processed = 0
+    rate = 0.0
     for job in jobs or []:
-        if str(job.get("device", "")).startswith(PREFIX):
-            total += int(job.get("len", 0))
-            processed += int(job.get("offset", 0))
+        ident = str(job.get("device", ""))
+        if not ident.startswith(PREFIX):
+            continue
+        length, offset = int(job.get("len", 0)), int(job.get("offset", 0))
+        total += length
+        processed += offset
+        known = dom.block_jobs.setdefault(ident, BlockJob())
+        if known.sample is not None and now > known.sample[0]:
+            rate += max(0, offset - known.sample[1]) / (now - known.sample[0])
+        known.sample = (now, offset)
     return {
         "disk_total": total,
         "disk_processed": processed,
         "disk_remaining": max(0, total - processed),
+        "disk_bps": int(rate),
     }

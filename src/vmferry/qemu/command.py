@@ -275,26 +275,26 @@ def _disk_args(
         for level in reversed(range(len(chain))):
             layer = chain[level]
             file_node = protocol_node(disk.target_dev, level)
-            filename = layer.path
-            auto_read_only = True
-            if passed is not None and layer.path in passed.disk_files:
-                filename = passed.disk_files[layer.path]
-                # one descriptor per image, read-write for the guest's top image: opened so
-                # from the start (see confine.DiskFile)
-                auto_read_only = level > 0 or disk.readonly
+            read_only = disk.readonly or level > 0
             protocol: dict[str, object] = {
                 "driver": "file",
-                "filename": filename,
+                "filename": layer.path,
                 "node-name": file_node,
-                "auto-read-only": auto_read_only,
+                "auto-read-only": True,
                 "discard": "unmap",
             }
+            if passed is not None and layer.path in passed.disk_files:
+                # One descriptor of the mode the node needs (see confine.DiskFile): no
+                # auto-read-only, which would open read-only first and reopen read-write.
+                protocol["filename"] = passed.disk_files[layer.path]
+                del protocol["auto-read-only"]
+                protocol["read-only"] = read_only
             driver = layer.format if level else disk.driver_type
             fmt: dict[str, object] = {
                 "driver": driver,
                 "node-name": format_node(disk.target_dev, level),
                 "file": file_node,
-                "read-only": disk.readonly or level > 0,
+                "read-only": read_only,
             }
             if explicit and driver == "qcow2":  # raw has no backing option
                 below = level + 1

@@ -321,11 +321,7 @@ class Confinement:
             for disk in disks:
                 if disk.path in files.disk_files:
                     continue  # one image in two chains: QEMU refuses that itself
-                # One descriptor, in the mode QEMU opens the image with (the command line
-                # turns auto-read-only off for a passed writable image): two descriptors of
-                # one image are two open file descriptions whose image locks conflict, and
-                # QEMU aborts at the first permission change (a block job's, a migration's).
-                files.fdsets.append((next_set, _open_disk(disk, write=disk.write), disk.path))
+                files.fdsets.append((next_set, _open_disk(disk), disk.path))
                 files.disk_files[disk.path] = f"/dev/fdset/{next_set}"
                 next_set += 1
         except BaseException:
@@ -339,9 +335,12 @@ class DiskFile:
     """A disk image QEMU gets as a descriptor, opened as QEMU will use it.
 
     QEMU hands out a descriptor of an fdset only for the same access mode and
-    ``O_DIRECT`` flag it asks for: the top image of a writable disk read-write
-    (QEMU opens it so from the start), backing images read-only, ``O_DIRECT``
-    for the cache modes that bypass the host's page cache.
+    ``O_DIRECT`` flag it asks for: the top image of a writable disk read-write,
+    backing images read-only, ``O_DIRECT`` for the cache modes that bypass the
+    host's page cache. One descriptor per image: QEMU's image locks are OFD
+    locks, and a second open file description it once locked through would
+    keep them (the fdset holds it) after QEMU let the image go at a
+    migration's switch-over.
     """
 
     path: str
@@ -349,8 +348,8 @@ class DiskFile:
     direct: bool
 
 
-def _open_disk(disk: DiskFile, *, write: bool) -> int:
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+def _open_disk(disk: DiskFile) -> int:
+    flags = (os.O_RDWR if disk.write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
     if disk.direct:
         flags |= os.O_DIRECT
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -60,6 +61,13 @@ class VolumeInfo:
     backing: tuple[tuple[str, str], ...] = ()
 
 
+def os_error(err: OSError, what: str) -> VmferryError:
+    """*err* of the file system as the API's error: a full pool is ``STORAGE_FULL``."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return VmferryError(ErrorCode.STORAGE_FULL, f"cannot {what}: the pool is full")
+    return VmferryError(ErrorCode.OPERATION_FAILED, f"cannot {what}: {err.strerror or err}")
+
+
 def _no_volume(pool: str, name: str) -> VmferryError:
     return VmferryError(
         ErrorCode.NO_STORAGE_VOL, f"Storage volume not found: no volume '{name}' in pool '{pool}'"
@@ -87,9 +95,17 @@ class Pool:
         return f"Pool({self.name!r}, {str(self.path)!r})"
 
     def ensure(self) -> None:
-        """Create the directory (mode 0711: QEMU may reach a file it knows, not list them)."""
+        """Create the directory (mode 0711: QEMU may reach a file it knows, not list them).
+
+        Temporary files a crash left behind (a half-made volume or upload) go.
+        """
         try:
             self.path.mkdir(mode=0o711, parents=True, exist_ok=True)
+            for entry in os.scandir(self.path):
+                if entry.name.startswith((".create-", ".upload-")) and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    os.unlink(entry.path)
         except OSError as err:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
@@ -201,7 +217,7 @@ class Pool:
         if fmt == "raw" and capacity_bytes > self.free_bytes():
             # Sparse, but a raw volume the guest fills must fit: refuse what cannot.
             raise VmferryError(
-                ErrorCode.OPERATION_FAILED,
+                ErrorCode.STORAGE_FULL,
                 f"pool '{self.name}' has {self.free_bytes()} bytes free, "
                 f"not enough for a raw volume of {capacity_bytes} bytes",
             )
@@ -209,10 +225,11 @@ class Pool:
         try:
             qemuimg.create(str(tmp), fmt, capacity_bytes, backing)
             self._own(tmp, owner or self.owner)
-            try:
-                os.link(tmp, path)  # fails if the name was taken meanwhile
-            except FileExistsError:
-                raise self._exists(name) from None
+            os.link(tmp, path)  # fails if the name was taken meanwhile
+        except FileExistsError:
+            raise self._exists(name) from None
+        except OSError as err:
+            raise os_error(err, f"create volume '{name}'") from err
         finally:
             tmp.unlink(missing_ok=True)
         return self.info(name)
@@ -241,6 +258,8 @@ class Pool:
             path.unlink()
         except FileNotFoundError:
             raise _no_volume(self.name, name) from None
+        except OSError as err:
+            raise os_error(err, f"delete volume '{name}'") from err
 
     # -- chains ------------------------------------------------------------------------------
 
@@ -275,16 +294,21 @@ class Pool:
         limit = self.upload_limit(name)
         st = os.stat(path)
         tmp = self._temp(f"upload-{name}")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as err:
+            raise os_error(err, f"upload into volume '{name}'") from err
         os.fchown(fd, st.st_uid, st.st_gid)
         return Upload(self, name, path, tmp, os.fdopen(fd, "wb"), limit)
 
     def open_download(self, name: str) -> tuple[BinaryIO, int]:
         """Volume *name*'s file, open for reading, and its size."""
         path = self._existing(name)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise os_error(err, f"read volume '{name}'") from err
         f = os.fdopen(fd, "rb")
         return f, os.fstat(fd).st_size
 
@@ -307,14 +331,20 @@ class Upload:
                 ErrorCode.INVALID_ARG,
                 f"upload is larger than volume '{self.name}' ({self.limit} bytes)",
             )
-        self._f.write(chunk)
+        try:
+            self._f.write(chunk)
+        except OSError as err:
+            raise os_error(err, f"upload into volume '{self.name}'") from err
         self.written += len(chunk)
 
     def commit(self) -> VolumeInfo:
         """Check the new content (a qcow2 must stay in the pool) and swap it in."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as err:
+            raise os_error(err, f"upload into volume '{self.name}'") from err
         fmt = probe_format(str(self.tmp))
         try:
             walk_chain(str(self.tmp), fmt, self.pool._place, top_name=self.name)

@@ -38,7 +38,9 @@ def _run(args: list[str], what: str) -> str:
         ) from None
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["exit status " + str(done.returncode)])[-1]
-        raise VmferryError(ErrorCode.OPERATION_FAILED, f"cannot {what}: {detail}")
+        full = "No space left on device" in detail or "Disk quota exceeded" in detail
+        code = ErrorCode.STORAGE_FULL if full else ErrorCode.OPERATION_FAILED
+        raise VmferryError(code, f"cannot {what}: {detail}")
     return done.stdout
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "ImageCompare",
     "block_bytes",
     "block_generation",
+    "check_no_lost_writes",
     "create_image",
     "make_image_dir",
     "qemu_img_compare",
@@ -119,6 +120,8 @@ class DiskImageReport:
     bad: list[tuple[int, str]] = field(default_factory=list)
     #: Number of bad blocks (may exceed ``len(bad)``).
     bad_count: int = 0
+    #: Per block, the generation found (0: unstamped, -1: bad).
+    generations: list[int] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -186,8 +189,10 @@ def verify_disk_image(
                 data = f.read(DISK_BLOCK)
                 if data == _ZERO:
                     report.unstamped += 1
+                    report.generations.append(0)
                     continue
                 gen = block_generation(data, i)
+                report.generations.append(-1 if gen is None else gen)
                 if gen is None:
                     report.bad_count += 1
                     if len(report.bad) < 100:
@@ -196,6 +201,25 @@ def verify_disk_image(
                 report.stamped += 1
                 report.max_gen = max(report.max_gen, gen)
     return report
+
+
+def check_no_lost_writes(before: DiskImageReport, after: DiskImageReport) -> None:
+    """
+    *after* (e.g. the destination's image, the guest still writing there after the hop) holds
+    every block at least at the generation *before* (the source's image as it stopped) had.
+
+    The guest only ever raises a block's generation, so an older one means a write that was
+    acknowledged on the source never reached the copy.
+
+    :raise AssertionError: naming the first blocks that went back.
+    """
+    if before.blocks != after.blocks:
+        raise AssertionError(f"images of {before.blocks} and {after.blocks} blocks compared")
+    pairs = zip(before.generations, after.generations, strict=True)
+    older = [(i, a, b) for i, (a, b) in enumerate(pairs) if b < a]
+    if older:
+        shown = ", ".join(f"block {i}: generation {a} -> {b}" for i, a, b in older[:5])
+        raise AssertionError(f"{len(older)} block(s) went back to an older generation ({shown})")
 
 
 @dataclass(frozen=True)

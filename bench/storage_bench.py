@@ -1,0 +1,620 @@
+"""
+``make bench-storage``: vmferry's storage migration against the bare-QMP NBD floor.
+
+Two identical test guests, each with a 1 GiB qcow2 disk holding 256 MiB of
+stamped data (host-stamped, so both start alike), writing to it during every
+hop (re-stamps at ``--disk-mib-s``) and reading it back, besides stamping
+and dirtying their memory:
+
+* **vmferry**: two ``vmferryd`` (unix sockets on this host, each with its own
+  image directory as a root), client-managed v3 ``--copy-storage-all``
+  (``--p2p``: peer to peer), the destination's XML naming its own directory;
+* **floor**: bare QEMU processes driven over QMP (:func:`floor.bare_storage_hop`):
+  create the destination disk, NBD server + export on the destination,
+  ``blockdev-add nbd`` + ``blockdev-mirror`` on the source, migrate with
+  ``pause-before-switchover``, end the mirrors there, ``cont``, kill the source.
+
+Hops of the two alternate (and which goes first alternates). After each hop
+the guest's next heartbeat must continue the last one (memory and disk: no
+bad page, no bad block, no I/O error); the source's image is then deleted, so
+every hop creates its destination disk anew. At the end both guests are
+stopped and their final images checked block by block
+(:func:`vmferry.testing.disk.verify_disk_image`). A corrupted guest fails the
+bench (exit 1).
+
+The ratio vmferry/floor (median wall per hop) has the target 1.2x. Other
+vmferry variants (``--tls``, ``--tunnelled``: :data:`VARIANTS`) run as further
+guests beside the plain one, and their ratio to the plain one is reported:
+the hook for the TLS and tunnel figures of issue 8 (a variant registers
+itself once vmferry has the flag).
+
+Usage::
+
+    .venv/bin/python bench/storage_bench.py [--hops 3] [--p2p] [--variants tls,tunnelled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmferry.client import AsyncClient
+from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
+from vmferry.errors import VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
+from vmferry.testguest import (
+    GuestDisk,
+    Heartbeat,
+    check_continuity,
+    guest_cmdline,
+    guest_paths,
+    guest_xml,
+)
+from vmferry.testing import Host, poll_heartbeat
+from vmferry.testing.disk import (
+    DISK_BLOCK,
+    create_image,
+    make_image_dir,
+    verify_disk_image,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import BareDisk, BareQemu, bare_storage_hop, disk_argv, guest_argv
+from migrate_bench import (
+    _json_safe,
+    _num,
+    _workdir,
+    daemon,
+    log,
+    start_daemon,
+    stop_daemon,
+    summary,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "build" / "bench" / "storage.json"
+#: The issue's targets: vmferry within 1.2x of the floor; TLS and tunnel throughput ratios.
+TARGET_RATIO = 1.2
+TARGET_TLS = 0.7
+TARGET_TUNNEL = 0.8
+MIB = 1 << 20
+DISK_NODE = "vda"
+
+
+@dataclass(frozen=True)
+class Shape:
+    memory_mib: int = 128
+    stamp_mib: int = 32
+    dirty_mib_s: float = 4
+    hb_ms: int = 500
+    disk_mib: int = 1024
+    data_mib: int = 256
+    disk_mib_s: float = 1
+    verify_mib_s: float = 4
+
+    @property
+    def blocks(self) -> int:
+        return self.data_mib * MIB // DISK_BLOCK
+
+    def disk(self, image: Path) -> GuestDisk:
+        return GuestDisk(
+            file=str(image),
+            format="qcow2",
+            blocks=self.blocks,
+            mib_s=self.disk_mib_s,
+            verify_mib_s=self.verify_mib_s,
+            host_init=True,  # the image is stamped before boot (stamped_image)
+        )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way vmferry moves the guest: the flags on top of ``--live --copy-storage-all``."""
+
+    name: str
+    flags: MigrateFlags
+    #: Compared with this variant (``None``: with the floor).
+    baseline: str | None
+    target: float
+    #: Daemon config appended to its [migration] section (e.g. ``tls = "on"``).
+    extra_config: str = ""
+
+
+def _variants() -> dict[str, Variant]:
+    """The variants this vmferry can run: plain always; TLS and tunnelled once they exist."""
+    out = {"plain": Variant("plain", MigrateFlags(0), None, TARGET_RATIO)}
+    tls = getattr(MigrateFlags, "TLS", None)
+    if tls is not None:
+        out["tls"] = Variant("tls", tls, "plain", TARGET_TLS)
+    tunnelled = getattr(MigrateFlags, "TUNNELLED", None)
+    if tunnelled is not None:
+        out["tunnelled"] = Variant(
+            "tunnelled", tunnelled | MigrateFlags.PEER2PEER, "plain", TARGET_TUNNEL
+        )
+    return out
+
+
+VARIANTS = _variants()
+
+
+# -- the paths -----------------------------------------------------------------------------------
+
+
+async def _beat(
+    read: Callable[[], Awaitable[str]], after: Heartbeat | None, timeout: float
+) -> Heartbeat:
+    return await poll_heartbeat(read, after=after, timeout=timeout, interval=0.05)
+
+
+async def _after_hop(read: Callable[[], Awaitable[str]], last: Heartbeat | None) -> Heartbeat:
+    """The destination's next heartbeat: it continues *last*, memory and disk intact."""
+    assert last is not None
+    after = await _beat(read, last, 30)
+    check_continuity(last, after)
+    if after.disk is None or not after.disk.ready:
+        raise AssertionError(f"the guest's disk writer is not running after the hop: {after}")
+    return after
+
+
+@dataclass
+class VmferryPath:
+    """A guest under vmferry, hopping between two daemons with its disk."""
+
+    hosts: tuple[AsyncClient, AsyncClient]
+    dests: tuple[str, str]
+    dirs: tuple[Path, Path]
+    variant: Variant
+    p2p: bool
+    shape: Shape
+    here: int = 0
+    boot: Heartbeat | None = None
+    last: Heartbeat | None = None
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"bench-{self.variant.name}"
+
+    @property
+    def label(self) -> str:
+        return f"vmferry {self.variant.name}{' p2p' if self.p2p else ''}"
+
+    def image(self, side: int) -> Path:
+        return self.dirs[side] / f"{self.name}.qcow2"
+
+    def xml(self, side: int) -> str:
+        s = self.shape
+        return guest_xml(
+            self.name,
+            memory_mib=s.memory_mib,
+            stamp_mib=s.stamp_mib,
+            dirty_mib_s=s.dirty_mib_s,
+            hb_ms=s.hb_ms,
+            # Fixed: the destination's XML (its own disk directory) must match the source's.
+            uuid=str(uuid.uuid5(uuid.NAMESPACE_DNS, self.name)),
+            disk=s.disk(self.image(side)),
+        )
+
+    async def _console(self) -> str:
+        return (await self.hosts[self.here].console(self.name)).data
+
+    async def boot_guest(self, template: Path, timeout: float) -> None:
+        _copy_image(template, self.image(0))
+        await self.hosts[0].create(self.xml(0))
+        self.boot = self.last = await _beat(self._console, None, timeout)
+
+    async def hop(self) -> None:
+        src, dst = self.hosts[self.here], self.hosts[1 - self.here]
+        flags = MigrateFlags.LIVE | MigrateFlags.NON_SHARED_DISK | self.variant.flags
+        params = MigrationParams(dest_xml=self.xml(1 - self.here))
+        t_start = time.time()
+        t0 = time.perf_counter()
+        report: MigrationReport
+        if self.p2p or flags & MigrateFlags.PEER2PEER:
+            report = await migrate_p2p(
+                src, self.dests[1 - self.here], self.name, flags | MigrateFlags.PEER2PEER, params
+            )
+        else:
+            report = await migrate(src, dst, self.name, flags, params)
+        wall = time.perf_counter() - t0
+        old = self.image(self.here)
+        self.here = 1 - self.here
+        old.unlink()  # the next hop back creates it anew, as the floor does
+        stats = report.stats
+        self.hops.append(
+            {
+                "t_start": t_start,
+                "wall_s": wall,
+                "steps_s": dict(report.steps),
+                "downtime_ms": _num(stats.get("downtime_ms")),
+                "qemu_total_ms": _num(stats.get("total_time_ms")),
+                "disk_bytes": _num(stats.get("disk_total")),
+                # With storage, data_* is memory and disk together.
+                "ram_transferred": _num(stats.get("data_processed"))
+                - _num(stats.get("disk_processed")),
+            }
+        )
+
+    async def verify(self) -> None:
+        self.last = await _after_hop(self._console, self.last)
+
+    async def stop(self) -> Path:
+        """Destroy the guest; the image it ended on."""
+        for client in self.hosts:
+            with contextlib.suppress(VmferryError):
+                await client.destroy(self.name)
+        return self.image(self.here)
+
+
+@dataclass
+class FloorPath:
+    """The same guest under bare QEMU, hopping between fresh QEMU processes with its disk."""
+
+    workdir: Path
+    shape: Shape
+    qemu: BareQemu | None = None
+    console: Path | None = None
+    here: int = 0
+    count: int = 0
+    boot: Heartbeat | None = None
+    last: Heartbeat | None = None
+    hops: list[dict[str, Any]] = field(default_factory=list)
+
+    label = "bare QEMU"
+
+    def image(self, side: int) -> Path:
+        return self.workdir / f"disk{side}.qcow2"
+
+    def _argv(self, tag: str, side: int, *, incoming: bool) -> tuple[list[str], Path, Path]:
+        kernel, initrd = guest_paths()
+        s = self.shape
+        qmp, console = self.workdir / f"{tag}.qmp", self.workdir / f"{tag}.con"
+        cmdline = guest_cmdline(
+            stamp_mib=s.stamp_mib,
+            dirty_mib_s=s.dirty_mib_s,
+            hb_ms=s.hb_ms,
+            disk=s.disk(self.image(side)),
+        )
+        argv = guest_argv(
+            kernel,
+            initrd,
+            cmdline,
+            qmp=qmp,
+            console=console,
+            memory_mib=s.memory_mib,
+            incoming=incoming,
+            extra=disk_argv(BareDisk(self.image(side), node=DISK_NODE)),
+        )
+        return argv, qmp, console
+
+    async def _console(self) -> str:
+        assert self.console is not None
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def boot_guest(self, template: Path, timeout: float) -> None:
+        _copy_image(template, self.image(0))
+        argv, qmp, self.console = self._argv("q0", 0, incoming=False)
+        self.qemu = BareQemu(argv, qmp, log=self.workdir / "q0.log")
+        await self.qemu.start()
+        await self.qemu.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+        )
+        self.boot = self.last = await _beat(self._console, None, timeout)
+
+    async def hop(self) -> None:
+        assert self.qemu is not None
+        self.count += 1
+        tag, there = f"q{self.count}", 1 - self.here
+        argv, qmp, console = self._argv(tag, there, incoming=True)
+        target = BareDisk(self.image(there), node=DISK_NODE)
+        dst, result = await bare_storage_hop(
+            self.qemu,
+            argv,
+            qmp,
+            [(target, self.shape.disk_mib * MIB)],
+            log=self.workdir / f"{tag}.log",
+        )
+        old = self.image(self.here)
+        self.qemu, self.console, self.here = dst, console, there
+        old.unlink()
+        hop = {k: v for k, v in asdict(result).items() if k != "info"}
+        hop["wall_s"] = result.total_s
+        hop["downtime_ms"] = _num(result.qemu_downtime_ms)
+        self.hops.append(hop)
+
+    async def verify(self) -> None:
+        self.last = await _after_hop(self._console, self.last)
+
+    async def stop(self) -> Path:
+        if self.qemu is not None:
+            await self.qemu.stop()
+        return self.image(self.here)
+
+
+Path_ = VmferryPath | FloorPath
+
+
+def _copy_image(template: Path, dest: Path) -> None:
+    shutil.copyfile(template, dest)
+    shutil.copystat(template, dest)
+    st = template.stat()
+    os.chown(dest, st.st_uid, st.st_gid)
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _ms(s: dict[str, float], scale: float = 1000.0) -> str:
+    if s["n"] == 0:
+        return "n/a"
+    return f"{s['median'] * scale:8.0f} ({s['min'] * scale:.0f}-{s['max'] * scale:.0f})"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def build_result(
+    args: argparse.Namespace, shape: Shape, paths: Sequence[Path_], checked: dict[str, str]
+) -> dict[str, Any]:
+    keys = ("wall_s", "downtime_ms", "qemu_total_ms", "disk_bytes", "ram_transferred")
+    floor_keys = (
+        "paused_ms",
+        "create_s",
+        "spawn_s",
+        "nbd_s",
+        "mirror_s",
+        "migrate_s",
+        "switchover_s",
+    )
+    out: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hops": args.hops,
+        "mode": "p2p" if args.p2p else "client-managed v3",
+        "guest": {**asdict(shape), "blocks": shape.blocks},
+        "cpus": os.cpu_count(),
+        "paths": {},
+        "ratios": {},
+        "checked": checked,
+    }
+    for p in paths:
+        extra = floor_keys if isinstance(p, FloorPath) else ()
+        out["paths"][p.label] = {
+            "summary": {k: summary([_num(h.get(k)) for h in p.hops]) for k in (*keys, *extra)},
+            "hops": p.hops,
+        }
+        if isinstance(p, VmferryPath):
+            names = list(p.hops[0]["steps_s"]) if p.hops else []
+            out["paths"][p.label]["steps"] = {
+                n: summary([_num(h["steps_s"].get(n)) for h in p.hops])["median"] for n in names
+            }
+    medians = {label: v["summary"]["wall_s"]["median"] for label, v in out["paths"].items()}
+    for p in paths:
+        if not isinstance(p, VmferryPath):
+            continue
+        base = FloorPath.label if p.variant.baseline is None else _label(p.variant.baseline, args)
+        # vmferry vs floor: time ratio (lower is better); variant vs plain: throughput
+        # ratio (higher is better), as the issue states the TLS and tunnel targets.
+        if p.variant.baseline is None:
+            r = _ratio(medians[p.label], medians[base])
+            ok = r <= p.variant.target
+        else:
+            r = _ratio(medians[base], medians[p.label])
+            ok = r >= p.variant.target
+        out["ratios"][f"{p.label} / {base}"] = {"ratio": r, "target": p.variant.target, "met": ok}
+    return out
+
+
+def _label(variant: str, args: argparse.Namespace) -> str:
+    return f"vmferry {variant}{' p2p' if args.p2p else ''}"
+
+
+def render(result: dict[str, Any]) -> str:
+    g = result["guest"]
+    lines = [
+        f"{result['hops']} hops each, interleaved ({result['mode']}); guest {g['memory_mib']} MiB"
+        f" RAM ({g['stamp_mib']} MiB stamped, dirtying {g['dirty_mib_s']:g} MiB/s), disk"
+        f" {g['disk_mib']} MiB qcow2 holding {g['data_mib']} MiB, writing"
+        f" {g['disk_mib_s']:g} MiB/s during the hops; TCG",
+        "",
+        f"{'median ms (min-max)':<22}" + "".join(f"{label:>24}" for label in result["paths"]),
+    ]
+    rows = [
+        ("wall per hop", "wall_s", 1000.0),
+        ("QEMU downtime", "downtime_ms", 1.0),
+        ("QEMU total_time", "qemu_total_ms", 1.0),
+    ]
+    for title, key, scale in rows:
+        cells = [_ms(p["summary"][key], scale) for p in result["paths"].values()]
+        lines.append(f"{title:<22}" + "".join(f"{c:>24}" for c in cells))
+    for title, key in (("RAM sent, MiB", "ram_transferred"), ("disk copied, MiB", "disk_bytes")):
+        cells = [f"{p['summary'][key]['median'] / MIB:.0f}" for p in result["paths"].values()]
+        lines.append(f"{title:<22}" + "".join(f"{c:>24}" for c in cells))
+    floor = result["paths"].get(FloorPath.label)
+    if floor is not None:
+        parts = ("create_s", "spawn_s", "nbd_s", "mirror_s", "migrate_s", "switchover_s")
+        lines.append(
+            "floor steps (median ms): "
+            + ", ".join(
+                f"{k.removesuffix('_s')} {floor['summary'][k]['median'] * 1000:.0f}" for k in parts
+            )
+            + f"; guest paused (STOP to cont) {floor['summary']['paused_ms']['median']:.0f}"
+        )
+    for label, p in result["paths"].items():
+        steps = p.get("steps")
+        if steps:
+            lines.append(
+                f"{label} steps (median ms): "
+                + ", ".join(f"{k} {v * 1000:.0f}" for k, v in steps.items())
+            )
+    lines.append("")
+    for what, r in result["ratios"].items():
+        verdict = "met" if r["met"] else "NOT met"
+        kind = "time" if what.endswith(FloorPath.label) else "throughput"
+        lines.append(f"{what}: {kind} ratio {r['ratio']:.2f} (target {r['target']}: {verdict})")
+    for label, text in result["checked"].items():
+        lines.append(f"{label}: {text}")
+    load = result["loadavg"]
+    lines.append(f"load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+    return "\n".join(lines)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def stamped_image(work: Path, shape: Shape) -> Path:
+    """The template every guest's disk starts from: data_mib stamped at generation 1."""
+    return create_image(
+        work / "template.qcow2", shape.disk_mib * MIB, fmt="qcow2", stamp_blocks=shape.blocks
+    )
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    shape = Shape(
+        memory_mib=args.memory_mib,
+        stamp_mib=args.stamp_mib,
+        disk_mib=args.disk_mib,
+        data_mib=args.data_mib,
+        disk_mib_s=args.disk_mib_s,
+    )
+    wanted = ["plain", *[v for v in args.variants.split(",") if v and v != "plain"]]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(
+            f"variant(s) {', '.join(unknown)} not available in this vmferry "
+            f"(have: {', '.join(VARIANTS)})"
+        )
+    with _workdir(args.keep) as work:
+        images = make_image_dir()
+        dirs = (images / "h0", images / "h1")
+        checked: dict[str, str] = {}
+        try:
+            for d in dirs:
+                d.mkdir()
+                shutil.chown(d, "vmferry-qemu", "vmferry-qemu")
+            (work / "floor").mkdir()
+            log(f"stamping a {shape.data_mib} MiB template disk")
+            template = stamped_image(images, shape)
+            extra = "".join(VARIANTS[v].extra_config for v in wanted)
+            base = random.randrange(40000, 48000, 32)
+            daemons: list[Host] = []
+            for i in range(2):
+                host = daemon(
+                    work / f"h{i}", f"sbench{i}", base + 16 * i, args.daemon_log_level, None
+                )
+                host.image_roots = [dirs[i]]
+                host.extra_config = extra
+                daemons.append(host)
+            fl = FloorPath(work / "floor", shape)
+            async with contextlib.AsyncExitStack() as stack:
+                for h in daemons:
+                    stack.push_async_callback(stop_daemon, h)
+                await asyncio.gather(*(start_daemon(h) for h in daemons))
+                clients = tuple(
+                    [await stack.enter_async_context(AsyncClient(h.uri)) for h in daemons]
+                )
+                vms = [
+                    VmferryPath(
+                        (clients[0], clients[1]),
+                        (daemons[0].uri, daemons[1].uri),
+                        dirs,
+                        VARIANTS[v],
+                        args.p2p,
+                        shape,
+                    )
+                    for v in wanted
+                ]
+                paths: list[Path_] = [*vms, fl]
+                for p in paths:
+                    stack.push_async_callback(p.stop)
+                log(f"booting {len(paths)} guests")
+                for p in paths:  # one at a time: booting is what loads TCG the most
+                    await p.boot_guest(template, 90)
+                for i in range(args.hops):
+                    order = paths if i % 2 == 0 else paths[::-1]
+                    for p in order:
+                        await p.hop()
+                        await p.verify()
+                        log(f"hop {i + 1}/{args.hops} {p.label:<22} {p.hops[-1]['wall_s']:7.2f} s")
+                for p in paths:
+                    final = await p.stop()
+                    report = await asyncio.to_thread(verify_disk_image, final, blocks=shape.blocks)
+                    report.check()
+                    assert p.boot is not None and p.last is not None and p.last.disk is not None
+                    checked[p.label] = (
+                        f"boot {p.boot.boot} seq {p.boot.seq}->{p.last.seq}, memory errors 0, disk"
+                        f" blocks written {p.last.disk.written} verified {p.last.disk.verified}"
+                        f" errors 0; final image: {report.stamped} blocks well-formed"
+                        f" (max generation {report.max_gen})"
+                    )
+            return build_result(args, shape, paths, checked)
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--hops", type=int, default=3, help="migrations per path (default 3)")
+    p.add_argument("--p2p", action="store_true", help="vmferry migrates peer-to-peer")
+    p.add_argument(
+        "--variants",
+        default="",
+        help=f"more vmferry variants beside plain, comma-separated (have: {', '.join(VARIANTS)})",
+    )
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
+    p.add_argument("--memory-mib", type=int, default=128)
+    p.add_argument("--stamp-mib", type=int, default=32)
+    p.add_argument("--disk-mib", type=int, default=1024)
+    p.add_argument("--data-mib", type=int, default=256)
+    p.add_argument("--disk-mib-s", type=float, default=1, help="guest disk writes during hops")
+    p.add_argument("--enforce", action="store_true", help="exit 1 when a ratio misses its target")
+    p.add_argument("--daemon-log-level", default="info", choices=["debug", "info", "warning"])
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, consoles)")
+    args = p.parse_args(argv)
+    if args.hops < 1 or args.data_mib > args.disk_mib:
+        p.error("--hops must be at least 1 and --data-mib at most --disk-mib")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    try:
+        result = asyncio.run(run(args))
+    except AssertionError as err:
+        print(f"FAILED: the guest did not survive: {err}", file=sys.stderr)
+        return 1
+    except VmferryError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    result["bench_s"] = time.monotonic() - started
+    result["loadavg"] = [load_before, os.getloadavg()[0]]
+    print(render(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    print(f"\n(bench took {result['bench_s']:.0f} s; results in {args.json})")
+    if args.enforce and not all(r["met"] for r in result["ratios"].values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
