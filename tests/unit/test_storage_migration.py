@@ -332,3 +332,17 @@ def test_file_disks_are_created_only_below_a_root(tmp_path: Path) -> None:
     # there already: not created, so never ours to delete
     assert not asyncio.run(migrate_disks.create_disk(confine, str(target), disk, 1 << 20))
     os.unlink(target)
+
+
+def test_a_stalled_copy_fails_the_wait() -> None:
+    # the destination stopped reading without closing the connection: no byte moves
+    mon = FakeMonitor(
+        replies={"query-block-jobs": [{"device": "migrate-vda", "len": 9, "offset": 3}]}
+    )
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    dom.migration.flags = int(ALL)
+    with pytest.raises(VmferryError, match=r"made no progress for 0\.6 s") as err:
+        asyncio.run(storage.mirror_all(dom, "192.0.2.7", 49153, stall_s=0.6))
+    assert err.value.code == ErrorCode.OPERATION_TIMEOUT
+    assert len(mon.args_of("query-block-jobs")) >= 2

@@ -295,6 +295,7 @@ async def _run(
                 parse_migration_uri(uri).host,
                 nbd_port,
                 tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
+                stall_s=(limits or PerformLimits()).stall_s,
             )
         except BaseException:
             await storage.cancel(dom)

@@ -203,13 +203,18 @@ async def start_mirror(
         raise
 
 
-async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None) -> None:
+async def wait_ready(
+    dom: QemuDomain, targets: list[str], *, aborted: Any = None, stall_s: float = 0.0
+) -> None:
     """Wait until every mirror of *targets* is ``ready`` (in sync).
 
     *aborted* is a zero-argument callable: a true answer ends the wait (the
-    caller raises its own error).
+    caller raises its own error). With *stall_s* a look at the jobs' progress every
+    third of it fails the wait when no byte moved for that long (a destination that
+    stopped reading without closing the connection: QEMU would wait for TCP).
 
-    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away.
+    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away,
+        ``OPERATION_TIMEOUT`` when the copy stalled.
     """
     ids = [job_id(t) for t in targets]
 
@@ -223,7 +228,18 @@ async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None
             or bool(aborted and aborted())
         )
 
-    await dom.wait_for(settled, None)
+    every = max(0.2, stall_s / 3) if stall_s > 0 else None
+    moved, last = time.monotonic(), -1
+    while not await dom.wait_for(settled, every):
+        copied = (await progress(dom)).get("disk_processed", 0)
+        if copied != last:
+            moved, last = time.monotonic(), copied
+        elif time.monotonic() - moved >= stall_s:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"copying the disks of domain '{dom.name}' made no progress for {stall_s:g} s "
+                "([migration] perform_stall_timeout): the destination stopped receiving",
+            )
     if dom.monitor is None or not dom.monitor.connected:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED, f"domain '{dom.name}' went away while its disks were copied"
