@@ -265,6 +265,8 @@ def test_switchover_drains_without_pivot_and_failure_forces() -> None:
     mon.always("block-job-cancel", cancelled)
     asyncio.run(storage.complete(dom))
     assert mon.args_of("block-job-cancel") == [{"device": "migrate-vda", "force": False}]
+    assert mon.args_of("job-dismiss") == []  # after migrate-continue: outside the downtime
+    asyncio.run(storage.release(dom))
     assert mon.args_of("job-dismiss") == [{"id": "migrate-vda"}]
     assert mon.args_of("blockdev-del") == [{"node-name": "migrate-vda"}]
 

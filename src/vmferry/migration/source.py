@@ -441,6 +441,7 @@ async def _wait_loop(
             await storage.complete(dom)
             dom.migration.status = MigrationStatus.DEVICE  # until QEMU's next event says more
             await dom.monitor.execute("migrate-continue", {"state": "pre-switchover"})
+            await storage.release(dom)  # outside the downtime
             continue
         if precopy_done() and status == MigrationStatus.ACTIVE:
             switch_pending = False

@@ -148,6 +148,12 @@ async def complete(dom: QemuDomain) -> None:
         await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
 
 
+async def release(dom: QemuDomain) -> None:
+    """After the switchover (the device state on its way): the drained mirrors' leftovers go."""
+    if dom.migration.storage_disks and dom.block_jobs:
+        await blockjob.release_mirrors(dom, dom.migration.storage_disks)
+
+
 async def cancel(dom: QemuDomain) -> None:
     """After a failure on the source: no mirror, no NBD client node left."""
     if dom.migration.storage_disks or dom.block_jobs:

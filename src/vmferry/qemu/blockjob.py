@@ -257,6 +257,9 @@ async def wait_ready(
 async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
     """At the switchover (source vCPUs stopped): drain each mirror and end it without pivot.
 
+    The concluded jobs and their NBD client nodes stay until :func:`release_mirrors`, so
+    the guest's downtime does not pay for their removal.
+
     :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed before it was in sync
         to the last block (the destination's copy would be incomplete).
     """
@@ -268,13 +271,18 @@ async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
         lambda: all(dom.block_jobs[i].over for i in ids) or not mon.connected, DRAIN_WAIT_S
     )
     failed = [i for i in ids if dom.block_jobs[i].error or not dom.block_jobs[i].over]
-    await _dismiss(dom, ids)
     if not done or failed:
+        await _dismiss(dom, ids)
         why = "; ".join(f"{i.removeprefix(PREFIX)}: {dom_err(dom, i)}" for i in failed)
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
             f"the last writes of domain '{dom.name}' did not reach the destination ({why})",
         )
+
+
+async def release_mirrors(dom: QemuDomain, targets: list[str]) -> None:
+    """Dismiss the concluded mirrors of *targets* and delete their NBD client nodes."""
+    await _dismiss(dom, [job_id(t) for t in targets])
 
 
 def dom_err(dom: QemuDomain, ident: str) -> str:
