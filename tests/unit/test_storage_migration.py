@@ -265,6 +265,8 @@ def test_switchover_drains_without_pivot_and_failure_forces() -> None:
     mon.always("block-job-cancel", cancelled)
     asyncio.run(storage.complete(dom))
     assert mon.args_of("block-job-cancel") == [{"device": "migrate-vda", "force": False}]
+    assert mon.args_of("job-dismiss") == []  # after migrate-continue: outside the downtime
+    asyncio.run(storage.release(dom))
     assert mon.args_of("job-dismiss") == [{"id": "migrate-vda"}]
     assert mon.args_of("blockdev-del") == [{"node-name": "migrate-vda"}]
 
@@ -332,3 +334,17 @@ def test_file_disks_are_created_only_below_a_root(tmp_path: Path) -> None:
     # there already: not created, so never ours to delete
     assert not asyncio.run(migrate_disks.create_disk(confine, str(target), disk, 1 << 20))
     os.unlink(target)
+
+
+def test_a_stalled_copy_fails_the_wait() -> None:
+    # the destination stopped reading without closing the connection: no byte moves
+    mon = FakeMonitor(
+        replies={"query-block-jobs": [{"device": "migrate-vda", "len": 9, "offset": 3}]}
+    )
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    dom.migration.flags = int(ALL)
+    with pytest.raises(VmferryError, match=r"made no progress for 0\.6 s") as err:
+        asyncio.run(storage.mirror_all(dom, "192.0.2.7", 49153, stall_s=0.6))
+    assert err.value.code == ErrorCode.OPERATION_TIMEOUT
+    assert len(mon.args_of("query-block-jobs")) >= 2

@@ -295,6 +295,7 @@ async def _run(
                 parse_migration_uri(uri).host,
                 nbd_port,
                 tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
+                stall_s=(limits or PerformLimits()).stall_s,
             )
         except BaseException:
             await storage.cancel(dom)
@@ -440,6 +441,7 @@ async def _wait_loop(
             await storage.complete(dom)
             dom.migration.status = MigrationStatus.DEVICE  # until QEMU's next event says more
             await dom.monitor.execute("migrate-continue", {"state": "pre-switchover"})
+            await storage.release(dom)  # outside the downtime
             continue
         if precopy_done() and status == MigrationStatus.ACTIVE:
             switch_pending = False

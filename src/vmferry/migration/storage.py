@@ -102,12 +102,18 @@ async def begin_disks(dom: QemuDomain, params: MigrationParams, *, top_only: boo
 
 
 async def mirror_all(
-    dom: QemuDomain, stream_host: str, cookie_port: int | None, *, tls_creds: str = ""
+    dom: QemuDomain,
+    stream_host: str,
+    cookie_port: int | None,
+    *,
+    stall_s: float = 0.0,
+    tls_creds: str = "",
 ) -> None:
     """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
 
     *stream_host* is the checked host of the migration stream: the NBD server listens there.
     *tls_creds*: the connections are TLS with these credentials (``--tls``).
+    *stall_s*: fail when no byte was copied for this long (0: wait for ever).
     """
     targets = dom.migration.storage_disks
     if not targets:
@@ -131,13 +137,21 @@ async def mirror_all(
             speed=params.bandwidth_mib_s * MIB,
             tls_creds=tls_creds,
         )
-    await blockjob.wait_ready(dom, targets, aborted=lambda: dom.job.abort_requested)
+    await blockjob.wait_ready(
+        dom, targets, aborted=lambda: dom.job.abort_requested, stall_s=stall_s
+    )
 
 
 async def complete(dom: QemuDomain) -> None:
     """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors."""
     if dom.migration.storage_disks and dom.block_jobs:
         await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
+
+
+async def release(dom: QemuDomain) -> None:
+    """After the switchover (the device state on its way): the drained mirrors' leftovers go."""
+    if dom.migration.storage_disks and dom.block_jobs:
+        await blockjob.release_mirrors(dom, dom.migration.storage_disks)
 
 
 async def cancel(dom: QemuDomain) -> None:

@@ -203,13 +203,18 @@ async def start_mirror(
         raise
 
 
-async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None) -> None:
+async def wait_ready(
+    dom: QemuDomain, targets: list[str], *, aborted: Any = None, stall_s: float = 0.0
+) -> None:
     """Wait until every mirror of *targets* is ``ready`` (in sync).
 
     *aborted* is a zero-argument callable: a true answer ends the wait (the
-    caller raises its own error).
+    caller raises its own error). With *stall_s* a look at the jobs' progress every
+    third of it fails the wait when no byte moved for that long (a destination that
+    stopped reading without closing the connection: QEMU would wait for TCP).
 
-    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away.
+    :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed or QEMU went away,
+        ``OPERATION_TIMEOUT`` when the copy stalled.
     """
     ids = [job_id(t) for t in targets]
 
@@ -223,7 +228,18 @@ async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None
             or bool(aborted and aborted())
         )
 
-    await dom.wait_for(settled, None)
+    every = max(0.2, stall_s / 3) if stall_s > 0 else None
+    moved, last = time.monotonic(), -1
+    while not await dom.wait_for(settled, every):
+        copied = (await progress(dom)).get("disk_processed", 0)
+        if copied != last:
+            moved, last = time.monotonic(), copied
+        elif time.monotonic() - moved >= stall_s:
+            raise VmferryError(
+                ErrorCode.OPERATION_TIMEOUT,
+                f"copying the disks of domain '{dom.name}' made no progress for {stall_s:g} s "
+                "([migration] perform_stall_timeout): the destination stopped receiving",
+            )
     if dom.monitor is None or not dom.monitor.connected:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED, f"domain '{dom.name}' went away while its disks were copied"
@@ -241,6 +257,9 @@ async def wait_ready(dom: QemuDomain, targets: list[str], *, aborted: Any = None
 async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
     """At the switchover (source vCPUs stopped): drain each mirror and end it without pivot.
 
+    The concluded jobs and their NBD client nodes stay until :func:`release_mirrors`, so
+    the guest's downtime does not pay for their removal.
+
     :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed before it was in sync
         to the last block (the destination's copy would be incomplete).
     """
@@ -252,13 +271,18 @@ async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
         lambda: all(dom.block_jobs[i].over for i in ids) or not mon.connected, DRAIN_WAIT_S
     )
     failed = [i for i in ids if dom.block_jobs[i].error or not dom.block_jobs[i].over]
-    await _dismiss(dom, ids)
     if not done or failed:
+        await _dismiss(dom, ids)
         why = "; ".join(f"{i.removeprefix(PREFIX)}: {dom_err(dom, i)}" for i in failed)
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
             f"the last writes of domain '{dom.name}' did not reach the destination ({why})",
         )
+
+
+async def release_mirrors(dom: QemuDomain, targets: list[str]) -> None:
+    """Dismiss the concluded mirrors of *targets* and delete their NBD client nodes."""
+    await _dismiss(dom, [job_id(t) for t in targets])
 
 
 def dom_err(dom: QemuDomain, ident: str) -> str:

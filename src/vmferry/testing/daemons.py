@@ -299,7 +299,9 @@ def hosts(
         for host in made:
             host.spawn()
         for host in made:
-            host.wait_ready()
+            # started together on a machine shared with other QEMU tests: a slow start is
+            # not a failure (one daemon alone takes ~5 s to import and listen under load 15)
+            host.wait_ready(timeout=60.0)
         yield made
     finally:
         for host in made:
