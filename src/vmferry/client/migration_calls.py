@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
 from typing import Any
 
 from vmferry.api.models import (
@@ -66,9 +65,14 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     )
 
 
-def tunnel(name: str, chunks: AsyncIterable[bytes]) -> Call[CookieBody]:
-    """The tunnelled migration stream of the destination's incoming *name* (its body)."""
-    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), content=chunks)
+def tunnel(name: str, session: str) -> Call[CookieBody]:
+    """The tunnel of the destination's incoming *name*, which *session* prepared (an Upgrade)."""
+    return Call(
+        "POST",
+        domain_path(name, "/migrate/tunnel"),
+        model(CookieBody),
+        headers={"X-Vmferry-Session": session},
+    )
 
 
 def perform2(

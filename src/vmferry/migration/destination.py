@@ -22,9 +22,9 @@ on a new port) and ``finish_resume`` resume it; a failed try returns to
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -183,8 +183,13 @@ async def _start_incoming(
     return f"tcp:{listen}:{port}"
 
 
-async def receive_tunnel(dom: QemuDomain, chunks: AsyncIterator[bytes]) -> int:
-    """The peer's tunnelled stream for the incoming *dom*, into its QEMU (once only)."""
+async def receive_tunnel(dom: QemuDomain, session: str, take: mtunnel.Hijack | None) -> None:
+    """
+    Splice the source daemon's connection and the incoming *dom*'s QEMU (once only).
+
+    :param session: The caller's session: the one that prepared *dom*, else refused.
+    :param take: Takes over the request's connection (None: it asked no ``Upgrade``).
+    """
     flags = MigrateFlags(dom.migration.flags)
     end = dom.migration.tunnel
     if (
@@ -196,11 +201,28 @@ async def receive_tunnel(dom: QemuDomain, chunks: AsyncIterator[bytes]) -> int:
             ErrorCode.OPERATION_INVALID,
             f"no tunnelled migration of '{dom.name}' is waiting for its stream",
         )
+    if not session or not hmac.compare_digest(session.encode(), dom.bound_session.encode()):
+        raise VmferryError(
+            ErrorCode.AUTH_FAILED,
+            f"the tunnel of '{dom.name}' belongs to the session that prepared it",
+        )
+    if take is None:
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            f"the tunnel of '{dom.name}' is a raw pipe: ask with "
+            f"'Connection: Upgrade' and 'Upgrade: {mtunnel.UPGRADE}'",
+        )
     dom.migration.tunnel = None  # one stream per Prepare
     try:
-        return await mtunnel.relay_in(end, chunks)
-    finally:
+        peer, early = take()
+    except BaseException:
         end.close()
+        raise
+    try:
+        await mtunnel.splice(end, peer, early)
+    except (OSError, ConnectionError) as exc:
+        # the answer went out already (101): nobody to tell but the log; the source sees it
+        log.warning("tunnel of '%s' ended: %s", dom.name, exc)
 
 
 def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-untyped-def]
