@@ -122,6 +122,18 @@ class _End(asyncio.Protocol):
             self._done.set_result(None)
 
 
+def _widen_peer(peer: asyncio.Transport) -> None:
+    """Room for :data:`WINDOW` on the peer's side too: kernel buffers and TLS reading."""
+    raw = peer.get_extra_info("socket")
+    if raw is not None:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, option, WINDOW)
+    set_read_limits = getattr(peer, "set_read_buffer_limits", None)  # TLS transports only
+    if set_read_limits is not None:
+        set_read_limits(high=WINDOW)
+
+
 async def splice(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"") -> None:
     """
     Relay between QEMU's socket-pair end *qemu* and the connection to the peer
@@ -140,6 +152,7 @@ async def splice(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"
         peer.close()
         raise
     near.other, far.other = far, near
+    _widen_peer(peer)
     peer.set_protocol(far)
     far.connection_made(peer)
     if early:
