@@ -65,14 +65,15 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     )
 
 
-def tunnel(name: str, session: str) -> Call[CookieBody]:
-    """The tunnel of the destination's incoming *name*, which *session* prepared (an Upgrade)."""
-    return Call(
-        "POST",
-        domain_path(name, "/migrate/tunnel"),
-        model(CookieBody),
-        headers={"X-Vmferry-Session": session},
-    )
+def tunnel(name: str, session: str, stream: str = "") -> Call[CookieBody]:
+    """A tunnel of the destination's incoming *name*, which *session* prepared (an Upgrade).
+
+    *stream*: "" the migration stream, ``nbd`` one more NBD connection (storage).
+    """
+    headers = {"X-Vmferry-Session": session}
+    if stream:
+        headers["X-Vmferry-Stream"] = stream
+    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), headers=headers)
 
 
 def perform2(

@@ -399,9 +399,11 @@ class MigrationService:
             raise
         return out
 
-    async def migrate_tunnel(self, name: str, session: str, take: Hijack | None) -> None:
-        """The tunnelled stream of the incoming *name*: the source daemon's upgraded connection."""
-        await destination.receive_tunnel(self.lookup(name), session, take)
+    async def migrate_tunnel(
+        self, name: str, session: str, take: Hijack | None, stream: str = ""
+    ) -> None:
+        """A tunnel of the incoming *name*: the source daemon's upgraded connection."""
+        await destination.receive_tunnel(self.lookup(name), session, take, stream)
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
         """``migrate/confirm``: Confirm3 on the source."""

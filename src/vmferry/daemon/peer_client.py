@@ -52,9 +52,9 @@ class ClientPeer:
         info = await self._client.dominfo(name)
         return PeerDomain(uuid=info.uuid, state=info.state, async_job=info.job.async_job)
 
-    async def tunnel(self, name: str, qemu: socket.socket) -> None:
+    async def tunnel(self, name: str, qemu: socket.socket, stream: str = "") -> None:
         """Splice *qemu* and a pipe to the peer's incoming *name*, until the stream ends."""
-        call = mc.tunnel(name, self._session)
+        call = mc.tunnel(name, self._session, stream)
         peer, early = await open_pipe(
             self._client.endpoint,
             self._pki_dir,

@@ -128,7 +128,9 @@ async def prepare(
             await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
-        if copy:
+        if copy and flags & MigrateFlags.TUNNELLED:
+            await storage.start_nbd_tunnelled(dom)  # no port: NBD comes through tunnels
+        elif copy:
             nbd_port = await storage.start_nbd(
                 host,
                 dom,
@@ -183,19 +185,29 @@ async def _start_incoming(
     return f"tcp:{listen}:{port}"
 
 
-async def receive_tunnel(dom: QemuDomain, session: str, take: mtunnel.Hijack | None) -> None:
+async def receive_tunnel(
+    dom: QemuDomain,
+    session: str,
+    take: mtunnel.Hijack | None,
+    stream: str = mtunnel.MIGRATION_STREAM,
+) -> None:
     """
-    Splice the source daemon's connection and the incoming *dom*'s QEMU (once only).
+    Splice the source daemon's connection and the incoming *dom*'s QEMU: its migration
+    stream (once only), or a new connection to its NBD server (*stream* ``nbd``).
 
     :param session: The caller's session: the one that prepared *dom*, else refused.
     :param take: Takes over the request's connection (None: it asked no ``Upgrade``).
     """
     flags = MigrateFlags(dom.migration.flags)
     end = dom.migration.tunnel
+    if stream not in mtunnel.STREAMS:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"no tunnel stream {stream[:40]!r}")
+    nbd = stream == mtunnel.NBD_STREAM
     if (
         dom.job.async_job != AsyncJob.MIGRATION_IN
         or not flags & MigrateFlags.TUNNELLED
-        or end is None
+        or (end is None and not nbd)
+        or (nbd and not dom.migration.nbd_socket)
     ):
         raise VmferryError(
             ErrorCode.OPERATION_INVALID,
@@ -212,7 +224,10 @@ async def receive_tunnel(dom: QemuDomain, session: str, take: mtunnel.Hijack | N
             f"the tunnel of '{dom.name}' is a raw pipe: ask with "
             f"'Connection: Upgrade' and 'Upgrade: {mtunnel.UPGRADE}'",
         )
-    dom.migration.tunnel = None  # one stream per Prepare
+    if nbd:
+        end = storage.connect_nbd(dom)
+    else:
+        dom.migration.tunnel = None  # one stream per Prepare
     try:
         peer, early = take()
     except BaseException:
@@ -248,6 +263,7 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
     if dom.migration.tunnel is not None:
         dom.migration.tunnel.close()
         dom.migration.tunnel = None
+    storage.remove_nbd_socket(dom)
     host.unbind_session(dom)
 
 

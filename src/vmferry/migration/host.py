@@ -86,7 +86,7 @@ class PeerConnection(Protocol):
         """The peer as a migration destination, within a session held open meanwhile."""
         ...
 
-    async def tunnel(self, name: str, qemu: socket.socket) -> None:
+    async def tunnel(self, name: str, qemu: socket.socket, stream: str = "") -> None:
         """Splice *qemu* (QEMU's socket-pair end) and a pipe to the peer's incoming *name*."""
         ...
 

@@ -69,8 +69,8 @@ async def migrate(
                 if flags & MigrateFlags.TUNNELLED:
                     dest_name = params.dname or name
 
-                    async def tunnel(qemu: socket.socket) -> None:
-                        await dconn.tunnel(dest_name, qemu)
+                    async def tunnel(qemu: socket.socket, stream: str) -> None:
+                        await dconn.tunnel(dest_name, qemu, stream)
 
                 await run(LocalSource(host, tunnel), dst, name, flags, params, times=times)
         except TimeoutError:

@@ -90,12 +90,6 @@ class MigrationParams:
                 ErrorCode.INVALID_ARG,
                 "a tunnelled migration cannot be parallel or post-copy (one stream, one way)",
             )
-        if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.copy_storage():
-            raise VmferryError(
-                ErrorCode.NO_SUPPORT,
-                "tunnelled storage migration is not supported yet: use --tls for encrypted "
-                "disk copies",
-            )
         if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.TLS:
             raise VmferryError(
                 ErrorCode.INVALID_ARG,

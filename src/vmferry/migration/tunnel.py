@@ -32,6 +32,12 @@ from vmferry.qemu.monitor import Monitor
 
 #: The QMP name of the descriptor each QEMU gets.
 FD_NAME = "vmferry-tunnel"
+#: QMP names of the NBD descriptors: the destination's listener; the source's, plus the disk.
+NBD_FD_PREFIX = "vmferry-nbd-"
+#: The tunnels a migration has: its stream, and one per NBD connection (storage).
+MIGRATION_STREAM = ""
+NBD_STREAM = "nbd"
+STREAMS = frozenset({MIGRATION_STREAM, NBD_STREAM})
 #: The ``Upgrade`` token of the tunnel route.
 UPGRADE = "vmferry-tunnel"
 #: Kernel and transport buffering per stream end: large enough that QEMU and the peer
@@ -41,16 +47,17 @@ WINDOW = 4 << 20
 
 #: Connects the daemon's end of QEMU's socket pair to the peer daemon and relays
 #: both ways until the stream ends (the source's side of the tunnel).
-Sender = Callable[[socket.socket], Awaitable[None]]
+#: Its second argument names the stream (:data:`MIGRATION_STREAM`, :data:`NBD_STREAM`).
+Sender = Callable[[socket.socket, str], Awaitable[None]]
 
 
-async def give_qemu_end(mon: Monitor) -> socket.socket:
-    """A socket pair; QEMU gets one end as :data:`FD_NAME`, the daemon keeps the other."""
+async def give_qemu_end(mon: Monitor, name: str = FD_NAME) -> socket.socket:
+    """A socket pair; QEMU gets one end as *name*, the daemon keeps the other."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for sock in (mine, theirs):
         widen(sock)
     try:
-        await mon.execute_with_fd("getfd", {"fdname": FD_NAME}, theirs.fileno())
+        await mon.execute_with_fd("getfd", {"fdname": name}, theirs.fileno())
     except BaseException:
         mine.close()
         raise
@@ -170,9 +177,9 @@ async def splice(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"
             raise end.error
 
 
-async def relay_out(sock: socket.socket, send: Sender) -> None:
+async def relay_out(sock: socket.socket, send: Sender, stream: str = MIGRATION_STREAM) -> None:
     """Source: connect QEMU's end *sock* to the peer with *send*, until the stream ends."""
     try:
-        await send(sock)
+        await send(sock, stream)
     finally:
         sock.close()
