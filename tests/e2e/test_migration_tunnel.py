@@ -72,9 +72,9 @@ def _intact(host: Host, name: str, before: Heartbeat) -> Heartbeat:
     return after
 
 
-async def _attach(host: Host, uri: str, name: str, session: str) -> None:
+async def _attach(host: Host, uri: str, name: str, session: str, stream: str = "") -> None:
     """Ask *host* for the tunnel of its incoming *name* (as the source daemon does)."""
-    call = mc.tunnel(name, session)
+    call = mc.tunnel(name, session, stream)
     peer, _ = await open_pipe(
         parse_uri(uri), host.pki_dir, call.path, call.headers or {}, UPGRADE, timeout=60
     )
@@ -82,9 +82,11 @@ async def _attach(host: Host, uri: str, name: str, session: str) -> None:
     raise AssertionError(f"{uri} gave the tunnel of {name} to a stranger")
 
 
-def _refused_attach(host: Host, uri: str, name: str, session: str) -> VmferryError:
+def _refused_attach(
+    host: Host, uri: str, name: str, session: str, stream: str = ""
+) -> VmferryError:
     with pytest.raises(VmferryError) as err:
-        asyncio.run(_attach(host, uri, name, session))
+        asyncio.run(_attach(host, uri, name, session, stream))
     return err.value
 
 
@@ -119,6 +121,9 @@ def _hop_seen_at_prepare(
             for session in (uuid.uuid4().hex, ""):
                 err = _refused_attach(dst, uri, name, session)
                 assert err.code == ErrorCode.AUTH_FAILED, err
+        if flags & MigrateFlags.copy_storage():
+            err = _refused_attach(dst, dst.tls_uri, name, uuid.uuid4().hex, stream="nbd")
+            assert err.code == ErrorCode.AUTH_FAILED, err
         assert job.error is None, job.error
     (hits / f"{POINT}.release").touch()
     job.join()
