@@ -88,7 +88,7 @@ class MigrationParams:
             # one migration stream: no multifd channels; no return path (post-copy) enabled
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
-                "a tunnelled migration cannot be parallel or post-copy (one stream, no return path)",
+                "a tunnelled migration cannot be parallel or post-copy (no return path)",
             )
         if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.TLS:
             raise VmferryError(
