@@ -136,6 +136,7 @@ async def mirror_all(
     flags = MigrateFlags(dom.migration.flags)
     params = dom.migration.params or MigrationParams()
     dom.block_jobs.clear()  # the figures of an earlier attempt
+    await stop_relays(dom)  # an earlier migration's (ended with its QEMU's connections)
     for target in targets:
         fd_name = ""
         if tunnel is not None:
