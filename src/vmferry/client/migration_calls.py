@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
 from typing import Any
 
 from vmferry.api.models import (
@@ -66,9 +65,15 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     )
 
 
-def tunnel(name: str, chunks: AsyncIterable[bytes]) -> Call[CookieBody]:
-    """The tunnelled migration stream of the destination's incoming *name* (its body)."""
-    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), content=chunks)
+def tunnel(name: str, session: str, stream: str = "") -> Call[CookieBody]:
+    """A tunnel of the destination's incoming *name*, which *session* prepared (an Upgrade).
+
+    *stream*: "" the migration stream, ``nbd`` one more NBD connection (storage).
+    """
+    headers = {"X-Vmferry-Session": session}
+    if stream:
+        headers["X-Vmferry-Stream"] = stream
+    return Call("POST", domain_path(name, "/migrate/tunnel"), model(CookieBody), headers=headers)
 
 
 def perform2(
