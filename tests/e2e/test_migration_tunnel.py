@@ -11,7 +11,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,12 @@ from tests.e2e.test_postcopy import Background
 from vmferry.client import AsyncClient
 from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import MigrationReport, migrate_p2p
+from vmferry.client.pipe import open_pipe
+from vmferry.client.transport import parse_uri
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import DIR_ENV, ENV_VAR
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.tunnel import UPGRADE
 from vmferry.pki import init_pki
 from vmferry.testguest import Heartbeat, check_continuity
 from vmferry.testing import Host, hosts, wait_heartbeat
@@ -69,8 +72,33 @@ def _intact(host: Host, name: str, before: Heartbeat) -> Heartbeat:
     return after
 
 
-def _hop_seen_at_prepare(src: Host, dst: Host, name: str, flags: MigrateFlags) -> set[int]:
-    """Run a p2p hop to *dst* (which pauses after Prepare); its QEMU's listening ports then."""
+async def _attach(host: Host, uri: str, name: str, session: str, stream: str = "") -> None:
+    """Ask *host* for the tunnel of its incoming *name* (as the source daemon does)."""
+    call = mc.tunnel(name, session, stream)
+    peer, _ = await open_pipe(
+        parse_uri(uri), host.pki_dir, call.path, call.headers or {}, UPGRADE, timeout=60
+    )
+    peer.close()
+    raise AssertionError(f"{uri} gave the tunnel of {name} to a stranger")
+
+
+def _refused_attach(
+    host: Host, uri: str, name: str, session: str, stream: str = ""
+) -> VmferryError:
+    with pytest.raises(VmferryError) as err:
+        asyncio.run(_attach(host, uri, name, session, stream))
+    return err.value
+
+
+def _hop_seen_at_prepare(
+    src: Host, dst: Host, name: str, flags: MigrateFlags, *, strangers: bool = False
+) -> set[int]:
+    """
+    Run a p2p hop to *dst* (which pauses after Prepare); its QEMU's listening ports then.
+
+    :param strangers: Meanwhile, callers without the preparing session try to take
+        the tunnel (with the cluster's certificate, and locally): refused, the hop goes on.
+    """
     hits = dst.root / "failpoints"
     for leftover in hits.iterdir():
         leftover.unlink()
@@ -88,6 +116,15 @@ def _hop_seen_at_prepare(src: Host, dst: Host, name: str, flags: MigrateFlags) -
     pids = dst.qemu_pids()
     assert len(pids) == 1, pids  # the incoming QEMU, started by Prepare
     ports = _listening_ports(pids[0])
+    if strangers:
+        for uri in (dst.tls_uri, dst.uri):
+            for session in (uuid.uuid4().hex, ""):
+                err = _refused_attach(dst, uri, name, session)
+                assert err.code == ErrorCode.AUTH_FAILED, err
+        if flags & MigrateFlags.copy_storage():
+            err = _refused_attach(dst, dst.tls_uri, name, uuid.uuid4().hex, stream="nbd")
+            assert err.code == ErrorCode.AUTH_FAILED, err
+        assert job.error is None, job.error
     (hits / f"{POINT}.release").touch()
     job.join()
     assert job.error is None, job.error
@@ -99,7 +136,7 @@ def test_tunnelled_p2p_opens_no_migration_port() -> None:
     init_pki(pki)
     with hosts(2, pki_dir=pki, setup=_pause_prepare_on_second) as (a, b):
         hb = a.boot_guest("tun1")
-        assert _hop_seen_at_prepare(a, b, "tun1", TUNNELLED) == set()
+        assert _hop_seen_at_prepare(a, b, "tun1", TUNNELLED, strangers=True) == set()
         hb = _intact(b, "tun1", hb)
 
         async def back() -> None:  # tunnelled again, the other way (no failpoint on a)
@@ -127,21 +164,11 @@ def test_tunnelled_is_peer_to_peer_only() -> None:
         with pytest.raises(VmferryError) as err:
             asyncio.run(client_managed())
         assert err.value.code == ErrorCode.INVALID_ARG
-        # a stream for a domain that is not a prepared tunnelled migration is refused
-        async def stray(host: Host) -> None:
-            async def chunks() -> AsyncIterator[bytes]:
-                yield b"QEVM" + bytes(1 << 10)
-
-            async with AsyncClient(host.uri) as c:
-                await c.run(mc.tunnel("tun2", chunks()))
-
-        with pytest.raises(VmferryError) as err:
-            asyncio.run(stray(b))
-        assert err.value.code == ErrorCode.NO_DOMAIN
-        with pytest.raises(VmferryError) as err:
-            asyncio.run(stray(a))  # running here, not incoming
-        assert err.value.code == ErrorCode.OPERATION_INVALID
-        assert "no tunnelled migration" in err.value.message
+        # a tunnel for a domain that is not a prepared tunnelled migration is refused
+        assert _refused_attach(b, b.uri, "tun2", uuid.uuid4().hex).code == ErrorCode.NO_DOMAIN
+        err = _refused_attach(a, a.uri, "tun2", uuid.uuid4().hex)  # running here, not incoming
+        assert err.code == ErrorCode.OPERATION_INVALID
+        assert "no tunnelled migration" in err.message
         with a.client() as c:
             info = c.dominfo("tun2")
             assert (info.state, info.job.async_job) == ("running", "none")

@@ -73,8 +73,7 @@ async def test_apply_source_sets_capabilities_then_parameters() -> None:
         "postcopy-ram": True,
         "auto-converge": True,
         "xbzrle": False,
-        # set off explicitly: a failed storage migration must not leave it on for the next one
-        "pause-before-switchover": False,
+        "pause-before-switchover": False,  # off unless copying storage
     }
     assert mon.args_of("migrate-set-parameters") == [
         {"max-bandwidth": 64 * MIB, "downtime-limit": 250, "max-postcopy-bandwidth": 8 * MIB}

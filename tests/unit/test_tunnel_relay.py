@@ -1,74 +1,87 @@
-"""The tunnel's relays: every byte arrives, in order, and a stalled reader stops the writer."""
+"""The tunnel's splice: bytes arrive in order both ways; a stalled reader stops the writer."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
-from collections.abc import AsyncIterator
 
 from vmferry.migration import tunnel
 
 
-async def test_relay_out_hands_on_every_byte_then_ends() -> None:
-    mine, qemu = socket.socketpair()
-    data = os.urandom(3 * tunnel.CHUNK + 12345)
-    got = bytearray()
-
-    async def send(chunks: AsyncIterator[bytes]) -> None:
-        async for chunk in chunks:
-            assert len(chunk) <= tunnel.CHUNK
-            got.extend(chunk)
-
+async def _peer_transport() -> tuple[asyncio.Transport, socket.socket]:
+    """A transport (as a daemon's upgraded connection) and the far end's plain socket."""
+    near, far = socket.socketpair()
     loop = asyncio.get_running_loop()
-    writer = loop.run_in_executor(None, lambda: (qemu.sendall(data), qemu.close()))
-    await tunnel.relay_out(mine, send)
-    await writer
-    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock=near)
+    transport.pause_reading()  # as a hijacked connection comes
+    assert isinstance(transport, asyncio.Transport)
+    return transport, far
 
 
-async def test_relay_in_delivers_in_order_and_closes() -> None:
-    mine, qemu = socket.socketpair()
-    parts = [os.urandom(n) for n in (1, 70_000, tunnel.CHUNK, 3)]
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for part in parts:
-            yield part
-
-    def read_all() -> bytes:
-        out = bytearray()
-        while data := qemu.recv(1 << 16):
-            out.extend(data)
-        return bytes(out)
-
-    reader = asyncio.get_running_loop().run_in_executor(None, read_all)
-    assert await tunnel.relay_in(mine, chunks()) == sum(map(len, parts))
-    assert await reader == b"".join(parts)  # EOF came: the relay closed its end
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while data := await loop.sock_recv(sock, 1 << 16):
+        out += data
+    return bytes(out)
 
 
-async def test_relay_in_stops_taking_when_qemu_stops_reading() -> None:
-    mine, qemu = socket.socketpair()
-    tunnel.widen(qemu)
-    tunnel.widen(mine)
-    taken = 0
+async def test_splice_relays_both_ways_in_order_then_ends() -> None:
+    loop = asyncio.get_running_loop()
+    qemu, mine = socket.socketpair()
+    peer, far = await _peer_transport()
+    for s in (qemu, far):
+        s.setblocking(False)
+    up = os.urandom(3 * (1 << 20) + 12345)  # QEMU to the peer
+    down = os.urandom(700_001)  # the peer to QEMU (an NBD server's answers, say)
+    relay = asyncio.create_task(tunnel.splice(mine, peer, early=b"early"))
 
-    async def endless() -> AsyncIterator[bytes]:
-        nonlocal taken
-        block = bytes(tunnel.CHUNK)
-        while True:
-            taken += len(block)
-            yield block
+    async def qemu_side() -> bytes:
+        await loop.sock_sendall(qemu, up)
+        qemu.shutdown(socket.SHUT_WR)
+        return await _read_all(qemu)
 
-    task = asyncio.create_task(tunnel.relay_in(mine, endless()))
-    for _ in range(200):  # plenty of turns for an unbounded relay to run away
-        await asyncio.sleep(0.005)
-    # what the kernel buffers of both ends hold, plus the chunk in hand
-    bound = 4 * tunnel.WINDOW + 2 * tunnel.CHUNK
-    assert 0 < taken <= bound, taken
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    async def far_side() -> bytes:
+        await loop.sock_sendall(far, down)
+        far.shutdown(socket.SHUT_WR)
+        return await _read_all(far)
+
+    at_qemu, at_far = await asyncio.gather(qemu_side(), far_side())
+    await asyncio.wait_for(relay, 30)
+    assert at_far == up
+    assert at_qemu == b"early" + down
     qemu.close()
+    far.close()
+
+
+async def test_splice_stops_reading_when_qemu_stops_taking() -> None:
+    loop = asyncio.get_running_loop()
+    qemu, mine = socket.socketpair()
+    tunnel.widen(qemu)
+    peer, far = await _peer_transport()
+    far.setblocking(False)
+    relay = asyncio.create_task(tunnel.splice(mine, peer))
+    block = bytes(1 << 20)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:
+            await loop.sock_sendall(far, block)
+            sent += len(block)
+
+    pusher = asyncio.create_task(flood())
+    # QEMU reads nothing: the pusher must stall, once socket buffers and the daemon's
+    # WINDOW are full, instead of the daemon buffering everything
+    bound = 8 * tunnel.WINDOW + 16 * len(block)
+    last, still = -1, 0
+    while still < 5:
+        await asyncio.sleep(0.2)
+        assert sent < bound, sent
+        still = still + 1 if sent == last else 0
+        last = sent
+    pusher.cancel()
+    relay.cancel()
+    for s in (qemu, far):
+        s.close()

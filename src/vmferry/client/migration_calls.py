@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Any
 from vmferry.client.calls import Call, domain_path, lazy_model
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable
-
     from vmferry.api.models import (
         BeginReply,
         CookieBody,
@@ -66,10 +64,16 @@ def perform(name: str, cookie: str, uri: str, peer_uri: str = "") -> Call[Cookie
     )
 
 
-def tunnel(name: str, chunks: AsyncIterable[bytes]) -> Call[CookieBody]:
-    """The tunnelled migration stream of the destination's incoming *name* (its body)."""
+def tunnel(name: str, session: str, stream: str = "") -> Call[CookieBody]:
+    """A tunnel of the destination's incoming *name*, which *session* prepared (an Upgrade).
+
+    *stream*: "" the migration stream, ``nbd`` one more NBD connection (storage).
+    """
+    headers = {"X-Vmferry-Session": session}
+    if stream:
+        headers["X-Vmferry-Stream"] = stream
     path = domain_path(name, "/migrate/tunnel")
-    return Call("POST", path, lazy_model("CookieBody"), content=chunks)
+    return Call("POST", path, lazy_model("CookieBody"), headers=headers)
 
 
 def perform2(

@@ -122,9 +122,8 @@ class GuardMiddleware:
             self.streamed_uploads is not None
             and scope.get("method") == "PUT"
             and self.streamed_uploads.match(scope.get("path", ""))
-        ) or _is_stream(scope):
-            # the route bounds it (a volume upload; the tunnelled migration stream is relayed
-            # as it arrives, never held); the idle timeout still applies
+        ):
+            # the route bounds it (a volume upload); the idle timeout still applies
             limit = sys.maxsize
         length = _content_length(scope)
         if length is not None and length > limit:
@@ -197,15 +196,6 @@ class GuardMiddleware:
 
     def _too_large(self) -> str:
         return f"request body too large: the limit is {self.max_body_bytes} bytes"
-
-
-def _is_stream(scope: Scope) -> bool:
-    path = str(scope.get("path", ""))
-    return scope.get("method") == "POST" and path.endswith(STREAM_SUFFIX)
-
-
-#: Routes whose body is a stream (vmferry.migration.tunnel), exempt from the size limit.
-STREAM_SUFFIX = "/migrate/tunnel"
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -47,7 +47,7 @@ from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.postcopy_watch import PostcopyWatch
 from vmferry.migration.stats import from_query_migrate
 from vmferry.migration.tls import TlsSetup
-from vmferry.migration.tunnel import Sender
+from vmferry.migration.tunnel import Hijack, Sender
 from vmferry.qemu import tls_creds
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.lifecycle import Lifecycle
@@ -437,9 +437,11 @@ class MigrationService:
             raise
         return out
 
-    async def migrate_tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> int:
-        """The tunnelled stream of the incoming *name*, from the source daemon."""
-        return await destination.receive_tunnel(self.lookup(name), chunks)
+    async def migrate_tunnel(
+        self, name: str, session: str, take: Hijack | None, stream: str = ""
+    ) -> None:
+        """A tunnel of the incoming *name*: the source daemon's upgraded connection."""
+        await destination.receive_tunnel(self.lookup(name), session, take, stream)
 
     async def migrate_confirm(self, name: str, cookie: str, cancelled: bool) -> None:
         """``migrate/confirm``: Confirm3 on the source."""

@@ -25,9 +25,11 @@ from vmferry.api.models import (
     SpeedBody,
 )
 from vmferry.daemon.migrate import MigrationService
+from vmferry.daemon.peer import HIJACK_KEY
 from vmferry.errors import VmferryError
 
 Session = Annotated[str, Header(alias="X-Vmferry-Session")]
+Stream = Annotated[str, Header(alias="X-Vmferry-Stream", max_length=16)]
 
 
 def migration_routes(service: MigrationService) -> APIRouter:
@@ -68,9 +70,12 @@ def migration_routes(service: MigrationService) -> APIRouter:
         return CookieBody(cookie=cookie)
 
     @r.post("/domains/{name}/migrate/tunnel")
-    async def tunnel(name: str, request: Request) -> CookieBody:
-        # the body is the stream itself, relayed into QEMU as it arrives (never held whole)
-        await service.migrate_tunnel(name, request.stream())
+    async def tunnel(
+        name: str, request: Request, session: Session = "", stream: Stream = ""
+    ) -> CookieBody:
+        # Upgrade: vmferry-tunnel; after the checks the connection becomes the stream's pipe
+        take = request.scope.get("extensions", {}).get(HIJACK_KEY)
+        await service.migrate_tunnel(name, session, take, stream)
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/confirm")

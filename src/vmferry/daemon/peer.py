@@ -31,6 +31,7 @@ from vmferry.daemon.access import (
     refused_connection,
     run_audited,
 )
+from vmferry.migration.tunnel import UPGRADE
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -109,6 +110,13 @@ def with_caller(app: ASGIApp, caller: Caller, policy: AccessPolicy) -> ASGIApp:
     return wrapped
 
 
+#: Scope extension of a request asking ``Upgrade: vmferry-tunnel``: a callable
+#: that answers ``101`` and hands over the connection (see :func:`protocol_class`).
+HIJACK_KEY = "vmferry.hijack"
+#: The upgrade tokens a route may take the connection for.
+UPGRADES = frozenset({UPGRADE.encode()})
+
+
 def protocol_class(
     kind: str, readonly: bool, policy: AccessPolicy, base: type[H11Protocol] = H11Protocol
 ) -> type[H11Protocol]:
@@ -122,5 +130,36 @@ def protocol_class(
             caller = identify(transport, kind, readonly, policy)
             me: H11Protocol = self
             me.app = with_caller(me.app, caller, policy)
+
+        def _should_upgrade(self) -> bool:
+            # Our own upgrade: the request runs through the app (access check, audit,
+            # the route's validation); the route then takes the connection (_hijack).
+            me: Any = self
+            upgrade = me._get_upgrade()
+            if upgrade in UPGRADES:
+                me.scope.setdefault("extensions", {})[HIJACK_KEY] = me._hijack
+                return False
+            return bool(super()._should_upgrade())
+
+        def _hijack(self) -> tuple[asyncio.Transport, bytes]:
+            me: Any = self
+            cycle = me.cycle
+            if cycle is None or cycle.response_started or me.transport.is_closing():
+                raise ConnectionError("the connection cannot be taken over")
+            cycle.disconnected = True  # whatever the app sends now goes nowhere
+            me.connections.discard(self)  # no longer an HTTP client (max_clients, shutdown)
+            if hasattr(me, "_disarm"):
+                me._disarm()
+            me._unset_keepalive_if_required()
+            upgrade = me._get_upgrade()
+            me.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: "
+                + upgrade
+                + b"\r\n\r\n"
+            )
+            early, _closed = me.conn.trailing_data
+            transport: asyncio.Transport = me.transport
+            transport.pause_reading()
+            return transport, bytes(early)
 
     return CallerProtocol

@@ -9,25 +9,33 @@ with an :class:`~vmferry.client.AsyncClient` (libvirt's p2p opens a remote
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from vmferry.client import AsyncClient
 from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import RemoteDestination, open_session
+from vmferry.client.pipe import open_pipe
 from vmferry.client.transport import parse_uri
 from vmferry.daemon.config import DaemonConfig
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.host import PeerConnection, PeerDomain, PeerHost
 from vmferry.migration.protocol import DestinationSide
+from vmferry.migration.tunnel import UPGRADE, splice
 from vmferry.migration.uri import IPNetwork, check_host, invalid_value, resolve_allowed
+
+#: Seconds to open the tunnel's connection when the client has no timeout.
+PIPE_TIMEOUT = 30.0
 
 
 class ClientPeer:
     """A :class:`~vmferry.migration.host.PeerConnection` over an :class:`AsyncClient`."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, pki_dir: Path | None = None) -> None:
         self._client = client
+        self._pki_dir = pki_dir
+        self._session = ""  # of destination(): the tunnel belongs to it
 
     @property
     def uri(self) -> str:
@@ -44,15 +52,28 @@ class ClientPeer:
         info = await self._client.dominfo(name)
         return PeerDomain(uuid=info.uuid, state=info.state, async_job=info.job.async_job)
 
-    async def tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> None:
-        """The tunnelled stream of the peer's incoming *name* (one request, its body)."""
-        await self._client.run(mc.tunnel(name, chunks))
+    async def tunnel(self, name: str, qemu: socket.socket, stream: str = "") -> None:
+        """Splice *qemu* and a pipe to the peer's incoming *name*, until the stream ends."""
+        call = mc.tunnel(name, self._session, stream)
+        peer, early = await open_pipe(
+            self._client.endpoint,
+            self._pki_dir,
+            call.path,
+            call.headers or {},
+            UPGRADE,
+            timeout=self._client.timeout or PIPE_TIMEOUT,
+        )
+        await splice(qemu, peer, early)
 
     @contextlib.asynccontextmanager
     async def destination(self) -> AsyncIterator[DestinationSide]:
         """The peer as a migration destination, a session on it held meanwhile."""
         async with open_session(self._client) as session:
-            yield RemoteDestination(self._client, session)
+            self._session = session
+            try:
+                yield RemoteDestination(self._client, session)
+            finally:
+                self._session = ""
 
 
 class ClientConnector:
@@ -69,7 +90,7 @@ class ClientConnector:
     async def connect(self, uri: str, *, timeout: float) -> AsyncIterator[PeerConnection]:
         """A connection to the daemon at *uri*, every call bounded by *timeout* seconds."""
         async with AsyncClient(uri, pki_dir=self.pki_dir, timeout=timeout) as client:
-            yield ClientPeer(client)
+            yield ClientPeer(client, self.pki_dir)
 
 
 async def check_peer_uri(

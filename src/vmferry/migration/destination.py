@@ -22,9 +22,9 @@ on a new port) and ``finish_resume`` resume it; a failed try returns to
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -128,7 +128,9 @@ async def prepare(
             await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
             uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
-        if copy:
+        if copy and flags & MigrateFlags.TUNNELLED:
+            await storage.start_nbd_tunnelled(dom)  # no port: NBD comes through tunnels
+        elif copy:
             nbd_port = await storage.start_nbd(
                 host,
                 dom,
@@ -184,24 +186,59 @@ async def _start_incoming(
     return f"tcp:{listen}:{port}"
 
 
-async def receive_tunnel(dom: QemuDomain, chunks: AsyncIterator[bytes]) -> int:
-    """The peer's tunnelled stream for the incoming *dom*, into its QEMU (once only)."""
+async def receive_tunnel(
+    dom: QemuDomain,
+    session: str,
+    take: mtunnel.Hijack | None,
+    stream: str = mtunnel.MIGRATION_STREAM,
+) -> None:
+    """
+    Splice the source daemon's connection and the incoming *dom*'s QEMU: its migration
+    stream (once only), or a new connection to its NBD server (*stream* ``nbd``).
+
+    :param session: The caller's session: the one that prepared *dom*, else refused.
+    :param take: Takes over the request's connection (None: it asked no ``Upgrade``).
+    """
     flags = MigrateFlags(dom.migration.flags)
     end = dom.migration.tunnel
+    if stream not in mtunnel.STREAMS:
+        raise VmferryError(ErrorCode.INVALID_ARG, f"no tunnel stream {stream[:40]!r}")
+    nbd = stream == mtunnel.NBD_STREAM
     if (
         dom.job.async_job != AsyncJob.MIGRATION_IN
         or not flags & MigrateFlags.TUNNELLED
-        or end is None
+        or (end is None and not nbd)
+        or (nbd and not dom.migration.nbd_socket)
     ):
         raise VmferryError(
             ErrorCode.OPERATION_INVALID,
             f"no tunnelled migration of '{dom.name}' is waiting for its stream",
         )
-    dom.migration.tunnel = None  # one stream per Prepare
+    if not session or not hmac.compare_digest(session.encode(), dom.bound_session.encode()):
+        raise VmferryError(
+            ErrorCode.AUTH_FAILED,
+            f"the tunnel of '{dom.name}' belongs to the session that prepared it",
+        )
+    if take is None:
+        raise VmferryError(
+            ErrorCode.OPERATION_INVALID,
+            f"the tunnel of '{dom.name}' is a raw pipe: ask with "
+            f"'Connection: Upgrade' and 'Upgrade: {mtunnel.UPGRADE}'",
+        )
+    if nbd:
+        end = storage.connect_nbd(dom)
+    else:
+        dom.migration.tunnel = None  # one stream per Prepare
     try:
-        return await mtunnel.relay_in(end, chunks)
-    finally:
+        peer, early = take()
+    except BaseException:
         end.close()
+        raise
+    try:
+        await mtunnel.splice(end, peer, early)
+    except (OSError, ConnectionError) as exc:
+        # the answer went out already (101): nobody to tell but the log; the source sees it
+        log.warning("tunnel of '%s' ended: %s", dom.name, exc)
 
 
 def _prepare_cleanup(host: MigrationHost, dom: QemuDomain):  # type: ignore[no-untyped-def]
@@ -227,6 +264,7 @@ def _release(host: MigrationHost, dom: QemuDomain) -> None:
     if dom.migration.tunnel is not None:
         dom.migration.tunnel.close()
         dom.migration.tunnel = None
+    storage.remove_nbd_socket(dom)
     host.unbind_session(dom)
 
 

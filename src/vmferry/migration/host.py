@@ -10,7 +10,8 @@ client library.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Coroutine
+import socket
+from collections.abc import Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,8 +87,8 @@ class PeerConnection(Protocol):
         """The peer as a migration destination, within a session held open meanwhile."""
         ...
 
-    async def tunnel(self, name: str, chunks: AsyncIterator[bytes]) -> None:
-        """Send *chunks* as the tunnelled stream of the peer's incoming *name*."""
+    async def tunnel(self, name: str, qemu: socket.socket, stream: str = "") -> None:
+        """Splice *qemu* (QEMU's socket-pair end) and a pipe to the peer's incoming *name*."""
         ...
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import socket
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from vmferry.errors import ErrorCode, VmferryError
@@ -68,8 +69,8 @@ async def migrate(
                 if flags & MigrateFlags.TUNNELLED:
                     dest_name = params.dname or name
 
-                    async def tunnel(chunks: AsyncIterator[bytes]) -> None:
-                        await dconn.tunnel(dest_name, chunks)
+                    async def tunnel(qemu: socket.socket, stream: str) -> None:
+                        await dconn.tunnel(dest_name, qemu, stream)
 
                 await run(LocalSource(host, tunnel), dst, name, flags, params, times=times)
         except TimeoutError:

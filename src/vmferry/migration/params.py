@@ -86,16 +86,10 @@ class MigrationParams:
         if flags & MigrateFlags.TUNNELLED and (
             flags & MigrateFlags.PARALLEL or flags & MigrateFlags.POSTCOPY
         ):
-            # one stream, one way: no multifd channels, no return path for post-copy
+            # one migration stream: no multifd channels; no return path (post-copy) enabled
             raise VmferryError(
                 ErrorCode.INVALID_ARG,
-                "a tunnelled migration cannot be parallel or post-copy (one stream, one way)",
-            )
-        if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.copy_storage():
-            raise VmferryError(
-                ErrorCode.NO_SUPPORT,
-                "tunnelled storage migration is not supported yet: use --tls for encrypted "
-                "disk copies",
+                "a tunnelled migration cannot be parallel or post-copy (no return path)",
             )
         if flags & MigrateFlags.TUNNELLED and flags & MigrateFlags.TLS:
             raise VmferryError(
@@ -280,7 +274,7 @@ def compression_method(flags: MigrateFlags, params: MigrationParams) -> str:
 def capabilities(flags: MigrateFlags, *, source: bool) -> dict[str, bool]:
     """The capabilities one side sets for a migration with *flags*."""
     caps = {
-        # a tunnel carries one stream one way: QEMU must not wait for the return path
+        # tunnelled: the return path is not enabled (the pipe could carry it; post-copy untested)
         "return-path": not flags & MigrateFlags.TUNNELLED,
         "multifd": bool(flags & MigrateFlags.PARALLEL),
         "postcopy-ram": bool(flags & MigrateFlags.POSTCOPY),

@@ -292,10 +292,11 @@ async def _run(
         try:
             await storage.mirror_all(
                 dom,
-                parse_migration_uri(uri).host,
+                "" if tunnel is not None else parse_migration_uri(uri).host,
                 nbd_port,
                 tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
                 stall_s=(limits or PerformLimits()).stall_s,
+                tunnel=tunnel,
             )
         except BaseException:
             await storage.cancel(dom)

@@ -19,12 +19,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import socket
+import tempfile
 from typing import Any
 
 from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import NbdDisk
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
@@ -108,8 +114,12 @@ async def mirror_all(
     *,
     stall_s: float = 0.0,
     tls_creds: str = "",
+    tunnel: mtunnel.Sender | None = None,
 ) -> None:
     """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
+
+    *tunnel*: tunnelled, each disk's NBD connection is a socket pair whose end the
+    daemon relays to the destination's NBD server (one more pipe, stream ``nbd``).
 
     *stream_host* is the checked host of the migration stream: the NBD server listens there.
     *tls_creds*: the connections are TLS with these credentials (``--tls``).
@@ -118,7 +128,7 @@ async def mirror_all(
     targets = dom.migration.storage_disks
     if not targets:
         return
-    if not cookie_port:
+    if not cookie_port and tunnel is None:
         raise VmferryError(
             ErrorCode.OPERATION_FAILED,
             "the destination did not start an NBD server for the disks (no port in its cookie)",
@@ -126,12 +136,21 @@ async def mirror_all(
     flags = MigrateFlags(dom.migration.flags)
     params = dom.migration.params or MigrationParams()
     dom.block_jobs.clear()  # the figures of an earlier attempt
+    await stop_relays(dom)  # an earlier migration's (ended with its QEMU's connections)
     for target in targets:
+        fd_name = ""
+        if tunnel is not None:
+            fd_name = f"{mtunnel.NBD_FD_PREFIX}{target}"
+            mine = await mtunnel.give_qemu_end(dom.require_monitor(), fd_name)
+            dom.migration.nbd_relays.append(
+                asyncio.create_task(mtunnel.relay_out(mine, tunnel, mtunnel.NBD_STREAM))
+            )
         await blockjob.start_mirror(
             dom,
             target,
             stream_host,
-            cookie_port,
+            cookie_port or 0,
+            fd_name=fd_name,
             top_only=bool(flags & MigrateFlags.NON_SHARED_INC),
             write_blocking=bool(flags & MigrateFlags.NON_SHARED_SYNCHRONOUS_WRITES),
             speed=params.bandwidth_mib_s * MIB,
@@ -158,6 +177,17 @@ async def cancel(dom: QemuDomain) -> None:
     """After a failure on the source: no mirror, no NBD client node left."""
     if dom.migration.storage_disks or dom.block_jobs:
         await blockjob.cancel_mirrors(dom)
+    await stop_relays(dom)
+
+
+async def stop_relays(dom: QemuDomain) -> None:
+    """Tunnelled, the source: end the NBD connections' relays (QEMU closed its ends, or not)."""
+    relays, dom.migration.nbd_relays = dom.migration.nbd_relays, []
+    for relay in relays:
+        relay.cancel()
+    for relay in relays:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await relay
 
 
 async def progress(dom: QemuDomain) -> dict[str, int]:
@@ -240,11 +270,57 @@ async def start_nbd(
     return port
 
 
+async def start_nbd_tunnelled(dom: QemuDomain) -> None:
+    """Tunnelled: serve the disks over NBD on a unix socket only this daemon can reach.
+
+    QEMU gets the listening socket as a descriptor (no path it must open); each NBD
+    tunnel of the peer is connected to it (:func:`connect_nbd`). No port is opened.
+    """
+    where = tempfile.mkdtemp(prefix="vmferry-nbd-")  # mode 0700: the daemon's only
+    path = os.path.join(where, "nbd.sock")
+    dom.migration.nbd_socket = path
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(16)
+        mon = dom.require_monitor()
+        await mon.execute_with_fd("getfd", {"fdname": mtunnel.NBD_FD_PREFIX}, listener.fileno())
+    finally:
+        listener.close()  # QEMU holds its own copy
+    await blockjob.nbd_server_start(mon, "", 0, fd_name=mtunnel.NBD_FD_PREFIX)
+    for target in dom.migration.storage_disks:
+        await blockjob.nbd_export(mon, target)
+
+
+def remove_nbd_socket(dom: QemuDomain) -> None:
+    """The tunnelled NBD server's socket and its directory go (the server may stay)."""
+    if dom.migration.nbd_socket:
+        shutil.rmtree(os.path.dirname(dom.migration.nbd_socket), ignore_errors=True)
+        dom.migration.nbd_socket = ""
+
+
+def connect_nbd(dom: QemuDomain) -> socket.socket:
+    """A new connection to the incoming *dom*'s tunnelled NBD server."""
+    if not dom.migration.nbd_socket:
+        raise VmferryError(ErrorCode.OPERATION_INVALID, f"'{dom.name}' has no tunnelled NBD server")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(dom.migration.nbd_socket)
+    except OSError as exc:
+        conn.close()
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED, f"the NBD server of '{dom.name}' is gone: {exc}"
+        ) from exc
+    mtunnel.widen(conn)
+    return conn
+
+
 async def stop_nbd(host: MigrationHost, dom: QemuDomain) -> None:
     """Finish (or a failure): the NBD server stops, its port goes back."""
     if dom.migration.nbd_port:
         host.release_port(dom.migration.nbd_port)
         dom.migration.nbd_port = 0
+    remove_nbd_socket(dom)
     mon = dom.monitor
     if dom.migration.storage_disks and mon is not None and mon.connected:
         try:

@@ -4,23 +4,21 @@ libvirt's ``VIR_MIGRATE_TUNNELLED``, peer-to-peer only. No migration port is
 opened on the destination; each QEMU gets one end of a socket pair from its
 daemon instead (QMP ``getfd``, then ``migrate fd:NAME`` on the source and
 ``migrate-incoming fd:NAME`` on the destination, which waits with
-``-incoming defer``). The source daemon sends what its QEMU writes as the
-streaming body of one request to the destination daemon
-(``POST /v1/domains/NAME/migrate/tunnel``, over the p2p connection's TLS),
-which writes it into its QEMU.
+``-incoming defer``).
 
-Memory stays bounded: each side reads at most :data:`CHUNK` bytes at a time
-and hands them on before it reads again (the destination's ``sock_sendall``
-returns once QEMU's end took them; uvicorn stops reading the connection while
-the route has not consumed what came), so a slow QEMU or a slow link slows the
-other end down instead of filling the daemon. Socket buffers of
-:data:`WINDOW` let QEMU and the peer go on while a daemon waits for the CPU.
+The source daemon opens a connection of its own to the destination daemon's
+listener (the p2p peer connection's TLS client certificate and checks) and
+asks ``POST /v1/domains/NAME/migrate/tunnel?session=ID`` with
+``Upgrade: vmferry-tunnel``: the permission of Prepare, and the session that
+prepared the incoming domain, so nobody else can attach. After the
+``101 Switching Protocols`` both daemons :func:`splice` that connection and
+their QEMU's end of the socket pair: raw bytes, both directions, no HTTP
+framing in between.
 
-The tunnel carries one stream one way: no return path (so no
-post-copy) and no multifd channels.
-
-Storage migration can use the same route for its NBD connections: each is
-one more stream, named by the request (``stream=`` is reserved for it).
+Memory stays bounded: each direction's writer has a buffer of at most
+:data:`WINDOW`; above it the reader of the other side stops reading (asyncio
+flow control), so a slow QEMU or a slow link slows the other end down instead
+of filling the daemon. Reads are up to 256 KiB (asyncio's transports).
 """
 
 from __future__ import annotations
@@ -28,36 +26,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from vmferry.qemu.monitor import Monitor
 
 #: The QMP name of the descriptor each QEMU gets.
 FD_NAME = "vmferry-tunnel"
-#: The most either daemon reads at a time, per stream.
-CHUNK = 1 << 20
+#: QMP names of the NBD descriptors: the destination's listener; the source's, plus the disk.
+NBD_FD_PREFIX = "vmferry-nbd-"
+#: The tunnels a migration has: its stream, and one per NBD connection (storage).
+MIGRATION_STREAM = ""
+NBD_STREAM = "nbd"
+STREAMS = frozenset({MIGRATION_STREAM, NBD_STREAM})
+#: The ``Upgrade`` token of the tunnel route.
+UPGRADE = "vmferry-tunnel"
 #: Kernel and transport buffering per stream end: large enough that QEMU and the peer
 #: keep moving while a daemon waits for the CPU (a busy host wakes it late), small
 #: enough to bound what is in flight.
 WINDOW = 4 << 20
 
-#: Sends the chunks it is given to the peer daemon; returns once it took them all.
-Sender = Callable[[AsyncIterator[bytes]], Awaitable[None]]
+#: Connects the daemon's end of QEMU's socket pair to the peer daemon and relays
+#: both ways until the stream ends (the source's side of the tunnel).
+#: Its second argument names the stream (:data:`MIGRATION_STREAM`, :data:`NBD_STREAM`).
+Sender = Callable[[socket.socket, str], Awaitable[None]]
 
 
-async def give_qemu_end(mon: Monitor) -> socket.socket:
-    """A socket pair; QEMU gets one end as :data:`FD_NAME`, the daemon keeps the other."""
+async def give_qemu_end(mon: Monitor, name: str = FD_NAME) -> socket.socket:
+    """A socket pair; QEMU gets one end as *name*, the daemon keeps the other."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for sock in (mine, theirs):
         widen(sock)
     try:
-        await mon.execute_with_fd("getfd", {"fdname": FD_NAME}, theirs.fileno())
+        await mon.execute_with_fd("getfd", {"fdname": name}, theirs.fileno())
     except BaseException:
         mine.close()
         raise
     finally:
         theirs.close()
     return mine
+
+
+#: Takes over the connection of the tunnel request once it is accepted: its transport
+#: (reading paused, the ``101`` sent) and the bytes that came after the request.
+Hijack = Callable[[], tuple[asyncio.Transport, bytes]]
 
 
 def widen(sock: socket.socket) -> None:
@@ -70,33 +81,105 @@ def widen(sock: socket.socket) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, WINDOW)
 
 
-async def relay_out(sock: socket.socket, send: Sender) -> None:
-    """Source: what QEMU writes into *sock* goes to the peer until QEMU closes its end."""
+class _End(asyncio.Protocol):
+    """One side of a splice: what it receives is written to the other side."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _End | None = None
+        self.eof = False
+        self.error: Exception | None = None
+        self._done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WINDOW)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.other is not None and self.other.transport is not None
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.other is not None and self.other.transport is not None
+        self.eof = True
+        out = self.other.transport
+        if self.other.eof:
+            out.close()
+        elif out.can_write_eof():
+            out.write_eof()  # the other direction may go on
+        else:
+            out.close()  # TLS has no half-close: flushes, then close_notify
+        return True
+
+    # our writes are buffered past WINDOW: stop reading the other side until they drain
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()  # after flushing what it buffered
+        self.error = exc
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+def _widen_peer(peer: asyncio.Transport) -> None:
+    """Room for :data:`WINDOW` on the peer's side too: kernel buffers and TLS reading."""
+    raw = peer.get_extra_info("socket")
+    if raw is not None:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, option, WINDOW)
+    set_read_limits = getattr(peer, "set_read_buffer_limits", None)  # TLS transports only
+    if set_read_limits is not None:
+        set_read_limits(high=WINDOW)
+
+
+async def splice(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"") -> None:
+    """
+    Relay between QEMU's socket-pair end *qemu* and the connection to the peer
+    daemon *peer* (an upgraded one), both ways, until both are closed.
+
+    :param early: Bytes of the peer that arrived with the upgrade, for QEMU first.
+    """
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        # straight from the kernel into the chunk handed on: no stream buffer in between
-        while data := await loop.sock_recv(sock, CHUNK):
-            yield data
-
+    lost: list[asyncio.Future[None]] = [loop.create_future(), loop.create_future()]
+    near, far = _End(lost[0]), _End(lost[1])
+    qemu.setblocking(False)
     try:
-        await send(chunks())
+        await loop.connect_accepted_socket(lambda: near, sock=qemu)
+    except BaseException:
+        qemu.close()
+        peer.close()
+        raise
+    near.other, far.other = far, near
+    _widen_peer(peer)
+    peer.set_protocol(far)
+    far.connection_made(peer)
+    if early:
+        assert near.transport is not None
+        near.transport.write(early)
+    peer.resume_reading()
+    try:
+        await asyncio.gather(*lost)
+    finally:
+        for end in (near, far):
+            if end.transport is not None:
+                end.transport.close()
+    for end in (far, near):
+        if end.error is not None:
+            raise end.error
+
+
+async def relay_out(sock: socket.socket, send: Sender, stream: str = MIGRATION_STREAM) -> None:
+    """Source: connect QEMU's end *sock* to the peer with *send*, until the stream ends."""
+    try:
+        await send(sock, stream)
     finally:
         sock.close()
-
-
-async def relay_in(sock: socket.socket, chunks: AsyncIterator[bytes]) -> int:
-    """Destination: the peer's bytes into QEMU's end; returns how many were relayed."""
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    total = 0
-    try:
-        async for data in chunks:
-            await loop.sock_sendall(sock, data)  # returns once QEMU's end took it all
-            total += len(data)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-    finally:
-        sock.close()
-    return total

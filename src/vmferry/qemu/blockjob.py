@@ -107,13 +107,18 @@ EVENTS = (
 # -- destination: the NBD server ----------------------------------------------------------------
 
 
-async def nbd_server_start(mon: Monitor, host: str, port: int, *, tls_creds: str = "") -> None:
+async def nbd_server_start(
+    mon: Monitor, host: str, port: int, *, tls_creds: str = "", fd_name: str = ""
+) -> None:
     """Listen for the source's NBD connections on *host*:*port* (both checked by the caller).
 
     *tls_creds*: a ``tls-creds-x509`` server object (:mod:`vmferry.qemu.tls_creds`): clients
     must then speak TLS with a certificate of the CA.
+    *fd_name*: listen on the socket QEMU got under this name instead (a tunnelled migration).
     """
     args: dict[str, object] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+    if fd_name:
+        args = {"addr": {"type": "fd", "data": {"str": fd_name}}}
     if tls_creds:
         args["tls-creds"] = tls_creds
     await mon.execute("nbd-server-start", args)
@@ -155,8 +160,12 @@ async def start_mirror(
     write_blocking: bool,
     speed: int = 0,
     tls_creds: str = "",
+    fd_name: str = "",
 ) -> None:
     """Connect to the destination's export of *target* and mirror the disk into it.
+
+    *fd_name*: the connection is the socket QEMU got under this name (a tunnel's end),
+    not *host*:*port*.
 
     *speed*: bytes/s, 0 unlimited (libvirt applies the migration bandwidth to mirrors too).
     *tls_creds*: a ``tls-creds-x509`` client object: the connection is TLS, the server's
@@ -170,6 +179,8 @@ async def start_mirror(
         "server": {"type": "inet", "host": host, "port": str(port)},
         "export": export_name(target),
     }
+    if fd_name:
+        node["server"] = {"type": "fd", "str": fd_name}
     if tls_creds:
         node.update({"tls-creds": tls_creds, "tls-hostname": host})
     try:

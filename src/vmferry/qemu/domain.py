@@ -53,6 +53,11 @@ class MigrationProgress:
     # volumes Prepare created there (deleted if the migration fails; never pre-existing ones)
     storage_disks: list[str] = field(default_factory=list)
     nbd_port: int = 0
+    # tunnelled: the unix socket the NBD server listens on (a daemon-private directory;
+    # each NBD tunnel of the peer is connected to it), "" otherwise
+    nbd_socket: str = ""
+    # tunnelled, the source: the relays of the NBD connections (asyncio tasks)
+    nbd_relays: list[Any] = field(default_factory=list)
     created_volumes: list[str] = field(default_factory=list)
 
 
