@@ -35,6 +35,8 @@ class ErrorCode(StrEnum):
     RPC_FAILED = "rpc-failed"
     NO_FREE_PORT = "no-free-port"
     QEMU_FAILED = "qemu-failed"
+    # another host of the cluster holds the domain's lease: it runs there (vmferry.daemon.lease)
+    LEASE_HELD = "lease-held"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -49,6 +51,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFIG_UNSUPPORTED: 400,
     ErrorCode.AUTH_FAILED: 403,
     ErrorCode.ACCESS_DENIED: 403,
+    ErrorCode.LEASE_HELD: 409,
 }
 
 

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, TypeAdapter
 
 from vmferry.api.models import (
+    ClusterInfo,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -74,6 +75,10 @@ _domain_list = TypeAdapter(list[DomainInfo])
 
 def host() -> Call[HostInfo]:
     return Call("GET", "/v1/host", model(HostInfo))
+
+
+def cluster() -> Call[ClusterInfo]:
+    return Call("GET", "/v1/cluster", model(ClusterInfo))
 
 
 def list_domains(all: bool = False) -> Call[list[DomainInfo]]:

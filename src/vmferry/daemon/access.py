@@ -75,6 +75,7 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("GET", "/docs/oauth2-redirect"): "api.read",
     ("GET", "/redoc"): "api.read",
     ("GET", "/v1/host"): "host.read",
+    ("GET", "/v1/cluster"): "cluster.read",
     ("GET", "/v1/events"): "events.read",
     ("GET", "/v1/domains"): "domain.read",
     ("GET", "/v1/domains/{name}"): "domain.read",
@@ -110,7 +111,14 @@ PERMISSIONS: dict[tuple[str, str], str] = {
 ALL_PERMISSIONS = frozenset(PERMISSIONS.values())
 
 #: What the read-only role may do unless ``[access] readonly_permissions`` says otherwise.
-READ_ONLY_DEFAULT = ("api.read", "host.read", "domain.read", "domain.console", "events.read")
+READ_ONLY_DEFAULT = (
+    "api.read",
+    "host.read",
+    "cluster.read",
+    "domain.read",
+    "domain.console",
+    "events.read",
+)
 #: Certificates made by ``vmferry pki`` (``init``, ``client``) and ``client --read-only``.
 TLS_ADMIN_DEFAULT = ("CN=*,O=vmferry",)
 TLS_READONLY_DEFAULT = ("CN=*,OU=read-only,O=vmferry",)

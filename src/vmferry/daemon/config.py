@@ -33,7 +33,7 @@ Every key is optional; an absent file means all defaults::
     tls_admin = ["CN=*,O=vmferry"]                 # certificates that are admin
     tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
     admin_permissions = ["*"]                      # permission names or patterns
-    readonly_permissions = ["api.read", "host.read", "domain.read",
+    readonly_permissions = ["api.read", "host.read", "cluster.read", "domain.read",
                             "domain.console", "events.read"]
     readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
     audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
@@ -48,6 +48,12 @@ Every key is optional; an absent file means all defaults::
 
     [paths]
     roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
+
+    [cluster]                # see docs/cluster.md
+    peers = []               # the other daemons: ["tls://host-b:16514", ...]
+    lockspace = ""           # a directory every host mounts: VM leases + host heartbeats
+    uri = ""                 # how peers reach this daemon ("": its first --listen URI)
+    heartbeat_interval = 5.0 # seconds between two heartbeats in the lockspace
 
     [limits]                 # per listener (see docs/security-robust.md)
     max_body_bytes = 4194304 # larger request bodies get 413 before being read
@@ -119,6 +125,7 @@ class AccessConfig:
         default_factory=lambda: [
             "api.read",
             "host.read",
+            "cluster.read",
             "domain.read",
             "domain.console",
             "events.read",
@@ -144,6 +151,14 @@ class PathsConfig:
 
 
 @dataclass
+class ClusterConfig:
+    peers: list[str] = field(default_factory=list)
+    lockspace: str = ""
+    uri: str = ""
+    heartbeat_interval: float = 5.0
+
+
+@dataclass
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_clients: int = 128
@@ -165,6 +180,7 @@ class DaemonConfig:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -245,6 +261,17 @@ def _check(where: str, config: DaemonConfig) -> None:
             if not value.startswith("/"):
                 raise bad(f"{key}: {value!r} is not an absolute path")
     _check_limits(config.limits, bad)
+    _check_cluster(config.cluster, bad)
+
+
+def _check_cluster(cluster: ClusterConfig, bad: Callable[[str], VmferryError]) -> None:
+    if cluster.lockspace and not cluster.lockspace.startswith("/"):
+        raise bad(f"cluster.lockspace: {cluster.lockspace!r} is not an absolute path")
+    for uri in [*cluster.peers, *([cluster.uri] if cluster.uri else [])]:
+        if not uri.startswith(("tls://", "tcp://", "unix:///")):
+            raise bad(f"cluster: {uri!r} is not a daemon URI (tls://HOST:PORT)")
+    if cluster.heartbeat_interval <= 0:
+        raise bad("cluster.heartbeat_interval must be > 0")
 
 
 def _check_limits(limits: LimitsConfig, bad: Callable[[str], VmferryError]) -> None:

@@ -19,17 +19,33 @@ from typing import Any, Protocol
 import defusedxml.ElementTree as SafeET
 
 from vmferry import __version__, failpoints
-from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
+from vmferry.api.models import (
+    ClusterInfo,
+    ClusterVm,
+    ConsoleOutput,
+    DomainInfo,
+    Event,
+    HostInfo,
+    JobInfo,
+)
+from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
+from vmferry.daemon.lease import LeaseBackend, NoLeases
 from vmferry.daemon.sessions import Sessions
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.domain.model import DomainDef
-from vmferry.domain.state import DomainState, ErrorReason, EventType, ShutoffReason
+from vmferry.domain.state import (
+    DomainState,
+    ErrorReason,
+    EventType,
+    PausedReason,
+    ShutoffReason,
+)
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.jobs import DomainJob, Job
+from vmferry.jobs import AsyncJob, DomainJob, Job
 from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.restart import bookkeeping, restore_bookkeeping
@@ -100,6 +116,9 @@ class Driver:
         self.migration_peers: dict[str, MigrationPeer] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._job_hooks: JobHooks | None = None  # the migration service, once composed
+        # The cluster this host is in (vmferry.daemon.cluster, .lease); set by vmferryd.
+        self.leases: LeaseBackend = NoLeases()
+        self.membership: Membership | None = None
 
     def set_job_hooks(self, hooks: JobHooks) -> None:
         """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""
@@ -294,6 +313,7 @@ class Driver:
             ) from exc
 
     def _on_stopped(self, dom: QemuDomain) -> None:
+        self.leases.release(dom.uuid)  # its QEMU is gone: another host may start it now
         path = self.state.status_path(dom.name)
         self._written.pop(path, None)
         self.state.remove(path)
@@ -332,6 +352,45 @@ class Driver:
                 await self._reconnect(name)
             except Exception:
                 log.exception("domain %s: cannot re-attach to its QEMU; leaving it alone", name)
+        for dom in list(self._domains.values()):
+            await self._retake_lease(dom)
+        if self.membership is not None:
+            self.membership.start()
+
+    def _lease_wanted(self, dom: QemuDomain) -> bool:
+        """Whether *dom* should hold its lease here (running or paused, not arriving)."""
+        if not dom.active or dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
+            return False
+        return dom.job.async_job != AsyncJob.MIGRATION_IN
+
+    async def _retake_lease(self, dom: QemuDomain) -> None:
+        """A restarted daemon takes the leases of its guests again (they died with the old one).
+
+        A guest whose lease another host took meanwhile must not run here: it is paused.
+        """
+        if not self._lease_wanted(dom) or dom.job.async_job != AsyncJob.NONE:
+            return  # a migration's recovery decides who holds it (migration.restart)
+        try:
+            await self.leases.acquire(dom.uuid, dom.name)
+        except VmferryError as err:
+            log.error("domain %s: %s; pausing it here", dom.name, err.message)
+            await self.pause_lease_lost(dom)
+
+    async def pause_lease_lost(self, dom: QemuDomain) -> None:
+        """Pause *dom* (reason ``lease-lost``): this host no longer holds its lease."""
+        mon = dom.monitor
+        if mon is None or not mon.connected:
+            return
+        if dom.state == DomainState.PAUSED:
+            dom.reason = str(PausedReason.LEASE_LOST)
+            dom.save()
+            return
+        dom.pending_pause_reason = str(PausedReason.LEASE_LOST)
+        try:
+            await mon.execute("stop")
+            await dom.wait_for(lambda: dom.state == DomainState.PAUSED, 5.0)
+        except VmferryError as err:
+            log.error("domain %s: cannot pause it after losing its lease: %s", dom.name, err)
 
     def _load_definition(self, name: str) -> None:
         path = self.state.definition_path(name)
@@ -460,6 +519,8 @@ class Driver:
 
     async def close(self) -> None:
         """Let go of every QEMU without stopping it: guests outlive the daemon."""
+        if self.membership is not None:
+            await self.membership.close()
         for task in list(self._background):
             task.cancel()  # a resolver's job stays persisted for the next daemon
         if self._background:
@@ -471,6 +532,7 @@ class Driver:
             if dom.process is not None:
                 dom.process.close()
         await self.lifecycle.close()
+        await self.leases.close()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -482,6 +544,19 @@ class Driver:
             qemu_version=self.qemu_version,
             features=["migration-v2", "migration-v3", "migration-p2p", "migration-offline"],
         )
+
+    def cluster_vms(self) -> list[ClusterVm]:
+        """The domains that hold (or should hold) their lease here."""
+        return [
+            ClusterVm(name=d.name, uuid=d.uuid, state=str(d.state))
+            for d in self.domains()
+            if self._lease_wanted(d)
+        ]
+
+    def cluster_info(self) -> ClusterInfo:
+        if self.membership is None:
+            return ClusterInfo(backend=self.leases.kind)
+        return self.membership.snapshot()
 
     @staticmethod
     def info(dom: QemuDomain) -> DomainInfo:
@@ -573,7 +648,7 @@ class Driver:
                     )
                 dom.definition = definition
                 try:
-                    await self.lifecycle.start(dom)
+                    await self._start_leased(dom)
                 except BaseException:
                     if not dom.active and dom.persistent is not None:
                         dom.definition = dom.persistent
@@ -586,8 +661,18 @@ class Driver:
 
     async def start(self, dom: QemuDomain) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "start"):
-            await self.lifecycle.start(dom)
+            await self._start_leased(dom)
         return dom
+
+    async def _start_leased(self, dom: QemuDomain) -> None:
+        """Take the domain's lease, then start it; a failed start gives the lease back."""
+        await self.leases.acquire(dom.uuid, dom.name)
+        try:
+            await self.lifecycle.start(dom)
+        except BaseException:
+            if not dom.active:
+                self.leases.release(dom.uuid)
+            raise
 
     async def shutdown(self, dom: QemuDomain, timeout: float) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "shutdown"):

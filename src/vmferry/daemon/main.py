@@ -13,10 +13,12 @@ from pathlib import Path
 from vmferry import trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
+from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.guard import install_log_rate_limit
-from vmferry.daemon.host import load_or_create_host_identity
+from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
+from vmferry.daemon.lease import LeaseBackend, LeaseOwner, LockspaceLeases, NoLeases
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.state import StateDir
@@ -99,6 +101,30 @@ def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | No
     )
 
 
+def join_cluster(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: str) -> None:
+    """The ``[cluster]`` section: this host's lease backend and membership."""
+    cluster = config.cluster
+    leases: LeaseBackend = NoLeases()
+    if cluster.lockspace:
+        lockspace = Path(cluster.lockspace)
+        if not lockspace.is_dir():
+            raise VmferryError(
+                "invalid-arg",
+                f"[cluster] lockspace {lockspace} is not a directory (mount the shared "
+                "lockspace there first)",
+            )
+        leases = LockspaceLeases(lockspace, LeaseOwner(host.uuid, host.hostname))
+    driver.leases = leases
+    driver.membership = Membership(
+        cluster,
+        host,
+        uri=uri,
+        migration_address=config.migration.listen_address,
+        vms=driver.cluster_vms,
+        backend=leases.kind,
+    )
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     install_log_rate_limit(config.limits.error_log_interval)
@@ -112,6 +138,7 @@ async def run(args: argparse.Namespace) -> None:
     protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
     driver = Driver(state, config, host, confine=confinement(config, state, protected))
     driver.qemu_version = qemu_version(config.qemu.emulator)
+    join_cluster(driver, config, host, args.listen[0])
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()

@@ -35,6 +35,8 @@ class PausedReason(StrEnum):
     POSTCOPY = "post-copy"
     POSTCOPY_FAILED = "post-copy-failed"
     API_ERROR = "api-error"
+    # this host lost the domain's cluster lease (vmferry.daemon.lease): it must not run here
+    LEASE_LOST = "lease-lost"
     # vmferry's own: the outcome of an outgoing migration is not known yet
     # (source recovered in perform3_done and the destination cannot be asked).
     MIGRATION_UNRESOLVED = "migration-unresolved"

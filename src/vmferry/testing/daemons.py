@@ -268,12 +268,14 @@ def hosts(
     pki_dir: Path | None = None,
     host_type: type[Host] = Host,
     envs: list[dict[str, str]] | None = None,
+    extra_config: str = "",
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
 
     With *pki_dir* each also listens on mutual TLS on a loopback port; *envs*
     gives daemon i extra environment (e.g. failpoints). The daemons start in
-    parallel.
+    parallel. *extra_config* (TOML, e.g. a ``[cluster]`` section) goes into every
+    host's config.
     """
     # Short: unix socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
@@ -283,6 +285,7 @@ def hosts(
             port = allocate_ports()
             env = envs[i] if envs else {}
             host = host_type(root / f"h{i}", f"host{i}", port, extra_env=dict(env))
+            host.extra_config = extra_config
             if pki_dir is not None:
                 host.pki_dir, host.tls_port = pki_dir, port + 15
             host.root.mkdir()
