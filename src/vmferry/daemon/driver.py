@@ -707,6 +707,9 @@ class Driver:
             mon = dom.require_monitor()
             if dom.state == DomainState.RUNNING:
                 return dom
+            if dom.job.async_job != AsyncJob.MIGRATION_IN:
+                # Paused after losing its lease (or a failed hand-over): only with it back.
+                await self.leases.acquire(dom.uuid, dom.name)
             dom.pending_resume_reason = "unpaused"
             await mon.execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)

@@ -106,6 +106,24 @@ class MigrationService:
         """Remove *dom*'s persistent definition."""
         self.driver.unpersist_definition(dom)
 
+    @property
+    def lease_driver(self) -> str:
+        """See MigrationHost."""
+        return self.driver.leases.kind
+
+    async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
+        """See MigrationHost."""
+        await self.driver.leases.acquire(dom.uuid, dom.name, previous=previous)
+
+    def release_lease(self, dom: QemuDomain) -> None:
+        """See MigrationHost."""
+        self.driver.leases.release(dom.uuid)
+
+    def lease_holder(self, uuid: str) -> str:
+        """See MigrationHost."""
+        owner = self.driver.leases.holder(uuid)
+        return owner.host_uuid if owner is not None else ""
+
     def acquire_port(self) -> int:
         """A free port of ``[migration] port_min..port_max``, reserved."""
         return self.driver.acquire_port()

@@ -41,7 +41,7 @@ from vmferry.failpoints import failpoint
 from vmferry.jobs import AsyncJob
 from vmferry.migration import params as mparams
 from vmferry.migration import postcopy
-from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.cookie import MigrationCookie, check_lockstate, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
@@ -84,9 +84,11 @@ async def prepare(
     # The XML comes from another host: this host's rules decide what its QEMU may reach.
     host.check_definition(definition)
     if cookie_in is not None:
-        parse_cookie(
+        source_cookie = parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
         )
+        if not flags & MigrateFlags.OFFLINE:
+            _check_lease(host, source_cookie, original_name)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:
         raise VmferryError(
@@ -119,6 +121,18 @@ async def prepare(
     if not flags & MigrateFlags.OFFLINE:
         cookie.capabilities = mparams.capabilities(flags, source=False)
     return uri, cookie.to_xml()
+
+
+def _check_lease(host: MigrationHost, cookie: MigrationCookie, name: str) -> None:
+    """Refuse a guest whose lease a third host holds: it runs there, not on the source."""
+    check_lockstate(cookie, host.lease_driver)
+    holder = host.lease_holder(cookie.uuid)
+    if holder and holder not in (cookie.hostuuid, host.host_uuid):
+        raise VmferryError(
+            ErrorCode.LEASE_HELD,
+            f"domain '{name}' is running on host {holder}, not on the source "
+            f"{cookie.hostname}: its lease is held there",
+        )
 
 
 async def _start_incoming(
@@ -322,6 +336,8 @@ async def _finish_active(
             f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
         )
     _persist(host, dom, cookie, flags)
+    # libvirt's lockstate: the lease follows the guest before it may run (or sit paused) here.
+    await host.take_lease(dom, previous=cookie.hostuuid if cookie else "")
     if flags & MigrateFlags.PAUSED:
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
         return None
@@ -343,6 +359,7 @@ async def _finish_postcopy(
     """Run the guest here now, then wait until QEMU pulled the rest of its memory."""
     mon = dom.require_monitor()
     _persist(host, dom, cookie, flags)
+    await host.take_lease(dom, previous=cookie.hostuuid if cookie else "")
     host.unbind_session(dom)  # from the cont on, losing the client must not destroy it
     dom.pending_resume_reason = RunningReason.POSTCOPY
     await mon.execute("cont")
@@ -491,6 +508,7 @@ async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     try:
         if dom.state == DomainState.PAUSED:
             # Finish never ran (the source or client went away): the guest starts now.
+            await host.take_lease(dom)
             dom.pending_resume_reason = RunningReason.MIGRATED
             await dom.require_monitor().execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
