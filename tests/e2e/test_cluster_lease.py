@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from vmferry.client import AsyncClient
+from vmferry.client.migrate import MigrationReport, migrate
+from vmferry.daemon.lease import LeaseOwner, LockspaceLeases
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.flags import MigrateFlags
 from vmferry.testguest import check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
 
@@ -84,10 +90,12 @@ def test_cluster_list_shows_hosts_and_where_vms_run(cluster: tuple[Host, Host]) 
     a.boot_guest("where")
     with b.client() as cb:
         info = _wait_for(
-            lambda: (i := cb.cluster())
-            and any(v.name == "where" for v in i.vms)
-            and len([h for h in i.hosts if h.state == "up"]) == 2
-            and i
+            lambda: (
+                (i := cb.cluster())
+                and any(v.name == "where" for v in i.vms)
+                and len([h for h in i.hosts if h.state == "up"]) == 2
+                and i
+            )
         )
         assert info, cb.cluster()
         assert info.backend == "lockspace"
@@ -101,9 +109,91 @@ def test_cluster_list_shows_hosts_and_where_vms_run(cluster: tuple[Host, Host]) 
     a.kill()
     with b.client() as cb:
         info = _wait_for(
-            lambda: (i := cb.cluster())
-            and {h.name: h.state for h in i.hosts}.get("host0") == "down"
-            and i
+            lambda: (
+                (i := cb.cluster())
+                and {h.name: h.state for h in i.hosts}.get("host0") == "down"
+                and i
+            )
         )
         assert info, cb.cluster()
         assert not [v for v in info.vms if v.name == "where"]
+
+
+def _migrate(src: Host, dst: Host, name: str) -> MigrationReport:
+    async def go() -> MigrationReport:
+        async with AsyncClient(src.uri) as s, AsyncClient(dst.uri) as d:
+            return await migrate(s, d, name, MigrateFlags.LIVE)
+
+    return asyncio.run(go())
+
+
+def test_the_lease_follows_the_guest_when_it_migrates(cluster: tuple[Host, Host]) -> None:
+    a, b = cluster
+    vm_uuid = str(uuid.uuid4())
+    before = a.boot_guest("mover", uuid=vm_uuid)
+    _migrate(a, b, "mover")
+    with a.client() as ca, b.client() as cb:
+        after = wait_heartbeat(cb, "mover", after=before)
+        check_continuity(before, after)
+        # The lease went with it: a may not start its copy now.
+        with pytest.raises(VmferryError) as refused:
+            ca.create(guest_xml("mover", uuid=vm_uuid))
+        assert refused.value.code == ErrorCode.LEASE_HELD and "host1" in refused.value.message
+    _migrate(b, a, "mover")  # and back
+    with a.client() as ca, b.client() as cb:
+        check_continuity(after, wait_heartbeat(ca, "mover", after=after))
+        with pytest.raises(VmferryError) as refused:
+            cb.create(guest_xml("mover", uuid=vm_uuid))
+        assert refused.value.code == ErrorCode.LEASE_HELD and "host0" in refused.value.message
+        ca.destroy("mover")
+
+
+def test_source_resumes_only_with_its_lease_back(lockspace: Path, tmp: Path) -> None:
+    """The destination cannot take the lease in Finish (a third host took it after the
+    source let go): the guest is not resumed there, and the source waits for its lease."""
+    toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
+    envs = [
+        {},
+        {"VMFERRY_FAILPOINTS": "dst-finish-before=pause", "VMFERRY_FAILPOINTS_DIR": str(tmp)},
+    ]
+    with hosts(2, extra_config=toml, envs=envs) as (a, b):
+        vm_uuid = str(uuid.uuid4())
+        before = a.boot_guest("contested", uuid=vm_uuid)
+        intruder = LockspaceLeases(lockspace, LeaseOwner(str(uuid.uuid4()), "intruder"))
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_migrate, a, b, "contested")
+            assert _wait_for(lambda: (tmp / "dst-finish-before.hit").exists(), 120)
+            asyncio.run(intruder.acquire(vm_uuid, "contested"))  # the source released it
+            (tmp / "dst-finish-before.release").touch()
+            with pytest.raises(VmferryError) as failed:
+                running.result(timeout=120)
+        assert failed.value.code == ErrorCode.LEASE_HELD, failed.value
+        with a.client() as ca, b.client() as cb:
+            assert "contested" not in [d.name for d in cb.list_domains(all=True)]
+            state = ca.domstate("contested")
+            assert (state.state, state.reason) == ("paused", "lease-lost")
+            with pytest.raises(VmferryError) as refused:
+                ca.resume("contested")
+            assert refused.value.code == ErrorCode.LEASE_HELD
+            assert "intruder" in refused.value.message
+            intruder.release(vm_uuid)
+            ca.resume("contested")
+            check_continuity(before, wait_heartbeat(ca, "contested", after=before))
+            ca.destroy("contested")
+
+
+def test_failed_finish_gives_the_lease_back_to_the_source(lockspace: Path) -> None:
+    toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
+    envs = [{}, {"VMFERRY_FAILPOINTS": "dst-finish-before=error"}]
+    with hosts(2, extra_config=toml, envs=envs) as (a, b):
+        vm_uuid = str(uuid.uuid4())
+        before = a.boot_guest("stays", uuid=vm_uuid)
+        with pytest.raises(VmferryError):
+            _migrate(a, b, "stays")
+        with a.client() as ca, b.client() as cb:
+            assert ca.domstate("stays").state == "running"
+            check_continuity(before, wait_heartbeat(ca, "stays", after=before))
+            with pytest.raises(VmferryError) as refused:
+                cb.create(guest_xml("stays", uuid=vm_uuid))
+            assert refused.value.code == ErrorCode.LEASE_HELD
+            ca.destroy("stays")
