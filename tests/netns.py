@@ -183,7 +183,9 @@ class NetnsHost(Host):
             f'allowed_networks = ["127.0.0.0/8", "::1/128", "{self.subnet}"]\n'
             # the p2p source gives up on a silent destination after ~3 s
             "[keepalive]\ninterval = 1.0\ncount = 3\n"
-            f'[tls]\npki_dir = "{self.pki_dir}"\n' + daemon_paths_toml()
+            f'[tls]\npki_dir = "{self.pki_dir}"\n'
+            + daemon_paths_toml()
+            + self.extra_config  # e.g. a [cluster] section
         )
         return cfg
 

@@ -76,7 +76,7 @@ def domain_routes(driver: Driver) -> APIRouter:
 
     @r.get("/cluster")
     async def cluster() -> ClusterInfo:
-        return driver.cluster_info()
+        return await driver.cluster_info()
 
     @r.get("/domains")
     async def list_domains(all: bool = False) -> list[DomainInfo]:

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -45,6 +46,16 @@ def meminfo() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return values.get("MemAvailable", 0), values.get("MemTotal", 0)
+
+
+class ClusterView(Protocol):
+    """How this host keeps and shows its membership (lockspace or etcd)."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def snapshot(self) -> ClusterInfo: ...
 
 
 class Membership:
@@ -108,7 +119,7 @@ class Membership:
             await asyncio.sleep(self.config.heartbeat_interval)
 
     def start(self) -> None:
-        if self.hosts_dir is not None and self._task is None:
+        if self.hosts_dir is not None and self._task is None and self.backend != "etcd":
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -138,8 +149,12 @@ class Membership:
                 log.debug("ignoring heartbeat %s: %s", path, exc)
         return found
 
-    def snapshot(self) -> ClusterInfo:
+    async def snapshot(self) -> ClusterInfo:
         """Every host and every VM, for ``cluster list``."""
+        return await asyncio.to_thread(self.snapshot_now)
+
+    def snapshot_now(self) -> ClusterInfo:
+        """:meth:`snapshot`, read from the lockspace in this thread."""
         now = time.time()
         stale_after = DOWN_AFTER * self.config.heartbeat_interval
         hosts: dict[str, ClusterHost] = {}

@@ -52,6 +52,8 @@ Every key is optional; an absent file means all defaults::
     [cluster]                # see docs/cluster.md
     peers = []               # the other daemons: ["tls://host-b:16514", ...]
     lockspace = ""           # a directory every host mounts: VM leases + host heartbeats
+    etcd = []                # or etcd: ["http://10.0.0.1:2379", ...] (wins over lockspace)
+    etcd_ttl = 10            # seconds of this host's etcd session (guests pause at 2/3)
     uri = ""                 # how peers reach this daemon ("": its first --listen URI)
     heartbeat_interval = 5.0 # seconds between two heartbeats in the lockspace
 
@@ -154,6 +156,8 @@ class PathsConfig:
 class ClusterConfig:
     peers: list[str] = field(default_factory=list)
     lockspace: str = ""
+    etcd: list[str] = field(default_factory=list)
+    etcd_ttl: int = 10
     uri: str = ""
     heartbeat_interval: float = 5.0
 
@@ -270,6 +274,11 @@ def _check_cluster(cluster: ClusterConfig, bad: Callable[[str], VmferryError]) -
     for uri in [*cluster.peers, *([cluster.uri] if cluster.uri else [])]:
         if not uri.startswith(("tls://", "tcp://", "unix:///")):
             raise bad(f"cluster: {uri!r} is not a daemon URI (tls://HOST:PORT)")
+    for url in cluster.etcd:
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"cluster.etcd: {url!r} is not an etcd URL (http://HOST:2379)")
+    if cluster.etcd_ttl < 3:
+        raise bad("cluster.etcd_ttl must be >= 3 seconds")
     if cluster.heartbeat_interval <= 0:
         raise bad("cluster.heartbeat_interval must be > 0")
 

@@ -28,7 +28,7 @@ from vmferry.api.models import (
     HostInfo,
     JobInfo,
 )
-from vmferry.daemon.cluster import Membership
+from vmferry.daemon.cluster import ClusterView
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
@@ -118,7 +118,7 @@ class Driver:
         self._job_hooks: JobHooks | None = None  # the migration service, once composed
         # The cluster this host is in (vmferry.daemon.cluster, .lease); set by vmferryd.
         self.leases: LeaseBackend = NoLeases()
-        self.membership: Membership | None = None
+        self.membership: ClusterView | None = None
 
     def set_job_hooks(self, hooks: JobHooks) -> None:
         """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""
@@ -553,10 +553,41 @@ class Driver:
             if self._lease_wanted(d)
         ]
 
-    def cluster_info(self) -> ClusterInfo:
+    async def cluster_info(self) -> ClusterInfo:
         if self.membership is None:
             return ClusterInfo(backend=self.leases.kind)
-        return self.membership.snapshot()
+        return await self.membership.snapshot()
+
+    # -- fencing (etcd): this host lost its session, then got a new one ------------------------
+
+    async def fence(self) -> None:
+        """Pause every guest holding a lease here (``lease-lost``): another host may take them."""
+        for dom in list(self._domains.values()):
+            if self.leases.holds(dom.uuid):
+                forget = getattr(self.leases, "forget", None)
+                if forget is not None:
+                    forget(dom.uuid)
+                await self.pause_lease_lost(dom)
+
+    async def unfence(self) -> None:
+        """Back in the cluster: resume a fenced guest whose lease is still free, stop the others."""
+        for dom in list(self._domains.values()):
+            if not dom.active or dom.reason != PausedReason.LEASE_LOST:
+                continue
+            try:
+                await self.leases.acquire(dom.uuid, dom.name)
+            except VmferryError as err:
+                if err.code != ErrorCode.LEASE_HELD:
+                    log.error("domain %s: %s; leaving it paused", dom.name, err.message)
+                    continue
+                log.error("domain %s: %s; stopping the copy here", dom.name, err.message)
+                async with dom.job.acquire(Job.DESTROY, "lease-lost"):
+                    await self.lifecycle.stop(dom, ShutoffReason.LEASE_LOST, grace=DESTROY_GRACE_S)
+                continue
+            mon = dom.monitor
+            if mon is not None and mon.connected:
+                dom.pending_resume_reason = "unpaused"
+                await mon.execute("cont")
 
     @staticmethod
     def info(dom: QemuDomain) -> DomainInfo:

@@ -63,7 +63,7 @@ class LeaseBackend(Protocol):
         """Whether this host holds the lease of *uuid* now."""
         ...
 
-    def holder(self, uuid: str) -> LeaseOwner | None:
+    async def holder(self, uuid: str) -> LeaseOwner | None:
         """Who holds the lease of *uuid*, as far as this host can tell (None: nobody)."""
         ...
 
@@ -106,7 +106,7 @@ class NoLeases:
     def holds(self, uuid: str) -> bool:
         return uuid in self._held
 
-    def holder(self, uuid: str) -> LeaseOwner | None:
+    async def holder(self, uuid: str) -> LeaseOwner | None:
         return None
 
     async def close(self) -> None:
@@ -193,7 +193,11 @@ class LockspaceLeases:
     def holds(self, uuid: str) -> bool:
         return uuid in self._fds
 
-    def holder(self, uuid: str) -> LeaseOwner | None:
+    async def holder(self, uuid: str) -> LeaseOwner | None:
+        return self.holder_now(uuid)
+
+    def holder_now(self, uuid: str) -> LeaseOwner | None:
+        """:meth:`holder`, without an event loop (the lockspace answers at once)."""
         if uuid in self._fds:
             return self.me
         try:

@@ -16,6 +16,7 @@ from vmferry.daemon.api import create_app
 from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.etcd import Etcd, EtcdError, EtcdLeases, EtcdMembership, EtcdSession
 from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
 from vmferry.daemon.lease import LeaseBackend, LeaseOwner, LockspaceLeases, NoLeases
@@ -101,6 +102,32 @@ def confinement(config: DaemonConfig, state: StateDir, protected: list[Path | No
     )
 
 
+async def join_etcd(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: str) -> None:
+    """``[cluster] etcd``: a session kept alive, leases and membership bound to it."""
+    cluster = config.cluster
+    etcd = Etcd(cluster.etcd)
+    session = EtcdSession(etcd, cluster.etcd_ttl, on_lost=driver.fence)
+    try:
+        await session.open()
+    except EtcdError as exc:
+        await etcd.close()
+        raise VmferryError(
+            "connect-failed", f"[cluster] etcd: cannot open a session: {exc}"
+        ) from None
+    driver.leases = EtcdLeases(etcd, session, LeaseOwner(host.uuid, host.hostname))
+    local = Membership(
+        cluster,
+        host,
+        uri=uri,
+        migration_address=config.migration.listen_address,
+        vms=driver.cluster_vms,
+        backend="etcd",
+    )
+    membership = EtcdMembership(etcd, session, local.local, cluster.heartbeat_interval)
+    driver.membership = membership
+    driver.spawn(session.run(on_renewed=driver.unfence))
+
+
 def join_cluster(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: str) -> None:
     """The ``[cluster]`` section: this host's lease backend and membership."""
     cluster = config.cluster
@@ -138,7 +165,10 @@ async def run(args: argparse.Namespace) -> None:
     protected = [args.config, config.tls.pki_dir, *(spec.path for spec in specs)]
     driver = Driver(state, config, host, confine=confinement(config, state, protected))
     driver.qemu_version = qemu_version(config.qemu.emulator)
-    join_cluster(driver, config, host, args.listen[0])
+    if config.cluster.etcd:
+        await join_etcd(driver, config, host, args.listen[0])
+    else:
+        join_cluster(driver, config, host, args.listen[0])
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()

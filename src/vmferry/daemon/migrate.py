@@ -119,9 +119,9 @@ class MigrationService:
         """See MigrationHost."""
         self.driver.leases.release(dom.uuid)
 
-    def lease_holder(self, uuid: str) -> str:
+    async def lease_holder(self, uuid: str) -> str:
         """See MigrationHost."""
-        owner = self.driver.leases.holder(uuid)
+        owner = await self.driver.leases.holder(uuid)
         return owner.host_uuid if owner is not None else ""
 
     def acquire_port(self) -> int:

@@ -50,6 +50,8 @@ class ShutoffReason(StrEnum):
     MIGRATED = "migrated"
     FAILED = "failed"
     DAEMON = "daemon"
+    # another host took the lease while this one was cut off (fencing): this copy was stopped
+    LEASE_LOST = "lease-lost"
 
 
 class ErrorReason(StrEnum):

@@ -88,7 +88,7 @@ async def prepare(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
         )
         if not flags & MigrateFlags.OFFLINE:
-            _check_lease(host, source_cookie, original_name)
+            await _check_lease(host, source_cookie, original_name)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:
         raise VmferryError(
@@ -123,10 +123,10 @@ async def prepare(
     return uri, cookie.to_xml()
 
 
-def _check_lease(host: MigrationHost, cookie: MigrationCookie, name: str) -> None:
+async def _check_lease(host: MigrationHost, cookie: MigrationCookie, name: str) -> None:
     """Refuse a guest whose lease a third host holds: it runs there, not on the source."""
     check_lockstate(cookie, host.lease_driver)
-    holder = host.lease_holder(cookie.uuid)
+    holder = await host.lease_holder(cookie.uuid)
     if holder and holder not in (cookie.hostuuid, host.host_uuid):
         raise VmferryError(
             ErrorCode.LEASE_HELD,

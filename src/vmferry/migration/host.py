@@ -134,7 +134,7 @@ class MigrationHost(Protocol):
         """Give *dom*'s lease up: its guest is stopped here for the switch-over."""
         ...
 
-    def lease_holder(self, uuid: str) -> str:
+    async def lease_holder(self, uuid: str) -> str:
         """The host UUID that holds the lease of domain *uuid* ("" nobody, or unknown)."""
         ...
 
