@@ -194,7 +194,10 @@ def test_fencing_a_host_cut_off_from_etcd() -> None:
             ):
                 b.name = "host1"
                 vm_uuid = str(uuid.uuid4())
-                a.boot_guest("fenced", uuid=vm_uuid)
+                with a.client() as ca:  # persistent: its shut-off state stays to be seen
+                    ca.define(guest_xml("fenced", uuid=vm_uuid))
+                    ca.start("fenced")
+                    wait_heartbeat(ca, "fenced")
                 link.cut()
                 with a.client() as ca:
                     state = _wait_for(
@@ -218,6 +221,8 @@ def test_fencing_a_host_cut_off_from_etcd() -> None:
                 with b.client() as cb:
                     assert cb.domstate("fenced").state == "running"
                     cb.destroy("fenced")
+                with a.client() as ca:
+                    ca.undefine("fenced")
         finally:
             link.close()
 
