@@ -6,13 +6,8 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +17,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.testguest import check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.cluster import etcd_server, poll, try_create
 
 pytestmark = [
     pytest.mark.qemu,
@@ -29,49 +25,6 @@ pytestmark = [
 ]
 
 TTL = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def etcd_server() -> Iterator[str]:
-    """A one-member etcd on loopback ports, stopped and removed afterwards."""
-    data = Path(tempfile.mkdtemp(prefix="vfetcd", dir="/tmp"))
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    proc = subprocess.Popen(
-        [
-            "etcd", "--name", "t", "--data-dir", str(data / "d"),
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"t=http://127.0.0.1:{peer}",
-        ],
-        stdout=(data / "etcd.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", client), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((data / "etcd.log").read_text()[-2000:]) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 class Link:
@@ -139,15 +92,6 @@ def _config(url: str) -> str:
     return f'[cluster]\netcd = ["{url}"]\netcd_ttl = {TTL}\nheartbeat_interval = 0.5\n'
 
 
-def _wait_for(check, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
-
-
 def _migrate(src: Host, dst: Host, name: str) -> None:
     async def go() -> None:
         async with AsyncClient(src.uri) as s, AsyncClient(dst.uri) as d:
@@ -165,7 +109,7 @@ def test_etcd_leases_on_start_migration_and_cluster_list() -> None:
                 cb.create(guest_xml("ev", uuid=vm_uuid))
             assert refused.value.code == ErrorCode.LEASE_HELD
             assert "host0" in refused.value.message
-            info = _wait_for(lambda: (i := cb.cluster()) and len(i.hosts) == 2 and i.vms and i)
+            info = poll(lambda: (i := cb.cluster()) and len(i.hosts) == 2 and i.vms and i, 30)
             assert info and info.backend == "etcd", cb.cluster()
             (vm,) = info.vms
             assert (vm.uuid, vm.host, vm.name) == (vm_uuid, "host0", "ev")
@@ -200,21 +144,21 @@ def test_fencing_a_host_cut_off_from_etcd() -> None:
                     wait_heartbeat(ca, "fenced")
                 link.cut()
                 with a.client() as ca:
-                    state = _wait_for(
+                    state = poll(
                         lambda: (s := ca.domstate("fenced")).reason == "lease-lost" and s,
                         TTL * 3,
                     )
                     assert state and state.state == "paused", ca.domstate("fenced")
                 # Once a's session expired in etcd, another host may start the guest.
                 with b.client() as cb:
-                    started = _wait_for(
-                        lambda: _try_create(cb, guest_xml("fenced", uuid=vm_uuid)), TTL * 3
+                    started = poll(
+                        lambda: try_create(cb, guest_xml("fenced", uuid=vm_uuid)), TTL * 3
                     )
                     assert started, "b could not start the fenced guest"
                     wait_heartbeat(cb, "fenced")
                 link.restore()
                 with a.client() as ca:
-                    gone = _wait_for(lambda: ca.domstate("fenced").state == "shutoff", TTL * 4)
+                    gone = poll(lambda: ca.domstate("fenced").state == "shutoff", TTL * 4)
                     assert gone, ca.domstate("fenced")
                     assert ca.domstate("fenced").reason == "lease-lost"
                 assert a.qemu_pids() == []
@@ -225,13 +169,3 @@ def test_fencing_a_host_cut_off_from_etcd() -> None:
                     ca.undefine("fenced")
         finally:
             link.close()
-
-
-def _try_create(client, xml: str) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        client.create(xml)
-    except VmferryError as err:
-        if err.code != ErrorCode.LEASE_HELD:
-            raise
-        return False
-    return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.testguest import check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.cluster import poll
 
 pytestmark = pytest.mark.qemu
 
@@ -36,15 +36,6 @@ def cluster(lockspace: Path) -> Iterator[tuple[Host, Host]]:
     toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
     with hosts(2, extra_config=toml) as (a, b):
         yield a, b
-
-
-def _wait_for(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 def test_double_start_is_refused_across_daemons(cluster: tuple[Host, Host]) -> None:
@@ -89,13 +80,14 @@ def test_cluster_list_shows_hosts_and_where_vms_run(cluster: tuple[Host, Host]) 
     a, b = cluster
     a.boot_guest("where")
     with b.client() as cb:
-        info = _wait_for(
+        info = poll(
             lambda: (
                 (i := cb.cluster())
                 and any(v.name == "where" for v in i.vms)
                 and len([h for h in i.hosts if h.state == "up"]) == 2
                 and i
-            )
+            ),
+            20,
         )
         assert info, cb.cluster()
         assert info.backend == "lockspace"
@@ -108,12 +100,13 @@ def test_cluster_list_shows_hosts_and_where_vms_run(cluster: tuple[Host, Host]) 
     # A daemon that stops beating goes down, and its guests leave the VM list.
     a.kill()
     with b.client() as cb:
-        info = _wait_for(
+        info = poll(
             lambda: (
                 (i := cb.cluster())
                 and {h.name: h.state for h in i.hosts}.get("host0") == "down"
                 and i
-            )
+            ),
+            20,
         )
         assert info, cb.cluster()
         assert not [v for v in info.vms if v.name == "where"]
@@ -162,7 +155,7 @@ def test_source_resumes_only_with_its_lease_back(lockspace: Path, tmp: Path) -> 
         intruder = LockspaceLeases(lockspace, LeaseOwner(str(uuid.uuid4()), "intruder"))
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(_migrate, a, b, "contested")
-            assert _wait_for(lambda: (tmp / "dst-finish-before.hit").exists(), 120)
+            assert poll(lambda: (tmp / "dst-finish-before.hit").exists(), 120)
             asyncio.run(intruder.acquire(vm_uuid, "contested"))  # the source released it
             (tmp / "dst-finish-before.release").touch()
             with pytest.raises(VmferryError) as failed:

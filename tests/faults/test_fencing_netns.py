@@ -25,6 +25,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.pki import init_pki
 from vmferry.testguest import guest_xml
 from vmferry.testing import wait_heartbeat
+from vmferry.testing.cluster import poll, try_create
 
 pytestmark = [
     pytest.mark.qemu,
@@ -122,25 +123,6 @@ def cluster_hosts(net: NetnsCluster, root: Path, urls: list[str]) -> Iterator[li
             host.cleanup()
 
 
-def _wait_for(check, timeout: float):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.3)
-
-
-def _try_create(client, xml: str) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        client.create(xml)
-    except VmferryError as err:
-        if err.code not in (ErrorCode.LEASE_HELD, ErrorCode.OPERATION_FAILED):
-            raise
-        return False
-    return True
-
-
 def test_a_cut_off_host_pauses_its_guest_and_stops_it_once_another_host_took_it() -> None:
     root = Path(tempfile.mkdtemp(prefix="vffence", dir="/tmp"))
     try:
@@ -153,7 +135,7 @@ def test_a_cut_off_host_pauses_its_guest_and_stops_it_once_another_host_took_it(
                     ca.start("fenced")
                     wait_heartbeat(ca, "fenced")
                 with b.client() as cb:
-                    listed = _wait_for(lambda: len(cb.cluster().hosts) == 3, 30)
+                    listed = poll(lambda: len(cb.cluster().hosts) == 3, 30)
                     assert listed, cb.cluster()
                     with pytest.raises(VmferryError) as refused:
                         cb.create(xml)
@@ -161,16 +143,16 @@ def test_a_cut_off_host_pauses_its_guest_and_stops_it_once_another_host_took_it(
                     assert "host0" in refused.value.message
                 net.link_down(0)
                 with a.client() as ca:
-                    paused = _wait_for(lambda: ca.domstate("fenced").reason == "lease-lost", 30)
+                    paused = poll(lambda: ca.domstate("fenced").reason == "lease-lost", 30)
                     assert paused, ca.domstate("fenced")
                     assert ca.domstate("fenced").state == "paused"
                 with b.client() as cb:
-                    started = _wait_for(lambda: _try_create(cb, xml), 60)
+                    started = poll(lambda: try_create(cb, xml), 60)
                     assert started, "host1 could not start the guest host0 was fenced from"
                     wait_heartbeat(cb, "fenced")
                 net.link_up(0)
                 with a.client() as ca:
-                    stopped = _wait_for(lambda: ca.domstate("fenced").state == "shutoff", 60)
+                    stopped = poll(lambda: ca.domstate("fenced").state == "shutoff", 60)
                     assert stopped, ca.domstate("fenced")
                     assert ca.domstate("fenced").reason == "lease-lost"
                 assert a.qemu_pids() == []
