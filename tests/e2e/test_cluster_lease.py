@@ -190,3 +190,28 @@ def test_failed_finish_gives_the_lease_back_to_the_source(lockspace: Path) -> No
                 cb.create(guest_xml("stays", uuid=vm_uuid))
             assert refused.value.code == ErrorCode.LEASE_HELD
             ca.destroy("stays")
+
+
+def test_the_lease_outlives_a_killed_daemon(cluster: tuple[Host, Host]) -> None:
+    """The lock is shared with QEMU: while the daemon is dead, no other host may start the guest;
+    the restarted daemon takes the lock back from its QEMU, and can hand it over again."""
+    a, b = cluster
+    vm_uuid = str(uuid.uuid4())
+    xml = guest_xml("survivor", uuid=vm_uuid)
+    before = a.boot_guest("survivor", uuid=vm_uuid)
+    a.kill()
+    with b.client() as cb:
+        with pytest.raises(VmferryError) as refused:
+            cb.create(xml)
+        assert refused.value.code == ErrorCode.LEASE_HELD and "host0" in refused.value.message
+    a.start()
+    with a.client() as ca:
+        assert ca.domstate("survivor").state == "running"
+        check_continuity(before, wait_heartbeat(ca, "survivor", after=before))
+    _migrate(a, b, "survivor")  # the re-adopted lock is released for the hand-over
+    with a.client() as ca, b.client() as cb:
+        wait_heartbeat(cb, "survivor", after=before)
+        with pytest.raises(VmferryError) as refused:
+            ca.create(xml)
+        assert refused.value.code == ErrorCode.LEASE_HELD and "host1" in refused.value.message
+        cb.destroy("survivor")

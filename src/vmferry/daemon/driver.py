@@ -119,6 +119,7 @@ class Driver:
         # The cluster this host is in (vmferry.daemon.cluster, .lease); set by vmferryd.
         self.leases: LeaseBackend = NoLeases()
         self.membership: ClusterView | None = None
+        self.lifecycle.inherit_fds = lambda dom: self.leases.inheritable(dom.uuid)
 
     def set_job_hooks(self, hooks: JobHooks) -> None:
         """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""

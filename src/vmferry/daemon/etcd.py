@@ -260,6 +260,9 @@ class EtcdLeases:
     def holds(self, uuid: str) -> bool:
         return uuid in self._held
 
+    def inheritable(self, uuid: str) -> list[int]:
+        return []  # the key lives in this daemon's session, not in a file QEMU could keep open
+
     def held(self) -> set[str]:
         return set(self._held)
 

@@ -71,6 +71,10 @@ class LeaseBackend(Protocol):
         """Let go of everything (the daemon stops; its guests keep running)."""
         ...
 
+    def inheritable(self, uuid: str) -> list[int]:
+        """Descriptors the domain's QEMU should keep open so the lease outlives this daemon."""
+        ...
+
 
 def lease_held(name: str, owner: LeaseOwner | None) -> VmferryError:
     who = owner.describe() if owner is not None else "another host"
@@ -111,6 +115,9 @@ class NoLeases:
 
     async def close(self) -> None:
         self._held.clear()
+
+    def inheritable(self, uuid: str) -> list[int]:
+        return []
 
 
 # struct flock on Linux x86_64/aarch64: short l_type, l_whence; off_t l_start, l_len; pid_t l_pid.
@@ -165,7 +172,16 @@ class LockspaceLeases:
             ) from exc
         try:
             if not _ofd_lock(fd, fcntl.F_WRLCK):
-                raise lease_held(name, _read_owner(fd))
+                owner = _read_owner(fd)
+                if owner is None or owner.host_uuid != self.me.host_uuid:
+                    raise lease_held(name, owner)
+                # Ours: a QEMU started by an earlier daemon of this host still holds the lock.
+                adopted = _adopt_from_process(path)
+                if adopted is None:
+                    raise lease_held(name, owner)
+                os.close(fd)
+                fd = adopted
+                log.info("domain %s: took over the lease lock its QEMU kept", name)
             record = json.dumps(
                 {"host_uuid": self.me.host_uuid, "hostname": self.me.hostname, "domain": name}
             ).encode()
@@ -193,6 +209,11 @@ class LockspaceLeases:
     def holds(self, uuid: str) -> bool:
         return uuid in self._fds
 
+    def inheritable(self, uuid: str) -> list[int]:
+        # A dup shares the open file description, and so the lock: QEMU keeps it alive.
+        fd = self._fds.get(uuid)
+        return [os.dup(fd)] if fd is not None else []
+
     async def holder(self, uuid: str) -> LeaseOwner | None:
         return self.holder_now(uuid)
 
@@ -215,6 +236,47 @@ class LockspaceLeases:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+_SYS_PIDFD_GETFD = 438  # x86_64, aarch64 (Linux >= 5.6)
+
+
+def _adopt_from_process(path: Path) -> int | None:
+    """A descriptor of the open file (and so the OFD lock) some process holds on *path*.
+
+    After a daemon restart the only holder of a domain's lock is its QEMU, which
+    inherited it; ``pidfd_getfd`` hands the daemon the same open file description,
+    so it can release the lock again (a migration) like its own.
+    """
+    import ctypes
+
+    target = str(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            entries = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if os.readlink(entry) != target:
+                    continue
+                pidfd = os.pidfd_open(int(proc.name))
+            except OSError:
+                continue
+            try:
+                fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(entry.name), 0)
+            finally:
+                os.close(pidfd)
+            if fd < 0:
+                continue
+            if not _ofd_locked(fd):  # no conflict seen through it: this one holds the lock
+                os.set_inheritable(fd, False)
+                return int(fd)
+            os.close(fd)
+    return None
 
 
 def _read_owner(fd: int) -> LeaseOwner | None:

@@ -135,10 +135,18 @@ class PassedFiles:
     serial_files: dict[int, str] = field(default_factory=dict)
     #: serial port -> listening socket fd of its ``unix`` bind backend.
     serial_sockets: dict[int, int] = field(default_factory=dict)
+    #: Descriptors QEMU only keeps open, named by no option: a VM lease's lock, so the lock
+    #: lives as long as QEMU even if the daemon dies (vmferry.daemon.lease).
+    inherit: list[int] = field(default_factory=list)
 
     @property
     def fds(self) -> list[int]:
-        return [self.qmp_fd, *(fd for _, fd, _ in self.fdsets), *self.serial_sockets.values()]
+        return [
+            self.qmp_fd,
+            *(fd for _, fd, _ in self.fdsets),
+            *self.serial_sockets.values(),
+            *self.inherit,
+        ]
 
     def close(self) -> None:
         """Close the daemon's copies (idempotent)."""
@@ -147,6 +155,7 @@ class PassedFiles:
                 os.close(fd)
         self.fdsets.clear()
         self.serial_sockets.clear()
+        self.inherit.clear()
         self.qmp_fd = -1
 
 

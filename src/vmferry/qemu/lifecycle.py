@@ -75,6 +75,8 @@ class Lifecycle:
         self._emulator = emulator
         self._emit = emit
         self._on_stopped = on_stopped
+        #: Descriptors a new QEMU of a domain keeps open (its lease's lock); set by the daemon.
+        self.inherit_fds: Callable[[QemuDomain], list[int]] | None = None
         self._next_id = 1
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -122,6 +124,8 @@ class Lifecycle:
                 passed = self.confine.open_files(
                     dom.definition, qmp_socket=paths.qmp_socket, console_log=paths.console_log
                 )
+                if self.inherit_fds is not None:
+                    passed.inherit.extend(self.inherit_fds(dom))
             argv = build_argv(
                 dom.definition,
                 qemu_paths,
