@@ -19,6 +19,7 @@ the job back to ``postcopy_failed`` whenever they fail, so they can be retried.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -57,6 +58,8 @@ UNATTENDED_API = "migration-unattended"
 #: How long ``migrate_cancel`` may take before the stream is yanked out of band: QEMU holds
 #: its big lock while it writes the final device state, so a stalled peer blocks the monitor.
 CANCEL_ANSWER_S = 3.0
+#: Tries, and seconds between them, to take a lease back before the source resumes.
+LEASE_RETRIES, LEASE_RETRY_S = 5, 0.5
 
 
 def _cookie(host: MigrationHost, dom: QemuDomain, *, lease: str = "held") -> MigrationCookie:
@@ -464,16 +467,21 @@ async def restore_source(
 
 async def retake_lease(host: MigrationHost, dom: QemuDomain) -> bool:
     """Take *dom*'s lease back before it resumes here; False (guest left paused) if taken."""
-    try:
-        await host.take_lease(dom)
-    except VmferryError as err:
-        if err.code != ErrorCode.LEASE_HELD:
-            raise
-        log.error("domain %s stays paused: %s", dom.name, err.message)
-        if dom.state == DomainState.PAUSED:
-            dom.set_state(DomainState.PAUSED, PausedReason.LEASE_LOST)
-        return False
-    return True
+    for attempt in range(LEASE_RETRIES):
+        if attempt:
+            # A destination that gave up may still be releasing it (etcd: in the background).
+            await asyncio.sleep(LEASE_RETRY_S)
+        try:
+            await host.take_lease(dom)
+            return True
+        except VmferryError as err:
+            if err.code != ErrorCode.LEASE_HELD:
+                raise
+            held = err
+    log.error("domain %s stays paused: %s", dom.name, held.message)
+    if dom.state == DomainState.PAUSED:
+        dom.set_state(DomainState.PAUSED, PausedReason.LEASE_LOST)
+    return False
 
 
 def _sent_statistics(dom: QemuDomain) -> dict[str, int]:
