@@ -209,9 +209,17 @@ def test_the_lease_outlives_a_killed_daemon(cluster: tuple[Host, Host]) -> None:
         assert ca.domstate("survivor").state == "running"
         check_continuity(before, wait_heartbeat(ca, "survivor", after=before))
     _migrate(a, b, "survivor")  # the re-adopted lock is released for the hand-over
-    with a.client() as ca, b.client() as cb:
-        wait_heartbeat(cb, "survivor", after=before)
+    # The destination took the lock in Finish and gave its QEMU a copy (QMP getfd): it too
+    # outlives its daemon.
+    b.kill()
+    with a.client() as ca:
         with pytest.raises(VmferryError) as refused:
             ca.create(xml)
         assert refused.value.code == ErrorCode.LEASE_HELD and "host1" in refused.value.message
+    b.start()
+    with b.client() as cb:
+        wait_heartbeat(cb, "survivor", after=before)
         cb.destroy("survivor")
+    with a.client() as ca:
+        ca.create(xml)  # free once its QEMU is gone
+        ca.destroy("survivor")

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 _CONSOLE_CHUNK = 1 << 20
 # SIGTERM lets QEMU flush disks; SIGKILL follows if it takes longer (libvirt waits 10 s).
 DESTROY_GRACE_S = 5.0
+#: The name a running QEMU keeps its domain's lease lock under (QMP getfd).
+LEASE_FD_NAME = "vmferry-lease"
 
 
 def _well_formed(text: str) -> bool:
@@ -372,10 +374,23 @@ class Driver:
         if not self._lease_wanted(dom) or dom.job.async_job != AsyncJob.NONE:
             return  # a migration's recovery decides who holds it (migration.restart)
         try:
-            await self.leases.acquire(dom.uuid, dom.name)
+            await self.take_lease(dom)
         except VmferryError as err:
             log.error("domain %s: %s; pausing it here", dom.name, err.message)
             await self.pause_lease_lost(dom)
+
+    async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
+        """Take *dom*'s lease and share it with its running QEMU, so it outlives this daemon."""
+        await self.leases.acquire(dom.uuid, dom.name, previous=previous)
+        for fd in self.leases.inheritable(dom.uuid):
+            try:
+                mon = dom.monitor
+                if mon is not None and mon.connected:
+                    await mon.pass_fd(fd, LEASE_FD_NAME)
+            except VmferryError as err:
+                log.warning("domain %s: its QEMU does not keep the lease lock: %s", dom.name, err)
+            finally:
+                os.close(fd)
 
     async def pause_lease_lost(self, dom: QemuDomain) -> None:
         """Pause *dom* (reason ``lease-lost``): this host no longer holds its lease."""
@@ -741,7 +756,7 @@ class Driver:
                 return dom
             if dom.job.async_job != AsyncJob.MIGRATION_IN:
                 # Paused after losing its lease (or a failed hand-over): only with it back.
-                await self.leases.acquire(dom.uuid, dom.name)
+                await self.take_lease(dom)
             dom.pending_resume_reason = "unpaused"
             await mon.execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)

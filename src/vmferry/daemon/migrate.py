@@ -113,7 +113,7 @@ class MigrationService:
 
     async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
         """See MigrationHost."""
-        await self.driver.leases.acquire(dom.uuid, dom.name, previous=previous)
+        await self.driver.take_lease(dom, previous=previous)
 
     def release_lease(self, dom: QemuDomain) -> None:
         """See MigrationHost."""

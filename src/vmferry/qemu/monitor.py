@@ -211,6 +211,20 @@ class Monitor:
                 f"QEMU command '{cmd}' on domain '{self.name}' failed: {err}",
             ) from err
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of descriptor *fd*, kept under *name* (QMP ``getfd``; replaces one
+        of that name). The caller keeps and closes its own *fd*."""
+        if not self.connected:
+            raise self._closed_error()
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, QMPError) as err:
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"cannot pass a descriptor to QEMU of '{self.name}': {err}",
+            ) from err
+        await self.execute("getfd", {"fdname": name})
+
     def _closed_error(self) -> VmferryError:
         return VmferryError(
             ErrorCode.OPERATION_FAILED, f"QEMU monitor for domain '{self.name}' is closed"
