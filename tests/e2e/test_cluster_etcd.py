@@ -101,7 +101,7 @@ def _migrate(src: Host, dst: Host, name: str) -> None:
 
 
 def test_etcd_leases_on_start_migration_and_cluster_list() -> None:
-    with etcd_server() as url, hosts(2, extra_config=_config(url)) as (a, b):
+    with etcd_server() as url, hosts(2, extra_config=_config(url), ready_timeout=60) as (a, b):
         vm_uuid = str(uuid.uuid4())
         before = a.boot_guest("ev", uuid=vm_uuid)
         with a.client() as ca, b.client() as cb:
@@ -133,8 +133,8 @@ def test_fencing_a_host_cut_off_from_etcd() -> None:
         try:
             cut_host = _config(f"http://127.0.0.1:{link.port}")
             with (
-                hosts(1, extra_config=cut_host) as (a,),
-                hosts(1, extra_config=_config(url)) as (b,),
+                hosts(1, extra_config=cut_host, ready_timeout=60) as (a,),
+                hosts(1, extra_config=_config(url), ready_timeout=60) as (b,),
             ):
                 b.name = "host1"
                 vm_uuid = str(uuid.uuid4())

@@ -34,7 +34,7 @@ def lockspace() -> Iterator[Path]:
 @pytest.fixture
 def cluster(lockspace: Path) -> Iterator[tuple[Host, Host]]:
     toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
-    with hosts(2, extra_config=toml) as (a, b):
+    with hosts(2, extra_config=toml, ready_timeout=60) as (a, b):
         yield a, b
 
 
@@ -149,7 +149,7 @@ def test_source_resumes_only_with_its_lease_back(lockspace: Path, tmp: Path) -> 
         {},
         {"VMFERRY_FAILPOINTS": "dst-finish-before=pause", "VMFERRY_FAILPOINTS_DIR": str(tmp)},
     ]
-    with hosts(2, extra_config=toml, envs=envs) as (a, b):
+    with hosts(2, extra_config=toml, envs=envs, ready_timeout=60) as (a, b):
         vm_uuid = str(uuid.uuid4())
         before = a.boot_guest("contested", uuid=vm_uuid)
         intruder = LockspaceLeases(lockspace, LeaseOwner(str(uuid.uuid4()), "intruder"))
@@ -178,7 +178,7 @@ def test_source_resumes_only_with_its_lease_back(lockspace: Path, tmp: Path) -> 
 def test_failed_finish_gives_the_lease_back_to_the_source(lockspace: Path) -> None:
     toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
     envs = [{}, {"VMFERRY_FAILPOINTS": "dst-finish-before=error"}]
-    with hosts(2, extra_config=toml, envs=envs) as (a, b):
+    with hosts(2, extra_config=toml, envs=envs, ready_timeout=60) as (a, b):
         vm_uuid = str(uuid.uuid4())
         before = a.boot_guest("stays", uuid=vm_uuid)
         with pytest.raises(VmferryError):
@@ -204,7 +204,7 @@ def test_the_lease_outlives_a_killed_daemon(cluster: tuple[Host, Host]) -> None:
         with pytest.raises(VmferryError) as refused:
             cb.create(xml)
         assert refused.value.code == ErrorCode.LEASE_HELD and "host0" in refused.value.message
-    a.start()
+    a.start(timeout=60)
     with a.client() as ca:
         assert ca.domstate("survivor").state == "running"
         check_continuity(before, wait_heartbeat(ca, "survivor", after=before))
@@ -216,7 +216,7 @@ def test_the_lease_outlives_a_killed_daemon(cluster: tuple[Host, Host]) -> None:
         with pytest.raises(VmferryError) as refused:
             ca.create(xml)
         assert refused.value.code == ErrorCode.LEASE_HELD and "host1" in refused.value.message
-    b.start()
+    b.start(timeout=60)
     with b.client() as cb:
         wait_heartbeat(cb, "survivor", after=before)
         cb.destroy("survivor")

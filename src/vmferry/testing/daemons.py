@@ -269,6 +269,7 @@ def hosts(
     host_type: type[Host] = Host,
     envs: list[dict[str, str]] | None = None,
     extra_config: str = "",
+    ready_timeout: float = 20.0,
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
 
@@ -293,7 +294,7 @@ def hosts(
         for host in made:
             host.spawn()
         for host in made:
-            host.wait_ready()
+            host.wait_ready(ready_timeout)
         yield made
     finally:
         for host in made:
