@@ -18,6 +18,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, TypeAdapter
 
 from vmferry.api.models import (
+    ClusterInfo,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -83,6 +84,10 @@ def host() -> Call[HostInfo]:
 
 def metrics() -> Call[str]:
     return Call("GET", METRICS_PATH, str, text=True)
+
+
+def cluster() -> Call[ClusterInfo]:
+    return Call("GET", "/v1/cluster", model(ClusterInfo))
 
 
 def list_domains(all: bool = False) -> Call[list[DomainInfo]]:
