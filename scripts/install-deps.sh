@@ -12,6 +12,9 @@ command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 --version | grep 
 command -v cpio >/dev/null || need+=(cpio)
 command -v ip >/dev/null || need+=(iproute2)
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
+# etcd: the cluster lease backend ([cluster] etcd) and its tests
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
 # Debian's python3 ships venv (ensurepip) separately.
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 [ ${#need[@]} -eq 0 ] && exit 0
@@ -27,7 +30,7 @@ SRC
 fi
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils
-apt-get install -y -qq cpio iproute2 libc6-dev
+apt-get install -y -qq cpio iproute2 libc6-dev etcd-server etcd-client
 # zsh: tests/unit/test_cli_completion.py checks the zsh completion script with it
 apt-get install -y -qq zsh
 python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv

@@ -183,7 +183,9 @@ class NetnsHost(Host):
             f'allowed_networks = ["127.0.0.0/8", "::1/128", "{self.subnet}"]\n'
             # the p2p source gives up on a silent destination after ~3 s
             "[keepalive]\ninterval = 1.0\ncount = 3\n"
-            f'[tls]\npki_dir = "{self.pki_dir}"\n' + daemon_paths_toml()
+            f'[tls]\npki_dir = "{self.pki_dir}"\n'
+            + daemon_paths_toml()
+            + self.extra_config  # e.g. a [cluster] section
         )
         return cfg
 
@@ -224,3 +226,66 @@ def netns_hosts(
         for host in made:
             host.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class NetnsCluster:
+    """Namespaces ``ns[i]`` on one bridged /24 (``addr[i]``); each host's link can be cut."""
+
+    switch: str
+    bridge: str
+    ns: list[str]
+    veth_host: list[str]
+    veth_switch: list[str]
+    addr: list[str]
+
+    def prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i]]
+
+    def link_down(self, i: int) -> None:
+        """Cut host *i* off from every other (its port on the switch goes down)."""
+        _ip("-n", self.switch, "link", "set", self.veth_switch[i], "down")
+
+    def link_up(self, i: int) -> None:
+        _ip("-n", self.switch, "link", "set", self.veth_switch[i], "up")
+
+
+@contextlib.contextmanager
+def netns_cluster(count: int) -> Iterator[NetnsCluster]:
+    """*count* namespaces joined by a bridge in a switch namespace; removed on the way out."""
+    why = available()
+    if why:
+        raise RuntimeError(why)
+    remove_stale()
+    n = next(_serial)
+    tag = f"{os.getpid()}-{n}"
+    third = (os.getpid() // 64) % 250 + 2
+    short = f"vf{os.getpid() % 10**6}{n % 10}"
+    net = NetnsCluster(
+        switch=f"vf-{tag}-s",
+        bridge="br0",
+        ns=[f"vf-{tag}-{i}" for i in range(count)],
+        veth_host=[f"{short}h{i}"[:15] for i in range(count)],
+        veth_switch=[f"{short}s{i}"[:15] for i in range(count)],
+        addr=[f"10.253.{third}.{10 + i}" for i in range(count)],
+    )
+    made: list[str] = []
+    try:
+        for ns in (net.switch, *net.ns):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", net.switch, "link", "add", net.bridge, "type", "bridge")
+        _ip("-n", net.switch, "link", "set", net.bridge, "up")
+        for i in range(count):
+            _ip("link", "add", net.veth_host[i], "type", "veth", "peer", "name", net.veth_switch[i])
+            _ip("link", "set", net.veth_host[i], "netns", net.ns[i])
+            _ip("link", "set", net.veth_switch[i], "netns", net.switch)
+            _ip("-n", net.switch, "link", "set", net.veth_switch[i], "master", net.bridge)
+            _ip("-n", net.switch, "link", "set", net.veth_switch[i], "up")
+            _ip("-n", net.ns[i], "addr", "add", f"{net.addr[i]}/24", "dev", net.veth_host[i])
+            _ip("-n", net.ns[i], "link", "set", net.veth_host[i], "up")
+        yield net
+    finally:
+        for ns in made:  # deleting a namespace destroys its veth ends, and so the pairs
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

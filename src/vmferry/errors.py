@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     STORAGE_VOL_EXISTS = "storage-vol-exists"
     # the pool's file system has no room for what was asked (a volume, an upload)
     STORAGE_FULL = "storage-full"
+    # another host of the cluster holds the domain's lease: it runs there (vmferry.daemon.lease)
+    LEASE_HELD = "lease-held"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -62,6 +64,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.AUTH_FAILED: 403,
     ErrorCode.ACCESS_DENIED: 403,
     ErrorCode.TLS_REQUIRED: 409,
+    ErrorCode.LEASE_HELD: 409,
 }
 
 

@@ -105,8 +105,10 @@ def _readable_copy(root: Path) -> Path:
         src, dst = root / name, copy / name
         if not src.is_file():
             continue
-        if dst.is_file() and dst.stat().st_size == src.stat().st_size and (
-            dst.stat().st_mtime >= src.stat().st_mtime
+        if (
+            dst.is_file()
+            and dst.stat().st_size == src.stat().st_size
+            and (dst.stat().st_mtime >= src.stat().st_mtime)
         ):
             continue
         tmp = copy / f".{name}.{os.getpid()}"

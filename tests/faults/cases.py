@@ -20,6 +20,10 @@ the destination ran the guest (Finish's ``cont``) the source may still take it
 back; from ``dst-postcopy-running`` on it must not.
 
 Everywhere else the guest must survive, on exactly one host.
+
+A case with ``leases`` runs both hosts in one cluster (a shared lockspace,
+vmferry.daemon.lease): it must also end with the guest's lease held by the
+host that runs it, and by nobody when it is lost (id suffix ``+lease``).
 """
 
 from __future__ import annotations
@@ -172,10 +176,11 @@ class Case:
     mode: Mode
     point: str
     fault: Fault
+    leases: bool = False
 
     @property
     def id(self) -> str:
-        return f"{self.mode}/{self.point}/{self.fault}"
+        return f"{self.mode}/{self.point}/{self.fault}" + ("+lease" if self.leases else "")
 
     @property
     def paused_side(self) -> str:
@@ -236,6 +241,27 @@ CI_SUBSET: tuple[Case, ...] = (
     _c("v3-storage", "dst-prepare-storage", "kill-client"),
     _c("v3-storage", "src-perform-mirror", "cut-link"),
     _c("v3-storage", "dst-finish-storage", "kill-src-qemu"),
+)
+
+
+def _lease(mode: str, point: str, fault: str) -> Case:
+    return Case(Mode(mode), point, Fault(fault), leases=True)
+
+
+#: The lease hand-over under the faults: before the source let go of the lease, after it did
+#: (it stopped the guest), around the destination taking it, and the recovery of each side.
+LEASE_SUBSET: tuple[Case, ...] = (
+    _lease("v3", "src-begin-after", "kill-src-daemon"),
+    _lease("v3", "src-perform3-after", "kill-src-daemon"),
+    _lease("v3", "src-perform3-after", "kill-client"),
+    _lease("v3", "dst-finish-before", "kill-dst-daemon"),
+    _lease("v3", "dst-finish-after", "kill-dst-daemon"),
+    _lease("p2p", "src-confirm3-before", "cut-link"),
+    _lease("v2", "src-perform2-after", "kill-src-daemon"),
+)
+#: What ``make test`` runs of them (the rest: ``make faults``, or ``--subset lease``).
+LEASE_CI_SUBSET: tuple[Case, ...] = tuple(
+    c for c in LEASE_SUBSET if c.point in ("src-perform3-after", "dst-finish-after")
 )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.faults.cases import CI_SUBSET, Case, Mode, check_subset, full_matrix
+from tests.faults.cases import CI_SUBSET, LEASE_SUBSET, Case, Mode, check_subset, full_matrix
 from tests.faults.runner import REPO, Result, run_case
 from tests.netns import available, netns_pair
 
@@ -36,7 +36,13 @@ LOGS = REPO / "build" / "faults"
 
 
 def select(subset: str, patterns: Sequence[str]) -> list[Case]:
-    cases = list(CI_SUBSET) if subset == "ci" else full_matrix()
+    cases = (
+        list(CI_SUBSET)
+        if subset == "ci"
+        else list(LEASE_SUBSET)
+        if subset == "lease"
+        else full_matrix() + list(LEASE_SUBSET)
+    )
     if patterns:
         cases = [c for c in cases if any(p in c.id for p in patterns)]
     return cases
@@ -155,7 +161,7 @@ def document(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.faults.matrix", description="fault matrix")
-    p.add_argument("--subset", choices=["all", "ci"], default="all")
+    p.add_argument("--subset", choices=["all", "ci", "lease"], default="all")
     p.add_argument("-k", dest="patterns", action="append", default=[], help="case id contains")
     p.add_argument("--output", type=Path, help="write the table here (a full run: docs/faults.md)")
     args = p.parse_args(argv)

@@ -41,6 +41,7 @@ from tests.faults.cases import Case, Fault, Mode, committed
 from tests.faults.pause import DIR_ENV
 from tests.netns import PORT_MAX, PORT_MIN, NetnsHost, NetnsPair, netns_hosts
 from vmferry.api.models import DomainInfo
+from vmferry.daemon.lease import LeaseOwner, LockspaceLeases
 from vmferry.errors import VmferryError
 from vmferry.failpoints import ENV_VAR
 from vmferry.testguest import GuestDisk, Heartbeat, check_continuity, guest_xml, parse_heartbeats
@@ -100,6 +101,11 @@ class _Run:
     client: subprocess.Popen[bytes] | None = None
     client_out: Path | None = None
 
+    @property
+    def lockspace(self) -> Path:
+        """The hosts' shared lockspace, for a case with leases."""
+        return self.fpdir.parent / "lockspace"
+
     def host(self, side: str) -> NetnsHost:
         return self.src if side == "src" else self.dst
 
@@ -146,6 +152,9 @@ def _execute(run: _Run, result: Result) -> None:
     for side in ("src", "dst"):
         host = run.host(side)
         host.extra_env = run.env(armed=side == case.paused_side)
+        if case.leases:
+            run.lockspace.mkdir(exist_ok=True)
+            host.extra_config = f'[cluster]\nlockspace = "{run.lockspace}"\n'
         host.start()
     hb0 = _boot(run.src, case.mode)
     _start_client(run, run.src, run.dst)
@@ -406,6 +415,8 @@ def _check(
         if not case.loss_allowed():
             raise CaseFailed(f"guest lost although a copy survived; {client}")
     problems = _leftovers(run)
+    if case.leases:
+        problems += _lease_problems(run, where[0] if where else "")
     try:
         _migrate_again(run, where[0] if where else "")
     except (CaseFailed, AssertionError, VmferryError) as err:
@@ -439,6 +450,25 @@ def _destroy_half(run: _Run, side: str, hb0: Heartbeat) -> str:
                 return note
             time.sleep(0.1)
     raise CaseFailed(f"the broken post-copy half on {host.name} ({note}) did not go away")
+
+
+def _lease_problems(run: _Run, side: str) -> list[str]:
+    """The guest's lease must be held by the host that runs it, by nobody if none does."""
+    uuids = {d.uuid for s in ("src", "dst") for d in _domains(run.host(s))}
+    if not uuids and not side:
+        return []
+    if len(uuids) != 1:
+        return [f"the guest has {len(uuids)} UUIDs across the hosts: {sorted(uuids)}"]
+    owner = LockspaceLeases(run.lockspace, LeaseOwner("", "")).holder_now(uuids.pop())
+    want = run.host(side).host_uuid if side else ""
+    held_by = owner.host_uuid if owner is not None else ""
+    if held_by != want:
+        names = {run.src.host_uuid: "A", run.dst.host_uuid: "B", "": "nobody"}
+        return [
+            f"the lease is held by {names.get(held_by, held_by)}, "
+            f"not by {names[want]} where the guest runs"
+        ]
+    return []
 
 
 def _leftovers(run: _Run) -> list[str]:

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cases import CI_SUBSET, Case, Fault, Mode, check_subset, committed
+from tests.faults.cases import (
+    CI_SUBSET,
+    LEASE_CI_SUBSET,
+    Case,
+    Fault,
+    Mode,
+    check_subset,
+    committed,
+)
 from tests.faults.matrix import LOGS
 from tests.faults.runner import run_case
 from tests.netns import NetnsPair, available, netns_pair
@@ -53,6 +61,15 @@ def test_postcopy_expectations() -> None:
 
 @pytest.mark.parametrize("case", CI_SUBSET, ids=[c.id for c in CI_SUBSET])
 def test_fault_case(net: NetnsPair, case: Case) -> None:
+    result = run_case(net, case, keep_logs=LOGS)
+    said = " — ".join(part for part in (result.outcome, result.reason) if part)
+    where = f"; logs in {Path(result.logs[0]).parent}" if result.logs else ""
+    assert result.ok, f"{case.id}: {result.verdict}: {said}{where}"
+
+
+@pytest.mark.parametrize("case", LEASE_CI_SUBSET, ids=[c.id for c in LEASE_CI_SUBSET])
+def test_lease_fault_case(net: NetnsPair, case: Case) -> None:
+    """The lease hand-over under a fault: the host that runs the guest holds its lease."""
     result = run_case(net, case, keep_logs=LOGS)
     said = " — ".join(part for part in (result.outcome, result.reason) if part)
     where = f"; logs in {Path(result.logs[0]).parent}" if result.logs else ""

@@ -20,6 +20,42 @@ class HostInfo(BaseModel):
     features: list[str] = Field(default_factory=list)  # e.g. "migration-v2", "migration-v3"
 
 
+class ClusterVm(BaseModel):
+    """A domain running (or paused) on a host of the cluster."""
+
+    name: str
+    uuid: str
+    state: str = ""  # running, paused
+    host: str = ""  # the name of the host it runs on
+    host_uuid: str = ""
+
+
+class ClusterHost(BaseModel):
+    """One host of the cluster, as its last heartbeat (or the peers list) tells."""
+
+    name: str = ""
+    uuid: str = ""
+    uri: str = ""
+    # up: heartbeat fresh; down: heartbeat too old; unknown: a configured peer never seen
+    state: str = "unknown"
+    self: bool = False  # the host that answered
+    memory_free_kib: int = 0
+    memory_total_kib: int = 0
+    cpus: int = 0
+    load1: float = 0.0
+    migration_address: str = ""
+    last_seen: float = 0.0  # seconds since the epoch of its last heartbeat (0: never)
+    vms: list[ClusterVm] = Field(default_factory=list)
+
+
+class ClusterInfo(BaseModel):
+    """``GET /v1/cluster``: the hosts and where each VM runs."""
+
+    backend: str = "none"  # none, lockspace, etcd
+    hosts: list[ClusterHost] = Field(default_factory=list)
+    vms: list[ClusterVm] = Field(default_factory=list)
+
+
 class XmlBody(BaseModel):
     xml: str
 

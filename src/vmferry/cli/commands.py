@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from vmferry.cli import completion, migrate_cmds, observe_cmds, storage_cmds, verbs
+from vmferry.cli import cluster_cmds, completion, migrate_cmds, observe_cmds, storage_cmds, verbs
 from vmferry.cli import format as fmt
 from vmferry.cli.context import Command, Context, arg
 from vmferry.client import calls
@@ -192,7 +192,10 @@ def _seconds(text: str) -> float:
 
 
 #: Help of command groups (the first word of a two-word command name).
-GROUPS = {"pki": "manage the certificates of the mutual-TLS listeners"}
+GROUPS = {
+    "pki": "manage the certificates of the mutual-TLS listeners",
+    "cluster": "the hosts of the cluster and where each VM runs",
+}
 
 COMMANDS: tuple[Command, ...] = (
     Command("hostinfo", "show the daemon's host", cmd_hostinfo, json=True),
@@ -269,6 +272,7 @@ COMMANDS: tuple[Command, ...] = (
     *storage_cmds.COMMANDS,
     *observe_cmds.COMMANDS,
     *verbs.COMMANDS,
+    *cluster_cmds.COMMANDS,
     Command(
         "pki init",
         "create a CA and the server and client certificates in DIR",

@@ -16,6 +16,7 @@ import httpx
 
 from vmferry import trace
 from vmferry.api.models import (
+    ClusterInfo,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -183,6 +184,10 @@ class AsyncClient:
     async def host(self, *, request_timeout: float | None = None) -> HostInfo:
         """The daemon's host: name, UUID, versions, features."""
         return await self.run(calls.host(), request_timeout=request_timeout)
+
+    async def cluster(self, *, request_timeout: float | None = None) -> ClusterInfo:
+        """The cluster's hosts (name, URI, state, free memory) and where each VM runs."""
+        return await self.run(calls.cluster(), request_timeout=request_timeout)
 
     async def list_domains(
         self, all: bool = False, *, request_timeout: float | None = None

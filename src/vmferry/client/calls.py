@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 
     from pydantic import BaseModel
 
-    from vmferry.api.models import ConsoleOutput, DomainInfo, DomainStateInfo, HostInfo
+    from vmferry.api.models import (
+        ClusterInfo,
+        ConsoleOutput,
+        DomainInfo,
+        DomainStateInfo,
+        HostInfo,
+    )
 
 T = TypeVar("T")
 M = TypeVar("M", bound="BaseModel")
@@ -128,6 +134,10 @@ def host() -> Call[HostInfo]:
 
 def metrics() -> Call[str]:
     return Call("GET", METRICS_PATH, str, text=True)
+
+
+def cluster() -> Call[ClusterInfo]:
+    return Call("GET", "/v1/cluster", lazy_model("ClusterInfo"))
 
 
 def list_domains(all: bool = False) -> Call[list[DomainInfo]]:

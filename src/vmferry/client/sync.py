@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vmferry.api.models import (
+        ClusterInfo,
         ConsoleOutput,
         DomainInfo,
         DomainStateInfo,
@@ -132,6 +133,10 @@ class Client:
     def host(self, *, request_timeout: float | None = None) -> HostInfo:
         """The daemon's host: name, UUID, versions, features."""
         return self.run(calls.host(), request_timeout=request_timeout)
+
+    def cluster(self, *, request_timeout: float | None = None) -> ClusterInfo:
+        """The cluster's hosts (name, URI, state, free memory) and where each VM runs."""
+        return self.run(calls.cluster(), request_timeout=request_timeout)
 
     def list_domains(
         self, all: bool = False, *, request_timeout: float | None = None

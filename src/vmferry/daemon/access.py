@@ -77,6 +77,7 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("GET", "/redoc"): "api.read",
     ("GET", "/metrics"): "metrics.read",
     ("GET", "/v1/host"): "host.read",
+    ("GET", "/v1/cluster"): "cluster.read",
     ("GET", "/v1/events"): "events.read",
     ("GET", "/v1/domains"): "domain.read",
     ("GET", "/v1/domains/{name}"): "domain.read",
@@ -136,6 +137,7 @@ AUDITED_READS = frozenset({"storage.download"})
 READ_ONLY_DEFAULT = (
     "api.read",
     "host.read",
+    "cluster.read",
     "domain.read",
     "domain.console",
     "events.read",

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from vmferry import __version__
 from vmferry.api.models import (
     ERROR_RESPONSES,
+    ClusterInfo,
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
@@ -92,6 +93,10 @@ def domain_routes(driver: Driver) -> APIRouter:
     @r.get("/host")
     async def host() -> HostInfo:
         return driver.host_info()
+
+    @r.get("/cluster")
+    async def cluster() -> ClusterInfo:
+        return await driver.cluster_info()
 
     @r.get("/domains")
     async def list_domains(all: bool = False) -> list[DomainInfo]:

@@ -37,7 +37,7 @@ Every key is optional; an absent file means all defaults::
     tls_admin = ["CN=*,O=vmferry"]                 # certificates that are admin
     tls_readonly = ["CN=*,OU=read-only,O=vmferry"] # ... read-only (wins over tls_admin)
     admin_permissions = ["*"]                      # permission names or patterns
-    readonly_permissions = ["api.read", "host.read", "domain.read",
+    readonly_permissions = ["api.read", "host.read", "cluster.read", "domain.read",
                             "domain.console", "events.read", "storage.read", "metrics.read"]
     readonly_socket_group = ""   # "": ?ro=1 sockets are 0666; else 0660 and this group
     audit_log = true             # also write STATE_DIR/log/audit.log (JSON lines)
@@ -56,6 +56,13 @@ Every key is optional; an absent file means all defaults::
     [pools.NAME]             # a storage pool of type dir (docs/storage.md), one table each
     path = "/var/lib/vmferry/pools/NAME"  # its directory (created); no pool configured:
                              # pool "default" in STATE_DIR/pools/default
+    [cluster]                # see docs/cluster.md
+    peers = []               # the other daemons: ["tls://host-b:16514", ...]
+    lockspace = ""           # a directory every host mounts: VM leases + host heartbeats
+    etcd = []                # or etcd: ["http://10.0.0.1:2379", ...] (wins over lockspace)
+    etcd_ttl = 10            # seconds of this host's etcd session (guests pause at 2/3)
+    uri = ""                 # how peers reach this daemon ("": its first --listen URI)
+    heartbeat_interval = 5.0 # seconds between two heartbeats in the lockspace
 
     [limits]                 # per listener (see docs/security-robust.md)
     max_body_bytes = 4194304 # larger request bodies get 413 before being read
@@ -154,6 +161,16 @@ class PathsConfig:
 
 
 @dataclass
+class ClusterConfig:
+    peers: list[str] = field(default_factory=list)
+    lockspace: str = ""
+    etcd: list[str] = field(default_factory=list)
+    etcd_ttl: int = 10
+    uri: str = ""
+    heartbeat_interval: float = 5.0
+
+
+@dataclass
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_clients: int = 128
@@ -177,6 +194,7 @@ class DaemonConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     #: ``[pools.NAME]`` tables, by name (empty: the daemon makes the pool ``default``).
     pools: dict[str, PoolConfig] = field(default_factory=dict)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
@@ -257,6 +275,22 @@ def _check(where: str, config: DaemonConfig) -> None:
             if not value.startswith("/"):
                 raise bad(f"{key}: {value!r} is not an absolute path")
     _check_limits(config.limits, bad)
+    _check_cluster(config.cluster, bad)
+
+
+def _check_cluster(cluster: ClusterConfig, bad: Callable[[str], VmferryError]) -> None:
+    if cluster.lockspace and not cluster.lockspace.startswith("/"):
+        raise bad(f"cluster.lockspace: {cluster.lockspace!r} is not an absolute path")
+    for uri in [*cluster.peers, *([cluster.uri] if cluster.uri else [])]:
+        if not uri.startswith(("tls://", "tcp://", "unix:///")):
+            raise bad(f"cluster: {uri!r} is not a daemon URI (tls://HOST:PORT)")
+    for url in cluster.etcd:
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"cluster.etcd: {url!r} is not an etcd URL (http://HOST:2379)")
+    if cluster.etcd_ttl < 3:
+        raise bad("cluster.etcd_ttl must be >= 3 seconds")
+    if cluster.heartbeat_interval <= 0:
+        raise bad("cluster.heartbeat_interval must be > 0")
 
 
 def _check_limits(limits: LimitsConfig, bad: Callable[[str], VmferryError]) -> None:

@@ -19,18 +19,34 @@ from typing import Any, Protocol
 import defusedxml.ElementTree as SafeET
 
 from vmferry import __version__, failpoints
-from vmferry.api.models import ConsoleOutput, DomainInfo, Event, HostInfo, JobInfo
+from vmferry.api.models import (
+    ClusterInfo,
+    ClusterVm,
+    ConsoleOutput,
+    DomainInfo,
+    Event,
+    HostInfo,
+    JobInfo,
+)
 from vmferry.daemon.autostart import Autostart
+from vmferry.daemon.cluster import ClusterView
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
+from vmferry.daemon.lease import LeaseBackend, NoLeases
 from vmferry.daemon.sessions import Sessions
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.domain.model import DomainDef
-from vmferry.domain.state import DomainState, ErrorReason, EventType, ShutoffReason
+from vmferry.domain.state import (
+    DomainState,
+    ErrorReason,
+    EventType,
+    PausedReason,
+    ShutoffReason,
+)
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.jobs import DomainJob, Job
+from vmferry.jobs import AsyncJob, DomainJob, Job
 from vmferry.migration.peer_probe import MigrationPeer
 from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.restart import bookkeeping, restore_bookkeeping
@@ -45,6 +61,8 @@ log = logging.getLogger(__name__)
 _CONSOLE_CHUNK = 1 << 20
 # SIGTERM lets QEMU flush disks; SIGKILL follows if it takes longer (libvirt waits 10 s).
 DESTROY_GRACE_S = 5.0
+#: The name a running QEMU keeps its domain's lease lock under (QMP getfd).
+LEASE_FD_NAME = "vmferry-lease"
 
 
 def _well_formed(text: str) -> bool:
@@ -110,6 +128,10 @@ class Driver:
         self.on_job_wait: Callable[[str, float], None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._job_hooks: JobHooks | None = None  # the migration service, once composed
+        # The cluster this host is in (vmferry.daemon.cluster, .lease); set by vmferryd.
+        self.leases: LeaseBackend = NoLeases()
+        self.membership: ClusterView | None = None
+        self.lifecycle.inherit_fds = lambda dom: self.leases.inheritable(dom.uuid)
 
     async def _resolve_disks(self, d: DomainDef) -> dict[str, list[BlockLayer]]:
         assert self.pools is not None
@@ -315,6 +337,7 @@ class Driver:
             ) from exc
 
     def _on_stopped(self, dom: QemuDomain) -> None:
+        self.leases.release(dom.uuid)  # its QEMU is gone: another host may start it now
         path = self.state.status_path(dom.name)
         self._written.pop(path, None)
         self.state.remove(path)
@@ -356,6 +379,58 @@ class Driver:
                 await self._reconnect(name)
             except Exception:
                 log.exception("domain %s: cannot re-attach to its QEMU; leaving it alone", name)
+        for dom in list(self._domains.values()):
+            await self._retake_lease(dom)
+        if self.membership is not None:
+            self.membership.start()
+
+    def _lease_wanted(self, dom: QemuDomain) -> bool:
+        """Whether *dom* should hold its lease here (running or paused, not arriving)."""
+        if not dom.active or dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
+            return False
+        return dom.job.async_job != AsyncJob.MIGRATION_IN
+
+    async def _retake_lease(self, dom: QemuDomain) -> None:
+        """A restarted daemon takes the leases of its guests again (they died with the old one).
+
+        A guest whose lease another host took meanwhile must not run here: it is paused.
+        """
+        if not self._lease_wanted(dom) or dom.job.async_job != AsyncJob.NONE:
+            return  # a migration's recovery decides who holds it (migration.restart)
+        try:
+            await self.take_lease(dom)
+        except VmferryError as err:
+            log.error("domain %s: %s; pausing it here", dom.name, err.message)
+            await self.pause_lease_lost(dom)
+
+    async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
+        """Take *dom*'s lease and share it with its running QEMU, so it outlives this daemon."""
+        await self.leases.acquire(dom.uuid, dom.name, previous=previous)
+        for fd in self.leases.inheritable(dom.uuid):
+            try:
+                mon = dom.monitor
+                if mon is not None and mon.connected:
+                    await mon.pass_fd(fd, LEASE_FD_NAME)
+            except VmferryError as err:
+                log.warning("domain %s: its QEMU does not keep the lease lock: %s", dom.name, err)
+            finally:
+                os.close(fd)
+
+    async def pause_lease_lost(self, dom: QemuDomain) -> None:
+        """Pause *dom* (reason ``lease-lost``): this host no longer holds its lease."""
+        mon = dom.monitor
+        if mon is None or not mon.connected:
+            return
+        if dom.state == DomainState.PAUSED:
+            dom.reason = str(PausedReason.LEASE_LOST)
+            dom.save()
+            return
+        dom.pending_pause_reason = str(PausedReason.LEASE_LOST)
+        try:
+            await mon.execute("stop")
+            await dom.wait_for(lambda: dom.state == DomainState.PAUSED, 5.0)
+        except VmferryError as err:
+            log.error("domain %s: cannot pause it after losing its lease: %s", dom.name, err)
 
     def _load_definition(self, name: str) -> None:
         path = self.state.definition_path(name)
@@ -485,6 +560,8 @@ class Driver:
 
     async def close(self) -> None:
         """Let go of every QEMU without stopping it: guests outlive the daemon."""
+        if self.membership is not None:
+            await self.membership.close()
         for task in list(self._background):
             task.cancel()  # a resolver's job stays persisted for the next daemon
         if self._background:
@@ -496,6 +573,7 @@ class Driver:
             if dom.process is not None:
                 dom.process.close()
         await self.lifecycle.close()
+        await self.leases.close()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -507,6 +585,50 @@ class Driver:
             qemu_version=self.qemu_version,
             features=["migration-v2", "migration-v3", "migration-p2p", "migration-offline"],
         )
+
+    def cluster_vms(self) -> list[ClusterVm]:
+        """The domains that hold (or should hold) their lease here."""
+        return [
+            ClusterVm(name=d.name, uuid=d.uuid, state=str(d.state))
+            for d in self.domains()
+            if self._lease_wanted(d)
+        ]
+
+    async def cluster_info(self) -> ClusterInfo:
+        if self.membership is None:
+            return ClusterInfo(backend=self.leases.kind)
+        return await self.membership.snapshot()
+
+    # -- fencing (etcd): this host lost its session, then got a new one ------------------------
+
+    async def fence(self) -> None:
+        """Pause every guest holding a lease here (``lease-lost``): another host may take them."""
+        for dom in list(self._domains.values()):
+            if self.leases.holds(dom.uuid):
+                forget = getattr(self.leases, "forget", None)
+                if forget is not None:
+                    forget(dom.uuid)
+                await self.pause_lease_lost(dom)
+
+    async def unfence(self) -> None:
+        """Back in the cluster: resume a fenced guest whose lease is still free, stop the others."""
+        for dom in list(self._domains.values()):
+            if not dom.active or dom.reason != PausedReason.LEASE_LOST:
+                continue
+            try:
+                await self.leases.acquire(dom.uuid, dom.name)
+            except VmferryError as err:
+                if err.code != ErrorCode.LEASE_HELD:
+                    log.error("domain %s: %s; leaving it paused", dom.name, err.message)
+                    continue
+                log.error("domain %s: %s; stopping the copy here", dom.name, err.message)
+                async with dom.job.acquire(Job.DESTROY, "lease-lost"):
+                    await self.lifecycle.stop(dom, ShutoffReason.LEASE_LOST, grace=DESTROY_GRACE_S)
+                continue
+            mon = dom.monitor
+            if mon is not None and mon.connected:
+                dom.pending_resume_reason = "unpaused"
+                await mon.execute("cont")
 
     def info(self, dom: QemuDomain) -> DomainInfo:
         d = dom.definition
@@ -599,7 +721,7 @@ class Driver:
                     )
                 dom.definition = definition
                 try:
-                    await self.lifecycle.start(dom)
+                    await self._start_leased(dom)
                 except BaseException:
                     if not dom.active and dom.persistent is not None:
                         dom.definition = dom.persistent
@@ -612,9 +734,19 @@ class Driver:
 
     async def start(self, dom: QemuDomain) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "start"):
-            await self.lifecycle.start(dom)
+            await self._start_leased(dom)
         self.autostart.note(dom.name, migrated=False)
         return dom
+
+    async def _start_leased(self, dom: QemuDomain) -> None:
+        """Take the domain's lease, then start it; a failed start gives the lease back."""
+        await self.leases.acquire(dom.uuid, dom.name)
+        try:
+            await self.lifecycle.start(dom)
+        except BaseException:
+            if not dom.active:
+                self.leases.release(dom.uuid)
+            raise
 
     async def shutdown(self, dom: QemuDomain, timeout: float) -> QemuDomain:
         async with dom.job.acquire(Job.MODIFY, "shutdown"):
@@ -650,6 +782,9 @@ class Driver:
             mon = dom.require_monitor()
             if dom.state == DomainState.RUNNING:
                 return dom
+            if dom.job.async_job != AsyncJob.MIGRATION_IN:
+                # Paused after losing its lease (or a failed hand-over): only with it back.
+                await self.take_lease(dom)
             dom.pending_resume_reason = "unpaused"
             await mon.execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)

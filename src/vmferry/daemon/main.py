@@ -15,10 +15,13 @@ from vmferry import logs, trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.autostart import autostart_domains
+from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.etcd import Etcd, EtcdError, EtcdLeases, EtcdMembership, EtcdSession
 from vmferry.daemon.guard import install_log_rate_limit
-from vmferry.daemon.host import load_or_create_host_identity
+from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
+from vmferry.daemon.lease import LeaseBackend, LeaseOwner, LockspaceLeases, NoLeases
 from vmferry.daemon.listen import parse_listen_uri, serve
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.state import StateDir
@@ -153,6 +156,56 @@ async def _autostart(driver: Driver) -> None:
         log.exception("autostart failed")
 
 
+async def join_etcd(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: str) -> None:
+    """``[cluster] etcd``: a session kept alive, leases and membership bound to it."""
+    cluster = config.cluster
+    etcd = Etcd(cluster.etcd)
+    session = EtcdSession(etcd, cluster.etcd_ttl, on_lost=driver.fence)
+    try:
+        await session.open()
+    except EtcdError as exc:
+        await etcd.close()
+        raise VmferryError(
+            "connect-failed", f"[cluster] etcd: cannot open a session: {exc}"
+        ) from None
+    driver.leases = EtcdLeases(etcd, session, LeaseOwner(host.uuid, host.hostname))
+    local = Membership(
+        cluster,
+        host,
+        uri=uri,
+        migration_address=config.migration.listen_address,
+        vms=driver.cluster_vms,
+        backend="etcd",
+    )
+    membership = EtcdMembership(etcd, session, local.local, cluster.heartbeat_interval)
+    driver.membership = membership
+    driver.spawn(session.run(on_renewed=driver.unfence))
+
+
+def join_cluster(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: str) -> None:
+    """The ``[cluster]`` section: this host's lease backend and membership."""
+    cluster = config.cluster
+    leases: LeaseBackend = NoLeases()
+    if cluster.lockspace:
+        lockspace = Path(cluster.lockspace)
+        if not lockspace.is_dir():
+            raise VmferryError(
+                "invalid-arg",
+                f"[cluster] lockspace {lockspace} is not a directory (mount the shared "
+                "lockspace there first)",
+            )
+        leases = LockspaceLeases(lockspace, LeaseOwner(host.uuid, host.hostname))
+    driver.leases = leases
+    driver.membership = Membership(
+        cluster,
+        host,
+        uri=uri,
+        migration_address=config.migration.listen_address,
+        vms=driver.cluster_vms,
+        backend=leases.kind,
+    )
+
+
 async def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     install_log_rate_limit(config.limits.error_log_interval)
@@ -170,6 +223,10 @@ async def run(args: argparse.Namespace) -> None:
         pools.set_owner((confine.user.uid, confine.user.gid))
     driver = Driver(state, config, host, confine=confine, pools=pools)
     driver.qemu_version = qemu_version(config.qemu.emulator)
+    if config.cluster.etcd:
+        await join_etcd(driver, config, host, args.listen[0])
+    else:
+        join_cluster(driver, config, host, args.listen[0])
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()

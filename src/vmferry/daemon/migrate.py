@@ -120,6 +120,24 @@ class MigrationService:
         """Remove *dom*'s persistent definition."""
         self.driver.unpersist_definition(dom)
 
+    @property
+    def lease_driver(self) -> str:
+        """See MigrationHost."""
+        return self.driver.leases.kind
+
+    async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
+        """See MigrationHost."""
+        await self.driver.take_lease(dom, previous=previous)
+
+    def release_lease(self, dom: QemuDomain) -> None:
+        """See MigrationHost."""
+        self.driver.leases.release(dom.uuid)
+
+    async def lease_holder(self, uuid: str) -> str:
+        """See MigrationHost."""
+        owner = await self.driver.leases.holder(uuid)
+        return owner.host_uuid if owner is not None else ""
+
     def acquire_port(self) -> int:
         """A free port of ``[migration] port_min..port_max``, reserved."""
         return self.driver.acquire_port()

@@ -35,6 +35,8 @@ class PausedReason(StrEnum):
     POSTCOPY = "post-copy"
     POSTCOPY_FAILED = "post-copy-failed"
     API_ERROR = "api-error"
+    # this host lost the domain's cluster lease (vmferry.daemon.lease): it must not run here
+    LEASE_LOST = "lease-lost"
     # vmferry's own: the outcome of an outgoing migration is not known yet
     # (source recovered in perform3_done and the destination cannot be asked).
     MIGRATION_UNRESOLVED = "migration-unresolved"
@@ -48,6 +50,8 @@ class ShutoffReason(StrEnum):
     MIGRATED = "migrated"
     FAILED = "failed"
     DAEMON = "daemon"
+    # another host took the lease while this one was cut off (fencing): this copy was stopped
+    LEASE_LOST = "lease-lost"
 
 
 class ErrorReason(StrEnum):

@@ -52,8 +52,10 @@ LIBVIRT_FEATURES = (
 #: Parts a sender may mark mandatory that vmferry honours. lockstate: vmferry
 #: has no lock manager, i.e. libvirt's "nop" driver; leases of another driver are refused.
 SUPPORTED_MANDATORY = frozenset({"persistent", "lockstate", "statistics", "capabilities", "nbd"})
-#: The lock driver vmferry is, in libvirt's terms.
+#: The lock driver of a host outside any cluster, in libvirt's terms.
 LOCK_DRIVER = "nop"
+#: Lock drivers whose lease state vmferry understands (vmferry.daemon.lease's kinds).
+LOCK_DRIVERS = frozenset({LOCK_DRIVER, "none", "lockspace", "etcd"})
 
 #: The whole cookie, checked before parsing: room for a domain XML of the largest size.
 MAX_COOKIE_BYTES = MAX_XML_BYTES + 64 * 1024
@@ -361,10 +363,23 @@ def _parse_lockstate(root: ET.Element, cookie: MigrationCookie) -> None:
         raise _invalid("Missing lock driver name in migration cookie")
     cookie.lock_driver = driver
     cookie.leases = lock.findtext("leases", "") or ""
-    if cookie.leases and driver != LOCK_DRIVER:
+    if cookie.leases and driver not in LOCK_DRIVERS:
         raise VmferryError(
             ErrorCode.NO_SUPPORT,
-            f"Source host lock driver {driver[:64]} different from target {LOCK_DRIVER}",
+            f"Source host lock driver {driver[:64]} is not supported "
+            f"(known: {', '.join(sorted(LOCK_DRIVERS))})",
+        )
+
+
+def check_lockstate(cookie: MigrationCookie, local_driver: str) -> None:
+    """The destination's check of the source's ``<lockstate>``: both hosts use one lock driver."""
+    source = cookie.lock_driver if cookie.leases else "none"
+    source = "none" if source == LOCK_DRIVER else source
+    if source != local_driver:
+        raise VmferryError(
+            ErrorCode.NO_SUPPORT,
+            f"Source host lock driver {source[:64]} different from target {local_driver} "
+            "(both hosts need the same [cluster] lease backend)",
         )
 
 

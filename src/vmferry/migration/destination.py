@@ -44,7 +44,7 @@ from vmferry.migration import params as mparams
 from vmferry.migration import postcopy, storage
 from vmferry.migration import tls as mtls
 from vmferry.migration import tunnel as mtunnel
-from vmferry.migration.cookie import MigrationCookie, parse_cookie
+from vmferry.migration.cookie import MigrationCookie, check_lockstate, parse_cookie
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MigrationParams
@@ -94,6 +94,8 @@ async def prepare(
         offer = parse_cookie(
             cookie_in, name=original_name, uuid=definition.uuid, local_hostuuid=host.host_uuid
         )
+        if not flags & MigrateFlags.OFFLINE:
+            await _check_lease(host, offer, original_name)
     nbd_disks = offer.nbd_disks if offer is not None else []
     if copy and (cookie_in is None or not nbd_disks):
         raise VmferryError(
@@ -155,6 +157,18 @@ async def prepare(
     if nbd_port is not None:
         cookie.nbd_port = nbd_port
     return uri, cookie.to_xml()
+
+
+async def _check_lease(host: MigrationHost, cookie: MigrationCookie, name: str) -> None:
+    """Refuse a guest whose lease a third host holds: it runs there, not on the source."""
+    check_lockstate(cookie, host.lease_driver)
+    holder = await host.lease_holder(cookie.uuid)
+    if holder and holder not in (cookie.hostuuid, host.host_uuid):
+        raise VmferryError(
+            ErrorCode.LEASE_HELD,
+            f"domain '{name}' is running on host {holder}, not on the source "
+            f"{cookie.hostname}: its lease is held there",
+        )
 
 
 async def _start_incoming(
@@ -460,6 +474,8 @@ async def _finish_active(
     await failpoint("dst-finish-storage")
     _persist(host, dom, cookie, flags)
     await mtls.disable(dom)  # the stream is over: QEMU forgets the credentials
+    # libvirt's lockstate: the lease follows the guest before it may run (or sit paused) here.
+    await host.take_lease(dom, previous=cookie.hostuuid if cookie else "")
     if flags & MigrateFlags.PAUSED:
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
         return None
@@ -481,6 +497,7 @@ async def _finish_postcopy(
     """Run the guest here now, then wait until QEMU pulled the rest of its memory."""
     mon = dom.require_monitor()
     _persist(host, dom, cookie, flags)
+    await host.take_lease(dom, previous=cookie.hostuuid if cookie else "")
     host.unbind_session(dom)  # from the cont on, losing the client must not destroy it
     dom.pending_resume_reason = RunningReason.POSTCOPY
     await mon.execute("cont")
@@ -629,6 +646,7 @@ async def complete_incoming(host: MigrationHost, dom: QemuDomain) -> None:
     try:
         if dom.state == DomainState.PAUSED:
             # Finish never ran (the source or client went away): the guest starts now.
+            await host.take_lease(dom)
             dom.pending_resume_reason = RunningReason.MIGRATED
             await dom.require_monitor().execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)

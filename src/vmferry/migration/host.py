@@ -128,6 +128,25 @@ class MigrationHost(Protocol):
 
     def acquire_port(self) -> int: ...
 
+    # -- the domain's cluster lease (vmferry.daemon.lease), libvirt's lock manager -------------
+
+    @property
+    def lease_driver(self) -> str:
+        """The lock driver named in the cookie's ``<lockstate>`` (``none``: no cluster)."""
+        ...
+
+    async def take_lease(self, dom: QemuDomain, *, previous: str = "") -> None:
+        """Take *dom*'s lease before its guest runs here (``LEASE_HELD`` if another host has it)."""
+        ...
+
+    def release_lease(self, dom: QemuDomain) -> None:
+        """Give *dom*'s lease up: its guest is stopped here for the switch-over."""
+        ...
+
+    async def lease_holder(self, uuid: str) -> str:
+        """The host UUID that holds the lease of domain *uuid* ("" nobody, or unknown)."""
+        ...
+
     def release_port(self, port: int) -> None: ...
 
     def migration_address(self, requested: str) -> str: ...

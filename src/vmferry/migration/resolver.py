@@ -119,7 +119,7 @@ async def resolve_outgoing(
             if answer is PeerAnswer.ABSENT:
                 log.info("domain %s: the guest never took over there: resuming it", dom.name)
                 dom.job.set_phase(MigrationPhase.CONFIRM3_CANCELLED)
-                await resume_source(dom, flags)
+                await resume_source(dom, flags, host)
                 break
             if answer is PeerAnswer.UNREACHABLE:
                 mark_unresolved(dom)
@@ -138,7 +138,9 @@ async def resolve_outgoing(
         dom.job.finish_async()
 
 
-async def resume_source(dom: QemuDomain, flags: MigrateFlags) -> None:
+async def resume_source(
+    dom: QemuDomain, flags: MigrateFlags, host: MigrationHost | None = None
+) -> None:
     """Back to how the guest was before the migration: parameters reset, running if it was."""
     if dom.state == DomainState.PAUSED and dom.reason not in (
         PausedReason.MIGRATION,
@@ -148,7 +150,7 @@ async def resume_source(dom: QemuDomain, flags: MigrateFlags) -> None:
         # Paused for another reason (by the user meanwhile): not the migration's to undo.
         await _reset_params(dom, flags)
         return
-    await restore_source(dom, flags)
+    await restore_source(dom, flags, host)
     if (
         not dom.migration.was_running
         and dom.state == DomainState.PAUSED

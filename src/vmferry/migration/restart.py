@@ -64,7 +64,7 @@ import asyncio
 import logging
 from typing import Any
 
-from vmferry.domain.state import DomainState, EventType, RunningReason
+from vmferry.domain.state import DomainState, EventType, PausedReason, RunningReason
 from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
 from vmferry.migration import destination, postcopy, resolver, storage
@@ -74,7 +74,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.migration.phase import MigrationPhase
 
 # The source's own Confirm actions, reused so recovery does exactly what Confirm would.
-from vmferry.migration.source import complete_outgoing
+from vmferry.migration.source import complete_outgoing, retake_lease
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 
@@ -248,7 +248,10 @@ async def _recover_out(
     """Source side; True when the job was handed to the resolver."""
     flags = MigrateFlags(dom.migration.flags)
     if phase == MigrationPhase.BEGIN3:
-        pass
+        # Nothing was sent: the guest stays here, and its lease (lost with the old daemon) too.
+        if not await retake_lease(host, dom) and dom.state == DomainState.RUNNING:
+            dom.pending_pause_reason = PausedReason.LEASE_LOST
+            await dom.require_monitor().execute("stop")
     elif phase == MigrationPhase.PERFORM2 and dom.migration.status == MigrationStatus.COMPLETED:
         # v2 has no Confirm: a completed stream may already run there (Finish2, or the
         # destination's own recovery), or have been discarded. Only the peer can tell.
@@ -257,12 +260,12 @@ async def _recover_out(
         # v3: the destination never got a successful Finish, Perform did not return.
         await _cancel(dom)
         await storage.cancel(dom)  # a mirror QEMU still runs: the source keeps its own disk
-        await resolver.resume_source(dom, flags)
+        await resolver.resume_source(dom, flags, host)
     elif phase == MigrationPhase.PERFORM3_DONE:
         return resolver.start(host, dom)
     elif phase == MigrationPhase.CONFIRM3_CANCELLED:
         await storage.cancel(dom)
-        await resolver.resume_source(dom, flags)
+        await resolver.resume_source(dom, flags, host)
     elif phase == MigrationPhase.CONFIRM3:
         await complete_outgoing(host, dom, flags)
     else:
@@ -275,12 +278,14 @@ async def _recover_in(host: MigrationHost, dom: QemuDomain, phase: MigrationPhas
     if v2 and phase != MigrationPhase.FINISH3 and dom.migration.status == MigrationStatus.COMPLETED:
         # v2: the whole guest arrived and Perform2 kills the source once it sent it all; a
         # v2 source that was interrupted asks here first (see _recover_out).
+        await host.take_lease(dom)  # before it runs here; LEASE_HELD leaves it paused
         if dom.state != DomainState.RUNNING:
             dom.pending_resume_reason = RunningReason.MIGRATED
             await dom.require_monitor().execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
         return
     if phase == MigrationPhase.FINISH3 and dom.state == DomainState.RUNNING:
+        await host.take_lease(dom)  # it ran here already: this host took it in Finish
         if dom.reason == RunningReason.UNKNOWN:
             dom.set_state(DomainState.RUNNING, RunningReason.MIGRATED)
         # The guest runs on the copied disks: they stay; the NBD server goes.

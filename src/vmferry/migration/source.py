@@ -26,7 +26,13 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from vmferry.domain.state import DomainState, EventType, RunningReason, ShutoffReason
+from vmferry.domain.state import (
+    DomainState,
+    EventType,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
 from vmferry.domain.xml import check_abi_stability, format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import armed, failpoint
@@ -55,12 +61,19 @@ UNATTENDED_API = "migration-unattended"
 #: How long ``migrate_cancel`` may take before the stream is yanked out of band: QEMU holds
 #: its big lock while it writes the final device state, so a stalled peer blocks the monitor.
 CANCEL_ANSWER_S = 3.0
+#: Tries, and seconds between them, to take a lease back before the source resumes.
+LEASE_RETRIES, LEASE_RETRY_S = 5, 0.5
 
 
-def _cookie(host: MigrationHost, dom: QemuDomain) -> MigrationCookie:
-    return MigrationCookie(
+def _cookie(host: MigrationHost, dom: QemuDomain, *, lease: str = "held") -> MigrationCookie:
+    cookie = MigrationCookie(
         name=dom.name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
     )
+    if host.lease_driver != "none":
+        # libvirt's <lockstate>: who had the lease, and whether it is free to take now.
+        cookie.lock_driver = host.lease_driver
+        cookie.leases = f"{host.host_uuid}:{lease}"
+    return cookie
 
 
 # -- Begin ------------------------------------------------------------------------------------
@@ -178,10 +191,13 @@ async def perform3(
             )
     except BaseException:
         await storage.cancel(dom)
-        await restore_source(dom, flags)
+        await restore_source(dom, flags, host)
         dom.job.finish_async()
         raise
-    cookie = _cookie(host, dom)
+    # The guest is stopped here for the switch-over: only now may the destination take its lease.
+    if not flags & MigrateFlags.OFFLINE:
+        host.release_lease(dom)
+    cookie = _cookie(host, dom, lease="released")
     cookie.statistics = _sent_statistics(dom)
     cookie.policy = policy_report(dom.migration.stats)  # the actions, for Finish to show
     if flags & MigrateFlags.PERSIST_DEST and dom.persistent is not None:
@@ -243,9 +259,10 @@ async def perform2(
             tls=host.tls if use_tls else None,
         )
     except BaseException:
-        await restore_source(dom, flags)
+        await restore_source(dom, flags, host)
         dom.job.finish_async()
         raise
+    host.release_lease(dom)  # stopped here: the destination takes it in Finish
     try:
         await complete_outgoing(host, dom, flags)
     finally:
@@ -557,8 +574,14 @@ async def cancel_stream(dom: QemuDomain) -> None:
         log.warning("yanking the migration stream of %s: %s", dom.name, err.message)
 
 
-async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
-    """Put the source back as it was: parameters reset, guest running if it was."""
+async def restore_source(
+    dom: QemuDomain, flags: MigrateFlags, host: MigrationHost | None = None
+) -> None:
+    """Put the source back as it was: parameters reset, guest running if it was.
+
+    The guest resumes only once its lease is back here (*host* takes it again):
+    when another host took it meanwhile, the guest stays paused (``lease-lost``).
+    """
     mon = dom.monitor
     if mon is None or not mon.connected:
         return
@@ -571,11 +594,32 @@ async def restore_source(dom: QemuDomain, flags: MigrateFlags) -> None:
     await mtls.disable(dom)
     try:
         if dom.migration.was_running and dom.state != DomainState.RUNNING:
+            if host is not None and not await retake_lease(host, dom):
+                return
             dom.pending_resume_reason = RunningReason.MIGRATION_CANCELED
             await mon.execute("cont")
             await dom.wait_for(lambda: dom.state == DomainState.RUNNING, 5.0)
     except VmferryError as err:
         log.error("could not restore domain %s after a failed migration: %s", dom.name, err)
+
+
+async def retake_lease(host: MigrationHost, dom: QemuDomain) -> bool:
+    """Take *dom*'s lease back before it resumes here; False (guest left paused) if taken."""
+    for attempt in range(LEASE_RETRIES):
+        if attempt:
+            # A destination that gave up may still be releasing it (etcd: in the background).
+            await asyncio.sleep(LEASE_RETRY_S)
+        try:
+            await host.take_lease(dom)
+            return True
+        except VmferryError as err:
+            if err.code != ErrorCode.LEASE_HELD:
+                raise
+            held = err
+    log.error("domain %s stays paused: %s", dom.name, held.message)
+    if dom.state == DomainState.PAUSED:
+        dom.set_state(DomainState.PAUSED, PausedReason.LEASE_LOST)
+    return False
 
 
 def _sent_statistics(dom: QemuDomain) -> dict[str, int]:
@@ -620,7 +664,7 @@ async def confirm3(
             )
             dom.completed_job = completed_stats(dom, cookie.statistics, arrived=arrived)
         if cancelled:
-            await restore_source(dom, flags)
+            await restore_source(dom, flags, host)
         else:
             await _settle_stream(dom)
             await complete_outgoing(host, dom, flags)

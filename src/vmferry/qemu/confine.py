@@ -137,10 +137,18 @@ class PassedFiles:
     serial_sockets: dict[int, int] = field(default_factory=dict)
     #: disk image path -> ``/dev/fdset/N`` (volumes: QEMU needs no access to the pool).
     disk_files: dict[str, str] = field(default_factory=dict)
+    #: Descriptors QEMU only keeps open, named by no option: a VM lease's lock, so the lock
+    #: lives as long as QEMU even if the daemon dies (vmferry.daemon.lease).
+    inherit: list[int] = field(default_factory=list)
 
     @property
     def fds(self) -> list[int]:
-        return [self.qmp_fd, *(fd for _, fd, _ in self.fdsets), *self.serial_sockets.values()]
+        return [
+            self.qmp_fd,
+            *(fd for _, fd, _ in self.fdsets),
+            *self.serial_sockets.values(),
+            *self.inherit,
+        ]
 
     def close(self) -> None:
         """Close the daemon's copies (idempotent)."""
@@ -149,6 +157,7 @@ class PassedFiles:
                 os.close(fd)
         self.fdsets.clear()
         self.serial_sockets.clear()
+        self.inherit.clear()
         self.qmp_fd = -1
 
 

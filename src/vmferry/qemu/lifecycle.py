@@ -96,6 +96,8 @@ class Lifecycle:
         self._emulator = emulator
         self._emit = emit
         self._on_stopped = on_stopped
+        #: Descriptors a new QEMU of a domain keeps open (its lease's lock); set by the daemon.
+        self.inherit_fds: Callable[[QemuDomain], list[int]] | None = None
         self._next_id = 1
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -150,6 +152,8 @@ class Lifecycle:
                     console_log=paths.console_log,
                     disks=volume_files(dom.definition, chains or {}),
                 )
+                if self.inherit_fds is not None:
+                    passed.inherit.extend(self.inherit_fds(dom))
             argv = build_argv(
                 dom.definition,
                 qemu_paths,

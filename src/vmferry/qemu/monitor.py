@@ -237,6 +237,11 @@ class Monitor:
                 ) from err
             return await self.execute(cmd, args, timeout=timeout)
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of descriptor *fd*, kept under *name* (QMP ``getfd``; replaces one
+        of that name). The caller keeps and closes its own *fd*."""
+        await self.execute_with_fd("getfd", {"fdname": name}, fd)
+
     def _closed_error(self) -> VmferryError:
         return VmferryError(
             ErrorCode.OPERATION_FAILED, f"QEMU monitor for domain '{self.name}' is closed"

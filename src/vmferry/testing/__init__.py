@@ -7,6 +7,8 @@ tests, ``make demo`` and the benchmarks (outside the layers, like
   and config; everything they started is killed on the way out.
 - :func:`wait_heartbeat` / :func:`poll_heartbeat`: the guest's newest
   heartbeat, sync or async; :func:`boot_guest` defines, starts and waits.
+- :mod:`vmferry.testing.cluster`: a real etcd on loopback (:func:`etcd_server`),
+  :func:`poll`, and :func:`try_create` for a domain whose lease may be held elsewhere.
 - :mod:`vmferry.testing.fakemonitor`: a stand-in for QEMU's monitor in
   pure-logic unit tests.
 - :mod:`vmferry.testing.disk`: the test guest's disk from the host: images

@@ -272,6 +272,8 @@ def hosts(
     envs: list[dict[str, str]] | None = None,
     setup: Callable[[list[Host]], None] | None = None,
     image_roots: list[Path] | None = None,
+    extra_config: str = "",
+    ready_timeout: float = 60.0,
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
 
@@ -279,7 +281,8 @@ def hosts(
     gives daemon i extra environment (e.g. failpoints); *image_roots* are
     further [paths] roots of every daemon (see
     :func:`vmferry.testing.disk.make_image_dir`); *setup* may change the hosts
-    (their config) before they start. The daemons start in parallel.
+    (their config) before they start; *extra_config* (TOML, e.g. a ``[cluster]``
+    section) goes into every host's config. The daemons start in parallel.
     """
     # Short: unix socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="vf", dir="/tmp"))
@@ -290,6 +293,7 @@ def hosts(
             env = envs[i] if envs else {}
             host = host_type(root / f"h{i}", f"host{i}", port, extra_env=dict(env))
             host.image_roots = list(image_roots or [])
+            host.extra_config = extra_config
             if pki_dir is not None:
                 host.pki_dir, host.tls_port = pki_dir, port + 15
             host.root.mkdir()
@@ -301,7 +305,7 @@ def hosts(
         for host in made:
             # started together on a machine shared with other QEMU tests: a slow start is
             # not a failure (one daemon alone takes ~5 s to import and listen under load 15)
-            host.wait_ready(timeout=60.0)
+            host.wait_ready(ready_timeout)
         yield made
     finally:
         for host in made:
