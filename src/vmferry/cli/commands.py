@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vmferry.api.models import DomainInfo
-from vmferry.cli import cluster_cmds, migrate_cmds
+from vmferry.cli import cluster_cmds, cluster_evac_cmds, migrate_cmds
 from vmferry.cli import format as fmt
 from vmferry.cli.context import Command, Context, arg
 from vmferry.errors import ErrorCode, VmferryError
@@ -247,6 +247,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     *migrate_cmds.COMMANDS,
     *cluster_cmds.COMMANDS,
+    *cluster_evac_cmds.COMMANDS,
     Command(
         "pki init",
         "create a CA and the server and client certificates in DIR",

@@ -106,6 +106,10 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/domains/{name}/migrate/postcopy"): "migrate.postcopy",
     ("PUT", "/v1/domains/{name}/migrate/maxdowntime"): "migrate.tune",
     ("PUT", "/v1/domains/{name}/migrate/speed"): "migrate.tune",
+    ("GET", "/v1/host/maintenance"): "host.read",
+    ("PUT", "/v1/host/maintenance"): "host.maintenance",
+    ("GET", "/v1/evacuate"): "host.read",
+    ("POST", "/v1/evacuate"): "host.evacuate",
 }
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS.values())

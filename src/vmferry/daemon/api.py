@@ -26,6 +26,8 @@ from vmferry.api.models import (
 )
 from vmferry.daemon.access import AccessPolicy, install_access
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.evacuate import Evacuations
+from vmferry.daemon.evacuate_api import evacuation_routes
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.migrate_api import migration_routes
@@ -38,7 +40,11 @@ def _error_response(err: VmferryError) -> JSONResponse:
     return JSONResponse(status_code=err.http_status, content=err.to_dict())
 
 
-def create_app(migration: MigrationService, access: AccessPolicy | None = None) -> FastAPI:
+def create_app(
+    migration: MigrationService,
+    access: AccessPolicy | None = None,
+    evacuations: Evacuations | None = None,
+) -> FastAPI:
     """The daemon's app; *access* decides who may call what (defaults if None)."""
     driver = migration.driver
     app = FastAPI(title="vmferryd", version=__version__)
@@ -63,6 +69,7 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
 
     app.include_router(domain_routes(driver))
     app.include_router(migration_routes(migration))
+    app.include_router(evacuation_routes(evacuations or Evacuations(migration)))
     install_access(app, access or AccessPolicy())
     return app
 

@@ -163,6 +163,14 @@ class ClusterConfig:
 
 
 @dataclass
+class EvacuateConfig:
+    """``vmferry evacuate``: what the planner assumes when the request does not say."""
+
+    link_mib_s: int = 1000  # bandwidth of the link to each destination
+    downtime_target_ms: int = 300  # every guest's downtime target
+
+
+@dataclass
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_clients: int = 128
@@ -183,6 +191,7 @@ class DaemonConfig:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    evacuate: EvacuateConfig = field(default_factory=EvacuateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -251,6 +260,10 @@ def _check(where: str, config: DaemonConfig) -> None:
     if mig.bandwidth_mib_s < 0:
         raise bad("migration.bandwidth_mib_s must be >= 0 (0 = unlimited)")
     _check_migration_endpoints(where, mig)
+    if not 1 <= config.evacuate.link_mib_s <= 1_000_000:
+        raise bad("evacuate.link_mib_s must be between 1 and 1000000")
+    if not 1 <= config.evacuate.downtime_target_ms <= 600_000:
+        raise bad("evacuate.downtime_target_ms must be between 1 and 600000")
     if config.keepalive.interval < 0:
         raise bad("keepalive.interval must be >= 0 (0 = off)")
     if config.keepalive.count < 1:

@@ -33,6 +33,7 @@ from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
 from vmferry.daemon.lease import LeaseBackend, NoLeases
+from vmferry.daemon.maintenance import Maintenance
 from vmferry.daemon.sessions import Sessions
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.domain.model import DomainDef
@@ -119,6 +120,7 @@ class Driver:
         # The cluster this host is in (vmferry.daemon.cluster, .lease); set by vmferryd.
         self.leases: LeaseBackend = NoLeases()
         self.membership: ClusterView | None = None
+        self.maintenance = Maintenance(state.root, host.hostname)
 
     def set_job_hooks(self, hooks: JobHooks) -> None:
         """Let *hooks* handle lost sessions and interrupted jobs (else jobs are dropped)."""
@@ -697,6 +699,7 @@ class Driver:
 
     async def _start_leased(self, dom: QemuDomain) -> None:
         """Take the domain's lease, then start it; a failed start gives the lease back."""
+        self.maintenance.check("new domain")
         await self.leases.acquire(dom.uuid, dom.name)
         try:
             await self.lifecycle.start(dom)

@@ -17,6 +17,7 @@ from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.etcd import Etcd, EtcdError, EtcdLeases, EtcdMembership, EtcdSession
+from vmferry.daemon.evacuate import Evacuations
 from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
 from vmferry.daemon.lease import LeaseBackend, LeaseOwner, LockspaceLeases, NoLeases
@@ -172,13 +173,15 @@ async def run(args: argparse.Namespace) -> None:
     migration = MigrationService(driver)
     migration.insecure = args.insecure  # p2p peers over plain tcp:// or unix:// too
     await driver.load()
+    evacuations = Evacuations(migration)
+    evacuations.resume()  # an evacuation a restart interrupted goes on
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
-        app = create_app(migration, access)
+        app = create_app(migration, access, evacuations)
         await serve(
             trace.timed_asgi(app, skip=("/session",)) if trace.enabled() else app,
             specs,
@@ -189,6 +192,7 @@ async def run(args: argparse.Namespace) -> None:
             limits=config.limits,
         )
     finally:
+        await evacuations.close()
         await driver.close()
 
 

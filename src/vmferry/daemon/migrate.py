@@ -261,6 +261,8 @@ class MigrationService:
             return await destination.prepare_resume(
                 self, xml, cookie, mflags, mparams, session=session
             )
+        # A migration already half here (post-copy resume) may finish; a new one may not come.
+        self.driver.maintenance.check("incoming migration")
         uri, out = await destination.prepare(self, xml, cookie, mflags, mparams, session=session)
         self._reap_unclaimed(xml, mparams)
         return uri, out
