@@ -131,12 +131,14 @@ def test_a_destination_dying_midway_leaves_its_guest_on_the_source(lockspace: Pa
         before = _boot(a)
         with a.client() as ca:
             _wait(lambda: _peers_up(ca, 2), 30, "b and c in the cluster")
-            # Slow links, one at a time: c dies while a guest is on its way there.
-            ca.evacuate(EvacuateRequest(bandwidth_mib_s=16, max_parallel=1))
+            # Slow links, one at a time: c dies while a guest is on its way there (in
+            # pre-copy: killed after the switchover, nobody could tell where the guest runs and
+            # the source would rightly stay paused).
+            ca.evacuate(EvacuateRequest(bandwidth_mib_s=4, max_parallel=1))
 
             def to_c_running() -> bool:
                 return any(
-                    m.dest == "host2" and m.result == "running" and m.progress > 0.1
+                    m.dest == "host2" and m.result == "running" and m.progress < 0.7
                     for m in ca.evacuation().moves
                 )
 
