@@ -50,6 +50,10 @@ bench: venv guest
 bench-converge: venv guest
 	$(PY) bench/converge_bench.py
 
+.PHONY: bench-evacuate
+bench-evacuate: venv guest
+	$(PY) bench/evacuate_bench.py
+
 # The whole fault matrix (needs root: network namespaces); writes docs/faults.md.
 faults: venv guest
 	$(PY) -m tests.faults.matrix

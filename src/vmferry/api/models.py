@@ -71,6 +71,8 @@ class EvacuateRequest(BaseModel):
     #: The bandwidth of the link to each destination, MiB/s; 0: [evacuate] link_mib_s.
     bandwidth_mib_s: int = Field(default=0, ge=0, le=1_000_000)
     downtime_target_ms: int = Field(default=0, ge=0, le=600_000)
+    #: Each migration's deadline, s (the convergence engine aborts it past that); 0: none.
+    deadline_s: float = Field(default=0.0, ge=0.0, le=86_400.0)
     dry_run: bool = False
 
 

@@ -261,6 +261,8 @@ class Evacuations:
                 "bandwidth_mib_s": max(1, int(m.bandwidth_mib_s)),
                 "downtime_target_ms": req.downtime_target_ms or self._config_target(),
             }
+            if req.deadline_s:
+                params["deadline_s"] = req.deadline_s
             result = await self.service.migrate_p2p(dom.name, m.dest_uri, int(flags), params)
             m.result = "done"
             downtime = result.stats.get("downtime_ms")
