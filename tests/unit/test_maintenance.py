@@ -88,9 +88,9 @@ def test_tables() -> None:
     assert "Over the downtime target even alone on a link: g2" in plan
     table = result_table(info)
     assert "12.5 s" in table
-    row = next(line for line in table.splitlines() if line.startswith("g2"))
+    row = next(line for line in table.splitlines() if line.split()[:1] == ["g2"])
     assert "failed: c is unreachable" in row
-    assert "40 ms" in next(line for line in table.splitlines() if line.startswith("g1"))
+    assert "40 ms" in next(line for line in table.splitlines() if line.split()[:1] == ["g1"])
 
 
 def test_progress_line() -> None:
@@ -98,3 +98,22 @@ def test_progress_line() -> None:
     assert "[##########..........]  50 %" in progress_line(m)
     m.result = "done"
     assert progress_line(m).endswith("done")
+
+
+def test_evacuate_options_become_the_request() -> None:
+    from vmferry.cli.cluster_evac_cmds import _request
+    from vmferry.cli.main import build_parser
+
+    parser = build_parser()
+    argv = ["evacuate", "host0", "--to", "host1, host2,", "--max-parallel", "3"]
+    args = parser.parse_args([*argv, "--bandwidth", "64", "--dry-run"])
+    req = _request(args)
+    assert req.to == ["host1", "host2"] and req.max_parallel == 3
+    assert req.bandwidth_mib_s == 64 and req.dry_run and req.per_destination == 2
+    bad = parser.parse_args(["evacuate", "host0", "--max-parallel", "0"])
+    with pytest.raises(VmferryError) as refused:
+        _request(bad)
+    assert refused.value.code == ErrorCode.INVALID_ARG
+    on = parser.parse_args(["maintenance", "host0", "on", "--reason", "kernel"])
+    assert (on.host, on.state, on.reason) == ("host0", "on", "kernel")
+    assert parser.parse_args(["maintenance", "host0"]).state is None

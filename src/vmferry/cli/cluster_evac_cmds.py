@@ -197,10 +197,9 @@ def cmd_evacuate(ctx: Context, args: argparse.Namespace) -> int | None:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    from vmferry.cli import format as fmt
+
+    return fmt.table(rows[0], rows[1:])
 
 
 COMMANDS: tuple[Command, ...] = (
