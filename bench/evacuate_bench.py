@@ -4,8 +4,9 @@
 Eight test guests with mixed dirty rates run on host A and are evacuated to B
 and C (three ``vmferryd`` with a lockspace cluster). The links A->B and A->C
 are emulated by migration bandwidth caps: every migration on a link gets
-``link / k`` where *k* is how many run on that link when it starts, so every
-policy sees the same bandwidth per link. Policies:
+``link / k`` where *k* is how many run on that link, set again (``migrate-set-speed``)
+whenever *k* changes, so every policy sees the same bandwidth per link. vmferry's
+drain gives each migration its planned share and does not raise it. Policies:
 
 - ``vmferry``: ``vmferry evacuate`` (the planner, the drain in A's daemon);
 - ``nova``: one migration at a time (``max_concurrent_live_migrations = 1``);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -95,16 +97,25 @@ async def _baseline(policy: str, a: Host, names: list[str], args: argparse.Names
             if h.name in dests:
                 dests[h.name] = h.uri
     order = [(n, ("host1", "host2")[i % 2]) for i, n in enumerate(names)]
-    running: dict[str, int] = {"host1": 0, "host2": 0}
     run = Run(policy)
     sem = asyncio.Semaphore(total)
     dest_sems = {d: asyncio.Semaphore(per_dest) for d in dests}
     flags = int(MigrateFlags.LIVE | MigrateFlags.PEER2PEER)
 
+    on_link: dict[str, list[str]] = {"host1": [], "host2": []}
+
+    async def share_link(src: AsyncClient, dest: str) -> None:
+        # A fair link: every migration on it gets link / k, set again whenever k changes.
+        names = list(on_link[dest])
+        for other in names:
+            with contextlib.suppress(VmferryError):
+                await src.run(mc.set_speed(other, max(1, args.link // len(names))))
+
     async def one(src: AsyncClient, name: str, dest: str) -> None:
         async with sem, dest_sems[dest]:
-            running[dest] += 1
-            share = max(1, int(args.link / running[dest]))
+            on_link[dest].append(name)
+            share = max(1, args.link // len(on_link[dest]))
+            await share_link(src, dest)
             t0 = time.monotonic()
             move: dict[str, Any] = {"name": name, "dest": dest, "bandwidth_mib_s": share}
             try:
@@ -115,7 +126,8 @@ async def _baseline(policy: str, a: Host, names: list[str], args: argparse.Names
             except VmferryError as err:
                 move["result"], move["error"] = "aborted", err.message
             finally:
-                running[dest] -= 1
+                on_link[dest].remove(name)
+                await share_link(src, dest)
                 move["wall_s"] = round(time.monotonic() - t0, 2)
                 run.moves.append(move)
 

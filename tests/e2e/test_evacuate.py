@@ -149,7 +149,8 @@ def test_evacuate_three_guests_to_two_hosts(lockspace: Path) -> None:
             info = _wait(lambda: _finished(ca), 60, "the drain")
             assert ca.list_domains() == []
             for m in info.moves:
-                row = next(line for line in table.splitlines() if line.split()[:1] == [m.name])
+                # The last line naming it: the final table (progress lines come before).
+                row = [line for line in table.splitlines() if line.split()[:1] == [m.name]][-1]
                 assert m.dest in row and row.rstrip().endswith("done")
         _all_arrived(hs, info, before)
 
