@@ -79,7 +79,7 @@ def _boot(a: Host, args: argparse.Namespace) -> dict[str, Heartbeat]:
                     name,
                     memory_mib=args.memory,
                     stamp_mib=args.stamp,
-                    dirty_mib_s=share * args.link,
+                    dirty_mib_s=share * args.hot * args.link,
                 )
             )
         return {n: wait_heartbeat(c, n, timeout=180) for n in names}
@@ -207,6 +207,7 @@ def main() -> int:
     p.add_argument("--stamp", type=int, default=32, help="guest memory written at boot, MiB")
     p.add_argument("--deadline", type=float, default=60.0, help="each migration's deadline, s")
     p.add_argument("--downtime-target", type=int, default=300, help="ms")
+    p.add_argument("--hot", type=float, default=1.0, help="scales every guest's dirty rate")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = p.parse_args()
@@ -242,7 +243,8 @@ def main() -> int:
     finally:
         shutil.rmtree(lockspace, ignore_errors=True)
     print(
-        f"\nEvacuation of 8 guests ({args.memory} MiB, dirty 0-60 % of the link) from host0 to "
+        f"\nEvacuation of 8 guests ({args.memory} MiB, dirty 0-{60 * args.hot:g} % of the link) "
+        "from host0 to "
         f"host1 and host2, links {args.link} MiB/s each, downtime target "
         f"{args.downtime_target} ms, deadline {args.deadline:g} s per migration\n"
     )
