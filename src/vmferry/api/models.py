@@ -106,6 +106,7 @@ class EvacuationInfo(BaseModel):
     started: float = 0.0
     finished: float = 0.0
     per_link: int = 1
+    link_mib_s: int = 0  # the bandwidth of each link the plan assumed
     planned_s: float = 0.0
     eta_s: float | None = None
     moves: list[EvacuationMove] = Field(default_factory=list)

@@ -70,6 +70,7 @@ class Evacuations:
             host=self.driver.hostname,
             state="planned",
             per_link=p.per_link,
+            link_mib_s=int((targets[0].link_bps if targets else 0) // MIB),
             planned_s=p.total_s,
             eta_s=p.total_s,
         )
@@ -214,13 +215,17 @@ class Evacuations:
             while True:
                 for m in self._startable(running, req):
                     m.result = "running"
+                    self._share(m, running.values())
                     self._save()  # persisted before the migration starts
+                    others = [r for r in running.values() if r.dest == m.dest]
                     running[asyncio.create_task(self._move(m, req))] = m
+                    await self._reshare(m.dest, others, joining=1)
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    running.pop(task)
+                    ended = running.pop(task)
+                    await self._reshare(ended.dest, list(running.values()))
                 self._save()
         except asyncio.CancelledError:
             for task in running:
@@ -231,6 +236,28 @@ class Evacuations:
         self.info.eta_s = 0.0
         self._save()
         log.info("evacuation of %s done", self.driver.hostname)
+
+    def _share(self, m: EvacuationMove, running: Any) -> None:
+        """*m*'s cap when it starts: its share of the link with those already on it."""
+        link = self.info.link_mib_s
+        if link:
+            on_link = 1 + sum(1 for r in running if r.dest == m.dest)
+            m.bandwidth_mib_s = max(1.0, float(link // on_link))
+
+    async def _reshare(self, dest: str, running: list[EvacuationMove], *, joining: int = 0) -> None:
+        """A migration left (or joins) *dest*'s link: those on it get link / count again."""
+        link = self.info.link_mib_s
+        on_link = [m for m in running if m.dest == dest]
+        if not link or not on_link:
+            return
+        share = max(1, link // (len(on_link) + joining))
+        for m in on_link:
+            dom = next((d for d in self.driver.domains() if d.uuid == m.uuid), None)
+            if dom is None:
+                continue
+            with contextlib.suppress(VmferryError):
+                await self.service.set_speed(dom, share)
+                m.bandwidth_mib_s = float(share)
 
     def _startable(
         self, running: dict[asyncio.Task[None], EvacuationMove], req: EvacuateRequest
