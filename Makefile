@@ -62,6 +62,10 @@ bench-converge: venv guest
 bench-stream: venv guest
 	$(PY) bench/stream_bench.py
 
+.PHONY: bench-evacuate
+bench-evacuate: venv guest
+	$(PY) bench/evacuate_bench.py
+
 # The whole fault matrix (needs root: network namespaces); writes docs/faults.md.
 faults: venv guest
 	$(PY) -m tests.faults.matrix

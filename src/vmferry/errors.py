@@ -45,6 +45,8 @@ class ErrorCode(StrEnum):
     STORAGE_FULL = "storage-full"
     # another host of the cluster holds the domain's lease: it runs there (vmferry.daemon.lease)
     LEASE_HELD = "lease-held"
+    # the host is in maintenance (vmferry maintenance HOST on): no incoming migration, no new domain
+    HOST_MAINTENANCE = "host-maintenance"
 
 
 # HTTP status the daemon answers with for each code; the body carries the code.
@@ -65,6 +67,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.ACCESS_DENIED: 403,
     ErrorCode.TLS_REQUIRED: 409,
     ErrorCode.LEASE_HELD: 409,
+    ErrorCode.HOST_MAINTENANCE: 409,
 }
 
 

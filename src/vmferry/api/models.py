@@ -48,6 +48,70 @@ class ClusterHost(BaseModel):
     vms: list[ClusterVm] = Field(default_factory=list)
 
 
+class MaintenanceInfo(BaseModel):
+    """``/v1/host/maintenance``: whether the host takes new guests."""
+
+    on: bool = False
+    since: float = 0.0  # seconds since the epoch it was turned on (0: off)
+    reason: str = ""
+
+
+class MaintenanceRequest(BaseModel):
+    on: bool
+    reason: str = Field(default="", max_length=200)
+
+
+class EvacuateRequest(BaseModel):
+    """``POST /v1/evacuate``: drain every running domain off this host."""
+
+    #: Destination host names as ``cluster list`` shows them; empty: every other host up.
+    to: list[str] = Field(default_factory=list, max_length=64)
+    max_parallel: int = Field(default=2, ge=1, le=64)
+    per_destination: int = Field(default=2, ge=1, le=64)
+    #: The bandwidth of the link to each destination, MiB/s; 0: [evacuate] link_mib_s.
+    bandwidth_mib_s: int = Field(default=0, ge=0, le=1_000_000)
+    downtime_target_ms: int = Field(default=0, ge=0, le=600_000)
+    #: Each migration's deadline, s (the convergence engine aborts it past that); 0: none.
+    deadline_s: float = Field(default=0.0, ge=0.0, le=86_400.0)
+    dry_run: bool = False
+
+
+class EvacuationMove(BaseModel):
+    """One guest of an evacuation: the plan, then what happened."""
+
+    name: str
+    uuid: str
+    dest: str = ""
+    dest_uri: str = ""
+    memory_mib: int = 0
+    dirty_rate_mib_s: float = 0.0
+    order: int = 0
+    bandwidth_mib_s: float = 0.0
+    planned_start_s: float = 0.0
+    planned_s: float = 0.0
+    predicted_downtime_ms: float | None = None  # None: does not converge (the policy ends it)
+    # pending, running, done, failed, skipped (no destination has room)
+    result: str = "pending"
+    progress: float = 0.0  # 0..1 while running
+    wall_s: float = 0.0
+    downtime_ms: float | None = None
+    error: str = ""
+
+
+class EvacuationInfo(BaseModel):
+    """An evacuation's plan and, once started, its progress (``GET /v1/evacuate``)."""
+
+    host: str = ""
+    state: str = "none"  # none, planned (dry run), running, done
+    started: float = 0.0
+    finished: float = 0.0
+    per_link: int = 1
+    link_mib_s: int = 0  # the bandwidth of each link the plan assumed
+    planned_s: float = 0.0
+    eta_s: float | None = None
+    moves: list[EvacuationMove] = Field(default_factory=list)
+
+
 class ClusterInfo(BaseModel):
     """``GET /v1/cluster``: the hosts and where each VM runs."""
 

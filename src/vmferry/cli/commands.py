@@ -12,7 +12,15 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from vmferry.cli import cluster_cmds, completion, migrate_cmds, observe_cmds, storage_cmds, verbs
+from vmferry.cli import (
+    cluster_cmds,
+    cluster_evac_cmds,
+    completion,
+    migrate_cmds,
+    observe_cmds,
+    storage_cmds,
+    verbs,
+)
 from vmferry.cli import format as fmt
 from vmferry.cli.context import Command, Context, arg
 from vmferry.client import calls
@@ -273,6 +281,7 @@ COMMANDS: tuple[Command, ...] = (
     *observe_cmds.COMMANDS,
     *verbs.COMMANDS,
     *cluster_cmds.COMMANDS,
+    *cluster_evac_cmds.COMMANDS,
     Command(
         "pki init",
         "create a CA and the server and client certificates in DIR",

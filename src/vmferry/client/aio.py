@@ -20,13 +20,17 @@ from vmferry.api.models import (
     ConsoleOutput,
     DomainInfo,
     DomainStateInfo,
+    EvacuateRequest,
+    EvacuationInfo,
     Event,
     HostInfo,
     JobStats,
+    MaintenanceInfo,
 )
 from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
 from vmferry.api.verbs import InterfaceInfo, VncDisplay
 from vmferry.client import calls
+from vmferry.client import evac_calls as ec
 from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
 from vmferry.client import verb_calls as vc
@@ -184,6 +188,26 @@ class AsyncClient:
     async def host(self, *, request_timeout: float | None = None) -> HostInfo:
         """The daemon's host: name, UUID, versions, features."""
         return await self.run(calls.host(), request_timeout=request_timeout)
+
+    async def maintenance(self, *, request_timeout: float | None = None) -> MaintenanceInfo:
+        """Whether the host is in maintenance (no incoming migration, no new domain)."""
+        return await self.run(ec.maintenance(), request_timeout=request_timeout)
+
+    async def set_maintenance(
+        self, on: bool, reason: str = "", *, request_timeout: float | None = None
+    ) -> MaintenanceInfo:
+        """Turn maintenance on or off (persisted by the daemon)."""
+        return await self.run(ec.set_maintenance(on, reason), request_timeout=request_timeout)
+
+    async def evacuate(
+        self, request: EvacuateRequest, *, request_timeout: float | None = None
+    ) -> EvacuationInfo:
+        """Plan (``dry_run``) or start draining the host; the drain runs in the daemon."""
+        return await self.run(ec.evacuate(request), request_timeout=request_timeout)
+
+    async def evacuation(self, *, request_timeout: float | None = None) -> EvacuationInfo:
+        """The host's evacuation: plan, per-guest progress and results, ETA."""
+        return await self.run(ec.evacuation(), request_timeout=request_timeout)
 
     async def cluster(self, *, request_timeout: float | None = None) -> ClusterInfo:
         """The cluster's hosts (name, URI, state, free memory) and where each VM runs."""

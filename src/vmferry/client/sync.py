@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from vmferry.client import calls
+from vmferry.client import evac_calls as ec
 from vmferry.client import migration_calls as mc
 from vmferry.client import storage_calls as sc
 from vmferry.client import verb_calls as vc
@@ -45,9 +46,12 @@ if TYPE_CHECKING:
         ConsoleOutput,
         DomainInfo,
         DomainStateInfo,
+        EvacuateRequest,
+        EvacuationInfo,
         Event,
         HostInfo,
         JobStats,
+        MaintenanceInfo,
     )
     from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
     from vmferry.api.verbs import InterfaceInfo, VncDisplay
@@ -133,6 +137,26 @@ class Client:
     def host(self, *, request_timeout: float | None = None) -> HostInfo:
         """The daemon's host: name, UUID, versions, features."""
         return self.run(calls.host(), request_timeout=request_timeout)
+
+    def maintenance(self, *, request_timeout: float | None = None) -> MaintenanceInfo:
+        """Whether the host is in maintenance (no incoming migration, no new domain)."""
+        return self.run(ec.maintenance(), request_timeout=request_timeout)
+
+    def set_maintenance(
+        self, on: bool, reason: str = "", *, request_timeout: float | None = None
+    ) -> MaintenanceInfo:
+        """Turn maintenance on or off (persisted by the daemon)."""
+        return self.run(ec.set_maintenance(on, reason), request_timeout=request_timeout)
+
+    def evacuate(
+        self, request: EvacuateRequest, *, request_timeout: float | None = None
+    ) -> EvacuationInfo:
+        """Plan (``dry_run``) or start draining the host; the drain runs in the daemon."""
+        return self.run(ec.evacuate(request), request_timeout=request_timeout)
+
+    def evacuation(self, *, request_timeout: float | None = None) -> EvacuationInfo:
+        """The host's evacuation: plan, per-guest progress and results, ETA."""
+        return self.run(ec.evacuation(), request_timeout=request_timeout)
 
     def cluster(self, *, request_timeout: float | None = None) -> ClusterInfo:
         """The cluster's hosts (name, URI, state, free memory) and where each VM runs."""

@@ -127,6 +127,10 @@ PERMISSIONS: dict[tuple[str, str], str] = {
     ("PUT", "/v1/pools/{pool}/volumes/{volume}/data"): "storage.upload",
     # A volume's content is the guest's data: not a read the read-only role gets by default.
     ("GET", "/v1/pools/{pool}/volumes/{volume}/data"): "storage.download",
+    ("GET", "/v1/host/maintenance"): "host.read",
+    ("PUT", "/v1/host/maintenance"): "host.maintenance",
+    ("GET", "/v1/evacuate"): "host.read",
+    ("POST", "/v1/evacuate"): "host.evacuate",
 }
 
 ALL_PERMISSIONS = frozenset(PERMISSIONS.values())

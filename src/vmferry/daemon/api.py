@@ -27,6 +27,8 @@ from vmferry.api.models import (
 )
 from vmferry.daemon.access import AccessPolicy, install_access
 from vmferry.daemon.driver import Driver
+from vmferry.daemon.evacuate import Evacuations
+from vmferry.daemon.evacuate_api import evacuation_routes
 from vmferry.daemon.guard import GuardMiddleware, install_error_handlers, validation_message
 from vmferry.daemon.metrics import Metrics, add_metrics_route, time_requests
 from vmferry.daemon.migrate import MigrationService
@@ -44,7 +46,11 @@ def _error_response(err: VmferryError) -> JSONResponse:
     return JSONResponse(status_code=err.http_status, content=err.to_dict())
 
 
-def create_app(migration: MigrationService, access: AccessPolicy | None = None) -> FastAPI:
+def create_app(
+    migration: MigrationService,
+    access: AccessPolicy | None = None,
+    evacuations: Evacuations | None = None,
+) -> FastAPI:
     """The daemon's app; *access* decides who may call what (defaults if None)."""
     driver = migration.driver
     app = FastAPI(title="vmferryd", version=__version__)
@@ -82,6 +88,7 @@ def create_app(migration: MigrationService, access: AccessPolicy | None = None) 
     app.include_router(storage_routes(StorageService(driver)))
     add_metrics_route(app, metrics)
     app.include_router(verb_routes(DomainVerbs(driver)))
+    app.include_router(evacuation_routes(evacuations or Evacuations(migration)))
     install_access(app, access or AccessPolicy())
     time_requests(app, metrics)
     return app

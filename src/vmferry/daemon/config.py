@@ -171,6 +171,14 @@ class ClusterConfig:
 
 
 @dataclass
+class EvacuateConfig:
+    """``vmferry evacuate``: what the planner assumes when the request does not say."""
+
+    link_mib_s: int = 1000  # bandwidth of the link to each destination
+    downtime_target_ms: int = 300  # every guest's downtime target
+
+
+@dataclass
 class LimitsConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_clients: int = 128
@@ -191,6 +199,7 @@ class DaemonConfig:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    evacuate: EvacuateConfig = field(default_factory=EvacuateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     #: ``[pools.NAME]`` tables, by name (empty: the daemon makes the pool ``default``).
     pools: dict[str, PoolConfig] = field(default_factory=dict)
@@ -261,6 +270,10 @@ def _check(where: str, config: DaemonConfig) -> None:
     if mig.bandwidth_mib_s < 0:
         raise bad("migration.bandwidth_mib_s must be >= 0 (0 = unlimited)")
     _check_migration_endpoints(where, mig)
+    if not 1 <= config.evacuate.link_mib_s <= 1_000_000:
+        raise bad("evacuate.link_mib_s must be between 1 and 1000000")
+    if not 1 <= config.evacuate.downtime_target_ms <= 600_000:
+        raise bad("evacuate.downtime_target_ms must be between 1 and 600000")
     if config.keepalive.interval < 0:
         raise bad("keepalive.interval must be >= 0 (0 = off)")
     if config.keepalive.count < 1:

@@ -34,6 +34,7 @@ from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.events import EventBus
 from vmferry.daemon.host import HostIdentity
 from vmferry.daemon.lease import LeaseBackend, NoLeases
+from vmferry.daemon.maintenance import Maintenance
 from vmferry.daemon.sessions import Sessions
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.domain.model import DomainDef
@@ -132,6 +133,7 @@ class Driver:
         self.leases: LeaseBackend = NoLeases()
         self.membership: ClusterView | None = None
         self.lifecycle.inherit_fds = lambda dom: self.leases.inheritable(dom.uuid)
+        self.maintenance = Maintenance(state.root, host.hostname)
 
     async def _resolve_disks(self, d: DomainDef) -> dict[str, list[BlockLayer]]:
         assert self.pools is not None
@@ -740,6 +742,7 @@ class Driver:
 
     async def _start_leased(self, dom: QemuDomain) -> None:
         """Take the domain's lease, then start it; a failed start gives the lease back."""
+        self.maintenance.check("new domain")
         await self.leases.acquire(dom.uuid, dom.name)
         try:
             await self.lifecycle.start(dom)

@@ -19,6 +19,7 @@ from vmferry.daemon.cluster import Membership
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.driver import Driver
 from vmferry.daemon.etcd import Etcd, EtcdError, EtcdLeases, EtcdMembership, EtcdSession
+from vmferry.daemon.evacuate import Evacuations
 from vmferry.daemon.guard import install_log_rate_limit
 from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
 from vmferry.daemon.lease import LeaseBackend, LeaseOwner, LockspaceLeases, NoLeases
@@ -232,13 +233,15 @@ async def run(args: argparse.Namespace) -> None:
     await driver.load()
     # after restart recovery; in the background, so a slow guest does not hold the listeners
     driver.spawn(_autostart(driver))
+    evacuations = Evacuations(migration)
+    evacuations.resume()  # an evacuation a restart interrupted goes on
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("vmferryd on %s: host %s (%s)", ", ".join(args.listen), host.hostname, host.uuid)
     try:
-        app = create_app(migration, access)
+        app = create_app(migration, access, evacuations)
         await serve(
             trace.timed_asgi(app, skip=("/session",)) if trace.enabled() else app,
             specs,
@@ -249,6 +252,7 @@ async def run(args: argparse.Namespace) -> None:
             limits=config.limits,
         )
     finally:
+        await evacuations.close()
         await driver.close()
 
 

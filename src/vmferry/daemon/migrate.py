@@ -324,6 +324,8 @@ class MigrationService:
                 return await destination.prepare_resume(
                     self, xml, cookie, mflags, mparams, session=session
                 )
+        # A migration already half here (post-copy resume) may finish; a new one may not come.
+        self.driver.maintenance.check("incoming migration")
         with self.observe.step(
             DESTINATION, "prepare", find=self._incoming(xml, mparams), flags=flags, first=True
         ):

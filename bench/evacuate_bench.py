@@ -1,0 +1,269 @@
+"""
+``make bench-evacuate``: draining a host under four evacuation policies, side by side.
+
+Eight test guests with mixed dirty rates run on host A and are evacuated to B
+and C (three ``vmferryd`` with a lockspace cluster). The links A->B and A->C
+are emulated by migration bandwidth caps: every migration on a link gets
+``link / k`` where *k* is how many run on that link, set again (``migrate-set-speed``)
+whenever *k* changes, so every policy sees the same bandwidth per link. vmferry's
+drain gives each migration its planned share and does not raise it. Policies:
+
+- ``vmferry``: ``vmferry evacuate`` (the planner, the drain in A's daemon);
+- ``nova``: one migration at a time (``max_concurrent_live_migrations = 1``);
+- ``kubevirt``: its defaults, 5 per cluster and 2 outbound per node (so 2 at once);
+- ``naive``: all eight at once.
+
+The baselines place guests round-robin on B and C (the placement a scheduler
+blind to the link makes on equal hosts) and start them in boot order. Every
+migration has the same contract and convergence policy: a downtime target and
+a deadline past which the engine aborts it (the guest stays on A). Per policy:
+total drain time, worst downtime, aborted migrations; guest memory is checked
+(heartbeat continuity) on every guest after every run. Fresh guests are
+booted for each policy.
+
+Usage::
+
+    .venv/bin/python bench/evacuate_bench.py [--link 32] [--memory 128]
+        [--policies vmferry,nova,kubevirt,naive] [--deadline 60] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmferry.api.models import EvacuateRequest
+from vmferry.client import AsyncClient, Client
+from vmferry.client import migration_calls as mc
+from vmferry.errors import VmferryError
+from vmferry.migration.flags import MigrateFlags
+from vmferry.testguest import Heartbeat, check_continuity, guest_xml
+from vmferry.testing import Host, hosts, wait_heartbeat
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "build" / "bench" / "evacuate.json"
+POLICIES = ("vmferry", "nova", "kubevirt", "naive")
+#: Dirty rates of the eight guests, as shares of the link (mixed: idle to hot).
+DIRTY_SHARES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+#: Concurrency of the baselines: (total at once, at once per destination).
+LIMITS = {"nova": (1, 1), "kubevirt": (2, 2), "naive": (8, 8)}
+
+
+@dataclass
+class Run:
+    policy: str
+    drain_s: float = 0.0
+    worst_downtime_ms: float = 0.0
+    aborted: int = 0
+    failed: int = 0
+    over_target: int = 0
+    memory_ok: bool = True
+    moves: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _boot(a: Host, args: argparse.Namespace) -> dict[str, Heartbeat]:
+    names = [f"g{i}" for i in range(len(DIRTY_SHARES))]
+    with a.client() as c:
+        for name, share in zip(names, DIRTY_SHARES, strict=True):
+            c.create(
+                guest_xml(
+                    name,
+                    memory_mib=args.memory,
+                    stamp_mib=args.stamp,
+                    dirty_mib_s=share * args.hot * args.link,
+                )
+            )
+        return {n: wait_heartbeat(c, n, timeout=180) for n in names}
+
+
+def _contract(args: argparse.Namespace) -> dict[str, Any]:
+    return {"downtime_target_ms": args.downtime_target, "deadline_s": args.deadline}
+
+
+async def _baseline(policy: str, a: Host, names: list[str], args: argparse.Namespace) -> Run:
+    total, per_dest = LIMITS[policy]
+    dests = {"host1": "", "host2": ""}
+    with a.client() as c:
+        for h in c.cluster().hosts:
+            if h.name in dests:
+                dests[h.name] = h.uri
+    order = [(n, ("host1", "host2")[i % 2]) for i, n in enumerate(names)]
+    run = Run(policy)
+    sem = asyncio.Semaphore(total)
+    dest_sems = {d: asyncio.Semaphore(per_dest) for d in dests}
+    flags = int(MigrateFlags.LIVE | MigrateFlags.PEER2PEER)
+
+    on_link: dict[str, list[str]] = {"host1": [], "host2": []}
+
+    async def share_link(src: AsyncClient, dest: str) -> None:
+        # A fair link: every migration on it gets link / k, set again whenever k changes.
+        names = list(on_link[dest])
+        for other in names:
+            with contextlib.suppress(VmferryError):
+                await src.run(mc.set_speed(other, max(1, args.link // len(names))))
+
+    async def one(src: AsyncClient, name: str, dest: str) -> None:
+        async with sem, dest_sems[dest]:
+            on_link[dest].append(name)
+            share = max(1, args.link // len(on_link[dest]))
+            await share_link(src, dest)
+            t0 = time.monotonic()
+            move: dict[str, Any] = {"name": name, "dest": dest, "bandwidth_mib_s": share}
+            try:
+                params = {"bandwidth_mib_s": share, **_contract(args)}
+                result = await src.run(mc.migrate_p2p(name, dests[dest], flags, params))
+                move["result"] = "done"
+                move["downtime_ms"] = result.stats.get("downtime_ms")
+            except VmferryError as err:
+                move["result"], move["error"] = "aborted", err.message
+            finally:
+                on_link[dest].remove(name)
+                await share_link(src, dest)
+                move["wall_s"] = round(time.monotonic() - t0, 2)
+                run.moves.append(move)
+
+    t0 = time.monotonic()
+    async with AsyncClient(a.uri) as src:
+        await asyncio.gather(*(one(src, n, d) for n, d in order))
+    run.drain_s = time.monotonic() - t0
+    return run
+
+
+def _vmferry(a: Host, args: argparse.Namespace) -> Run:
+    run = Run("vmferry")
+    with a.client() as c:
+        t0 = time.monotonic()
+        c.evacuate(
+            EvacuateRequest(
+                bandwidth_mib_s=args.link,
+                max_parallel=4,
+                per_destination=2,
+                downtime_target_ms=args.downtime_target,
+                deadline_s=args.deadline,
+            )
+        )
+        while (info := c.evacuation()).state == "running":
+            time.sleep(0.5)
+        run.drain_s = time.monotonic() - t0
+        c.set_maintenance(False)
+    for m in info.moves:
+        result = m.result if m.result != "failed" else "aborted"
+        run.moves.append(
+            {
+                "name": m.name,
+                "dest": m.dest,
+                "bandwidth_mib_s": m.bandwidth_mib_s,
+                "result": result,
+                "downtime_ms": m.downtime_ms,
+                "wall_s": m.wall_s,
+                "error": m.error,
+            }
+        )
+    return run
+
+
+def _check(run: Run, hs: list[Host], before: dict[str, Heartbeat], target_ms: int) -> None:
+    for m in run.moves:
+        downtime = m.get("downtime_ms")
+        if m["result"] == "done" and downtime is not None:
+            run.worst_downtime_ms = max(run.worst_downtime_ms, float(downtime))
+            run.over_target += float(downtime) > target_ms
+        run.aborted += m["result"] == "aborted"
+    for name, hb in before.items():
+        for h in hs:
+            with h.client() as c:
+                if name in [d.name for d in c.list_domains()]:
+                    try:
+                        check_continuity(hb, wait_heartbeat(c, name, after=hb, timeout=60))
+                    except AssertionError as err:
+                        print(f"  {run.policy}: {name} memory check failed: {err}", file=sys.stderr)
+                        run.memory_ok = False
+                    break
+        else:
+            run.memory_ok = False
+            print(f"  {run.policy}: {name} runs nowhere", file=sys.stderr)
+
+
+def _clear(hs: list[Host]) -> None:
+    for h in hs:
+        with h.client() as c:
+            for d in c.list_domains():
+                c.destroy(d.name)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--link", type=int, default=32, help="bandwidth of each link, MiB/s")
+    p.add_argument("--memory", type=int, default=128, help="guest memory, MiB")
+    p.add_argument("--stamp", type=int, default=32, help="guest memory written at boot, MiB")
+    p.add_argument("--deadline", type=float, default=60.0, help="each migration's deadline, s")
+    p.add_argument("--downtime-target", type=int, default=300, help="ms")
+    p.add_argument("--hot", type=float, default=1.0, help="scales every guest's dirty rate")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = p.parse_args()
+    policies = [x for x in args.policies.split(",") if x]
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        p.error(f"unknown policies {sorted(unknown)} (known: {', '.join(POLICIES)})")
+    lockspace = Path(tempfile.mkdtemp(prefix="vfbe", dir="/tmp"))
+    toml = f'[cluster]\nlockspace = "{lockspace}"\nheartbeat_interval = 0.5\n'
+    runs: list[Run] = []
+    try:
+        with hosts(3, extra_config=toml) as hs:
+            a = hs[0]
+            with Client(a.uri) as c:
+                while sum(1 for h in c.cluster().hosts if h.state == "up") < 3:
+                    time.sleep(0.5)
+            for policy in policies:
+                print(f"{policy}: booting {len(DIRTY_SHARES)} guests on host0", file=sys.stderr)
+                before = _boot(a, args)
+                print(f"{policy}: draining host0", file=sys.stderr)
+                if policy == "vmferry":
+                    run = _vmferry(a, args)
+                else:
+                    run = asyncio.run(_baseline(policy, a, list(before), args))
+                _check(run, hs, before, args.downtime_target)
+                runs.append(run)
+                print(
+                    f"{policy}: {run.drain_s:.1f} s, worst downtime "
+                    f"{run.worst_downtime_ms:.0f} ms, aborted {run.aborted}",
+                    file=sys.stderr,
+                )
+                _clear(hs)
+    finally:
+        shutil.rmtree(lockspace, ignore_errors=True)
+    print(
+        f"\nEvacuation of 8 guests ({args.memory} MiB, dirty 0-{60 * args.hot:g} % of the link) "
+        "from host0 to "
+        f"host1 and host2, links {args.link} MiB/s each, downtime target "
+        f"{args.downtime_target} ms, deadline {args.deadline:g} s per migration\n"
+    )
+    print(f"{'policy':<10} {'drain s':>8} {'worst downtime ms':>18} {'aborted':>8} {'memory':>7}")
+    for r in runs:
+        print(
+            f"{r.policy:<10} {r.drain_s:>8.1f} {r.worst_downtime_ms:>18.0f} {r.aborted:>8} "
+            f"{'ok' if r.memory_ok else 'BAD':>7}"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "runs": [asdict(r) for r in runs]},
+            indent=2,
+        )
+    )
+    print(f"\n{args.json}")
+    return 0 if all(r.memory_ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The plan of a host evacuation: where each guest goes, in which order, with what bandwidth.
+
+Pure logic on plain numbers (issue 9 §3), so it is tested with synthetic guests.
+
+*Placement*: largest guest first, each onto the destination with room for it
+whose link finishes its share of the work soonest (longest-processing-time
+first, which balances the links), so memory decides where a guest may go and
+the links' load decides where it does go.
+
+*Schedule*: a fluid simulation of the drain. On one link, migrations running
+together share its bandwidth; a pre-copy at half the bandwidth re-sends more
+of what the guest dirties, so concurrency on a link only pays for the fixed
+set-up time of a migration (Prepare, QEMU start) and is never allowed to push
+a guest past its downtime target. The planner tries every per-link
+concurrency up to the limits and keeps the one whose drain ends soonest with
+every guest converging; the convergence model (:mod:`.policy.model`) tells how
+long each guest takes at a given share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vmferry.migration.policy.model import DirtyModel, predict
+
+MIB = 1 << 20
+#: Seconds a migration costs besides moving memory: Prepare, the destination's QEMU, Finish.
+SETUP_S = 1.0
+# A guest that does not converge is planned at this many full copies of its memory
+# (the policy's throttling or post-copy ends it): an estimate, flagged in the plan.
+_NON_CONVERGING_COPIES = 2.0
+_MAX_EVENTS = 100_000
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A domain to move off the host, and how it dirties memory."""
+
+    name: str
+    uuid: str
+    memory_bytes: int
+    dirty_rate_bps: float = 0.0
+    working_set_bytes: float = math.inf
+    downtime_target_ms: int = 300
+
+    def model(self) -> DirtyModel:
+        return DirtyModel(self.dirty_rate_bps, min(self.working_set_bytes, self.memory_bytes))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A destination host: its memory free and the bandwidth of the link to it."""
+
+    name: str
+    uri: str
+    free_bytes: int
+    link_bps: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many migrations may run at once: from the source, into a destination, on a link."""
+
+    max_parallel: int = 2
+    per_destination: int = 2
+    per_link: int = 2
+    setup_s: float = SETUP_S
+    #: Memory each destination keeps free beyond the guests it takes.
+    reserve_bytes: int = 0
+
+
+@dataclass
+class Move:
+    """One guest's migration in the plan."""
+
+    name: str
+    uuid: str
+    dest: str
+    dest_uri: str
+    memory_bytes: int
+    order: int = 0  # 1 = starts first
+    start_s: float = 0.0
+    end_s: float = 0.0
+    bandwidth_bps: float = 0.0  # its share of the link while it runs
+    downtime_ms: float = 0.0  # predicted
+    converges: bool = True
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass
+class Plan:
+    moves: list[Move] = field(default_factory=list)
+    #: Guests no destination has room for: name -> why.
+    unplaced: dict[str, str] = field(default_factory=dict)
+    per_link: int = 1  # the concurrency per link the schedule uses
+    total_s: float = 0.0  # predicted end of the whole drain
+
+    def in_order(self) -> list[Move]:
+        return sorted(self.moves, key=lambda m: m.order)
+
+
+def migration_time(guest: Guest, bandwidth_bps: float) -> tuple[float, float, bool]:
+    """(seconds to move *guest* at *bandwidth_bps*, predicted downtime s, converges)."""
+    pred = predict(
+        guest.memory_bytes, bandwidth_bps, guest.model(), guest.downtime_target_ms / 1000.0
+    )
+    if pred.converges:
+        return pred.eta_s, pred.downtime_s, True
+    if bandwidth_bps <= 0:
+        return math.inf, math.inf, False
+    return _NON_CONVERGING_COPIES * guest.memory_bytes / bandwidth_bps, math.inf, False
+
+
+def place(
+    guests: Sequence[Guest], targets: Sequence[Target], limits: Limits
+) -> tuple[dict[str, Target], dict[str, str]]:
+    """Where each guest goes (by name), and the guests that fit nowhere with the reason."""
+    free = {t.name: t.free_bytes - limits.reserve_bytes for t in targets}
+    load = {t.name: 0.0 for t in targets}
+    where: dict[str, Target] = {}
+    unplaced: dict[str, str] = {}
+    for g in sorted(guests, key=lambda g: (-g.memory_bytes, g.name)):
+        fits = [t for t in targets if free[t.name] >= g.memory_bytes and t.link_bps > 0]
+        if not fits:
+            most = max(free.values(), default=0)
+            unplaced[g.name] = (
+                f"needs {g.memory_bytes // MIB} MiB; the most any destination has left "
+                f"is {max(most, 0) // MIB} MiB"
+            )
+            continue
+        best = min(
+            fits,
+            key=lambda t: (load[t.name] + migration_time(g, t.link_bps)[0], -free[t.name], t.name),
+        )
+        where[g.name] = best
+        free[best.name] -= g.memory_bytes
+        load[best.name] += migration_time(g, best.link_bps)[0] + limits.setup_s
+    return where, unplaced
+
+
+@dataclass
+class _Run:
+    guest: Guest
+    target: Target
+    setup_left: float
+    work_left: float = 1.0  # share of the migration still to do
+    start: float = 0.0
+    share: float = 0.0  # the lowest bandwidth it had: what its downtime is predicted at
+
+
+def _fits(guest: Guest, running: list[_Run], link_bps: float) -> bool:
+    """Whether *guest* can join *running* on a link with everyone still converging."""
+    share = link_bps / (len(running) + 1)
+    return (
+        all(migration_time(r.guest, share)[2] for r in running) and migration_time(guest, share)[2]
+    )
+
+
+def schedule(
+    where: dict[str, Target], guests: Sequence[Guest], limits: Limits, per_link: int
+) -> tuple[list[Move], float]:
+    """Simulate the drain with at most *per_link* migrations per link; the moves and the end."""
+    by_name = {g.name: g for g in guests}
+    queues: dict[str, list[Guest]] = {}
+    targets: dict[str, Target] = {}
+    for name, t in where.items():
+        queues.setdefault(t.name, []).append(by_name[name])
+        targets[t.name] = t
+    for tname, q in queues.items():
+        # Longest first: the tail of each link is a short migration.
+        q.sort(key=lambda g: (-migration_time(g, targets[tname].link_bps)[0], g.name))
+    running: dict[str, list[_Run]] = {t: [] for t in queues}
+    moves: list[Move] = []
+    now = 0.0
+    order = 0
+    for _ in range(_MAX_EVENTS):
+        # Start what the limits allow: the link with the most work left first.
+        started = True
+        while started:
+            started = False
+            total = sum(len(r) for r in running.values())
+            if total >= limits.max_parallel:
+                break
+            for tname in sorted(queues, key=lambda n: -_work_left(queues[n], targets[n])):
+                q, runs, link = queues[tname], running[tname], targets[tname].link_bps
+                cap = min(per_link, limits.per_destination, limits.per_link)
+                if not q or len(runs) >= cap:
+                    continue
+                # A guest that converges only alone waits for an idle link.
+                if runs and not _fits(q[0], runs, link):
+                    continue
+                runs.append(_Run(q.pop(0), targets[tname], limits.setup_s, start=now, share=link))
+                order += 1
+                moves.append(_move(runs[-1], order))
+                started = True
+                break
+        active = [(tn, r) for tn, runs in running.items() for r in runs]
+        if not active:
+            break
+        # The next event: a set-up ends or a migration completes.
+        step = math.inf
+        for tname, r in active:
+            if r.setup_left > 0:
+                step = min(step, r.setup_left)
+            else:
+                share = targets[tname].link_bps / _moving(running[tname])
+                step = min(step, r.work_left * migration_time(r.guest, share)[0])
+        step = max(step, 0.0)
+        for tname, r in active:
+            if r.setup_left > 0:
+                r.setup_left = max(0.0, r.setup_left - step)
+                continue
+            share = targets[tname].link_bps / _moving(running[tname])
+            r.share = min(r.share, share)
+            seconds = migration_time(r.guest, share)[0]
+            r.work_left -= step / seconds if seconds > 0 else 1.0
+        now += step
+        for runs in running.values():
+            for r in [r for r in runs if r.setup_left <= 0 and r.work_left <= 1e-9]:
+                runs.remove(r)
+                _finish(moves, r, now)
+    return moves, now
+
+
+def _moving(runs: list[_Run]) -> int:
+    """Migrations on a link that move memory (set-up does not use the link)."""
+    return max(1, sum(1 for r in runs if r.setup_left <= 0))
+
+
+def _work_left(queue: list[Guest], target: Target) -> float:
+    return sum(migration_time(g, target.link_bps)[0] for g in queue)
+
+
+def _move(run: _Run, order: int) -> Move:
+    return Move(
+        name=run.guest.name,
+        uuid=run.guest.uuid,
+        dest=run.target.name,
+        dest_uri=run.target.uri,
+        memory_bytes=run.guest.memory_bytes,
+        order=order,
+        start_s=run.start,
+    )
+
+
+def _finish(moves: list[Move], run: _Run, now: float) -> None:
+    move = next(m for m in moves if m.name == run.guest.name)
+    move.end_s = now
+    move.bandwidth_bps = run.share
+    _, downtime, converges = migration_time(run.guest, run.share)
+    move.downtime_ms = downtime * 1000.0
+    move.converges = converges
+
+
+def plan(guests: Sequence[Guest], targets: Sequence[Target], limits: Limits) -> Plan:
+    """
+    The evacuation plan of *guests* onto *targets*.
+
+    Tries each per-link concurrency from 1 up to the limits and keeps the
+    soonest drain in which every guest that can converge does (ties: fewer
+    at once).
+    """
+    names = [g.name for g in guests]
+    if len(set(names)) != len(names):
+        raise ValueError("two guests with the same name")
+    where, unplaced = place(guests, targets, limits)
+    cap = max(1, min(limits.per_link, limits.per_destination, limits.max_parallel))
+    best: Plan | None = None
+    for per_link in range(1, cap + 1):
+        moves, end = schedule(where, guests, limits, per_link)
+        candidate = Plan(moves, dict(unplaced), per_link, end)
+        if best is None or _better(candidate, best):
+            best = candidate
+    assert best is not None
+    return best
+
+
+def _better(a: Plan, b: Plan) -> bool:
+    bad_a = sum(1 for m in a.moves if not m.converges)
+    bad_b = sum(1 for m in b.moves if not m.converges)
+    if bad_a != bad_b:
+        return bad_a < bad_b
+    return a.total_s < b.total_s - 1e-9
