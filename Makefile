@@ -31,13 +31,18 @@ lint: venv
 JOBS ?= 2
 
 # Everything: tests/unit, tests/e2e (real daemons and QEMU) and the CI subset of tests/faults.
+# A short --basetemp: a state directory's QMP socket paths must fit a unix socket's 108 bytes,
+# and /tmp/pytest-of-root/pytest-NNN/popen-gwN/... grows with every run on a machine.
 test: venv guest lint
-	@$(VENV)/bin/pytest -q -ra --durations=15 -n $(JOBS) --dist loadfile tests; rc=$$?; \
+	@bt=$$(mktemp -d /tmp/vft.XXXXXX); \
+	  $(VENV)/bin/pytest -q -ra --durations=15 -n $(JOBS) --dist loadfile --basetemp=$$bt tests; \
+	  rc=$$?; rm -rf $$bt; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
 # The fast inner loop: lint, types, layer contracts and tests/unit (no QEMU, no daemons).
 check: lint
-	@$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit; rc=$$?; \
+	@bt=$$(mktemp -d /tmp/vft.XXXXXX); \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider --basetemp=$$bt tests/unit; rc=$$?; rm -rf $$bt; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
 demo: venv guest

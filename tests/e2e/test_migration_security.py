@@ -213,7 +213,7 @@ def test_unknown_flags_refused(pair: tuple[Host, Host], step: str) -> None:
     with a.client() as c:
         c.create(guest_xml(name))
     xml = guest_xml(name)
-    for bits in (1 << 2, 1 << 31, -1):
+    for bits in (1 << 25, 1 << 31, -1):  # no libvirt flag has 1 << 25 (yet)
         body: dict[str, object] = {"flags": bits, "params": {}}
         if step == "begin":
             r = _raw(a, "POST", f"/v1/domains/{name}/migrate/begin", json.dumps(body).encode())

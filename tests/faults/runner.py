@@ -487,6 +487,7 @@ def _leftovers(run: _Run) -> list[str]:
         if ports:
             problems.append(f"{host.name} still listens on migration port(s) {sorted(ports)}")
         allowed = {f"{n}.json" for n in active} | {f"{n}.qmp" for n in active}
+        allowed.add("autostarted")  # the boot id of the last autostart (daemon/autostart.py)
         run_dir = host.state_dir / "run"
         files = sorted(
             p.name
