@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from vmferry.client import AsyncClient
-from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 from vmferry.daemon.config import load_config
 from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
@@ -25,6 +23,7 @@ from vmferry.migration.params import MigrationParams
 from vmferry.qemu.confine import Confinement, QemuUser, grant_userfaultfd, resolve_user
 from vmferry.testguest import guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.steps import migration_steps
 
 QEMU_USER = "vmferry-qemu"
 
@@ -288,15 +287,13 @@ def test_destination_prepare_refuses_a_tampered_emulator() -> None:
     flags = MigrateFlags.LIVE
 
     async def tampered(a: Host, b: Host) -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            async with open_session(s) as ss, open_session(d) as ds:
-                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-                xml, cookie = await src.begin("m", flags, MigrationParams())
-                evil = _with_devices(xml, "<emulator>/bin/sh</emulator>")
-                with pytest.raises(VmferryError) as err:
-                    await dst.prepare(evil, cookie, flags, MigrationParams())
-                assert err.value.code == ErrorCode.ACCESS_DENIED
-                await src.confirm("m", cookie, cancelled=True)
+        async with migration_steps(a, b) as (_, _, src, dst):
+            xml, cookie = await src.begin("m", flags, MigrationParams())
+            evil = _with_devices(xml, "<emulator>/bin/sh</emulator>")
+            with pytest.raises(VmferryError) as err:
+                await dst.prepare(evil, cookie, flags, MigrationParams())
+            assert err.value.code == ErrorCode.ACCESS_DENIED
+            await src.confirm("m", cookie, cancelled=True)
 
     with hosts(2) as (a, b), a.client() as c:
         c.create(guest_xml("m"))

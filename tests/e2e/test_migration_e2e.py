@@ -18,6 +18,7 @@ from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.steps import assert_only_on, migration_steps
 
 pytestmark = pytest.mark.qemu
 
@@ -51,18 +52,6 @@ async def _p2p(
         return await migrate_p2p(s, dst.uri, name, flags, params)
 
 
-def _assert_only_on(host: Host, other: Host, name: str, before: Heartbeat) -> Heartbeat:
-    """The guest runs on *host* with its memory intact, and nothing of it is left on *other*."""
-    with host.client() as c, other.client() as o:
-        info = c.dominfo(name)
-        assert (info.state, info.job.async_job) == ("running", "none"), info
-        assert name not in [d.name for d in o.list_domains(all=True)]
-        after = wait_heartbeat(c, name, after=before)
-        check_continuity(before, after)
-    assert len(host.qemu_pids()) >= 1
-    return after
-
-
 def _cleanup(host: Host, name: str) -> None:
     with host.client() as c:
         for d in c.list_domains(all=True):
@@ -79,14 +68,14 @@ def test_v3_v2_and_p2p_hops_keep_memory_intact(pair: tuple[Host, Host]) -> None:
     report = _run(_migrate(a, b, "hop"))
     assert set(report.steps) == {"begin", "prepare", "perform", "finish", "confirm"}
     assert report.stats["downtime_ms"] >= 0 and report.stats["data_processed"] > 0  # type: ignore[operator]
-    hb = _assert_only_on(b, a, "hop", hb)
+    hb = assert_only_on(b, a, "hop", hb)
     report = _run(_migrate(b, a, "hop", version=2))
     assert set(report.steps) == {"prepare", "perform", "finish"}
-    hb = _assert_only_on(a, b, "hop", hb)
+    hb = assert_only_on(a, b, "hop", hb)
     report = _run(_p2p(a, b, "hop"))
-    hb = _assert_only_on(b, a, "hop", hb)
+    hb = assert_only_on(b, a, "hop", hb)
     _run(_p2p(b, a, "hop"))
-    _assert_only_on(a, b, "hop", hb)
+    assert_only_on(a, b, "hop", hb)
     with a.client() as c:
         assert c.run(mc.jobinfo("hop", completed=True)).type == "completed"
     _cleanup(a, "hop")
@@ -159,7 +148,7 @@ def test_non_live_migration(pair: tuple[Host, Host]) -> None:
     a, b = pair
     hb = a.boot_guest("cold")
     _run(_migrate(a, b, "cold", MigrateFlags(0)))
-    _assert_only_on(b, a, "cold", hb)
+    assert_only_on(b, a, "cold", hb)
     _cleanup(b, "cold")
 
 
@@ -183,12 +172,12 @@ def test_abort_resumes_source(pair: tuple[Host, Host]) -> None:
     a, b = pair
     hb = a.boot_guest("abrt", dirty_mib_s=16)
     _run(_abort_when_moving(a, b, "abrt", MigrationParams(bandwidth_mib_s=8)))
-    _assert_only_on(a, b, "abrt", hb)
+    assert_only_on(a, b, "abrt", hb)
     with a.client() as c:
         assert c.dominfo("abrt").reason in ("running", "migration-canceled", "booted")
     # and it can be migrated again at once
     _run(_migrate(a, b, "abrt"))
-    _assert_only_on(b, a, "abrt", hb)
+    assert_only_on(b, a, "abrt", hb)
     _cleanup(b, "abrt")
 
 
@@ -198,7 +187,7 @@ def test_timeout_suspends_a_guest_that_outruns_the_cap(pair: tuple[Host, Host]) 
     params = MigrationParams(bandwidth_mib_s=32, timeout_suspend_s=2.0)
     report = _run(_migrate(a, b, "busy", LIVE, params))
     assert report.wall_s >= 2.0
-    _assert_only_on(b, a, "busy", hb)
+    assert_only_on(b, a, "busy", hb)
     _cleanup(b, "busy")
 
 
@@ -216,7 +205,7 @@ def test_prepare_refused_name_clash(pair: tuple[Host, Host]) -> None:
     _assert_running_here(a, "clash", hb)
     _cleanup(b, "clash")
     _run(_migrate(a, b, "clash"))
-    _assert_only_on(b, a, "clash", hb)
+    assert_only_on(b, a, "clash", hb)
     _cleanup(b, "clash")
 
 
@@ -255,9 +244,9 @@ def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host], drive
             await task
 
     _run(run())
-    _assert_only_on(a, b, name, hb)
+    assert_only_on(a, b, name, hb)
     _run(_migrate(a, b, name))
-    _assert_only_on(b, a, name, hb)
+    assert_only_on(b, a, name, hb)
     _cleanup(b, name)
 
 
@@ -279,9 +268,9 @@ def test_prepare_refused_no_free_port(pair: tuple[Host, Host]) -> None:
     finally:
         for sock in held:
             sock.close()
-    _assert_only_on(a, b, "noport", hb)
+    assert_only_on(a, b, "noport", hb)
     _run(_migrate(a, b, "noport"))
-    _assert_only_on(b, a, "noport", hb)
+    assert_only_on(b, a, "noport", hb)
     _cleanup(b, "noport")
 
 
@@ -295,7 +284,7 @@ def test_finish_fails_source_resumes(driver: str) -> None:
         with pytest.raises(VmferryError) as err:
             _run(_p2p(a, b, "fin") if driver == "p2p" else _migrate(a, b, "fin"))
         assert "failpoint dst-finish-before hit" in err.value.message
-        _assert_only_on(a, b, "fin", hb)
+        assert_only_on(a, b, "fin", hb)
         assert b.qemu_pids() == []
 
 
@@ -306,22 +295,19 @@ def test_perform_fails_connection_refused(pair: tuple[Host, Host]) -> None:
     with pytest.raises(VmferryError) as err:
         _run(_migrate(a, b, "refused", LIVE, params))
     assert "refused" in err.value.message.lower() or err.value.code == ErrorCode.OPERATION_FAILED
-    _assert_only_on(a, b, "refused", hb)
+    assert_only_on(a, b, "refused", hb)
     _cleanup(a, "refused")
 
 
 def test_client_gone_after_prepare_destroys_incoming(pair: tuple[Host, Host]) -> None:
     a, b = pair
     hb = a.boot_guest("gone")
-    from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def half_migration() -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            async with open_session(s) as ss, open_session(d) as ds:
-                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-                xml, cookie = await src.begin("gone", LIVE, MigrationParams())
-                await dst.prepare(xml, cookie, LIVE, MigrationParams())
-                assert len(b.qemu_pids()) == 1
+        async with migration_steps(a, b) as (_, _, src, dst):
+            xml, cookie = await src.begin("gone", LIVE, MigrationParams())
+            await dst.prepare(xml, cookie, LIVE, MigrationParams())
+            assert len(b.qemu_pids()) == 1
             # both sessions closed here, as if the client died
 
     _run(half_migration())
@@ -333,30 +319,27 @@ def test_client_gone_after_prepare_destroys_incoming(pair: tuple[Host, Host]) ->
         deadline = time.monotonic() + 5
         while c.dominfo("gone").job.async_job != "none" and time.monotonic() < deadline:
             time.sleep(0.05)
-    _assert_only_on(a, b, "gone", hb)
+    assert_only_on(a, b, "gone", hb)
     _run(_migrate(a, b, "gone"))
-    _assert_only_on(b, a, "gone", hb)
+    assert_only_on(b, a, "gone", hb)
     _cleanup(b, "gone")
 
 
 def test_confirm_cancelled_resumes_source(pair: tuple[Host, Host]) -> None:
     a, b = pair
     hb = a.boot_guest("cancel")
-    from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def cancelled_after_perform() -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            async with open_session(s) as ss, open_session(d) as ds:
-                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-                xml, cookie = await src.begin("cancel", LIVE, MigrationParams())
-                uri, cookie = await dst.prepare(xml, cookie, LIVE, MigrationParams())
-                cookie = await src.perform("cancel", cookie, uri)
-                assert (await s.domstate("cancel")).state == "paused"
-                await dst.finish("cancel", cookie, cancelled=True, v3=True)
-                await src.confirm("cancel", "", cancelled=True)
+        async with migration_steps(a, b) as (s, _, src, dst):
+            xml, cookie = await src.begin("cancel", LIVE, MigrationParams())
+            uri, cookie = await dst.prepare(xml, cookie, LIVE, MigrationParams())
+            cookie = await src.perform("cancel", cookie, uri)
+            assert (await s.domstate("cancel")).state == "paused"
+            await dst.finish("cancel", cookie, cancelled=True, v3=True)
+            await src.confirm("cancel", "", cancelled=True)
 
     _run(cancelled_after_perform())
-    _assert_only_on(a, b, "cancel", hb)
+    assert_only_on(a, b, "cancel", hb)
     _cleanup(a, "cancel")
 
 
@@ -384,7 +367,7 @@ def test_lock_rules_during_migration(pair: tuple[Host, Host]) -> None:
             await task
 
     _run(run())
-    _assert_only_on(b, a, "lock", hb)
+    assert_only_on(b, a, "lock", hb)
     _cleanup(b, "lock")
 
 
@@ -410,15 +393,12 @@ def test_v2_client_gone_after_perform_keeps_the_only_copy(pair: tuple[Host, Host
     """v2 has no Confirm: once Perform2 killed the source, the destination must not be destroyed."""
     a, b = pair
     hb = a.boot_guest("v2gone")
-    from vmferry.client.migrate import RemoteDestination, RemoteSource, open_session
 
     async def perform_then_vanish() -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            async with open_session(s) as ss, open_session(d) as ds:
-                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-                xml = await src.dumpxml("v2gone")
-                uri, _ = await dst.prepare(xml, None, LIVE, MigrationParams())
-                await src.perform2("v2gone", uri, LIVE, MigrationParams())
+        async with migration_steps(a, b) as (_, _, src, dst):
+            xml = await src.dumpxml("v2gone")
+            uri, _ = await dst.prepare(xml, None, LIVE, MigrationParams())
+            await src.perform2("v2gone", uri, LIVE, MigrationParams())
             # the client dies here, before Finish2
 
     _run(perform_then_vanish())
@@ -426,5 +406,5 @@ def test_v2_client_gone_after_perform_keeps_the_only_copy(pair: tuple[Host, Host
         deadline = time.monotonic() + 10
         while c.dominfo("v2gone").job.async_job != "none" and time.monotonic() < deadline:
             time.sleep(0.05)
-    _assert_only_on(b, a, "v2gone", hb)
+    assert_only_on(b, a, "v2gone", hb)
     _cleanup(b, "v2gone")

@@ -22,17 +22,15 @@ import pytest
 from vmferry.client import AsyncClient
 from vmferry.client import migration_calls as mc
 from vmferry.client.migrate import (
-    RemoteDestination,
-    RemoteSource,
     migrate,
     migrate_p2p,
-    open_session,
 )
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.steps import migration_steps
 
 pytestmark = pytest.mark.qemu
 
@@ -96,18 +94,16 @@ def test_perform_refuses_exec_file_unix_and_foreign_tcp(
     }
 
     async def run() -> None:
-        async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-            async with open_session(s) as ss, open_session(d) as ds:
-                src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-                for uri, (code, words) in refused.items():
-                    xml, cookie = await src.begin("uri", LIVE, MigrationParams())
-                    _, cookie = await dst.prepare(xml, cookie, LIVE, MigrationParams())
-                    with pytest.raises(VmferryError) as err:
-                        await src.perform("uri", cookie, uri)
-                    assert (err.value.code, words in err.value.message) == (code, True), err
-                    # the source job ended with the refused Perform; the client cancels Finish
-                    await dst.finish("uri", None, cancelled=True, v3=True)
-                    assert (await s.dominfo("uri")).job.async_job == "none"
+        async with migration_steps(a, b) as (s, _, src, dst):
+            for uri, (code, words) in refused.items():
+                xml, cookie = await src.begin("uri", LIVE, MigrationParams())
+                _, cookie = await dst.prepare(xml, cookie, LIVE, MigrationParams())
+                with pytest.raises(VmferryError) as err:
+                    await src.perform("uri", cookie, uri)
+                assert (err.value.code, words in err.value.message) == (code, True), err
+                # the source job ended with the refused Perform; the client cancels Finish
+                await dst.finish("uri", None, cancelled=True, v3=True)
+                assert (await s.dominfo("uri")).job.async_job == "none"
 
     asyncio.run(run())
     assert not marker.exists() and not dump.exists()
@@ -363,26 +359,24 @@ async def _perform_to_stalled(
     a: Host, b: Host, name: str, flags: MigrateFlags, *, abort_after: float | None
 ) -> tuple[VmferryError, float]:
     """Begin, Prepare, stall the destination, Perform (aborted after *abort_after* s)."""
-    async with AsyncClient(a.uri) as s, AsyncClient(b.uri) as d:
-        async with open_session(s) as ss, open_session(d) as ds:
-            src, dst = RemoteSource(s, ss), RemoteDestination(d, ds)
-            xml, cookie = await src.begin(name, flags, MigrationParams())
-            uri, cookie = await dst.prepare(xml, cookie, flags, MigrationParams())
-            with _stalled_destination(b):
-                started = time.monotonic()
-                task = asyncio.create_task(src.perform(name, cookie, uri))
-                if abort_after is not None:
-                    await asyncio.sleep(abort_after)
-                    # not live: paused for the migration (or by the user before)
-                    assert (await s.domstate(name)).state == "paused"
-                    await s.run(mc.jobabort(name))
-                with pytest.raises(VmferryError) as err:
-                    await asyncio.wait_for(task, 60)
-                took = time.monotonic() - started
-            # the incoming QEMU may already have quit on the broken stream (then: no domain)
-            with contextlib.suppress(VmferryError):
-                await dst.finish(name, None, cancelled=True, v3=True)
-            return err.value, took
+    async with migration_steps(a, b) as (s, _, src, dst):
+        xml, cookie = await src.begin(name, flags, MigrationParams())
+        uri, cookie = await dst.prepare(xml, cookie, flags, MigrationParams())
+        with _stalled_destination(b):
+            started = time.monotonic()
+            task = asyncio.create_task(src.perform(name, cookie, uri))
+            if abort_after is not None:
+                await asyncio.sleep(abort_after)
+                # not live: paused for the migration (or by the user before)
+                assert (await s.domstate(name)).state == "paused"
+                await s.run(mc.jobabort(name))
+            with pytest.raises(VmferryError) as err:
+                await asyncio.wait_for(task, 60)
+            took = time.monotonic() - started
+        # the incoming QEMU may already have quit on the broken stream (then: no domain)
+        with contextlib.suppress(VmferryError):
+            await dst.finish(name, None, cancelled=True, v3=True)
+        return err.value, took
 
 
 def test_perform_to_a_stalled_destination_times_out() -> None:

@@ -89,6 +89,17 @@ def _spec_cases(commands: Iterable[Command], indent: str) -> str:
     return "\n".join(lines)
 
 
+def _spec_function(commands: tuple[Command, ...]) -> str:
+    """``_vmferry_spec NAME``: sets a command's options, positionals and values (both shells)."""
+    return f"""\
+_vmferry_spec() {{
+    opts=''; pos=''; vals=''
+    case "$1" in
+{_spec_cases(commands, "        ")}
+    esac
+}}"""
+
+
 def bash_script(commands: tuple[Command, ...]) -> str:
     """The bash completion script (``complete -F _vmferry vmferry``)."""
     groups = _groups(commands)
@@ -100,12 +111,7 @@ def bash_script(commands: tuple[Command, ...]) -> str:
 # Install: vmferry completion bash > ~/.local/share/bash-completion/completions/vmferry
 # (or `eval "$(vmferry completion bash)"` in ~/.bashrc).
 
-_vmferry_spec() {{
-    opts=''; pos=''; vals=''
-    case "$1" in
-{_spec_cases(commands, "        ")}
-    esac
-}}
+{_spec_function(commands)}
 
 _vmferry_group() {{
     case "$1" in
@@ -222,12 +228,7 @@ def zsh_script(commands: tuple[Command, ...]) -> str:
 # Install: vmferry completion zsh > "${{fpath[1]}}/_vmferry" (then restart zsh),
 # or `source <(vmferry completion zsh)` in ~/.zshrc after compinit.
 
-_vmferry_spec() {{
-    opts=''; pos=''; vals=''
-    case "$1" in
-{_spec_cases(commands, "        ")}
-    esac
-}}
+{_spec_function(commands)}
 
 _vmferry_kind() {{
     local kind=$1
