@@ -24,10 +24,11 @@ from vmferry.client.migrate_sides import (
     ProgressCallback,
     RemoteDestination,
     RemoteSource,
-    answer_field,
     fetch_field,
     job_stats,
+    p2p_report,
     report_stats,
+    start_migration,
     with_migration_id,
 )
 from vmferry.errors import ErrorCode, VmferryError
@@ -94,15 +95,7 @@ async def migrate(
     progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Migrate *name* from *src*'s host to *dst*'s, the client running the protocol."""
-    params = with_migration_id(params)
-    params.validate(flags)
-    if flags & MigrateFlags.TUNNELLED:
-        raise VmferryError(
-            ErrorCode.INVALID_ARG,
-            "a tunnelled migration is peer-to-peer: the daemons carry the stream (use --p2p)",
-        )
-    # The id in the text too: a program's own log format shows it without vmferry.logs.
-    log.info("migration %s: %s from %s to %s", params.migration_id, name, src.uri, dst.uri)
+    params = start_migration(params, flags, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
     async with contextlib.AsyncExitStack() as stack:
@@ -147,28 +140,13 @@ async def migrate_p2p(
     progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
-    params = with_migration_id(params)
-    params.validate(flags)
-    log.info(
-        "migration %s: %s from %s to %s (peer-to-peer)",
-        params.migration_id,
-        name,
-        src.uri,
-        dest_uri,
-    )
+    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
     started = time.perf_counter()
     async with _watch_progress(src, name, progress) as on_step:
         on_step("perform")
         call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
         result = await src.fetch(call)
-    steps = answer_field(src, call, result, "steps", {})
-    stats = answer_field(src, call, result, "stats", {})
-    return MigrationReport(
-        wall_s=time.perf_counter() - started,
-        steps={str(k): float(v) for k, v in steps.items()},
-        stats=dict(stats),
-        migration_id=params.migration_id,
-    )
+    return p2p_report(src, call, result, started, params.migration_id)
 
 
 @contextlib.asynccontextmanager

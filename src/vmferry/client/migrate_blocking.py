@@ -26,10 +26,10 @@ from vmferry.client.migrate_sides import (
     ProgressCallback,
     RemoteDestination,
     RemoteSource,
-    answer_field,
     job_stats,
+    p2p_report,
     report_stats,
-    with_migration_id,
+    start_migration,
 )
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.flags import MigrateFlags
@@ -116,14 +116,7 @@ def migrate(
     :param poll: Whether *progress* also gets the source job's figures while data
         moves (polled from a thread); steps are reported either way.
     """
-    params = with_migration_id(params)
-    params.validate(flags)
-    if flags & MigrateFlags.TUNNELLED:
-        raise VmferryError(
-            ErrorCode.INVALID_ARG,
-            "a tunnelled migration is peer-to-peer: the daemons carry the stream (use --p2p)",
-        )
-    log.info("migration %s: %s from %s to %s", params.migration_id, name, src.uri, dst.uri)
+    params = start_migration(params, flags, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
     src_d, dst_d = BlockingDaemon(src), BlockingDaemon(dst)
@@ -157,23 +150,14 @@ def migrate_p2p(
     poll: bool = True,
 ) -> MigrationReport:
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
-    params = with_migration_id(params)
-    params.validate(flags)
-    log.info("migration %s: %s from %s to %s (p2p)", params.migration_id, name, src.uri, dest_uri)
+    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
     started = time.perf_counter()
     src_d = BlockingDaemon(src)
     with _watch_progress(src_d, name, progress, poll, params.migration_id) as on_step:
         on_step("perform")
         call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
         result = src.fetch(call)
-    steps = answer_field(src_d, call, result, "steps", {})
-    stats = answer_field(src_d, call, result, "stats", {})
-    return MigrationReport(
-        wall_s=time.perf_counter() - started,
-        steps={str(k): float(v) for k, v in steps.items()},
-        stats=dict(stats),
-        migration_id=params.migration_id,
-    )
+    return p2p_report(src_d, call, result, started, params.migration_id)
 
 
 @contextmanager

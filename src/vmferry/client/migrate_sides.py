@@ -9,6 +9,8 @@ event loop, so ``vmferry migrate`` does not pay for asyncio's import.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -25,6 +27,8 @@ from vmferry.migration.params import MigrationParams
 #: while data moves, ``None`` when only the step changed.
 ProgressCallback = Callable[[str, Mapping[str, Any] | None], None]
 PROGRESS_POLL_S = 0.5
+
+log = logging.getLogger("vmferry.client.migrate")
 
 
 class LineStream(Protocol):
@@ -151,6 +155,48 @@ class MigrationReport:
     stats: dict[str, object] = field(default_factory=dict)
     #: The id both daemons' log lines of this migration carry (``grep`` it).
     migration_id: str = ""
+
+
+def start_migration(
+    params: MigrationParams | None,
+    flags: MigrateFlags,
+    name: str,
+    src_uri: str,
+    dest_uri: str,
+    *,
+    p2p: bool = False,
+) -> MigrationParams:
+    """
+    *params* checked and given the migration's id; the start logged.
+
+    :raise VmferryError: ``INVALID_ARG`` for parameters *flags* do not allow, or a
+        tunnelled migration the client would run (only the daemons carry a tunnel).
+    """
+    params = with_migration_id(params)
+    params.validate(flags)
+    if flags & MigrateFlags.TUNNELLED and not p2p:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            "a tunnelled migration is peer-to-peer: the daemons carry the stream (use --p2p)",
+        )
+    # The id in the text too: a program's own log format shows it without vmferry.logs.
+    how = " (peer-to-peer)" if p2p else ""
+    log.info("migration %s: %s from %s to %s%s", params.migration_id, name, src_uri, dest_uri, how)
+    return params
+
+
+def p2p_report(
+    src: Daemon, call: Call[Any], result: Any, started: float, migration_id: str
+) -> MigrationReport:
+    """The report of a peer-to-peer migration: the source daemon's answer (*result*) to *call*."""
+    steps = answer_field(src, call, result, "steps", {})
+    stats = answer_field(src, call, result, "stats", {})
+    return MigrationReport(
+        wall_s=time.perf_counter() - started,
+        steps={str(k): float(v) for k, v in steps.items()},
+        stats=dict(stats),
+        migration_id=migration_id,
+    )
 
 
 def with_migration_id(params: MigrationParams | None) -> MigrationParams:
