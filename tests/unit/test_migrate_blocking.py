@@ -22,7 +22,10 @@ class _Stream:
         self.owner = owner
 
     def iter_lines(self) -> Iterator[str]:
-        yield json.dumps({"session": f"s-{self.owner.uri}"})
+        hello: dict[str, Any] = {"session": f"s-{self.owner.uri}"}
+        if self.owner.features is not None:
+            hello["features"] = self.owner.features
+        yield json.dumps(hello)
 
     def close(self) -> None:
         self.owner.closed += 1
@@ -36,6 +39,7 @@ class FakeClient:
         self.answers = answers
         self.calls: list[str] = []
         self.closed = 0
+        self.features: list[str] | None = ["migration-v3"]  # sent with the session
 
     def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
         self.calls.append(f"{call.method} {call.path}")
@@ -91,7 +95,8 @@ def test_v3_steps_and_stats_from_the_replies() -> None:
         poll=False,
     )
     assert [c.split()[1].rsplit("/", 1)[-1] for c in src.calls] == ["begin", "perform", "confirm"]
-    assert [c.split()[1].rsplit("/", 1)[-1] for c in dst.calls] == ["host", "prepare", "finish"]
+    # The destination's features came with its session: no /v1/host round trip.
+    assert [c.split()[1].rsplit("/", 1)[-1] for c in dst.calls] == ["prepare", "finish"]
     # No jobinfo round trips: Finish and Confirm brought the figures, the destination's first.
     assert report.stats == {**SRC_STATS, **DST_STATS}
     assert list(report.steps) == ["begin", "prepare", "perform", "finish", "confirm"]
@@ -99,10 +104,12 @@ def test_v3_steps_and_stats_from_the_replies() -> None:
     assert report.migration_id and (src.closed, dst.closed) == (1, 1)  # sessions closed
 
 
-def test_older_daemons_are_asked_with_jobinfo() -> None:
+def test_older_daemons_are_asked_with_jobinfo_and_host() -> None:
     src, dst = _daemons(with_stats=False)
+    dst.features = None
     report = mb.migrate(src, dst, "g1", F.LIVE, poll=False)  # type: ignore[arg-type]
     assert report.stats == {"policy": "old", "downtime_ms": 9}
+    assert dst.calls[0] == "GET /v1/host"
     assert src.calls[-1].endswith("/jobinfo") and dst.calls[-1].endswith("/jobinfo")
 
 

@@ -78,9 +78,10 @@ class BlockingDaemon:
 
 
 @contextmanager
-def open_session(client: Client) -> Iterator[str]:
+def open_session(client: Client) -> Iterator[tuple[str, list[str] | None]]:
     """
-    A session on *client*'s daemon for as long as the block runs; yields its id.
+    A session on *client*'s daemon for as long as the block runs; yields its id and
+    the host's features when the daemon sent them with it (None: ask ``/v1/host``).
 
     The connection stays open unread: the daemon writes one byte per keepalive,
     which fills no socket buffer, and sees the client go when the process does.
@@ -89,12 +90,14 @@ def open_session(client: Client) -> Iterator[str]:
     try:
         first = next(stream.iter_lines(), "")
         try:
-            session = str(json.loads(first)["session"])
+            hello = json.loads(first)
+            session = str(hello["session"])
         except (ValueError, KeyError, TypeError) as err:
             raise VmferryError(
                 ErrorCode.INTERNAL_ERROR, f"unexpected session answer from {client.uri}: {first!r}"
             ) from err
-        yield session
+        features = hello.get("features")
+        yield session, [str(f) for f in features] if isinstance(features, list) else None
     finally:
         stream.close()
 
@@ -121,10 +124,11 @@ def migrate(
     times = StepTimes()
     src_d, dst_d = BlockingDaemon(src), BlockingDaemon(dst)
     with ExitStack() as stack:
-        src_session = stack.enter_context(open_session(src))
-        dst_session = stack.enter_context(open_session(dst))
+        src_session, _ = stack.enter_context(open_session(src))
+        dst_session, features = stack.enter_context(open_session(dst))
         if version is None:
-            features = dst.fetch(calls.host()).get("features") or []
+            if features is None:  # an older daemon: one more round trip
+                features = dst.fetch(calls.host()).get("features") or []
             version = 3 if "migration-v3" in features else 2
         source = RemoteSource(src_d, src_session, peer_uri=dst.uri)
         dest = RemoteDestination(dst_d, dst_session)

@@ -32,7 +32,7 @@ log = logging.getLogger("vmferry.client.migrate")
 
 
 class LineStream(Protocol):
-    """A streaming answer (httpx's ``Response``, or :class:`vmferry.client.http1.AsyncStream`)."""
+    """A streaming answer (httpx's ``Response``)."""
 
     def aiter_lines(self) -> AsyncIterator[str]: ...
 
@@ -42,7 +42,7 @@ class LineStream(Protocol):
 class Daemon(Protocol):
     """
     What the protocol needs of a client: :class:`~vmferry.client.aio.AsyncClient`
-    or the CLI's :class:`~vmferry.client.stdaio.StdAsyncClient`.  Answers are
+    or the CLI's :class:`~vmferry.client.migrate_blocking.BlockingDaemon`.  Answers are
     read as JSON (``fetch``), so running a migration does not import pydantic.
     """
 
