@@ -288,10 +288,14 @@ class FloorPath:
             await self.qemu.stop()
 
 
+#: --cli-src: the source tree the CLI processes run from (the daemons always run this one's).
+CLI_SRC = [REPO / "src"]
+
+
 def cli_env() -> dict[str, str]:
     """A CLI process's environment: as installed, with its bytecode cache (see cli_bench.py)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CLI_SRC[0]), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -575,9 +579,9 @@ def render(result: dict[str, Any]) -> str:
     lines.append(
         f"  {'stats':<9}{vs['after_s']['median'] * 1000:8.1f}"
         + (
-            "   (the process: start, imports, jobinfo calls after the migration, exit)"
+            "   (the process: start, imports, the statistics after the migration, exit)"
             if result.get("cli")
-            else "   (client: jobinfo calls after the migration, inside the wall time)"
+            else "   (client: the statistics after the migration, inside the wall time)"
         )
     )
     ratio = result["ratio_wall"]
@@ -654,6 +658,7 @@ def build_result(
         "mode": ("p2p" if args.p2p else "client-managed v3")
         + (", vmferry CLI" if args.cli else ""),
         "cli": bool(args.cli),
+        "cli_src": str(CLI_SRC[0]) if args.cli else None,
         "guest": asdict(shape),
         "cpus": os.cpu_count(),
         "target_ratio": TARGET_RATIO,
@@ -793,6 +798,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="each vmferry hop is a `vmferry migrate --json` process (the whole command's cost)",
     )
+    p.add_argument(
+        "--cli-src",
+        type=Path,
+        help="with --cli: run the CLI from this source tree (e.g. main's, for a before/after of "
+        "the client alone; the daemons run this tree's)",
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     p.add_argument("--memory-mib", type=int, default=192)
     p.add_argument("--stamp-mib", type=int, default=64)
@@ -824,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [TRACE_FLAG]:
         return _traced_daemon(Path(argv[1]), argv[3:])
     args = parse_args(argv)
+    if args.cli_src:
+        CLI_SRC[0] = args.cli_src.resolve()
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:
