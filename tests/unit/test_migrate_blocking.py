@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vmferry import logs
 from vmferry.client import migrate_blocking as mb
 from vmferry.client.calls import Call
 from vmferry.errors import ErrorCode, VmferryError
@@ -102,6 +103,7 @@ def test_v3_steps_and_stats_from_the_replies() -> None:
     assert list(report.steps) == ["begin", "prepare", "perform", "finish", "confirm"]
     assert [s for s, _ in seen] == list(report.steps)
     assert report.migration_id and (src.closed, dst.closed) == (1, 1)  # sessions closed
+    assert logs.current_migration() == ""  # the id was bound for the call only
 
 
 def test_older_daemons_are_asked_with_jobinfo_and_host() -> None:

@@ -9,6 +9,7 @@ Same steps, same failure branches, same sessions as :func:`vmferry.client.migrat
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -102,7 +103,7 @@ def open_session(client: Client) -> Iterator[tuple[str, list[str] | None]]:
         stream.close()
 
 
-def migrate(
+def _migrate(
     src: Client,
     dst: Client,
     name: str,
@@ -113,12 +114,6 @@ def migrate(
     progress: ProgressCallback | None = None,
     poll: bool = True,
 ) -> MigrationReport:
-    """
-    Migrate *name* from *src*'s host to *dst*'s, the client running the protocol.
-
-    :param poll: Whether *progress* also gets the source job's figures while data
-        moves (polled from a thread); steps are reported either way.
-    """
     params = start_migration(params, flags, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
@@ -143,6 +138,58 @@ def migrate(
     return report
 
 
+def _migrate_p2p(
+    src: Client,
+    dest_uri: str,
+    name: str,
+    flags: MigrateFlags,
+    params: MigrationParams | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    poll: bool = True,
+) -> MigrationReport:
+    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
+    started = time.perf_counter()
+    src_d = BlockingDaemon(src)
+    with _watch_progress(src_d, name, progress, poll, params.migration_id) as on_step:
+        on_step("perform")
+        call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
+        result = src.fetch(call)
+    return p2p_report(src_d, call, result, started, params.migration_id)
+
+
+def migrate(
+    src: Client,
+    dst: Client,
+    name: str,
+    flags: MigrateFlags,
+    params: MigrationParams | None = None,
+    *,
+    version: int | None = None,
+    progress: ProgressCallback | None = None,
+    poll: bool = True,
+) -> MigrationReport:
+    """
+    Migrate *name* from *src*'s host to *dst*'s, the client running the protocol.
+
+    :param poll: Whether *progress* also gets the source job's figures while data
+        moves (polled from a thread); steps are reported either way.
+    """
+    # In a context of its own, as a task would be: the migration id bound for the
+    # logs does not outlive the call.
+    return contextvars.copy_context().run(
+        _migrate,
+        src,
+        dst,
+        name,
+        flags,
+        params,
+        version=version,
+        progress=progress,
+        poll=poll,
+    )
+
+
 def migrate_p2p(
     src: Client,
     dest_uri: str,
@@ -154,14 +201,9 @@ def migrate_p2p(
     poll: bool = True,
 ) -> MigrationReport:
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
-    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
-    started = time.perf_counter()
-    src_d = BlockingDaemon(src)
-    with _watch_progress(src_d, name, progress, poll, params.migration_id) as on_step:
-        on_step("perform")
-        call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
-        result = src.fetch(call)
-    return p2p_report(src_d, call, result, started, params.migration_id)
+    return contextvars.copy_context().run(
+        _migrate_p2p, src, dest_uri, name, flags, params, progress=progress, poll=poll
+    )
 
 
 @contextmanager
