@@ -96,7 +96,7 @@ def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | N
     )
 
 
-async def start_daemon(host: Host, timeout: float = 30.0) -> None:
+async def start_daemon(host: Host, timeout: float = 90.0) -> None:  # a loaded machine is slow
     host.spawn()
     await host.wait_ready_async(timeout)
 
