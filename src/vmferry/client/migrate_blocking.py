@@ -10,13 +10,14 @@ Same steps, same failure branches, same sessions as :func:`vmferry.client.migrat
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
@@ -42,8 +43,20 @@ if TYPE_CHECKING:
     from vmferry.client.sync import Client
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 log = logging.getLogger(__name__)
+
+
+def _own_context(func: Callable[P, T]) -> Callable[P, T]:
+    """*func* run in a copy of the caller's context, as a task would be: the migration id
+    bound for the logs does not outlive the call."""
+
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return contextvars.copy_context().run(func, *args, **kwargs)
+
+    return run
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
@@ -103,7 +116,8 @@ def open_session(client: Client) -> Iterator[tuple[str, list[str] | None]]:
         stream.close()
 
 
-def _migrate(
+@_own_context
+def migrate(
     src: Client,
     dst: Client,
     name: str,
@@ -114,6 +128,12 @@ def _migrate(
     progress: ProgressCallback | None = None,
     poll: bool = True,
 ) -> MigrationReport:
+    """
+    Migrate *name* from *src*'s host to *dst*'s, the client running the protocol.
+
+    :param poll: Whether *progress* also gets the source job's figures while data
+        moves (polled from a thread); steps are reported either way.
+    """
     params = start_migration(params, flags, name, src.uri, dst.uri)
     started = time.perf_counter()
     times = StepTimes()
@@ -138,58 +158,7 @@ def _migrate(
     return report
 
 
-def _migrate_p2p(
-    src: Client,
-    dest_uri: str,
-    name: str,
-    flags: MigrateFlags,
-    params: MigrationParams | None = None,
-    *,
-    progress: ProgressCallback | None = None,
-    poll: bool = True,
-) -> MigrationReport:
-    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
-    started = time.perf_counter()
-    src_d = BlockingDaemon(src)
-    with _watch_progress(src_d, name, progress, poll, params.migration_id) as on_step:
-        on_step("perform")
-        call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
-        result = src.fetch(call)
-    return p2p_report(src_d, call, result, started, params.migration_id)
-
-
-def migrate(
-    src: Client,
-    dst: Client,
-    name: str,
-    flags: MigrateFlags,
-    params: MigrationParams | None = None,
-    *,
-    version: int | None = None,
-    progress: ProgressCallback | None = None,
-    poll: bool = True,
-) -> MigrationReport:
-    """
-    Migrate *name* from *src*'s host to *dst*'s, the client running the protocol.
-
-    :param poll: Whether *progress* also gets the source job's figures while data
-        moves (polled from a thread); steps are reported either way.
-    """
-    # In a context of its own, as a task would be: the migration id bound for the
-    # logs does not outlive the call.
-    return contextvars.copy_context().run(
-        _migrate,
-        src,
-        dst,
-        name,
-        flags,
-        params,
-        version=version,
-        progress=progress,
-        poll=poll,
-    )
-
-
+@_own_context
 def migrate_p2p(
     src: Client,
     dest_uri: str,
@@ -201,9 +170,14 @@ def migrate_p2p(
     poll: bool = True,
 ) -> MigrationReport:
     """Ask *src*'s daemon to migrate *name* to *dest_uri* itself (peer-to-peer)."""
-    return contextvars.copy_context().run(
-        _migrate_p2p, src, dest_uri, name, flags, params, progress=progress, poll=poll
-    )
+    params = start_migration(params, flags, name, src.uri, dest_uri, p2p=True)
+    started = time.perf_counter()
+    src_d = BlockingDaemon(src)
+    with _watch_progress(src_d, name, progress, poll, params.migration_id) as on_step:
+        on_step("perform")
+        call = mc.migrate_p2p(name, dest_uri, int(flags), params.to_dict())
+        result = src.fetch(call)
+    return p2p_report(src_d, call, result, started, params.migration_id)
 
 
 @contextmanager
