@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime
 import json
 import logging
 import os
@@ -35,6 +34,12 @@ MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s%(migration_suffix)s"
 LOG_FORMATS = ("text", "json")
+
+
+def _datetime() -> Any:
+    import datetime  # only JSON lines need it: the CLI does not pay for its import
+
+    return datetime
 
 
 def new_migration_id() -> str:
@@ -81,8 +86,9 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, migration_id."""
 
     def format(self, record: logging.LogRecord) -> str:
+        dt = _datetime()
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
                 timespec="milliseconds"
             ),
             "level": record.levelname.lower(),

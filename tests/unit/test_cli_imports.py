@@ -201,3 +201,28 @@ def test_the_check_can_fail() -> None:
     )
     modules = json.loads(done.stderr.rpartition("\nMODULES ")[2])
     assert "pydantic" in heavy(modules)
+
+
+#: ``migrate`` needs the protocol and its parameters (dataclasses, vmferry.migration), but
+#: no event loop: the blocking client drives the protocol (vmferry.client.migrate_blocking).
+MIGRATE_HEAVY = (
+    "asyncio",
+    "httpx",
+    "pydantic",
+    "fastapi",
+    "rich",
+    "uvicorn",
+    "vmferry.api",
+    "vmferry.daemon",
+    "vmferry.qemu",
+    "vmferry.domain",
+    "http.client",
+)
+
+
+def test_migrate_imports_no_event_loop(daemon_uri: str) -> None:
+    # The stand-in has no /v1/session: the command fails there, after its imports.
+    status, _, modules = run_cli("-c", daemon_uri, "migrate", "--live", "vm1", daemon_uri)
+    assert status == 1
+    assert "vmferry.client.migrate_blocking" in modules  # the path under test was taken
+    assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in MIGRATE_HEAVY)] == []

@@ -124,11 +124,29 @@ def test_cli_errors_before_connecting(capsys: pytest.CaptureFixture[str]) -> Non
         assert main([*base, *bad, "g1", "unix:///nonexistent/dst.sock"]) == 2
     assert main([*base, "g1"]) == 2  # DESTURI missing
     capsys.readouterr()
-    # Real clients: both daemons are contacted at once, and neither is there.
+    # Real clients: the source is contacted first, and is not there.
     assert main([*base, "--live", "g1", "unix:///nonexistent/dst.sock"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.endswith("[connect-failed]\n")
     assert "/nonexistent/dst.sock" in err or "/nonexistent/src.sock" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["migrate", "--bogus", "g1", "unix:///dst.sock"],
+        ["migrate", "--live", "g1", "--bogus", "unix:///dst.sock"],
+        ["migrate", "g1", "unix:///dst.sock", "--bogus"],
+    ],
+)
+def test_unknown_migrate_option_is_named(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's own message for an unknown option, wherever it stands: not missing arguments."""
+    assert main(["-c", "unix:///nonexistent/src.sock", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("vmferry migrate: error: unrecognized arguments: --bogus"), err
+    assert "required" not in err
 
 
 # -- output ---------------------------------------------------------------------------------

@@ -228,6 +228,16 @@ class CookieBody(BaseModel):
     cookie: str = ""
 
 
+class StepReply(CookieBody):
+    """Finish's and Confirm's reply: the cookie, and this side's completed job when it completed.
+
+    ``stats`` is what ``jobinfo?completed=true`` would answer right after, so that a
+    client reports the migration without more round trips; ``None`` when cancelled.
+    """
+
+    stats: dict[str, Any] | None = None
+
+
 class FinishRequest(BaseModel):
     cookie: str | None = None
     cancelled: bool = False

@@ -12,9 +12,10 @@ shell completion); both use :func:`add_command_args`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from vmferry import __version__
 from vmferry.cli.commands import COMMANDS, GROUPS
@@ -168,7 +169,34 @@ def parse(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``vmferry`` command line; return the exit status."""
+    """
+    Run one ``vmferry`` command line; return the exit status.
+
+    Without *argv* (the ``vmferry`` program itself, ``sys.argv``) it ends the
+    process once the command is done: output flushed, ``atexit`` handlers run,
+    the connections closed; only the interpreter's teardown (freeing every
+    module, a good part of a fast command's time) is skipped.
+    """
+    if argv is None:
+        _end_process(_main(None))
+    return _main(argv)
+
+
+def _end_process(status: int) -> NoReturn:
+    import atexit
+
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        status = status or 1
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    atexit._run_exitfuncs()  # logging's shutdown and the like, as a normal exit runs them
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser, args = parse(argv)
     except SystemExit as exc:  # --help, --version, usage errors

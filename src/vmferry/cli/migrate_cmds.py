@@ -8,6 +8,7 @@ here (client-managed) against the source (``-c URI``) and the destination
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -171,40 +172,34 @@ def report_json(report: MigrationReport, name: str, source: str, dest: str, p2p:
     )
 
 
-async def _migrate(
-    ctx: Context,
-    src_uri: str,
-    args: argparse.Namespace,
-    flags: MigrateFlags,
-    params: MigrationParams,
-    view: View,
+def _migrate(
+    ctx: Context, args: argparse.Namespace, flags: MigrateFlags, params: MigrationParams, view: View
 ) -> MigrationReport:
-    import asyncio
-    import contextlib
+    # The blocking client and no event loop: asyncio's import alone is a good part of
+    # the process's start (issue 10); the protocol's steps are the same.
+    from vmferry.cli.progress import NoProgress
+    from vmferry.client import migrate_blocking as mb
 
-    from vmferry.client.migrate import migrate, migrate_p2p
-    from vmferry.client.stdaio import StdAsyncClient
-
-    async with StdAsyncClient(src_uri, pki_dir=ctx.pki_dir) as src:
-        try:
-            if args.p2p:
-                return await migrate_p2p(src, args.desturi, args.name, flags, params, progress=view)
-            async with StdAsyncClient(args.desturi, pki_dir=ctx.pki_dir) as dst:
-                version = 2 if args.v2 else None
-                return await migrate(
-                    src, dst, args.name, flags, params, version=version, progress=view
-                )
-        except asyncio.CancelledError:
-            # Ctrl-C: like virsh, abort the job rather than leave it running unwatched.
-            with contextlib.suppress(VmferryError, TimeoutError):
-                async with asyncio.timeout(ABORT_WAIT_S):
-                    await src.fetch(mc.jobabort(args.name))
-            raise
+    src = ctx.client
+    poll = type(view) is not NoProgress  # a view that shows the job's figures
+    try:
+        if args.p2p:
+            return mb.migrate_p2p(
+                src, args.desturi, args.name, flags, params, progress=view, poll=poll
+            )
+        version = 2 if args.v2 else None
+        dst = ctx.connect(args.desturi)
+        return mb.migrate(
+            src, dst, args.name, flags, params, version=version, progress=view, poll=poll
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C: like virsh, abort the job rather than leave it running unwatched.
+        with contextlib.suppress(VmferryError):
+            src.fetch(mc.jobabort(args.name), request_timeout=ABORT_WAIT_S)
+        raise
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
-    import asyncio
-
     from vmferry.cli.progress import open_view
     from vmferry.logs import new_migration_id
 
@@ -217,7 +212,7 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> None:
     stream = sys.stderr if args.json else sys.stdout
     with open_view(stream, verbose=args.verbose) as view:
         view.start(params.migration_id)
-        report = asyncio.run(_migrate(ctx, ctx.uri, args, flags, params, view))
+        report = _migrate(ctx, args, flags, params, view)
         view.finish(report.stats)
     if args.json:
         ctx.out(report_json(report, args.name, ctx.uri, args.desturi, bool(args.p2p)))

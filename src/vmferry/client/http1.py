@@ -1,4 +1,4 @@
-"""HTTP/1.1 to vmferryd with the standard library only: blocking and asyncio.
+"""HTTP/1.1 to vmferryd with the standard library only, blocking.
 
 Why not httpx (which :class:`~vmferry.client.aio.AsyncClient` uses) or
 ``http.client``: importing either costs more than the whole ``vmferry list``
@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from vmferry.errors import ErrorCode, VmferryError
 
 if TYPE_CHECKING:
-    import asyncio
     import ssl
 
     from vmferry.client.transport import Endpoint
@@ -342,149 +341,3 @@ def sync_exchange(
         return Answer(answer.status, answer.read())
     finally:
         answer.close()
-
-
-# -- asyncio ---------------------------------------------------------------------------------
-
-
-class AsyncStream:
-    """The asyncio twin of :class:`SyncStream`."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        head: _Head,
-    ) -> None:
-        self._endpoint = endpoint
-        self._reader = reader
-        self._writer = writer
-        self._head = head
-        self.status = head.status
-        self._closed = False
-
-    async def _readline(self) -> bytes:
-        line = await self._reader.readline()
-        if not line.endswith(b"\n"):
-            raise ConnectionError("connection closed" if not line else "line too long")
-        return line
-
-    async def _pieces(self) -> AsyncIterator[bytes]:
-        reader, head = self._reader, self._head
-        if head.chunked:
-            while True:
-                size = _chunk_size(await self._readline())
-                if size == 0:
-                    return
-                data = await reader.readexactly(size + 2)
-                yield data[:size]
-        elif head.length is not None:
-            left = head.length
-            while left > 0:
-                data = await reader.read(min(left, 65536))
-                if not data:
-                    raise ConnectionError("connection closed inside the answer")
-                left -= len(data)
-                yield data
-        else:
-            while data := await reader.read(65536):
-                yield data
-
-    async def _guarded(self) -> AsyncIterator[bytes]:
-        import asyncio
-
-        try:
-            async for piece in self._pieces():
-                yield piece
-        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
-            if self._closed:
-                return
-            raise exchange_error(self._endpoint, exc) from exc
-
-    async def read(self) -> bytes:
-        return b"".join([piece async for piece in self._guarded()])
-
-    async def aiter_lines(self) -> AsyncIterator[str]:
-        pending = b""
-        async for piece in self._guarded():
-            pending += piece
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line.rstrip(b"\r").decode(errors="replace")
-        if pending:
-            yield pending.decode(errors="replace")
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except OSError:
-            pass
-
-
-async def async_request(
-    endpoint: Endpoint,
-    ssl_context: ssl.SSLContext | None,
-    request: bytes,
-    timeout: float | None,
-) -> AsyncStream:
-    """Send *request* and read the answer's head (within *timeout*); the caller closes."""
-    import asyncio
-
-    connect_timeout = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
-    try:
-        async with asyncio.timeout(connect_timeout):
-            if endpoint.scheme == "unix":
-                reader, writer = await asyncio.open_unix_connection(
-                    endpoint.socket_path, limit=MAX_LINE
-                )
-            else:
-                reader, writer = await asyncio.open_connection(
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=ssl_context,
-                    server_hostname=endpoint.host if ssl_context else None,
-                    limit=MAX_LINE,
-                )
-    except (OSError, TimeoutError) as exc:
-        raise connect_error(endpoint, exc) from exc
-    head = _Head()
-    answer = AsyncStream(endpoint, reader, writer, head)
-    try:
-        async with asyncio.timeout(timeout):
-            writer.write(request)
-            await writer.drain()
-            head.status_line(await answer._readline())
-            for _ in range(MAX_HEADERS):
-                line = await answer._readline()
-                if line in (b"\r\n", b"\n"):
-                    break
-                head.header(line)
-            else:
-                raise ValueError("too many headers")
-    except (OSError, ValueError, TimeoutError) as exc:
-        await answer.aclose()
-        raise exchange_error(endpoint, exc) from exc
-    except BaseException:
-        await answer.aclose()
-        raise
-    answer.status = head.status
-    return answer
-
-
-async def async_exchange(
-    endpoint: Endpoint, ssl_context: ssl.SSLContext | None, request: bytes, timeout: float | None
-) -> Answer:
-    """Send *request*; its complete answer (all within *timeout*)."""
-    import asyncio
-
-    answer = await async_request(endpoint, ssl_context, request, timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            return Answer(answer.status, await answer.read())
-    except TimeoutError as exc:
-        raise exchange_error(endpoint, exc) from exc
-    finally:
-        await answer.aclose()

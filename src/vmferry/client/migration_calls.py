@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         MigrationResult,
         PrepareReply,
         SpeedBody,
+        StepReply,
     )
 
 # The bodies are plain dicts (the daemon validates them against vmferry.api.models),
@@ -88,21 +89,21 @@ def perform2(
     )
 
 
-def finish(name: str, cookie: str | None, cancelled: bool, v3: bool) -> Call[CookieBody]:
+def finish(name: str, cookie: str | None, cancelled: bool, v3: bool) -> Call[StepReply]:
     return Call(
         "POST",
         domain_path(name, "/migrate/finish"),
-        lazy_model("CookieBody"),
+        lazy_model("StepReply"),
         body={"cookie": cookie, "cancelled": cancelled, "v3": v3},
         min_timeout=300.0,
     )
 
 
-def confirm(name: str, cookie: str, cancelled: bool) -> Call[CookieBody]:
+def confirm(name: str, cookie: str, cancelled: bool) -> Call[StepReply]:
     return Call(
         "POST",
         domain_path(name, "/migrate/confirm"),
-        lazy_model("CookieBody"),
+        lazy_model("StepReply"),
         body={"cookie": cookie, "cancelled": cancelled},
     )
 

@@ -59,6 +59,9 @@ from vmferry.storage import Pools
 
 log = logging.getLogger(__name__)
 
+#: What this daemon can do (``GET /v1/host`` and a session's first line tell clients).
+FEATURES = ("migration-v2", "migration-v3", "migration-p2p", "migration-offline")
+
 _CONSOLE_CHUNK = 1 << 20
 # SIGTERM lets QEMU flush disks; SIGKILL follows if it takes longer (libvirt waits 10 s).
 DESTROY_GRACE_S = 5.0
@@ -117,7 +120,7 @@ class Driver:
             resolve_disks=self._resolve_disks if pools is not None else None,
         )
         self.qemu_version = ""
-        self.sessions = Sessions(self._session_closed)
+        self.sessions = Sessions(self._session_closed, features=FEATURES)
         self._ports_in_use: set[int] = set()
         self._written: dict[Path, str] = {}  # status file -> what is on disk
         self._xml_cache: dict[str, tuple[DomainDef, str]] = {}
@@ -585,7 +588,7 @@ class Driver:
             uuid=self.host.uuid,
             version=__version__,
             qemu_version=self.qemu_version,
-            features=["migration-v2", "migration-v3", "migration-p2p", "migration-offline"],
+            features=list(FEATURES),
         )
 
     def cluster_vms(self) -> list[ClusterVm]:

@@ -483,9 +483,9 @@ class MigrationService:
         mparams = MigrationParams.from_dict(params)
         bind_params(mparams)  # before the destination's Prepare: it carries the id there
         times = await p2p.migrate(self, name, dest_uri, mflags, mparams)
-        return MigrationResult(steps=times.steps, stats=self._completed_stats(name))
+        return MigrationResult(steps=times.steps, stats=self.completed_stats(name))
 
-    def _completed_stats(self, name: str) -> dict[str, Any]:
+    def completed_stats(self, name: str) -> dict[str, Any]:
         dom = next((d for d in self.driver.domains() if d.name == name), None)
         return (
             dict(dom.completed_job or {})

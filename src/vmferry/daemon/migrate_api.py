@@ -23,6 +23,7 @@ from vmferry.api.models import (
     PrepareReply,
     PrepareRequest,
     SpeedBody,
+    StepReply,
 )
 from vmferry.daemon.migrate import MigrationService
 from vmferry.daemon.peer import HIJACK_KEY
@@ -65,9 +66,11 @@ def migration_routes(service: MigrationService) -> APIRouter:
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/finish")
-    async def finish(name: str, body: FinishRequest) -> CookieBody:
+    async def finish(name: str, body: FinishRequest) -> StepReply:
         cookie = await service.migrate_finish(name, body.cookie, body.cancelled, body.v3)
-        return CookieBody(cookie=cookie)
+        # The completed job in the reply: the client needs no jobinfo call after.
+        stats = None if body.cancelled else service.completed_stats(name)
+        return StepReply(cookie=cookie, stats=stats)
 
     @r.post("/domains/{name}/migrate/tunnel")
     async def tunnel(
@@ -79,9 +82,9 @@ def migration_routes(service: MigrationService) -> APIRouter:
         return CookieBody()
 
     @r.post("/domains/{name}/migrate/confirm")
-    async def confirm(name: str, body: ConfirmRequest) -> CookieBody:
+    async def confirm(name: str, body: ConfirmRequest) -> StepReply:
         await service.migrate_confirm(name, body.cookie, body.cancelled)
-        return CookieBody()
+        return StepReply(stats=None if body.cancelled else service.completed_stats(name))
 
     @r.post("/domains/{name}/migrate")
     async def migrate_p2p(name: str, body: PeerMigrationRequest) -> MigrationResult:

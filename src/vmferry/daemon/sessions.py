@@ -9,9 +9,10 @@ keeps open; when it ends, for whatever reason, the session's close callbacks run
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,14 @@ KEEPALIVE_S = 5.0
 class Sessions:
     """Open sessions and the domains bound to each."""
 
-    def __init__(self, on_close: Callable[[str, set[str]], Coroutine[Any, Any, None]]) -> None:
+    def __init__(
+        self,
+        on_close: Callable[[str, set[str]], Coroutine[Any, Any, None]],
+        *,
+        features: Sequence[str] = (),
+    ) -> None:
+        # The first line carries the host's features too: a client needs no /v1/host call.
+        self._hello = {"features": list(features)} if features else {}
         self._bound: dict[str, set[str]] = {}
         self._on_close = on_close
         self._tasks: set[asyncio.Task[None]] = set()
@@ -36,7 +44,7 @@ class Sessions:
         session = uuid.uuid4().hex
         self._bound[session] = set()
         try:
-            yield f'{{"session": "{session}"}}\n'.encode()
+            yield (json.dumps({"session": session, **self._hello}) + "\n").encode()
             while True:
                 await asyncio.sleep(KEEPALIVE_S)
                 yield b"\n"

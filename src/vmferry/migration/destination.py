@@ -383,8 +383,10 @@ async def finish(
         raise
     _release(host, dom)
     storage.forget(dom)  # the guest runs on them here now: never deleted from here on
-    dom.save()
-    dom.job.finish_async()
+    if dom.job.async_job == AsyncJob.NONE:
+        dom.save()
+    else:
+        dom.job.finish_async()  # its status write carries the lines above: one write, not two
     await failpoint("dst-finish-after")
     out = MigrationCookie(
         name=cookie.name if cookie else dom.name,

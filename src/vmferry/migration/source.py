@@ -106,7 +106,8 @@ async def begin(
         dom.migration.flags = int(flags)
         dom.migration.params = replace(params)
         dom.migration.was_running = dom.state == DomainState.RUNNING
-        dom.save()
+        # No status write for these yet: nothing acts before continue_() below writes them
+        # (a Begin3 job is recovered without them), or the disks' save when storage is copied.
         await failpoint("src-begin-before")
         if not offline:
             dom.require_active()  # QEMU may have died meanwhile: its status must not linger
