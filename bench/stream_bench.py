@@ -41,6 +41,7 @@ from typing import Any
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
 from vmferry.pki import init_pki
 from vmferry.testguest import Heartbeat, check_continuity
 from vmferry.testing import Host, hosts, wait_heartbeat
@@ -51,14 +52,21 @@ TARGETS = {"tls/plain": 0.7, "tunnelled/direct": 0.8}
 
 LIVE = MigrateFlags.LIVE
 P2P = LIVE | MigrateFlags.PEER2PEER
-#: mode -> (flags, peer-to-peer)
+PARALLEL = LIVE | MigrateFlags.PARALLEL
+#: mode -> (flags, peer-to-peer); "+mfd" modes add --parallel CHANNELS (multifd)
 MODES: dict[str, tuple[MigrateFlags, bool]] = {
     "plain": (LIVE, False),
     "tls": (LIVE | MigrateFlags.TLS, False),
+    "plain+mfd": (PARALLEL, False),
+    "tls+mfd": (PARALLEL | MigrateFlags.TLS, False),
     "direct": (P2P, True),
     "tunnelled": (P2P | MigrateFlags.TUNNELLED, True),
 }
-PAIRS = (("plain", "tls"), ("direct", "tunnelled"))
+#: Each group alternates its order every round; ratios are each mode over the group's first.
+PAIRS: tuple[tuple[str, ...], ...] = (("plain", "tls"), ("direct", "tunnelled"))
+#: ``--only multifd``: the four arms of the TLS question side by side.
+MULTIFD = ("plain", "tls", "plain+mfd", "tls+mfd")
+CHANNELS = 2
 
 
 @dataclass
@@ -73,16 +81,19 @@ class Hop:
         return self.bytes / (1 << 20) / max(self.qemu_ms / 1000, 1e-3)
 
 
-async def _hop(src: Host, dst: Host, name: str, mode: str) -> Hop:
+async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop:
     flags, p2p = MODES[mode]
+    params = MigrationParams(
+        parallel_connections=channels if flags & MigrateFlags.PARALLEL else 0
+    )
     started = time.perf_counter()
     async with AsyncClient(src.uri) as s:
         report: MigrationReport
         if p2p:
-            report = await migrate_p2p(s, dst.tls_uri, name, flags)
+            report = await migrate_p2p(s, dst.tls_uri, name, flags, params)
         else:
             async with AsyncClient(dst.uri) as d:
-                report = await migrate(s, d, name, flags)
+                report = await migrate(s, d, name, flags, params)
     wall = time.perf_counter() - started
     stats = report.stats
     return Hop(mode, wall, int(stats.get("data_processed", 0)), int(stats.get("total_time_ms", 0)))
@@ -101,9 +112,10 @@ def run_stream_bench(
     memory_mib: int = 512,
     stamp_mib: int = 256,
     dirty_mib_s: float = 4,
-    pairs: tuple[tuple[str, str], ...] = PAIRS,
+    pairs: tuple[tuple[str, ...], ...] = PAIRS,
+    channels: int = CHANNELS,
 ) -> dict[str, Any]:
-    """Alternate plain/tls and direct/tunnelled hops; per-mode medians and the ratios."""
+    """Alternate the modes of each group (plain/tls, direct/tunnelled); medians and ratios."""
     pki = Path(tempfile.mkdtemp(prefix="vfpki", dir="/tmp"))
     init_pki(pki)
     hops: list[Hop] = []
@@ -114,7 +126,7 @@ def run_stream_bench(
         for i in range(rounds):
             for pair in pairs:
                 for mode in pair if i % 2 == 0 else tuple(reversed(pair)):
-                    hop = asyncio.run(_hop(here, there, name, mode))
+                    hop = asyncio.run(_hop(here, there, name, mode, channels))
                     hb = _checked(there, name, hb)
                     hops.append(hop)
                     print(
@@ -131,9 +143,10 @@ def run_stream_bench(
             "wall_s": statistics.median(h.wall_s for h in mine),
             "hops": len(mine),
         }
-    for fast, slow in pairs:
-        ratio = result["modes"][slow]["mib_s"] / result["modes"][fast]["mib_s"]
-        result["ratios"][f"{slow}/{fast}"] = ratio
+    for first, *others in pairs:
+        for other in others:
+            ratio = result["modes"][other]["mib_s"] / result["modes"][first]["mib_s"]
+            result["ratios"][f"{other}/{first}"] = ratio
     return result
 
 
@@ -142,20 +155,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="hops of each mode (default 4)")
     ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     ap.add_argument("--stamp", type=int, default=256, help="guest memory filled with data, MiB")
-    ap.add_argument("--only", choices=("tls", "tunnel"), help="one pair only")
+    ap.add_argument(
+        "--only",
+        choices=("tls", "tunnel", "multifd"),
+        help="one pair only; multifd: plain, tls, plain+mfd, tls+mfd side by side",
+    )
+    ap.add_argument(
+        "--channels", type=int, default=CHANNELS, help="multifd channels of the +mfd modes"
+    )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     print(f"stream bench: {args.rounds} rounds, guest {args.memory} MiB ({args.stamp} stamped)")
-    pairs = PAIRS if not args.only else (PAIRS[0],) if args.only == "tls" else (PAIRS[1],)
+    groups = {"tls": (PAIRS[0],), "tunnel": (PAIRS[1],), "multifd": (MULTIFD,)}
+    pairs = groups[args.only] if args.only else PAIRS
     result = run_stream_bench(
-        args.rounds, memory_mib=args.memory, stamp_mib=args.stamp, pairs=pairs
+        args.rounds,
+        memory_mib=args.memory,
+        stamp_mib=args.stamp,
+        pairs=pairs,
+        channels=args.channels,
     )
     print("\nmode        median MiB/s   median wall s")
     for mode, fig in result["modes"].items():
         print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f}")
     missed = []
     for key, ratio in result["ratios"].items():
+        if key not in TARGETS:
+            print(f"{key:17} {ratio:5.2f}")
+            continue
         ok = ratio >= TARGETS[key]
         missed += [] if ok else [key]
         print(f"{key:17} {ratio:5.2f}  (target >= {TARGETS[key]}) {'ok' if ok else 'MISSED'}")

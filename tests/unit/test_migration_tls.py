@@ -140,3 +140,43 @@ def test_compression_methods() -> None:
         MigrationParams.from_dict({"compression": "lz4"})
     with pytest.raises(VmferryError):
         MigrationParams(compression="zstd").validate(F.LIVE)  # without --compressed
+
+
+def test_encrypted_stream_gets_the_destinations_channels(pki: Path) -> None:
+    dst = tls.TlsSetup(mode="off", pki_dir=pki, channels=3)
+    assert tls.channels(dst, F.LIVE | F.TLS, True) == 3
+    assert tls.channels(dst, F.LIVE, False) == 0  # plain: as the client asked
+    for own in (F.PARALLEL, F.POSTCOPY, F.COMPRESSED, F.OFFLINE):
+        assert tls.channels(dst, F.LIVE | F.TLS | own, True) == 0, own
+    assert tls.channels(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE | F.TLS, True) == 0
+    params = MigrationParams(bandwidth_mib_s=5)
+    flags, shaped = tls.shape(F.LIVE | F.TLS, params, 3)
+    assert flags == F.LIVE | F.TLS | F.PARALLEL
+    assert shaped.parallel_connections == 3 and shaped.bandwidth_mib_s == 5
+    assert params.parallel_connections == 0  # the request's own parameters stay as they were
+    shaped.validate(flags)
+    assert tls.shape(F.LIVE | F.TLS, params, None) == (F.LIVE | F.TLS, params)
+    # the client's own --parallel N wins over whatever a cookie says
+    own = MigrationParams(parallel_connections=4)
+    assert tls.shape(F.LIVE | F.TLS | F.PARALLEL, own, 2) == (F.LIVE | F.TLS | F.PARALLEL, own)
+
+
+def test_channels_travel_in_the_answer() -> None:
+    answer = MigrationCookie(
+        name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_use=True, tls_channels=2
+    )
+    assert "channels='2'" in answer.to_xml() or 'channels="2"' in answer.to_xml()
+    parsed = parse_cookie(answer.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_A)
+    assert parsed.tls_channels == 2
+    answer.tls_channels = None
+    parsed = parse_cookie(answer.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_A)
+    assert parsed.tls_channels is None  # an older destination: one stream
+
+
+@pytest.mark.parametrize("bad", ["0", "17", "255", "-1", "2x", ""])
+def test_channels_beyond_the_bound_are_refused(bad: str) -> None:
+    text = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A).to_xml()
+    text = text.replace("</qemu-migration>", f"<tls use='yes' channels='{bad}'/></qemu-migration>")
+    with pytest.raises(VmferryError) as err:
+        parse_cookie(text, name="g", uuid=UUID, local_hostuuid=HOST_B)
+    assert err.value.code == ErrorCode.INVALID_ARG

@@ -16,17 +16,27 @@ it. v2 has no cookie before Prepare: there ``--tls`` alone decides.
 
 A tunnelled stream (:mod:`vmferry.migration.tunnel`) is encrypted by the
 daemons' own mutual-TLS connection, not by QEMU.
+
+An encrypted stream the client did not make parallel runs over multifd
+channels (``[migration] tls_channels`` of the destination, 2 by default; see
+:func:`shape`): QEMU's TLS costs a record, a system call and a decryption per
+guest page and per page header, which one migration thread and the
+destination's main loop cannot do at the plain stream's speed; each multifd
+channel encrypts and decrypts in its own thread (docs/migration-tls.md has
+the measurements). Prepare decides and answers ``<tls channels='N'/>``;
+Perform follows, so both QEMUs always agree.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.cookie import MigrationCookie
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
 from vmferry.qemu import tls_creds
 from vmferry.qemu.confine import QemuUser
 from vmferry.qemu.domain import QemuDomain
@@ -46,6 +56,7 @@ class TlsSetup:
     pki_dir: Path | None = None
     staging: Path = field(default_factory=lambda: Path("/nonexistent"))  # STATE/qemu-tls
     user: QemuUser | None = None
+    channels: int = 2  # [migration] tls_channels: multifd channels of an encrypted stream
 
     @property
     def has_pki(self) -> bool:
@@ -117,6 +128,36 @@ def follow(setup: TlsSetup, flags: MigrateFlags, answer: MigrationCookie | None)
     if use and not setup.has_pki:
         raise _no_pki(setup, "an encrypted migration")
     return use
+
+
+#: What multifd cannot go with (xbzrle, post-copy as vmferry runs it) or already chose.
+_ONE_STREAM = (
+    MigrateFlags.PARALLEL
+    | MigrateFlags.POSTCOPY
+    | MigrateFlags.COMPRESSED
+    | MigrateFlags.TUNNELLED
+    | MigrateFlags.OFFLINE
+)
+
+
+def channels(setup: TlsSetup, flags: MigrateFlags, use: bool) -> int:
+    """Prepare (destination): multifd channels for an encrypted stream; 0: as the client asked."""
+    if not use or flags & _ONE_STREAM:
+        return 0
+    return setup.channels
+
+
+def shape(
+    flags: MigrateFlags, params: MigrationParams, count: int | None
+) -> tuple[MigrateFlags, MigrationParams]:
+    """The flags and parameters QEMU runs with: *count* multifd channels when given.
+
+    Both sides call it, the destination with its own :func:`channels`, the source
+    with the count Prepare answered (never more than the cookie allows).
+    """
+    if not count or flags & _ONE_STREAM:
+        return flags, params
+    return flags | MigrateFlags.PARALLEL, replace(params, parallel_connections=count)
 
 
 async def enable(
