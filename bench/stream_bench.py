@@ -83,9 +83,7 @@ class Hop:
 
 async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop:
     flags, p2p = MODES[mode]
-    params = MigrationParams(
-        parallel_connections=channels if flags & MigrateFlags.PARALLEL else 0
-    )
+    params = MigrationParams(parallel_connections=channels if flags & MigrateFlags.PARALLEL else 0)
     started = time.perf_counter()
     async with AsyncClient(src.uri) as s:
         report: MigrationReport

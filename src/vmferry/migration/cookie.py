@@ -118,6 +118,7 @@ class NbdDisk:
     backing: str = ""
     backing_format: str = ""
 
+
 #: The most multifd channels a destination may ask an encrypted stream to use (the
 #: cookie passes through the client: a larger figure is refused, never sent to QEMU).
 TLS_MAX_CHANNELS = 16
