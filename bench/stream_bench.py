@@ -13,7 +13,10 @@ back and forth. Side by side, in one run, hops alternate between
 Within each pair the order alternates every round, so whatever else the
 machine does hits both alike. The figure compared is QEMU's own throughput,
 bytes of memory sent over the migration's ``total_time``; the wall time of
-the hop is reported too. After every hop the guest's memory is checked (its
+the hop is reported too, and so is the CPU time both QEMUs spent on it (every
+thread but the vCPUs', sampled from /proc by ``bench/qemu_cpu.py``) per MiB
+sent: unlike throughput, that figure hardly moves with the machine's load, and
+it shows where an encrypted stream's time goes. After every hop the guest's memory is checked (its
 heartbeat continues the source's); a corrupted guest fails the bench.
 
 Targets (issue 8): tls/plain >= 0.7, tunnelled/direct >= 0.8.
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemu_cpu import QemuCpu  # bench/, beside this file
 from vmferry.client import AsyncClient
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.migration.flags import MigrateFlags
@@ -75,6 +79,11 @@ class Hop:
     wall_s: float
     bytes: int
     qemu_ms: int
+    cpu_ms: dict[str, float]  # QEMU threads (both sides, vCPUs left out) -> CPU ms
+
+    @property
+    def cpu_ms_mib(self) -> float:
+        return sum(self.cpu_ms.values()) / max(self.bytes / (1 << 20), 1.0)
 
     @property
     def mib_s(self) -> float:
@@ -85,6 +94,23 @@ async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop
     flags, p2p = MODES[mode]
     params = MigrationParams(parallel_connections=channels if flags & MigrateFlags.PARALLEL else 0)
     started = time.perf_counter()
+    sampler = QemuCpu(lambda: src.qemu_pids() + dst.qemu_pids())
+    with sampler:
+        report = await _migrate(src, dst, name, flags, p2p, params)
+    wall = time.perf_counter() - started
+    stats = report.stats
+    return Hop(
+        mode,
+        wall,
+        int(stats.get("data_processed", 0)),
+        int(stats.get("total_time_ms", 0)),
+        sampler.by_thread,
+    )
+
+
+async def _migrate(
+    src: Host, dst: Host, name: str, flags: MigrateFlags, p2p: bool, params: MigrationParams
+) -> MigrationReport:
     async with AsyncClient(src.uri) as s:
         report: MigrationReport
         if p2p:
@@ -92,9 +118,7 @@ async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop
         else:
             async with AsyncClient(dst.uri) as d:
                 report = await migrate(s, d, name, flags, params)
-    wall = time.perf_counter() - started
-    stats = report.stats
-    return Hop(mode, wall, int(stats.get("data_processed", 0)), int(stats.get("total_time_ms", 0)))
+    return report
 
 
 def _checked(host: Host, name: str, before: Heartbeat) -> Heartbeat:
@@ -112,12 +136,17 @@ def run_stream_bench(
     dirty_mib_s: float = 4,
     pairs: tuple[tuple[str, ...], ...] = PAIRS,
     channels: int = CHANNELS,
+    tls_channels: int | None = None,
 ) -> dict[str, Any]:
-    """Alternate the modes of each group (plain/tls, direct/tunnelled); medians and ratios."""
+    """Alternate the modes of each group (plain/tls, direct/tunnelled); medians and ratios.
+
+    :param tls_channels: the daemons' ``[migration] tls_channels`` (None: their default).
+    """
     pki = Path(tempfile.mkdtemp(prefix="vfpki", dir="/tmp"))
     init_pki(pki)
     hops: list[Hop] = []
-    with hosts(2, pki_dir=pki) as (a, b):
+    config = f"tls_channels = {tls_channels}\n" if tls_channels is not None else ""
+    with hosts(2, pki_dir=pki, extra_config=config) as (a, b):
         name = "streambench"
         hb = a.boot_guest(name, memory_mib=memory_mib, stamp_mib=stamp_mib, dirty_mib_s=dirty_mib_s)
         here, there = a, b
@@ -129,16 +158,24 @@ def run_stream_bench(
                     hops.append(hop)
                     print(
                         f"  {mode:10} {hop.wall_s:6.2f} s wall  {hop.mib_s:7.1f} MiB/s "
-                        f"({hop.bytes >> 20} MiB in {hop.qemu_ms} ms)",
+                        f"({hop.bytes >> 20} MiB in {hop.qemu_ms} ms) "
+                        f"QEMU CPU {hop.cpu_ms_mib:.2f} ms/MiB",
                         flush=True,
                     )
                     here, there = there, here
-    result: dict[str, Any] = {"modes": {}, "ratios": {}, "hops": [h.__dict__ for h in hops]}
+    result: dict[str, Any] = {
+        "modes": {},
+        "ratios": {},
+        "hops": [{**h.__dict__, "cpu_ms_mib": h.cpu_ms_mib} for h in hops],
+    }
     for mode in [m for pair in pairs for m in pair]:
         mine = [h for h in hops if h.mode == mode]
         result["modes"][mode] = {
             "mib_s": statistics.median(h.mib_s for h in mine),
             "wall_s": statistics.median(h.wall_s for h in mine),
+            "cpu_ms_mib": statistics.median(h.cpu_ms_mib for h in mine),
+            # per thread name, the median hop's (by CPU per MiB)
+            "cpu_ms": sorted(mine, key=lambda h: h.cpu_ms_mib)[len(mine) // 2].cpu_ms,
             "hops": len(mine),
         }
     for first, *others in pairs:
@@ -161,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--channels", type=int, default=CHANNELS, help="multifd channels of the +mfd modes"
     )
+    ap.add_argument(
+        "--tls-channels",
+        type=int,
+        help="the daemons' [migration] tls_channels (default: theirs; 0: one TLS stream)",
+    )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
@@ -173,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         stamp_mib=args.stamp,
         pairs=pairs,
         channels=args.channels,
+        tls_channels=args.tls_channels,
     )
-    print("\nmode        median MiB/s   median wall s")
+    print("\nmode        median MiB/s   median wall s   QEMU CPU ms/MiB")
     for mode, fig in result["modes"].items():
-        print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f}")
+        print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f} {fig['cpu_ms_mib']:14.2f}")
+        threads = ", ".join(f"{n} {ms:.0f}" for n, ms in fig["cpu_ms"].items() if ms >= 20)
+        print(f"{'':14}CPU ms by thread (median hop): {threads}")
     missed = []
     for key, ratio in result["ratios"].items():
         if key not in TARGETS:
