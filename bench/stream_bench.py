@@ -166,7 +166,7 @@ def run_stream_bench(
     result: dict[str, Any] = {
         "modes": {},
         "ratios": {},
-        "hops": [{**h.__dict__, "cpu_ms_mib": h.cpu_ms_mib} for h in hops],
+        "hops": [{**h.__dict__, "mib_s": h.mib_s, "cpu_ms_mib": h.cpu_ms_mib} for h in hops],
     }
     for mode in [m for pair in pairs for m in pair]:
         mine = [h for h in hops if h.mode == mode]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,7 +121,12 @@ def test_staged_copy_holds_only_the_endpoint_files(pki: Path, tmp_path: Path) ->
     base = tmp_path / "qemu-tls"
     server = tls_creds.stage(pki, base, "s", "server", None)
     client = tls_creds.stage(pki, base, "c", "client", None)
-    assert sorted(os.listdir(server)) == ["ca-cert.pem", "server-cert.pem", "server-key.pem"]
+    assert sorted(os.listdir(server)) == [
+        "ca-cert.pem",
+        "dh-params.pem",  # QEMU would generate its own, 0.5-1.2 s per migration
+        "server-cert.pem",
+        "server-key.pem",
+    ]
     assert sorted(os.listdir(client)) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
     assert stat.S_IMODE(server.stat().st_mode) == 0o700
     assert stat.S_IMODE((server / "server-key.pem").stat().st_mode) == 0o400
@@ -180,3 +188,43 @@ def test_channels_beyond_the_bound_are_refused(bad: str) -> None:
     with pytest.raises(VmferryError) as err:
         parse_cookie(text, name="g", uuid=UUID, local_hostuuid=HOST_B)
     assert err.value.code == ErrorCode.INVALID_ARG
+
+
+def _der_integers(der: bytes) -> list[int]:
+    """The INTEGERs of a DER SEQUENCE (PKCS #3 DHParameter: p, g)."""
+
+    def length(at: int) -> tuple[int, int]:
+        first = der[at]
+        if first < 0x80:
+            return first, at + 1
+        count = first & 0x7F
+        return int.from_bytes(der[at + 1 : at + 1 + count], "big"), at + 1 + count
+
+    assert der[0] == 0x30
+    _, at = length(1)
+    out = []
+    while at < len(der):
+        assert der[at] == 0x02
+        size, at = length(at + 1)
+        out.append(int.from_bytes(der[at : at + size], "big"))
+        at += size
+    return out
+
+
+def test_dh_params_are_rfc7919_ffdhe3072() -> None:
+    """The server's DH group: 3072 bits, generator 2, the RFC's prime (as OpenSSL knows it)."""
+    body = b"".join(tls_creds.FFDHE3072_PEM.strip().splitlines()[1:-1])
+    p, g = _der_integers(base64.b64decode(body))
+    assert g == 2 and p.bit_length() == 3072
+    # RFC 7919 primes begin and end with 64 one bits
+    ones = (1 << 64) - 1
+    assert p >> (3072 - 64) == ones and p & ones == ones
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to compare with")
+    out = subprocess.run(
+        [openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "dh_param:ffdhe3072"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert out == tls_creds.FFDHE3072_PEM
