@@ -152,11 +152,18 @@ def test_compression_methods() -> None:
 
 def test_encrypted_stream_gets_the_destinations_channels(pki: Path) -> None:
     dst = tls.TlsSetup(mode="off", pki_dir=pki, channels=3)
-    assert tls.channels(dst, F.LIVE | F.TLS, True) == 3
-    assert tls.channels(dst, F.LIVE, False) == 0  # plain: as the client asked
+    assert tls.channels(dst, F.LIVE | F.TLS, True, 4) == 3  # the smaller of both hosts'
+    assert tls.channels(dst, F.LIVE | F.TLS, True, 2) == 2
+    assert tls.channels(dst, F.LIVE | F.TLS, True, None) == 0  # an older source: one stream
+    assert tls.channels(dst, F.LIVE, False, 2) == 0  # plain: as the client asked
     for own in (F.PARALLEL, F.POSTCOPY, F.COMPRESSED, F.OFFLINE):
-        assert tls.channels(dst, F.LIVE | F.TLS | own, True) == 0, own
-    assert tls.channels(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE | F.TLS, True) == 0
+        assert tls.channels(dst, F.LIVE | F.TLS | own, True, 2) == 0, own
+    assert tls.channels(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE | F.TLS, True, 2) == 0
+    # Begin offers the source's count, through XML as the destination gets it
+    assert offered("off", pki).tls_channels == 2
+    cookie = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A)
+    tls.offer(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE, cookie)
+    assert cookie.tls_channels is None
     params = MigrationParams(bandwidth_mib_s=5)
     flags, shaped = tls.shape(F.LIVE | F.TLS, params, 3)
     assert flags == F.LIVE | F.TLS | F.PARALLEL

@@ -119,7 +119,7 @@ class MigrationConfig:
     # QEMU's TLS for the stream (vmferry.migration.tls): off (only with --tls), on, required
     tls: str = "off"
     # an encrypted stream without --parallel: this many multifd channels, each encrypting in
-    # its own QEMU thread (set by the destination, docs/migration-tls.md); 0: one stream
+    # its own QEMU thread (the smaller of both hosts', docs/migration-tls.md); 0: one stream
     tls_channels: int = 2
     # the default contract (vmferry.migration.policy.contract)
     downtime_target_ms: int = 300

@@ -106,7 +106,7 @@ async def prepare(
     # decided before anything is made: a refused migration leaves nothing behind
     use_tls = not flags & MigrateFlags.OFFLINE and mtls.decide(host.tls, flags, offer)
     # v2 (no offer) cannot answer a channel count: its stream stays as the client asked
-    channels = mtls.channels(host.tls, flags, use_tls) if offer is not None else 0
+    channels = mtls.channels(host.tls, flags, use_tls, offer.tls_channels) if offer else 0
     qemu_flags, qemu_params = mtls.shape(flags, params, channels)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:

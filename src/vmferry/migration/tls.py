@@ -18,12 +18,13 @@ A tunnelled stream (:mod:`vmferry.migration.tunnel`) is encrypted by the
 daemons' own mutual-TLS connection, not by QEMU.
 
 An encrypted stream the client did not make parallel runs over multifd
-channels (``[migration] tls_channels`` of the destination, 2 by default; see
-:func:`shape`): QEMU's TLS costs a record, a system call and a decryption per
+channels (``[migration] tls_channels``, 2 by default, the smaller of both
+hosts'; see :func:`shape`): QEMU's TLS costs a record, a system call and a decryption per
 guest page and per page header, which one migration thread and the
 destination's main loop cannot do at the plain stream's speed; each multifd
 channel encrypts and decrypts in its own thread (docs/migration-tls.md has
-the measurements). Prepare decides and answers ``<tls channels='N'/>``;
+the measurements). Begin offers its count (``<tls channels='N'/>``; an older
+source offers none and gets one stream), Prepare decides and answers it,
 Perform follows, so both QEMUs always agree.
 """
 
@@ -88,6 +89,7 @@ def offer(setup: TlsSetup, flags: MigrateFlags, cookie: MigrationCookie) -> None
         raise _required("this source host", "has no PKI to encrypt with")
     cookie.tls_pki = setup.has_pki
     cookie.tls_mode = setup.mode
+    cookie.tls_channels = setup.channels or None  # what this source can follow
 
 
 def decide(setup: TlsSetup, flags: MigrateFlags, cookie: MigrationCookie | None) -> bool:
@@ -140,11 +142,14 @@ _ONE_STREAM = (
 )
 
 
-def channels(setup: TlsSetup, flags: MigrateFlags, use: bool) -> int:
-    """Prepare (destination): multifd channels for an encrypted stream; 0: as the client asked."""
-    if not use or flags & _ONE_STREAM:
+def channels(setup: TlsSetup, flags: MigrateFlags, use: bool, offered: int | None) -> int:
+    """Prepare (destination): multifd channels for an encrypted stream; 0: as the client asked.
+
+    :param offered: the source's count from Begin's cookie (None: an older source).
+    """
+    if not use or flags & _ONE_STREAM or not offered:
         return 0
-    return setup.channels
+    return min(setup.channels, offered)
 
 
 def shape(
