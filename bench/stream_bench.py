@@ -5,7 +5,11 @@ Two ``vmferryd`` with one PKI (mutual TLS between them) move one test guest
 back and forth. Side by side, in one run, hops alternate between
 
 * **plain** vs **tls**: client-managed v3, ``--live`` vs ``--live --tls``
-  (QEMU's TLS with the cluster certificates);
+  (QEMU's TLS with the cluster certificates), each as a user gets it by
+  default: ``--tls`` runs over the daemons' ``[migration] tls_channels``
+  multifd channels (2; ``--tls-channels`` sets them, 0 = one TLS stream);
+* ``--only multifd``: plain, tls, **plain+mfd** and **tls+mfd** (the client's
+  ``--parallel CHANNELS``), each over plain;
 * **direct** vs **tunnelled**: peer-to-peer over the daemons' TLS
   connection, ``--p2p`` vs ``--p2p --tunnelled`` (the stream relayed by the
   daemons inside that connection).
@@ -26,6 +30,7 @@ Targets (issue 8): tls/plain >= 0.7, tunnelled/direct >= 0.8.
 Usage::
 
     .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--json PATH]
+        [--only tls|tunnel|multifd] [--channels 2] [--tls-channels N]
 """
 
 from __future__ import annotations
