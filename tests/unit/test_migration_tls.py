@@ -176,6 +176,19 @@ def test_encrypted_stream_gets_the_destinations_channels(pki: Path) -> None:
     assert tls.shape(F.LIVE | F.TLS | F.PARALLEL, own, 2) == (F.LIVE | F.TLS | F.PARALLEL, own)
 
 
+def test_source_follows_no_more_channels_than_it_offered(pki: Path) -> None:
+    src = tls.TlsSetup(pki_dir=pki, channels=2)
+    answer = MigrationCookie(name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_channels=2)
+    assert tls.answered_channels(src, answer, True) == 2
+    assert tls.answered_channels(src, answer, False) is None  # a plain stream: one
+    answer.tls_channels = 3  # a client's forgery, or a destination not following the rules
+    with pytest.raises(VmferryError) as err:
+        tls.answered_channels(src, answer, True)
+    assert err.value.code == ErrorCode.OPERATION_FAILED
+    answer.tls_channels = None
+    assert tls.answered_channels(src, answer, True) is None
+
+
 def test_channels_travel_in_the_answer() -> None:
     answer = MigrationCookie(
         name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_use=True, tls_channels=2

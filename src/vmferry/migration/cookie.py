@@ -145,7 +145,8 @@ class MigrationCookie:
     tls_pki: bool | None = None  # the sender has a PKI
     tls_mode: str = ""  # the sender's [migration] tls
     tls_use: bool | None = None  # Prepare: the stream is encrypted by QEMU
-    tls_channels: int | None = None  # Prepare: ... over this many multifd channels
+    # multifd channels of an encrypted stream: Begin, the most the source runs; Prepare, the count
+    tls_channels: int | None = None
     #: vmferry's own part: the convergence policy's report (``policy*`` job statistics and
     #: its actions), so the destination's ``domjobinfo --completed`` shows them too
     policy: dict[str, Any] = field(default_factory=dict)

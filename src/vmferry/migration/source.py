@@ -183,7 +183,7 @@ async def perform3(
             qemu_flags, qemu_params = mtls.shape(
                 flags,
                 dom.migration.params or MigrationParams(),
-                answer.tls_channels if use_tls else None,
+                mtls.answered_channels(host.tls, answer, use_tls),
             )
             await _run(
                 dom,

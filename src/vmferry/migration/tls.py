@@ -152,6 +152,23 @@ def channels(setup: TlsSetup, flags: MigrateFlags, use: bool, offered: int | Non
     return min(setup.channels, offered)
 
 
+def answered_channels(setup: TlsSetup, answer: MigrationCookie, use: bool) -> int | None:
+    """Perform (source): the channel count Prepare answered, never more than this host offered.
+
+    :raise VmferryError: ``OPERATION_FAILED`` for an answer above this host's own count
+        (the cookie passes through the client).
+    """
+    if not use or not answer.tls_channels:
+        return None
+    if answer.tls_channels > setup.channels:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"the destination prepared {answer.tls_channels} TLS channels, more than this "
+            f"host's [migration] tls_channels ({setup.channels}) offered",
+        )
+    return answer.tls_channels
+
+
 def shape(
     flags: MigrateFlags, params: MigrationParams, count: int | None
 ) -> tuple[MigrateFlags, MigrationParams]:
