@@ -152,6 +152,8 @@ def test_tls_hop_is_encrypted_and_plain_is_not() -> None:
         hb = _boot(a, "tls1")
         heads = asyncio.run(_captured_hop(a, b, "tls1", LIVE | MigrateFlags.TLS))
         assert heads and all(h.startswith(TLS_RECORD) for h in heads), heads
+        # [migration] tls_channels (2 by default): the main channel and two multifd channels
+        assert len(heads) >= 3, heads
         hb = _intact(b, "tls1", hb)
 
         async def back() -> None:
@@ -248,11 +250,31 @@ def test_tls_required_encrypts_without_the_flag() -> None:
         hb = _boot(a, "tls5")
         heads = asyncio.run(_captured_hop(a, b, "tls5", LIVE))
         assert heads and all(h.startswith(TLS_RECORD) for h in heads), heads
+        assert len(heads) >= 3, heads  # encrypted without --tls: multifd channels all the same
         hb = _intact(b, "tls5", hb)
         asyncio.run(_p2p(b, a, "tls5"))
         with a.client() as c:
             check_continuity(hb, wait_heartbeat(c, "tls5", after=hb))
             c.destroy("tls5")
+
+
+def _one_tls_stream_into_second(made: list[Host]) -> None:
+    made[1].extra_config = "tls_channels = 0\n"
+
+
+def test_tls_channels_zero_keeps_one_stream() -> None:
+    """tls_channels = 0 on either host (destination, then source): one TLS stream each way."""
+    pki = _pki()
+    with hosts(2, pki_dir=pki, setup=_one_tls_stream_into_second) as (a, b):
+        hb = _boot(a, "tls6")
+        heads = asyncio.run(_captured_hop(a, b, "tls6", LIVE | MigrateFlags.TLS))
+        assert len(heads) == 1 and heads[0].startswith(TLS_RECORD), heads
+        hb = _intact(b, "tls6", hb)
+        heads = asyncio.run(_captured_hop(b, a, "tls6", LIVE | MigrateFlags.TLS))
+        assert len(heads) == 1 and heads[0].startswith(TLS_RECORD), heads
+        with a.client() as c:
+            check_continuity(hb, wait_heartbeat(c, "tls6", after=hb))
+            c.destroy("tls6")
 
 
 async def _p2p(src: Host, dst: Host, name: str, flags: MigrateFlags = LIVE) -> None:

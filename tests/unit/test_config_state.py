@@ -102,6 +102,8 @@ def test_config_partial_file_keeps_other_defaults(tmp: Path) -> None:
         ("[tls]\npki_dir = 3\n", "tls.pki_dir"),
         ("[migration]\nport_min = 50000\nport_max = 49999\n", "port_min"),
         ("[migration]\nport_max = 70000\n", "migration.port_max"),
+        ("[migration]\ntls_channels = 17\n", "migration.tls_channels"),
+        ("[migration]\ntls_channels = -1\n", "migration.tls_channels"),
         ("[jobs]\nwait_timeout = 0\n", "jobs.wait_timeout"),
         ('[host]\nuuid = "not-a-uuid"\n', "host.uuid"),
         ("[jobs\n", "invalid TOML"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,7 +121,12 @@ def test_staged_copy_holds_only_the_endpoint_files(pki: Path, tmp_path: Path) ->
     base = tmp_path / "qemu-tls"
     server = tls_creds.stage(pki, base, "s", "server", None)
     client = tls_creds.stage(pki, base, "c", "client", None)
-    assert sorted(os.listdir(server)) == ["ca-cert.pem", "server-cert.pem", "server-key.pem"]
+    assert sorted(os.listdir(server)) == [
+        "ca-cert.pem",
+        "dh-params.pem",  # QEMU would generate its own, 0.5-1.2 s per migration
+        "server-cert.pem",
+        "server-key.pem",
+    ]
     assert sorted(os.listdir(client)) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
     assert stat.S_IMODE(server.stat().st_mode) == 0o700
     assert stat.S_IMODE((server / "server-key.pem").stat().st_mode) == 0o400
@@ -140,3 +148,103 @@ def test_compression_methods() -> None:
         MigrationParams.from_dict({"compression": "lz4"})
     with pytest.raises(VmferryError):
         MigrationParams(compression="zstd").validate(F.LIVE)  # without --compressed
+
+
+def test_encrypted_stream_gets_the_destinations_channels(pki: Path) -> None:
+    dst = tls.TlsSetup(mode="off", pki_dir=pki, channels=3)
+    assert tls.channels(dst, F.LIVE | F.TLS, True, 4) == 3  # the smaller of both hosts'
+    assert tls.channels(dst, F.LIVE | F.TLS, True, 2) == 2
+    assert tls.channels(dst, F.LIVE | F.TLS, True, None) == 0  # an older source: one stream
+    assert tls.channels(dst, F.LIVE, False, 2) == 0  # plain: as the client asked
+    for own in (F.PARALLEL, F.POSTCOPY, F.COMPRESSED, F.OFFLINE):
+        assert tls.channels(dst, F.LIVE | F.TLS | own, True, 2) == 0, own
+    assert tls.channels(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE | F.TLS, True, 2) == 0
+    # Begin offers the source's count, through XML as the destination gets it
+    assert offered("off", pki).tls_channels == 2
+    cookie = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A)
+    tls.offer(tls.TlsSetup(pki_dir=pki, channels=0), F.LIVE, cookie)
+    assert cookie.tls_channels is None
+    params = MigrationParams(bandwidth_mib_s=5)
+    flags, shaped = tls.shape(F.LIVE | F.TLS, params, 3)
+    assert flags == F.LIVE | F.TLS | F.PARALLEL
+    assert shaped.parallel_connections == 3 and shaped.bandwidth_mib_s == 5
+    assert params.parallel_connections == 0  # the request's own parameters stay as they were
+    shaped.validate(flags)
+    assert tls.shape(F.LIVE | F.TLS, params, None) == (F.LIVE | F.TLS, params)
+    # the client's own --parallel N wins over whatever a cookie says
+    own = MigrationParams(parallel_connections=4)
+    assert tls.shape(F.LIVE | F.TLS | F.PARALLEL, own, 2) == (F.LIVE | F.TLS | F.PARALLEL, own)
+
+
+def test_source_follows_no_more_channels_than_it_offered(pki: Path) -> None:
+    src = tls.TlsSetup(pki_dir=pki, channels=2)
+    answer = MigrationCookie(name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_channels=2)
+    assert tls.answered_channels(src, answer, True) == 2
+    assert tls.answered_channels(src, answer, False) is None  # a plain stream: one
+    answer.tls_channels = 3  # a client's forgery, or a destination not following the rules
+    with pytest.raises(VmferryError) as err:
+        tls.answered_channels(src, answer, True)
+    assert err.value.code == ErrorCode.OPERATION_FAILED
+    answer.tls_channels = None
+    assert tls.answered_channels(src, answer, True) is None
+
+
+def test_channels_travel_in_the_answer() -> None:
+    answer = MigrationCookie(
+        name="g", uuid=UUID, hostname="b", hostuuid=HOST_B, tls_use=True, tls_channels=2
+    )
+    assert "channels='2'" in answer.to_xml() or 'channels="2"' in answer.to_xml()
+    parsed = parse_cookie(answer.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_A)
+    assert parsed.tls_channels == 2
+    answer.tls_channels = None
+    parsed = parse_cookie(answer.to_xml(), name="g", uuid=UUID, local_hostuuid=HOST_A)
+    assert parsed.tls_channels is None  # an older destination: one stream
+
+
+@pytest.mark.parametrize("bad", ["0", "17", "255", "-1", "2x", ""])
+def test_channels_beyond_the_bound_are_refused(bad: str) -> None:
+    text = MigrationCookie(name="g", uuid=UUID, hostname="a", hostuuid=HOST_A).to_xml()
+    text = text.replace("</qemu-migration>", f"<tls use='yes' channels='{bad}'/></qemu-migration>")
+    with pytest.raises(VmferryError) as err:
+        parse_cookie(text, name="g", uuid=UUID, local_hostuuid=HOST_B)
+    assert err.value.code == ErrorCode.INVALID_ARG
+
+
+def _der_integers(der: bytes) -> list[int]:
+    """The INTEGERs of a DER SEQUENCE (PKCS #3 DHParameter: p, g)."""
+
+    def length(at: int) -> tuple[int, int]:
+        first = der[at]
+        if first < 0x80:
+            return first, at + 1
+        count = first & 0x7F
+        return int.from_bytes(der[at + 1 : at + 1 + count], "big"), at + 1 + count
+
+    assert der[0] == 0x30
+    _, at = length(1)
+    out = []
+    while at < len(der):
+        assert der[at] == 0x02
+        size, at = length(at + 1)
+        out.append(int.from_bytes(der[at : at + size], "big"))
+        at += size
+    return out
+
+
+def test_dh_params_are_rfc7919_ffdhe3072() -> None:
+    """The server's DH group: 3072 bits, generator 2, the RFC's prime (as OpenSSL knows it)."""
+    body = b"".join(tls_creds.FFDHE3072_PEM.strip().splitlines()[1:-1])
+    p, g = _der_integers(base64.b64decode(body))
+    assert g == 2 and p.bit_length() == 3072
+    # RFC 7919 primes begin and end with 64 one bits
+    ones = (1 << 64) - 1
+    assert p >> (3072 - 64) == ones and p & ones == ones
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to compare with")
+    out = subprocess.run(
+        [openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "dh_param:ffdhe3072"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert out == tls_creds.FFDHE3072_PEM

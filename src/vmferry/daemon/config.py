@@ -89,6 +89,7 @@ from typing import Any
 from vmferry.daemon.access import READ_ONLY_DEFAULT
 from vmferry.domain.storage_names import check_pool_name
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.migration.cookie import TLS_MAX_CHANNELS
 from vmferry.storage.pool import PoolConfig
 
 
@@ -117,6 +118,9 @@ class MigrationConfig:
     perform_timeout: float = 0.0
     # QEMU's TLS for the stream (vmferry.migration.tls): off (only with --tls), on, required
     tls: str = "off"
+    # an encrypted stream without --parallel: this many multifd channels, each encrypting in
+    # its own QEMU thread (the smaller of both hosts', docs/migration-tls.md); 0: one stream
+    tls_channels: int = 2
     # the default contract (vmferry.migration.policy.contract)
     downtime_target_ms: int = 300
     deadline_s: float = 0.0
@@ -335,6 +339,11 @@ def _check_migration_endpoints(where: str, mig: MigrationConfig) -> None:
         raise VmferryError(
             ErrorCode.INVALID_ARG,
             f'{where}: migration.tls must be "off", "on" or "required", not {mig.tls!r}',
+        )
+    if not 0 <= mig.tls_channels <= TLS_MAX_CHANNELS:
+        raise VmferryError(
+            ErrorCode.INVALID_ARG,
+            f"{where}: migration.tls_channels must be 0 (one stream) to {TLS_MAX_CHANNELS}",
         )
     if mig.perform_timeout < 0:
         raise VmferryError(

@@ -69,6 +69,7 @@ class MigrationService:
         confine = driver.lifecycle.confine
         self._tls = TlsSetup(
             mode=driver.config.migration.tls,
+            channels=driver.config.migration.tls_channels,
             pki_dir=driver.config.tls.pki_dir,
             staging=driver.state.root / tls_creds.STAGING_DIR,
             user=confine.user if confine is not None else None,

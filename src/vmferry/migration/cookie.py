@@ -119,6 +119,11 @@ class NbdDisk:
     backing_format: str = ""
 
 
+#: The most multifd channels a destination may ask an encrypted stream to use (the
+#: cookie passes through the client: a larger figure is refused, never sent to QEMU).
+TLS_MAX_CHANNELS = 16
+
+
 @dataclass
 class MigrationCookie:
     name: str
@@ -140,6 +145,8 @@ class MigrationCookie:
     tls_pki: bool | None = None  # the sender has a PKI
     tls_mode: str = ""  # the sender's [migration] tls
     tls_use: bool | None = None  # Prepare: the stream is encrypted by QEMU
+    # multifd channels of an encrypted stream: Begin, the most the source runs; Prepare, the count
+    tls_channels: int | None = None
     #: vmferry's own part: the convergence policy's report (``policy*`` job statistics and
     #: its actions), so the destination's ``domjobinfo --completed`` shows them too
     policy: dict[str, Any] = field(default_factory=dict)
@@ -172,6 +179,8 @@ class MigrationCookie:
                     tls.set(attr, "yes" if value else "no")
             if self.tls_mode:
                 tls.set("mode", self.tls_mode)
+            if self.tls_channels:
+                tls.set("channels", str(self.tls_channels))
         if self.statistics:
             stats = ET.SubElement(root, "statistics")
             for key in STAT_NAMES:
@@ -438,6 +447,11 @@ def _parse_tls(root: ET.Element, cookie: MigrationCookie) -> None:
     if mode not in ("", "off", "on", "required"):
         raise _invalid(f"Malformed tls mode '{mode[:16]}' in migration cookie")
     cookie.tls_mode = mode
+    channels = tls.get("channels")
+    if channels is not None:
+        if not channels.isdigit() or not 1 <= int(channels) <= TLS_MAX_CHANNELS:
+            raise _invalid(f"Malformed tls channels '{channels[:16]}' in migration cookie")
+        cookie.tls_channels = int(channels)
 
 
 def _parse_statistics(stats: ET.Element) -> dict[str, int]:

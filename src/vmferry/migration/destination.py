@@ -105,6 +105,9 @@ async def prepare(
         )
     # decided before anything is made: a refused migration leaves nothing behind
     use_tls = not flags & MigrateFlags.OFFLINE and mtls.decide(host.tls, flags, offer)
+    # v2 (no offer) cannot answer a channel count: its stream stays as the client asked
+    channels = mtls.channels(host.tls, flags, use_tls, offer.tls_channels) if offer else 0
+    qemu_flags, qemu_params = mtls.shape(flags, params, channels)
     existing = host.check_clash(definition, allow_inactive_same=True)
     if existing is not None and existing.active:
         raise VmferryError(
@@ -129,7 +132,7 @@ async def prepare(
             host.check_definition(definition)
             await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
-            uri = await _start_incoming(host, dom, flags, params, use_tls=use_tls)
+            uri = await _start_incoming(host, dom, qemu_flags, qemu_params, use_tls=use_tls)
         if copy and flags & MigrateFlags.TUNNELLED:
             await storage.start_nbd_tunnelled(dom)  # no port: NBD comes through tunnels
         elif copy:
@@ -151,9 +154,10 @@ async def prepare(
         name=original_name, uuid=dom.uuid, hostname=host.hostname, hostuuid=host.host_uuid
     )
     if not flags & MigrateFlags.OFFLINE:
-        cookie.capabilities = mparams.capabilities(flags, source=False)
+        cookie.capabilities = mparams.capabilities(qemu_flags, source=False)
         if offer is not None:
             cookie.tls_use = use_tls
+            cookie.tls_channels = channels or None
     if nbd_port is not None:
         cookie.nbd_port = nbd_port
     return uri, cookie.to_xml()

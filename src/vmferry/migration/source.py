@@ -179,14 +179,21 @@ async def perform3(
             answer = parse_cookie(
                 cookie_in, name=dom.name, uuid=dom.uuid, local_hostuuid=host.host_uuid
             )
+            use_tls = mtls.follow(host.tls, flags, answer)
+            # the channels the destination's QEMU waits for (an encrypted stream)
+            qemu_flags, qemu_params = mtls.shape(
+                flags,
+                dom.migration.params or MigrationParams(),
+                mtls.answered_channels(host.tls, answer, use_tls),
+            )
             await _run(
                 dom,
                 uri,
-                flags,
-                dom.migration.params or MigrationParams(),
+                qemu_flags,
+                qemu_params,
                 host.perform_limits,
                 host.convergence,
-                tls=host.tls if mtls.follow(host.tls, flags, answer) else None,
+                tls=host.tls if use_tls else None,
                 tunnel=tunnel,
                 nbd_port=answer.nbd_port,
             )

@@ -16,17 +16,28 @@ it. v2 has no cookie before Prepare: there ``--tls`` alone decides.
 
 A tunnelled stream (:mod:`vmferry.migration.tunnel`) is encrypted by the
 daemons' own mutual-TLS connection, not by QEMU.
+
+An encrypted stream the client did not make parallel runs over multifd
+channels (``[migration] tls_channels``, 2 by default, the smaller of both
+hosts'; see :func:`shape`): QEMU's TLS costs a record, a system call and a decryption per
+guest page and per page header, which one migration thread and the
+destination's main loop cannot do at the plain stream's speed; each multifd
+channel encrypts and decrypts in its own thread (docs/migration-tls.md has
+the measurements). Begin offers its count (``<tls channels='N'/>``; an older
+source offers none and gets one stream), Prepare decides and answers it,
+Perform follows, so both QEMUs always agree.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.cookie import MigrationCookie
 from vmferry.migration.flags import MigrateFlags
+from vmferry.migration.params import MigrationParams
 from vmferry.qemu import tls_creds
 from vmferry.qemu.confine import QemuUser
 from vmferry.qemu.domain import QemuDomain
@@ -46,6 +57,7 @@ class TlsSetup:
     pki_dir: Path | None = None
     staging: Path = field(default_factory=lambda: Path("/nonexistent"))  # STATE/qemu-tls
     user: QemuUser | None = None
+    channels: int = 2  # [migration] tls_channels: multifd channels of an encrypted stream
 
     @property
     def has_pki(self) -> bool:
@@ -77,6 +89,7 @@ def offer(setup: TlsSetup, flags: MigrateFlags, cookie: MigrationCookie) -> None
         raise _required("this source host", "has no PKI to encrypt with")
     cookie.tls_pki = setup.has_pki
     cookie.tls_mode = setup.mode
+    cookie.tls_channels = setup.channels or None  # what this source can follow
 
 
 def decide(setup: TlsSetup, flags: MigrateFlags, cookie: MigrationCookie | None) -> bool:
@@ -117,6 +130,56 @@ def follow(setup: TlsSetup, flags: MigrateFlags, answer: MigrationCookie | None)
     if use and not setup.has_pki:
         raise _no_pki(setup, "an encrypted migration")
     return use
+
+
+#: What multifd cannot go with (xbzrle, post-copy as vmferry runs it) or already chose.
+_ONE_STREAM = (
+    MigrateFlags.PARALLEL
+    | MigrateFlags.POSTCOPY
+    | MigrateFlags.COMPRESSED
+    | MigrateFlags.TUNNELLED
+    | MigrateFlags.OFFLINE
+)
+
+
+def channels(setup: TlsSetup, flags: MigrateFlags, use: bool, offered: int | None) -> int:
+    """Prepare (destination): multifd channels for an encrypted stream; 0: as the client asked.
+
+    :param offered: the source's count from Begin's cookie (None: an older source).
+    """
+    if not use or flags & _ONE_STREAM or not offered:
+        return 0
+    return min(setup.channels, offered)
+
+
+def answered_channels(setup: TlsSetup, answer: MigrationCookie, use: bool) -> int | None:
+    """Perform (source): the channel count Prepare answered, never more than this host offered.
+
+    :raise VmferryError: ``OPERATION_FAILED`` for an answer above this host's own count
+        (the cookie passes through the client).
+    """
+    if not use or not answer.tls_channels:
+        return None
+    if answer.tls_channels > setup.channels:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"the destination prepared {answer.tls_channels} TLS channels, more than this "
+            f"host's [migration] tls_channels ({setup.channels}) offered",
+        )
+    return answer.tls_channels
+
+
+def shape(
+    flags: MigrateFlags, params: MigrationParams, count: int | None
+) -> tuple[MigrateFlags, MigrationParams]:
+    """The flags and parameters QEMU runs with: *count* multifd channels when given.
+
+    Both sides call it, the destination with its own :func:`channels`, the source
+    with the count Prepare answered (never more than the cookie allows).
+    """
+    if not count or flags & _ONE_STREAM:
+        return flags, params
+    return flags | MigrateFlags.PARALLEL, replace(params, parallel_connections=count)
 
 
 async def enable(

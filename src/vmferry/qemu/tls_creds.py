@@ -16,6 +16,13 @@ A server endpoint (the destination of a stream) presents ``server.pem``; a
 client endpoint (the source) ``client.pem``; both verify the peer against the
 cluster CA (``verify-peer``), so each side proves it belongs to the cluster.
 
+A server endpoint also gets ``dh-params.pem``, the RFC 7919 ``ffdhe3072``
+group (finite-field Diffie-Hellman for a TLS 1.2 DHE handshake; TLS 1.3 uses
+its own named groups): without that file QEMU *generates* 2048-bit parameters
+each time the object is created, 0.5-1.2 s of CPU in the destination's main
+loop on every encrypted migration (docs/migration-tls.md). A standard group is
+at least as strong as a freshly generated one and loads at once.
+
 Usage (migration or NBD alike)::
 
     obj = await add_x509(mon, pki_dir, base, "vmferry-tls-mig", "server", user)
@@ -50,6 +57,22 @@ _FILES: dict[Endpoint, tuple[tuple[str, str], ...]] = {
         ("client-key.pem", "client-key.pem"),
     ),
 }
+#: RFC 7919 ffdhe3072 (PKCS #3), as ``openssl genpkey -genparam -algorithm DH
+#: -pkeyopt dh_param:ffdhe3072`` writes it; QEMU's ``dh-params.pem`` of a server endpoint.
+FFDHE3072_PEM = b"""\
+-----BEGIN DH PARAMETERS-----
+MIIBiAKCAYEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEfz9zeNVs7ZRkDW7w09N75nAI4YbRvydbmyQd62R0mkff3
+7lmMsPrBhtkcrv4TCYUTknC0EwyTvEN5RPT9RFLi103TZPLiHnH1S/9croKrnJ32
+nuhtK8UiNjoNq8Uhl5sN6todv5pC1cRITgq80Gv6U93vPBsg7j/VnXwl5B0rZsYu
+N///////////AgEC
+-----END DH PARAMETERS-----
+"""
+DH_PARAMS = "dh-params.pem"
 #: Below the state directory: one private directory per credentials object being created.
 STAGING_DIR = "qemu-tls"
 
@@ -75,8 +98,10 @@ def stage(
     uid, gid = (user.uid, user.gid) if user is not None else (-1, -1)
     try:
         target.mkdir(mode=0o700)
-        for src, dst in _FILES[endpoint]:
-            data = (pki_dir / src).read_bytes()
+        files = [(dst, (pki_dir / src).read_bytes()) for src, dst in _FILES[endpoint]]
+        if endpoint == "server":
+            files.append((DH_PARAMS, FFDHE3072_PEM))
+        for dst, data in files:
             fd = os.open(target / dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             try:
                 os.write(fd, data)
