@@ -189,6 +189,7 @@ def _vmferry(a: Host, args: argparse.Namespace) -> Run:
                 "result": result,
                 "downtime_ms": m.downtime_ms,
                 "wall_s": m.wall_s,
+                "steps": m.steps,
                 "error": m.error,
             }
         )

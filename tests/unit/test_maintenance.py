@@ -117,3 +117,34 @@ def test_evacuate_options_become_the_request() -> None:
     on = parser.parse_args(["maintenance", "host0", "on", "--reason", "kernel"])
     assert (on.host, on.state, on.reason) == ("host0", "on", "kernel")
     assert parser.parse_args(["maintenance", "host0"]).state is None
+
+
+def test_the_heartbeat_carries_maintenance_for_cluster_list(tmp_path: Path) -> None:
+    from vmferry.daemon.cluster import Membership
+    from vmferry.daemon.config import ClusterConfig
+    from vmferry.daemon.host import HostIdentity
+
+    state = {"on": False}
+    peer = Membership(
+        ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
+        HostIdentity("node1", "u1"),
+        uri="tls://node1:16514",
+        migration_address="",
+        vms=list,
+        backend="lockspace",
+        maintenance=lambda: state["on"],
+    )
+    other = Membership(
+        ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
+        HostIdentity("node2", "u2"),
+        uri="tls://node2:16514",
+        migration_address="",
+        vms=list,
+        backend="lockspace",
+    )
+    peer.beat()
+    assert not {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
+    state["on"] = True
+    peer.beat()
+    assert {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
+    assert peer.local().maintenance

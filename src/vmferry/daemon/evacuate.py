@@ -144,12 +144,19 @@ class Evacuations:
                 )
             chosen = [others[n] for n in dict.fromkeys(req.to)]
         else:
-            chosen = [h for h in others.values() if h.state == "up"]
+            chosen = [h for h in others.values() if h.state == "up" and not h.maintenance]
         down = [h.name for h in chosen if h.state != "up" or not h.uri]
         if down and req.to:
             raise VmferryError(
                 ErrorCode.OPERATION_INVALID,
                 f"destination {', '.join(down)} is not up (no fresh heartbeat)",
+            )
+        closed = [h.name for h in chosen if h.maintenance]
+        if closed:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID,
+                f"destination {', '.join(closed)} is in maintenance (it takes no guest); "
+                f"end it with 'vmferry maintenance {closed[0]} off' or leave it out of --to",
             )
         link = (req.bandwidth_mib_s or self.driver.config.evacuate.link_mib_s) * MIB
         return [
@@ -297,6 +304,7 @@ class Evacuations:
             finally:
                 linkshare.unassign(dom.uuid)
             m.result = "done"
+            m.steps = {k: round(v, 2) for k, v in result.steps.items()}
             downtime = result.stats.get("downtime_ms")
             m.downtime_ms = float(downtime) if downtime is not None else None
             m.progress = 1.0
