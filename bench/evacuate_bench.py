@@ -3,28 +3,40 @@
 
 Eight test guests with mixed dirty rates run on host A and are evacuated to B
 and C (three ``vmferryd`` with a lockspace cluster). The links A->B and A->C
-are emulated by migration bandwidth caps: every migration on a link gets
-``link / k`` where *k* is how many run on that link, set again (``migrate-set-speed``)
-whenever *k* changes, so every policy sees the same bandwidth per link. vmferry's
-drain gives each migration its planned share and does not raise it. Policies:
+are emulated by migration bandwidth caps (``--link`` MiB/s each), the same for
+every policy; a migration that sets up or finishes (no memory moving) takes
+none of its link, as on a real link:
 
-- ``vmferry``: ``vmferry evacuate`` (the planner, the drain in A's daemon);
+- ``vmferry``: ``vmferry evacuate`` (the planner, the drain in A's daemon,
+  ``--max-parallel 4 --per-destination 2``). Its drain lets one migration send
+  per link, capped at the whole link, the next one set up and waiting
+  (:mod:`vmferry.migration.linkshare`);
 - ``nova``: one migration at a time (``max_concurrent_live_migrations = 1``);
 - ``kubevirt``: its defaults, 5 per cluster and 2 outbound per node (so 2 at once);
 - ``naive``: all eight at once.
 
 The baselines place guests round-robin on B and C (the placement a scheduler
-blind to the link makes on equal hosts) and start them in boot order. Every
-migration has the same contract and convergence policy: a downtime target and
-a deadline past which the engine aborts it (the guest stays on A). Per policy:
-total drain time, worst downtime, aborted migrations; guest memory is checked
-(heartbeat continuity) on every guest after every run. Fresh guests are
-booted for each policy.
+blind to the link makes on equal hosts) and start them in boot order. Their
+links are shared as TCP shares a link: every ``LINK_POLL_S`` the bench looks
+(``domjobinfo``) at which of a link's migrations send, and caps each of the
+*k* sending at ``link / k`` (``migrate-set-speed``); a migration starts capped
+at its share with those sending then. Between two looks a link may carry more
+than its bandwidth: that error favours the baselines.
+
+Every migration has the same contract and convergence policy: a downtime
+target and a deadline past which the engine aborts it (the guest stays on A);
+none allows post-copy. Per policy: total drain time (from the first request
+to the last guest settled), worst downtime, guests over the downtime target,
+aborted migrations; guest memory is checked (heartbeat continuity) on every
+guest after every run. Fresh guests are booted for each policy. With
+``--runs N`` every policy runs N times, the order of the policies reversed
+every other run (the machine's load drifts), and the vmferry/baseline drain
+time ratio is printed per run.
 
 Usage::
 
-    .venv/bin/python bench/evacuate_bench.py [--link 32] [--memory 128]
-        [--policies vmferry,nova,kubevirt,naive] [--deadline 60] [--json PATH]
+    .venv/bin/python bench/evacuate_bench.py [--link 32] [--memory 128] [--hot 1.0]
+        [--policies vmferry,nova,kubevirt,naive] [--deadline 60] [--runs 1] [--json PATH]
 """
 
 from __future__ import annotations
