@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,26 +126,22 @@ def test_the_heartbeat_carries_maintenance_for_cluster_list(tmp_path: Path) -> N
     from vmferry.daemon.host import HostIdentity
 
     state = {"on": False}
-    peer = Membership(
-        ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
-        HostIdentity("node1", "u1"),
-        uri="tls://node1:16514",
-        migration_address="",
-        vms=list,
-        backend="lockspace",
-        maintenance=lambda: state["on"],
-    )
-    other = Membership(
-        ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
-        HostIdentity("node2", "u2"),
-        uri="tls://node2:16514",
-        migration_address="",
-        vms=list,
-        backend="lockspace",
-    )
+
+    def member(name: str, **kw: Any) -> Membership:
+        return Membership(
+            ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
+            HostIdentity(name, f"uuid-{name}"),
+            uri=f"tls://{name}:16514",
+            migration_address="",
+            vms=list,
+            backend="lockspace",
+            **kw,
+        )
+
+    peer, other = member("node1", maintenance=lambda: state["on"]), member("node2")
     peer.beat()
     assert not {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
     state["on"] = True
     peer.beat()
     assert {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
-    assert peer.local().maintenance
+    assert peer.local().maintenance and not other.local().maintenance

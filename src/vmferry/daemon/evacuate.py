@@ -228,17 +228,19 @@ class Evacuations:
                 self._wake.clear()  # before looking: a link freed from now on wakes the wait
                 for m in self._startable(running, req):
                     m.result = "running"
-                    link = self._link(m.dest)
-                    m.bandwidth_mib_s = float(link.share())
+                    if self.info.link_mib_s:
+                        m.bandwidth_mib_s = float(self._link(m.dest).share())
                     self._save()  # persisted before the migration starts
                     running[asyncio.create_task(self._move(m, req))] = m
                 if not running:
                     break
                 waiter = asyncio.ensure_future(self._wake.wait())
-                done, _ = await asyncio.wait(
-                    [*running, waiter], return_when=asyncio.FIRST_COMPLETED
-                )
-                waiter.cancel()
+                try:
+                    done, _ = await asyncio.wait(
+                        [*running, waiter], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
                 for ended in [t for t in running if t in done]:
                     running.pop(ended)
                 self._save()
