@@ -10,6 +10,15 @@ from vmferry.migration import linkshare
 from vmferry.migration.params import MigrationParams
 
 
+class Mon:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def execute(self, cmd: str, args: Any = None) -> dict[str, Any]:
+        self.calls.append((cmd, args))
+        return {}
+
+
 def dom(name: str) -> Any:
     return SimpleNamespace(
         name=name, uuid=f"uuid-{name}", job=SimpleNamespace(abort_requested=False)
@@ -23,10 +32,11 @@ async def test_one_sends_at_a_time_at_the_whole_link_in_arrival_order() -> None:
 
     async def send(d: Any) -> None:
         linkshare.assign(d.uuid, link)
-        params = MigrationParams()
-        await linkshare.admit(d, params)
+        params = MigrationParams(bandwidth_mib_s=32)
+        mon = Mon()
+        assert await linkshare.admit(d, params, mon)  # type: ignore[arg-type]
         order.append(d.name)
-        assert params.bandwidth_mib_s == 32
+        assert params.bandwidth_mib_s == 32 and not mon.calls  # the cap applied already
         assert list(link.sending) == [d.uuid]  # alone on the link
         await asyncio.sleep(0.01)
         await linkshare.release(d)
@@ -57,7 +67,7 @@ async def test_an_aborted_migration_stops_waiting_for_its_turn() -> None:
     await link.join(a)
     linkshare.assign(b.uuid, link)
     params = MigrationParams(bandwidth_mib_s=7)
-    waiting = asyncio.create_task(linkshare.admit(b, params))
+    waiting = asyncio.create_task(linkshare.admit(b, params, Mon()))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert not waiting.done() and link.waiting == [b.uuid]
     b.job.abort_requested = True
@@ -67,8 +77,19 @@ async def test_an_aborted_migration_stops_waiting_for_its_turn() -> None:
     linkshare.unassign(b.uuid)
 
 
-async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
+async def test_a_cap_other_than_the_link_is_set_when_its_turn_comes() -> None:
+    link, a, mon = linkshare.Link("b", 32), dom("a"), Mon()
+    linkshare.assign(a.uuid, link)
     params = MigrationParams(bandwidth_mib_s=5)
-    await linkshare.admit(dom("x"), params)
+    assert await linkshare.admit(a, params, mon)  # type: ignore[arg-type]
+    assert params.bandwidth_mib_s == 32
+    assert mon.calls == [("migrate-set-parameters", {"max-bandwidth": 32 << 20})]
+    await linkshare.release(a)
+    linkshare.unassign(a.uuid)
+
+
+async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
+    params, mon = MigrationParams(bandwidth_mib_s=5), Mon()
+    assert not await linkshare.admit(dom("x"), params, mon)  # type: ignore[arg-type]
     await linkshare.release(dom("x"))
-    assert params.bandwidth_mib_s == 5
+    assert params.bandwidth_mib_s == 5 and not mon.calls

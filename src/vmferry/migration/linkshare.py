@@ -9,10 +9,10 @@ send at once, in the order they arrived, each at ``link / senders``; the
 next one is set up and waiting when the previous stops sending, so the link
 never idles between migrations and no guest converges at less than the link.
 
-The source's perform step calls :func:`admit` right before QEMU's ``migrate``
-(it may wait there for its turn) and :func:`release` when QEMU is done with
-the memory, whatever the outcome; a migration with no link assigned
-(:func:`assign`) runs at once with its own cap.
+The source's perform step calls :func:`admit` right before QEMU's ``migrate``,
+everything else set up (it may wait there for its turn), and :func:`release`
+when QEMU is done with the memory, whatever the outcome; a migration with no
+link assigned (:func:`assign`) runs at once with its own cap.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -94,14 +95,16 @@ def unassign(uuid: str) -> None:
     _ASSIGNED.pop(uuid, None)
 
 
-async def admit(dom: QemuDomain, params: MigrationParams) -> None:
-    """Before ``migrate``: wait for *dom*'s turn on its link; its cap becomes the link's share."""
+async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
+    """Right before ``migrate``: wait for *dom*'s turn on its link (False: it has none)."""
     link = _ASSIGNED.get(dom.uuid)
     if link is None:
-        return
+        return False
     share = await link.join(dom, lambda: dom.job.abort_requested)
-    if share:
+    if share and share != params.bandwidth_mib_s:
+        await mon.execute("migrate-set-parameters", {"max-bandwidth": share * MIB})
         params.bandwidth_mib_s = share
+    return True
 
 
 async def release(dom: QemuDomain) -> None:

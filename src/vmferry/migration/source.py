@@ -295,8 +295,6 @@ async def _run(
     dom.migration.iteration = 0
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
-    # On a shared link (an evacuation's), the cap is this migration's share while it sends.
-    await linkshare.admit(dom, params)
     try:
         await _send(dom, uri, flags, params, mon, limits, convergence, tls, tunnel, nbd_port)
     finally:
@@ -343,6 +341,10 @@ async def _send(
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
+    # On a link the drain shares, wait for this migration's turn to send, all set up: the
+    # parameters applied, the destination listening (the policy's clock starts now).
+    if await linkshare.admit(dom, params, mon):
+        mpolicy.restart_clock(dom)
     if dom.job.abort_requested:
         await storage.cancel(dom)
         raise _aborted()
