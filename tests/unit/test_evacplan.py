@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -157,7 +158,7 @@ def test_set_up_hides_behind_the_previous_migration_on_a_link() -> None:
     assert two.per_link == 2
     assert two.total_s == pytest.approx(1.0 + 4 * send)  # the link never idles after the first
     spans = sorted(_sending(m) for m in two.moves)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 1e-6  # one sends at a time, at the whole link
     assert all(m.bandwidth_bps == LINK for m in two.moves)
 
