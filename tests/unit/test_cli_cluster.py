@@ -19,6 +19,7 @@ INFO = ClusterInfo(
             memory_free_kib=3 * 1024 * 1024, cpus=8, vms=[VM],
         ),
         ClusterHost(name="node2", uuid="u2", uri="tls://node2:16514", state="down", cpus=4),
+        ClusterHost(name="node4", uuid="u4", uri="tls://node4:16514", state="up", maintenance=True),
         ClusterHost(uri="tls://node3:16514"),
     ],
     vms=[VM.model_copy(update={"host": "node1", "host_uuid": "u1"})],
@@ -43,7 +44,8 @@ def test_cluster_list_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0].split() == ["Host", "State", "URI", "Free", "GiB", "CPUs", "Seen", "VMs"]
     assert lines[2].split() == ["node1", "*", "up", "tls://node1:16514", "3.0", "8", "now", "1"]
     assert lines[3].split()[:2] == ["node2", "down"]
-    assert lines[4].split()[:3] == ["?", "unknown", "tls://node3:16514"]
+    assert lines[4].split()[:4] == ["node4", "up", "(maintenance)", "tls://node4:16514"]
+    assert lines[5].split()[:3] == ["?", "unknown", "tls://node3:16514"]
     assert "Leases: lockspace" in out
     assert any(line.split() == ["web", VM.uuid, "running", "node1"] for line in lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -139,3 +140,32 @@ def test_no_destinations_places_nothing() -> None:
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError):
         plan([guest("a"), guest("a")], [host("b")], Limits())
+
+
+def _sending(m) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """When a planned move sends: its last seconds, after its set-up and any wait for the link."""
+    send = migration_time(guest(m.name, m.memory_bytes // MIB), LINK)[0]
+    return m.end_s - send, m.end_s
+
+
+def test_set_up_hides_behind_the_previous_migration_on_a_link() -> None:
+    # Idle guests: sending is bandwidth alone; two per link overlap set-up, never sending.
+    guests = [guest(f"g{i}", 256) for i in range(4)]
+    one = plan(guests, [host("b")], Limits(max_parallel=1, per_destination=1, per_link=1))
+    two = plan(guests, [host("b")], Limits(max_parallel=2, per_destination=2, per_link=2))
+    send = migration_time(guests[0], LINK)[0]
+    assert one.total_s == pytest.approx(4 * (1.0 + send))
+    assert two.per_link == 2
+    assert two.total_s == pytest.approx(1.0 + 4 * send)  # the link never idles after the first
+    spans = sorted(_sending(m) for m in two.moves)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 1e-6  # one sends at a time, at the whole link
+    assert all(m.bandwidth_bps == LINK for m in two.moves)
+
+
+def test_links_are_balanced_by_predicted_work_not_count() -> None:
+    # One big guest weighs as much as four small ones: 1 + 4, not 3 + 2.
+    guests = [guest("big", 1024)] + [guest(f"s{i}", 256) for i in range(4)]
+    p = plan(guests, [host("b"), host("c")], Limits(max_parallel=4, per_destination=2, per_link=2))
+    big = next(m.dest for m in p.moves if m.name == "big")
+    assert sum(1 for m in p.moves if m.dest == big) == 1

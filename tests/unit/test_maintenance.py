@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,30 @@ def test_evacuate_options_become_the_request() -> None:
     on = parser.parse_args(["maintenance", "host0", "on", "--reason", "kernel"])
     assert (on.host, on.state, on.reason) == ("host0", "on", "kernel")
     assert parser.parse_args(["maintenance", "host0"]).state is None
+
+
+def test_the_heartbeat_carries_maintenance_for_cluster_list(tmp_path: Path) -> None:
+    from vmferry.daemon.cluster import Membership
+    from vmferry.daemon.config import ClusterConfig
+    from vmferry.daemon.host import HostIdentity
+
+    state = {"on": False}
+
+    def member(name: str, **kw: Any) -> Membership:
+        return Membership(
+            ClusterConfig(lockspace=str(tmp_path), heartbeat_interval=1.0),
+            HostIdentity(name, f"uuid-{name}"),
+            uri=f"tls://{name}:16514",
+            migration_address="",
+            vms=list,
+            backend="lockspace",
+            **kw,
+        )
+
+    peer, other = member("node1", maintenance=lambda: state["on"]), member("node2")
+    peer.beat()
+    assert not {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
+    state["on"] = True
+    peer.beat()
+    assert {h.name: h for h in other.snapshot_now().hosts}["node1"].maintenance
+    assert peer.local().maintenance and not other.local().maintenance

@@ -39,6 +39,7 @@ class ClusterHost(BaseModel):
     # up: heartbeat fresh; down: heartbeat too old; unknown: a configured peer never seen
     state: str = "unknown"
     self: bool = False  # the host that answered
+    maintenance: bool = False  # it takes no new guest (vmferry maintenance HOST on)
     memory_free_kib: int = 0
     memory_total_kib: int = 0
     cpus: int = 0
@@ -95,6 +96,7 @@ class EvacuationMove(BaseModel):
     progress: float = 0.0  # 0..1 while running
     wall_s: float = 0.0
     downtime_ms: float | None = None
+    steps: dict[str, float] = Field(default_factory=dict)  # seconds per protocol step
     error: str = ""
 
 

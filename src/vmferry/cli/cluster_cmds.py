@@ -30,7 +30,7 @@ def cmd_cluster_list(ctx: Context, args: argparse.Namespace) -> None:
         rows.append(
             (
                 name,
-                h.state,
+                h.state + (" (maintenance)" if h.maintenance else ""),
                 h.uri or "-",
                 _gib(h.memory_free_kib),
                 str(h.cpus or "-"),

@@ -111,7 +111,8 @@ def plan_table(info: EvacuationInfo) -> str:
         )
     out = [
         f"Evacuation plan of {info.host}: {sum(1 for m in info.moves if m.dest)} guests, "
-        f"up to {info.per_link} at once per link, about {info.planned_s:.1f} s",
+        f"up to {info.per_link} at once per link (one sends, the next sets up), "
+        f"about {info.planned_s:.1f} s",
         "",
         _table(rows),
     ]

@@ -70,12 +70,14 @@ class Membership:
         migration_address: str,
         vms: Callable[[], list[ClusterVm]],
         backend: str,
+        maintenance: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self.host = host
         self.uri = config.uri or uri
         self.migration_address = migration_address
         self._vms = vms
+        self._maintenance = maintenance
         self.backend = backend
         self._task: asyncio.Task[None] | None = None
 
@@ -92,6 +94,7 @@ class Membership:
             uri=self.uri,
             state="up",
             self=True,
+            maintenance=self._maintenance(),
             memory_free_kib=free,
             memory_total_kib=total,
             cpus=os.cpu_count() or 0,

@@ -23,7 +23,7 @@ from typing import Any
 from vmferry.api.models import EvacuateRequest, EvacuationInfo, EvacuationMove
 from vmferry.daemon.state import StateDir, atomic_write
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.migration import evacplan
+from vmferry.migration import evacplan, linkshare
 from vmferry.migration.flags import MigrateFlags
 from vmferry.qemu.domain import QemuDomain
 
@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 FILE = "evacuation.json"
 MIB = 1 << 20
-#: The dirty-rate measurement window, ms (QEMU's calc-dirty-rate).
-MEASURE_MS = 500
+#: The dirty-rate measurement window, ms (QEMU's calc-dirty-rate): one downtime target's worth
+#: of dirtying is what decides a switchover, and the first migration waits for it.
+MEASURE_MS = 300
+# How often a measurement is looked at once its window is over, s.
+_MEASURE_POLL_S = 0.05
 # How long a guest whose job a restart is still resolving is waited for.
 _JOB_WAIT_S = 120.0
 # A destination that fails like this is gone: its waiting guests go elsewhere.
@@ -53,6 +56,8 @@ class Evacuations:
         self.info = EvacuationInfo()
         self._task: asyncio.Task[None] | None = None
         self._dead: set[str] = set()
+        self._links: dict[str, linkshare.Link] = {}
+        self._wake = asyncio.Event()  # a migration ended or left its link
 
     @property
     def path(self) -> Path:
@@ -139,12 +144,19 @@ class Evacuations:
                 )
             chosen = [others[n] for n in dict.fromkeys(req.to)]
         else:
-            chosen = [h for h in others.values() if h.state == "up"]
+            chosen = [h for h in others.values() if h.state == "up" and not h.maintenance]
         down = [h.name for h in chosen if h.state != "up" or not h.uri]
         if down and req.to:
             raise VmferryError(
                 ErrorCode.OPERATION_INVALID,
                 f"destination {', '.join(down)} is not up (no fresh heartbeat)",
+            )
+        closed = [h.name for h in chosen if h.maintenance]
+        if closed:
+            raise VmferryError(
+                ErrorCode.OPERATION_INVALID,
+                f"destination {', '.join(closed)} is in maintenance (it takes no guest); "
+                f"end it with 'vmferry maintenance {closed[0]} off' or leave it out of --to",
             )
         link = (req.bandwidth_mib_s or self.driver.config.evacuate.link_mib_s) * MIB
         return [
@@ -213,19 +225,24 @@ class Evacuations:
         running: dict[asyncio.Task[None], EvacuationMove] = {}
         try:
             while True:
+                self._wake.clear()  # before looking: a link freed from now on wakes the wait
                 for m in self._startable(running, req):
                     m.result = "running"
-                    self._share(m, running.values())
+                    if self.info.link_mib_s:
+                        m.bandwidth_mib_s = float(self._link(m.dest).share())
                     self._save()  # persisted before the migration starts
-                    others = [r for r in running.values() if r.dest == m.dest]
                     running[asyncio.create_task(self._move(m, req))] = m
-                    await self._reshare(m.dest, others, joining=1)
                 if not running:
                     break
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    ended = running.pop(task)
-                    await self._reshare(ended.dest, list(running.values()))
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [*running, waiter], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                for ended in [t for t in running if t in done]:
+                    running.pop(ended)
                 self._save()
         except asyncio.CancelledError:
             for task in running:
@@ -237,33 +254,23 @@ class Evacuations:
         self._save()
         log.info("evacuation of %s done", self.driver.hostname)
 
-    def _share(self, m: EvacuationMove, running: Any) -> None:
-        """*m*'s cap when it starts: its share of the link with those already on it."""
-        link = self.info.link_mib_s
-        if link:
-            on_link = 1 + sum(1 for r in running if r.dest == m.dest)
-            m.bandwidth_mib_s = max(1.0, float(link // on_link))
+    def _link(self, dest: str) -> linkshare.Link:
+        """The link to *dest*: the migrations sending on it share its bandwidth."""
+        link = self._links.get(dest)
+        if link is None:
+            link = linkshare.Link(dest, self.info.link_mib_s or 0, changed=self._wake)
+            self._links[dest] = link
+        return link
 
-    async def _reshare(self, dest: str, running: list[EvacuationMove], *, joining: int = 0) -> None:
-        """A migration left (or joins) *dest*'s link: those on it get link / count again."""
-        link = self.info.link_mib_s
-        on_link = [m for m in running if m.dest == dest]
-        if not link or not on_link:
-            return
-        share = max(1, link // (len(on_link) + joining))
-        for m in on_link:
-            dom = next((d for d in self.driver.domains() if d.uuid == m.uuid), None)
-            if dom is None:
-                continue
-            with contextlib.suppress(VmferryError):
-                await self.service.set_speed(dom, share)
-                m.bandwidth_mib_s = float(share)
+    def _on_link(self, m: EvacuationMove) -> bool:
+        """Whether *m* counts against the limits: it sets up or sends; Finish/Confirm do not."""
+        return m.result == "running" and m.uuid not in self._link(m.dest).left
 
     def _startable(
         self, running: dict[asyncio.Task[None], EvacuationMove], req: EvacuateRequest
     ) -> list[EvacuationMove]:
         per_link = min(self.info.per_link or 1, req.per_destination)
-        busy = list(running.values())
+        busy = [m for m in running.values() if self._on_link(m)]
         out: list[EvacuationMove] = []
         for m in sorted(self.info.moves, key=lambda m: m.order):
             if m.result != "pending":
@@ -290,8 +297,16 @@ class Evacuations:
             }
             if req.deadline_s:
                 params["deadline_s"] = req.deadline_s
-            result = await self.service.migrate_p2p(dom.name, m.dest_uri, int(flags), params)
+            link = self._link(m.dest)
+            link.left.discard(dom.uuid)
+            if self.info.link_mib_s:
+                linkshare.assign(dom.uuid, link)  # its cap: its share while it sends
+            try:
+                result = await self.service.migrate_p2p(dom.name, m.dest_uri, int(flags), params)
+            finally:
+                linkshare.unassign(dom.uuid)
             m.result = "done"
+            m.steps = {k: round(v, 2) for k, v in result.steps.items()}
             downtime = result.stats.get("downtime_ms")
             m.downtime_ms = float(downtime) if downtime is not None else None
             m.progress = 1.0
@@ -399,11 +414,12 @@ async def _dirty_rate(dom: QemuDomain) -> float:
             "calc-dirty-rate",
             {"calc-time": MEASURE_MS, "calc-time-unit": "millisecond", "sample-pages": 512},
         )
-        for _ in range(20):
-            await asyncio.sleep(MEASURE_MS / 1000.0 + 0.1)
+        await asyncio.sleep(MEASURE_MS / 1000.0)
+        for _ in range(200):
             got = await mon.execute("query-dirty-rate", {"calc-time-unit": "millisecond"})
             if got.get("status") == "measured":
                 return float(got.get("dirty-rate", 0)) * MIB
+            await asyncio.sleep(_MEASURE_POLL_S)
     except VmferryError as err:
         log.info("%s: no dirty rate: %s", dom.name, err.message)
     return 0.0

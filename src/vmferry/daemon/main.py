@@ -176,6 +176,7 @@ async def join_etcd(driver: Driver, config: DaemonConfig, host: HostIdentity, ur
         uri=uri,
         migration_address=config.migration.listen_address,
         vms=driver.cluster_vms,
+        maintenance=lambda: driver.maintenance.on,
         backend="etcd",
     )
     membership = EtcdMembership(etcd, session, local.local, cluster.heartbeat_interval)
@@ -203,6 +204,7 @@ def join_cluster(driver: Driver, config: DaemonConfig, host: HostIdentity, uri: 
         uri=uri,
         migration_address=config.migration.listen_address,
         vms=driver.cluster_vms,
+        maintenance=lambda: driver.maintenance.on,
         backend=leases.kind,
     )
 

@@ -7,14 +7,15 @@ whose link finishes its share of the work soonest (longest-processing-time
 first, which balances the links), so memory decides where a guest may go and
 the links' load decides where it does go.
 
-*Schedule*: a fluid simulation of the drain. On one link, migrations running
-together share its bandwidth; a pre-copy at half the bandwidth re-sends more
-of what the guest dirties, so concurrency on a link only pays for the fixed
-set-up time of a migration (Prepare, QEMU start) and is never allowed to push
-a guest past its downtime target. The planner tries every per-link
-concurrency up to the limits and keeps the one whose drain ends soonest with
-every guest converging; the convergence model (:mod:`.policy.model`) tells how
-long each guest takes at a given share.
+*Schedule*: a simulation of the drain. On one link, migrations set up
+together (Prepare, the destination's QEMU: no memory moves) but send one at
+a time at the full link, the next one ready when the previous stops
+(:mod:`vmferry.migration.linkshare`): set-up hides behind the previous
+migration's pass, and no pre-copy runs at half a link (it would re-send more
+of what its guest dirties, and a hot guest might not converge at all). The
+planner tries every per-link concurrency (1: no overlap) up to the limits and
+keeps the one whose drain ends soonest; the convergence model
+(:mod:`.policy.model`) tells how long each guest sends and its downtime.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Move:
     order: int = 0  # 1 = starts first
     start_s: float = 0.0
     end_s: float = 0.0
-    bandwidth_bps: float = 0.0  # its share of the link while it runs
+    bandwidth_bps: float = 0.0  # what it sends at (the link: one sends at a time)
     downtime_ms: float = 0.0  # predicted
     converges: bool = True
 
@@ -139,7 +140,8 @@ def place(
         )
         where[g.name] = best
         free[best.name] -= g.memory_bytes
-        load[best.name] += migration_time(g, best.link_bps)[0] + limits.setup_s
+        # Set-up overlaps the previous migration's sending: only sending loads the link.
+        load[best.name] += migration_time(g, best.link_bps)[0]
     return where, unplaced
 
 
@@ -148,23 +150,19 @@ class _Run:
     guest: Guest
     target: Target
     setup_left: float
-    work_left: float = 1.0  # share of the migration still to do
+    send_left: float  # seconds of sending at the full link
     start: float = 0.0
-    share: float = 0.0  # the lowest bandwidth it had: what its downtime is predicted at
-
-
-def _fits(guest: Guest, running: list[_Run], link_bps: float) -> bool:
-    """Whether *guest* can join *running* on a link with everyone still converging."""
-    share = link_bps / (len(running) + 1)
-    return (
-        all(migration_time(r.guest, share)[2] for r in running) and migration_time(guest, share)[2]
-    )
+    sending: bool = False
 
 
 def schedule(
     where: dict[str, Target], guests: Sequence[Guest], limits: Limits, per_link: int
 ) -> tuple[list[Move], float]:
-    """Simulate the drain with at most *per_link* migrations per link; the moves and the end."""
+    """Simulate the drain with at most *per_link* migrations per link; the moves and the end.
+
+    On a link, migrations set up together but send one at a time at the full
+    link, in the order they started (:mod:`vmferry.migration.linkshare`).
+    """
     by_name = {g.name: g for g in guests}
     queues: dict[str, list[Guest]] = {}
     targets: dict[str, Target] = {}
@@ -178,58 +176,46 @@ def schedule(
     moves: list[Move] = []
     now = 0.0
     order = 0
+    cap = min(per_link, limits.per_destination, limits.per_link)
     for _ in range(_MAX_EVENTS):
         # Start what the limits allow: the link with the most work left first.
-        started = True
-        while started:
-            started = False
-            total = sum(len(r) for r in running.values())
-            if total >= limits.max_parallel:
+        while sum(len(r) for r in running.values()) < limits.max_parallel:
+            free = [n for n in queues if queues[n] and len(running[n]) < cap]
+            if not free:
                 break
-            for tname in sorted(queues, key=lambda n: -_work_left(queues[n], targets[n])):
-                q, runs, link = queues[tname], running[tname], targets[tname].link_bps
-                cap = min(per_link, limits.per_destination, limits.per_link)
-                if not q or len(runs) >= cap:
-                    continue
-                # A guest that converges only alone waits for an idle link.
-                if runs and not _fits(q[0], runs, link):
-                    continue
-                runs.append(_Run(q.pop(0), targets[tname], limits.setup_s, start=now, share=link))
-                order += 1
-                moves.append(_move(runs[-1], order))
-                started = True
-                break
-        active = [(tn, r) for tn, runs in running.items() for r in runs]
+            tname = max(free, key=lambda n: (_work_left(queues[n], targets[n]), n))
+            g = queues[tname].pop(0)
+            seconds = migration_time(g, targets[tname].link_bps)[0]
+            running[tname].append(_Run(g, targets[tname], limits.setup_s, seconds, start=now))
+            order += 1
+            moves.append(_move(running[tname][-1], order))
+        # The gate: the first set-up migration of an idle link sends.
+        for runs in running.values():
+            if not any(r.sending for r in runs):
+                ready = [r for r in runs if r.setup_left <= 0]
+                if ready:
+                    ready[0].sending = True
+        active = [r for runs in running.values() for r in runs]
         if not active:
             break
-        # The next event: a set-up ends or a migration completes.
-        step = math.inf
-        for tname, r in active:
-            if r.setup_left > 0:
-                step = min(step, r.setup_left)
-            else:
-                share = targets[tname].link_bps / _moving(running[tname])
-                step = min(step, r.work_left * migration_time(r.guest, share)[0])
+        # The next event: a set-up ends or a migration stops sending.
+        step = min(
+            (r.send_left if r.sending else r.setup_left)
+            for r in active
+            if r.sending or r.setup_left > 0
+        )
         step = max(step, 0.0)
-        for tname, r in active:
-            if r.setup_left > 0:
+        for r in active:
+            if r.sending:
+                r.send_left -= step
+            elif r.setup_left > 0:
                 r.setup_left = max(0.0, r.setup_left - step)
-                continue
-            share = targets[tname].link_bps / _moving(running[tname])
-            r.share = min(r.share, share)
-            seconds = migration_time(r.guest, share)[0]
-            r.work_left -= step / seconds if seconds > 0 else 1.0
         now += step
         for runs in running.values():
-            for r in [r for r in runs if r.setup_left <= 0 and r.work_left <= 1e-9]:
+            for r in [r for r in runs if r.sending and r.send_left <= 1e-9]:
                 runs.remove(r)
                 _finish(moves, r, now)
     return moves, now
-
-
-def _moving(runs: list[_Run]) -> int:
-    """Migrations on a link that move memory (set-up does not use the link)."""
-    return max(1, sum(1 for r in runs if r.setup_left <= 0))
 
 
 def _work_left(queue: list[Guest], target: Target) -> float:
@@ -251,8 +237,8 @@ def _move(run: _Run, order: int) -> Move:
 def _finish(moves: list[Move], run: _Run, now: float) -> None:
     move = next(m for m in moves if m.name == run.guest.name)
     move.end_s = now
-    move.bandwidth_bps = run.share
-    _, downtime, converges = migration_time(run.guest, run.share)
+    move.bandwidth_bps = run.target.link_bps
+    _, downtime, converges = migration_time(run.guest, run.target.link_bps)
     move.downtime_ms = downtime * 1000.0
     move.converges = converges
 

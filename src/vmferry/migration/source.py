@@ -37,9 +37,9 @@ from vmferry.domain.xml import check_abi_stability, format_domain_xml, parse_dom
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import armed, failpoint
 from vmferry.jobs import AsyncJob
+from vmferry.migration import linkshare, postcopy, storage
 from vmferry.migration import params as mparams
 from vmferry.migration import policy as mpolicy
-from vmferry.migration import postcopy, storage
 from vmferry.migration import tls as mtls
 from vmferry.migration import tunnel as mtunnel
 from vmferry.migration.cookie import MigrationCookie, parse_cookie, policy_report
@@ -51,6 +51,7 @@ from vmferry.migration.stats import completed_stats, from_query_migrate, to_cook
 from vmferry.migration.uri import parse_migration_uri
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
+from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,24 @@ async def _run(
     dom.migration.iteration = 0
     dom.migration.started = time.time()
     dom.migration.stopped = 0.0
+    try:
+        await _send(dom, uri, flags, params, mon, limits, convergence, tls, tunnel, nbd_port)
+    finally:
+        await linkshare.release(dom)
+
+
+async def _send(
+    dom: QemuDomain,
+    uri: str,
+    flags: MigrateFlags,
+    params: MigrationParams,
+    mon: Monitor,
+    limits: PerformLimits | None,
+    convergence: mpolicy.ConvergenceDefaults | None,
+    tls: mtls.TlsSetup | None,
+    tunnel: mtunnel.Sender | None,
+    nbd_port: int | None,
+) -> None:
     extra: dict[str, Any] = {}
     if tls is not None:
         # the destination's certificate must name the host the stream goes to
@@ -330,6 +349,10 @@ async def _run(
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
+    # On a link the drain shares, wait for this migration's turn to send, all set up: the
+    # parameters applied, the destination listening (the policy's clock starts now).
+    if await linkshare.admit(dom, params, mon):
+        mpolicy.restart_clock(dom)
     if dom.job.abort_requested:
         await storage.cancel(dom)
         raise _aborted()

@@ -16,6 +16,7 @@ nothing: QEMU's defaults, as libvirt has them.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from vmferry.migration.flags import MigrateFlags
@@ -65,6 +66,7 @@ __all__ = [
     "parse_policy",
     "predict",
     "prepare",
+    "restart_clock",
     "restore",
     "terms",
 ]
@@ -121,6 +123,13 @@ async def prepare(
 def engine_for(dom: QemuDomain) -> Engine | None:
     """The engine of *dom*'s outgoing migration, if it has one."""
     return _ENGINES.get(dom.uuid)
+
+
+def restart_clock(dom: QemuDomain) -> None:
+    """*dom*'s migration starts sending only now (it waited for its link): the deadline too."""
+    engine = _ENGINES.get(dom.uuid)
+    if engine is not None:
+        engine.started = time.monotonic()
 
 
 async def finish(dom: QemuDomain, stats: dict[str, Any] | None) -> None:

@@ -1,0 +1,114 @@
+"""A link that migrations take turns on: one sends at the full link, the next waits ready.
+
+The evacuation drain (issue 9 §3) runs several migrations per link. Set-up
+(Begin, the destination's Prepare and QEMU) and the end (Finish, Confirm)
+move no memory, and two pre-copies sharing a link each re-send more of what
+their guests dirty than one after the other would. So a :class:`Link` lets
+its migrations set up together but gates the memory: at most ``senders`` (1)
+send at once, in the order they arrived, each at ``link / senders``; the
+next one is set up and waiting when the previous stops sending, so the link
+never idles between migrations and no guest converges at less than the link.
+
+The source's perform step calls :func:`admit` right before QEMU's ``migrate``,
+everything else set up (it may wait there for its turn), and :func:`release`
+when QEMU is done with the memory, whatever the outcome; a migration with no
+link assigned (:func:`assign`) runs at once with its own cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from vmferry.migration.params import MigrationParams
+from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.monitor import Monitor
+
+log = logging.getLogger(__name__)
+MIB = 1 << 20
+# How often a migration waiting for its turn looks whether it was aborted.
+_ABORT_POLL_S = 0.25
+
+
+class Link:
+    """One link's bandwidth, given in turns to the migrations that want to send on it."""
+
+    def __init__(
+        self, name: str, bandwidth_mib_s: int, changed: asyncio.Event | None = None
+    ) -> None:
+        self.name = name
+        self.bandwidth_mib_s = max(1, bandwidth_mib_s)
+        self.senders = 1
+        self.sending: dict[str, QemuDomain] = {}  # by domain UUID
+        self.waiting: list[str] = []  # domain UUIDs, first come first served
+        #: Domains whose migration stopped sending (it finishes elsewhere now).
+        self.left: set[str] = set()
+        #: Set whenever a migration stops sending: the drain may set up another.
+        self.changed = changed if changed is not None else asyncio.Event()
+        self._turn = asyncio.Condition()
+
+    def share(self) -> int:
+        """MiB/s a migration sends at."""
+        return max(1, self.bandwidth_mib_s // self.senders)
+
+    async def join(self, dom: QemuDomain, aborted: Callable[[], bool] = lambda: False) -> int:
+        """Wait for *dom*'s turn to send; its cap. Returns early (0) if *aborted* says so."""
+        async with self._turn:
+            self.waiting.append(dom.uuid)
+            try:
+                while not self._my_turn(dom.uuid):
+                    if aborted():
+                        return 0
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._turn.wait(), _ABORT_POLL_S)
+            finally:
+                self.waiting.remove(dom.uuid)
+            self.sending[dom.uuid] = dom
+            self._turn.notify_all()  # the next in line may be the head now
+            return self.share()
+
+    def _my_turn(self, uuid: str) -> bool:
+        return len(self.sending) < self.senders and self.waiting[0] == uuid
+
+    async def leave(self, dom: QemuDomain) -> None:
+        """*dom* stopped sending: the next in line goes."""
+        async with self._turn:
+            if self.sending.pop(dom.uuid, None) is None:
+                return
+            self.left.add(dom.uuid)
+            self._turn.notify_all()
+        self.changed.set()
+
+
+# The link each domain's next outgoing migration runs on, by domain UUID.
+_ASSIGNED: dict[str, Link] = {}
+
+
+def assign(uuid: str, link: Link) -> None:
+    """*uuid*'s next outgoing migration takes turns on *link*."""
+    _ASSIGNED[uuid] = link
+
+
+def unassign(uuid: str) -> None:
+    _ASSIGNED.pop(uuid, None)
+
+
+async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
+    """Right before ``migrate``: wait for *dom*'s turn on its link (False: it has none)."""
+    link = _ASSIGNED.get(dom.uuid)
+    if link is None:
+        return False
+    share = await link.join(dom, lambda: dom.job.abort_requested)
+    if share and share != params.bandwidth_mib_s:
+        await mon.execute("migrate-set-parameters", {"max-bandwidth": share * MIB})
+        params.bandwidth_mib_s = share
+    return True
+
+
+async def release(dom: QemuDomain) -> None:
+    """QEMU is done with *dom*'s memory (or failed): the link's next migration goes."""
+    link = _ASSIGNED.get(dom.uuid)
+    if link is not None:
+        await link.leave(dom)

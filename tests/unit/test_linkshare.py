@@ -1,0 +1,95 @@
+"""The link an evacuation's migrations take turns on (vmferry.migration.linkshare)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from vmferry.migration import linkshare
+from vmferry.migration.params import MigrationParams
+
+
+class Mon:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def execute(self, cmd: str, args: Any = None) -> dict[str, Any]:
+        self.calls.append((cmd, args))
+        return {}
+
+
+def dom(name: str) -> Any:
+    return SimpleNamespace(
+        name=name, uuid=f"uuid-{name}", job=SimpleNamespace(abort_requested=False)
+    )
+
+
+async def test_one_sends_at_a_time_at_the_whole_link_in_arrival_order() -> None:
+    link = linkshare.Link("b", 32)
+    a, b, c = dom("a"), dom("b"), dom("c")
+    order: list[str] = []
+
+    async def send(d: Any) -> None:
+        linkshare.assign(d.uuid, link)
+        params = MigrationParams(bandwidth_mib_s=32)
+        mon = Mon()
+        assert await linkshare.admit(d, params, mon)  # type: ignore[arg-type]
+        order.append(d.name)
+        assert params.bandwidth_mib_s == 32 and not mon.calls  # the cap applied already
+        assert list(link.sending) == [d.uuid]  # alone on the link
+        await asyncio.sleep(0.01)
+        await linkshare.release(d)
+        linkshare.unassign(d.uuid)
+
+    first = asyncio.create_task(send(a))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(send(b)), asyncio.create_task(send(c))]
+    await asyncio.gather(first, *rest)
+    assert order == ["a", "b", "c"]
+    assert link.left == {a.uuid, b.uuid, c.uuid} and not link.sending and not link.waiting
+
+
+async def test_release_wakes_the_drain_and_an_unknown_release_is_ignored() -> None:
+    changed = asyncio.Event()
+    link = linkshare.Link("b", 32, changed=changed)
+    a = dom("a")
+    await link.leave(a)  # never joined: nothing happens
+    assert not changed.is_set()
+    assert await link.join(a) == 32
+    await link.leave(a)
+    assert changed.is_set() and a.uuid in link.left
+
+
+async def test_an_aborted_migration_stops_waiting_for_its_turn() -> None:
+    link = linkshare.Link("b", 32)
+    a, b = dom("a"), dom("b")
+    await link.join(a)
+    linkshare.assign(b.uuid, link)
+    params = MigrationParams(bandwidth_mib_s=7)
+    waiting = asyncio.create_task(linkshare.admit(b, params, Mon()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and link.waiting == [b.uuid]
+    b.job.abort_requested = True
+    await asyncio.wait_for(waiting, 5)
+    assert params.bandwidth_mib_s == 7  # not admitted: the perform step raises its abort
+    assert b.uuid not in link.sending and not link.waiting
+    linkshare.unassign(b.uuid)
+
+
+async def test_a_cap_other_than_the_link_is_set_when_its_turn_comes() -> None:
+    link, a, mon = linkshare.Link("b", 32), dom("a"), Mon()
+    linkshare.assign(a.uuid, link)
+    params = MigrationParams(bandwidth_mib_s=5)
+    assert await linkshare.admit(a, params, mon)  # type: ignore[arg-type]
+    assert params.bandwidth_mib_s == 32
+    assert mon.calls == [("migrate-set-parameters", {"max-bandwidth": 32 << 20})]
+    await linkshare.release(a)
+    linkshare.unassign(a.uuid)
+
+
+async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
+    params, mon = MigrationParams(bandwidth_mib_s=5), Mon()
+    assert not await linkshare.admit(dom("x"), params, mon)  # type: ignore[arg-type]
+    await linkshare.release(dom("x"))
+    assert params.bandwidth_mib_s == 5 and not mon.calls
