@@ -31,7 +31,10 @@ tunnel throughput ratios of issue 8.
 
 Usage::
 
-    .venv/bin/python bench/storage_bench.py [--hops 3] [--variants p2p,tls,tunnelled]
+    .venv/bin/python bench/storage_bench.py [--hops 3] [--variants p2p,tls,tunnelled] [--trace]
+
+``--trace`` breaks vmferry plain's steps down as ``bench/migrate_bench.py --trace`` does
+(QMP commands, status writes, QEMU launch, waits, per step; median per hop).
 """
 
 from __future__ import annotations
@@ -79,12 +82,15 @@ from floor import BareDisk, BareQemu, bare_storage_hop, disk_argv, guest_argv
 from migrate_bench import (
     _json_safe,
     _num,
+    _trace_client,
     _workdir,
     daemon,
     log,
+    render_trace,
     start_daemon,
     stop_daemon,
     summary,
+    trace_breakdown,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +248,7 @@ class VmferryPath:
         else:
             report = await migrate(src, dst, self.name, flags, params)
         wall = time.perf_counter() - t0
+        t_end = time.time()
         old = self.image(self.here)
         self.here = 1 - self.here
         old.unlink()  # the next hop back creates it anew, as the floor does
@@ -249,6 +256,7 @@ class VmferryPath:
         self.hops.append(
             {
                 "t_start": t_start,
+                "t_end": t_end,
                 "wall_s": wall,
                 "steps_s": dict(report.steps),
                 "downtime_ms": _num(stats.get("downtime_ms")),
@@ -541,8 +549,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             base = random.randrange(40000, 48000, 32)
             daemons: list[Host] = []
             for i in range(2):
+                traced = work / f"trace{i}.json" if args.trace else None
                 host = daemon(
-                    work / f"h{i}", f"sbench{i}", base + 16 * i, args.daemon_log_level, None
+                    work / f"h{i}", f"sbench{i}", base + 16 * i, args.daemon_log_level, traced
                 )
                 host.image_roots = [dirs[i]]
                 host.extra_config = extra
@@ -553,6 +562,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             tls_peer = any(VARIANTS[v].tls_peer for v in wanted)
             dests = tuple(h.tls_uri if tls_peer else h.uri for h in daemons)
             fl = FloorPath(work / "floor", shape)
+            client_records: list[Any] = []
+            if args.trace:
+                _trace_client(client_records)
             async with contextlib.AsyncExitStack() as stack:
                 for h in daemons:
                     stack.push_async_callback(stop_daemon, h)
@@ -589,7 +601,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         f" errors 0; final image: {report.stamped} blocks well-formed"
                         f" (max generation {report.max_gen})"
                     )
-            return build_result(args, shape, paths, checked)
+            result = build_result(args, shape, paths, checked)
+            if args.trace:  # the daemons wrote their records on exit
+                traces = [json.loads((work / f"trace{i}.json").read_text()) for i in range(2)]
+                records = [
+                    [(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces
+                ]
+                plain = next(p for p in vms if p.variant.name == "plain")
+                result["trace"] = trace_breakdown(plain.hops, client_records, records)
+            return result
         finally:
             shutil.rmtree(images, ignore_errors=True)
 
@@ -611,6 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce", action="store_true", help="exit 1 when a ratio misses its target")
     p.add_argument("--daemon-log-level", default="info", choices=["debug", "info", "warning"])
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, consoles)")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="break vmferry plain's steps down (migrate_bench's tracer; costs a little: quote a"
+        " plain run)",
+    )
     args = p.parse_args(argv)
     if args.hops < 1 or args.data_mib > args.disk_mib:
         p.error("--hops must be at least 1 and --data-mib at most --disk-mib")
@@ -632,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_s"] = time.monotonic() - started
     result["loadavg"] = [load_before, os.getloadavg()[0]]
     print(render(result))
+    if "trace" in result:
+        print(render_trace(result["trace"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     print(f"\n(bench took {result['bench_s']:.0f} s; results in {args.json})")

@@ -340,3 +340,36 @@ def test_daemon_restarted_mid_mirror(shared: Path, restarted: str) -> None:
         _on(b, a, name, hb, state="paused")
         _copied(volume(a, vol), volume(b, vol))
         _resume_and_check(b, name, hb)
+
+
+# -- Finish fails after the switchover -----------------------------------------------------------
+
+
+def test_finish_failing_after_the_switchover_leaves_the_source_clean(shared: Path) -> None:
+    """The mirrors concluded at the switchover stay until the source runs on: then they go.
+
+    The destination's Finish fails (failpoint) once every block and the memory are there;
+    the cancelled Confirm resumes the source on its own disk, with no mirror job and no NBD
+    client node left, so the guest migrates again.
+    """
+    env = {"VMFERRY_FAILPOINTS": "dst-finish-storage=error"}
+    with hosts(2, host_type=PoolHost, envs=[{}, env], image_roots=[shared]) as (a, b):
+        name, vol = "st-finish", "fin.qcow2"
+        create_image(volume(a, vol), SIZE, fmt="qcow2", stamp_blocks=BLOCKS)
+        hb = boot(a, name, writing_disk(vol, "qcow2"))
+        with pytest.raises(VmferryError, match="dst-finish-storage"):
+            _run(_migrate(a, b, name, ALL))
+        _on(a, b, name, hb)
+        with a.client() as c:
+            assert c.jobinfo(name).type == "none"
+        assert not volume(b, vol).exists()  # created by the migration: deleted
+        hb = _heartbeat(a, name)
+        b.kill()
+        b.extra_env = {}  # without the failpoint: the same migration goes through
+        b.start()
+        # Its mirror job and NBD client node have the first try's names: QEMU refuses
+        # both (job id in use, duplicate node) unless the first try's are gone.
+        _run(_migrate(a, b, name, ALL | PAUSED))
+        _on(b, a, name, hb, state="paused")
+        _copied(volume(a, vol), volume(b, vol))
+        _resume_and_check(b, name, hb)

@@ -393,3 +393,39 @@ def test_download_is_admin_only_by_default() -> None:
     assert "storage.download" not in READ_ONLY_DEFAULT
     assert "storage.read" in READ_ONLY_DEFAULT
     assert list(READ_ONLY_DEFAULT) == AccessConfig().readonly_permissions
+
+
+# -- header cache ------------------------------------------------------------------------------
+
+
+def test_chain_headers_are_read_again_once_the_file_changed(
+    pool: Pool, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start reads no header of an unchanged image, but any change makes it read again."""
+    from vmferry.storage import qemuimg
+
+    pool.create_volume("base.raw", 1 << 20, "raw")
+    pool.create_volume("top.qcow2", 1 << 20, "qcow2")  # remembered: as qemu-img made it
+    reads: list[str] = []
+    real_info = qemuimg.info
+
+    def info(path: str, fmt: str) -> dict[str, object]:
+        reads.append(os.path.basename(path))
+        return real_info(path, fmt)
+
+    monkeypatch.setattr(qemuimg, "info", info)
+    assert [x.name for x in pool.chain("top.qcow2", "qcow2")] == ["top.qcow2"]
+    assert reads == []
+    # The header now names a backing file outside the pool: the next walk must see it.
+    outside = tmp / "outside.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(outside), "1M"], check=True)
+    top = str(pool.path / "top.qcow2")
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "raw", "-b", str(outside), top], check=True)
+    with pytest.raises(VmferryError, match="not a volume of pool"):
+        pool.chain("top.qcow2", "qcow2")
+    assert reads == ["top.qcow2"]
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "raw", "-b", "base.raw", top], check=True)
+    assert [x.name for x in pool.chain("top.qcow2", "qcow2")] == ["top.qcow2", "base.raw"]
+    assert [x.name for x in pool.chain("top.qcow2", "qcow2")] == ["top.qcow2", "base.raw"]
+    # base.raw was remembered at its creation; the second walk read nothing
+    assert reads == ["top.qcow2", "top.qcow2"]

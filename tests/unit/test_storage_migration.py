@@ -265,10 +265,14 @@ def test_switchover_drains_without_pivot_and_failure_forces() -> None:
     mon.always("block-job-cancel", cancelled)
     asyncio.run(storage.complete(dom))
     assert mon.args_of("block-job-cancel") == [{"device": "migrate-vda", "force": False}]
-    assert mon.args_of("job-dismiss") == []  # after migrate-continue: outside the downtime
-    asyncio.run(storage.release(dom))
+    assert mon.args_of("job-dismiss") == []  # not in the downtime, nor before Finish
+    # the guest stays here after all (a cancelled Confirm): the concluded job goes first
+    mon.reply("query-jobs", [{"id": "migrate-vda", "status": "concluded"}])
+    mon.reply("query-named-block-nodes", [])  # gone with the dismissed job
+    asyncio.run(storage.cancel(dom))
     assert mon.args_of("job-dismiss") == [{"id": "migrate-vda"}]
     assert mon.args_of("blockdev-del") == [{"node-name": "migrate-vda"}]
+    assert mon.args_of("block-job-cancel") == [{"device": "migrate-vda", "force": False}]
 
     # a restart's cleanup asks QEMU, not its own memory; other jobs are not touched
     mon2 = FakeMonitor(

@@ -18,7 +18,7 @@ import os
 from vmferry.domain.model import DiskDef
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.confine import Confinement
-from vmferry.storage import Pools
+from vmferry.storage import Pools, remember_created
 
 QEMU_IMG = "qemu-img"
 #: qemu-img create/info of an image: a few seconds at most on any disk.
@@ -128,6 +128,8 @@ async def create_disk(
     await _qemu_img(*args, real, str(capacity))
     if confine.user is not None:
         os.chown(real, confine.user.uid, confine.user.gid)
+    if not backing:  # QEMU's start (next) reads no header of it: nothing else was made
+        remember_created(path, disk.driver_type, capacity)
     return True
 
 

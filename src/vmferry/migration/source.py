@@ -490,7 +490,9 @@ async def _wait_loop(
             await storage.complete(dom)
             dom.migration.status = MigrationStatus.DEVICE  # until QEMU's next event says more
             await dom.monitor.execute("migrate-continue", {"state": "pre-switchover"})
-            await storage.release(dom)  # outside the downtime
+            # The concluded mirrors stay: Confirm kills this QEMU with them, and a source
+            # that runs on drops them first (restore_source). Dismissing them here would
+            # wait for QEMU to finish the device state and delay Finish.
             continue
         if precopy_done() and status == MigrationStatus.ACTIVE:
             switch_pending = False
@@ -616,6 +618,8 @@ async def restore_source(
     mon = dom.monitor
     if mon is None or not mon.connected:
         return
+    # Mirrors concluded at a switchover, or left by a failure: gone before the guest runs.
+    await storage.cancel(dom)
     try:
         await mpolicy.restore(dom)  # the policy's settings, kept after a completed wait
         await mparams.reset(mon, flags, source=True)

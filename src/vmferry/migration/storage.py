@@ -11,7 +11,9 @@
   cookie carries the port.
 * **Perform** (source): mirrors every disk into the destination's export and
   waits until all are in sync, then migrates memory; at the switchover
-  (vCPUs stopped, stream complete) the mirrors drain and end without pivot.
+  (vCPUs stopped, stream complete) the mirrors drain and end without pivot;
+  the concluded jobs and NBD client nodes stay until the source QEMU is killed
+  (Confirm) or, when the guest stays here after all, until :func:`cancel`.
 * **Finish** (destination): stops the NBD server.
 * Failure anywhere: mirrors force-cancelled, NBD server stopped, the created
   disks deleted; the source runs on from its own disks.
@@ -167,14 +169,12 @@ async def complete(dom: QemuDomain) -> None:
         await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
 
 
-async def release(dom: QemuDomain) -> None:
-    """After the switchover (the device state on its way): the drained mirrors' leftovers go."""
-    if dom.migration.storage_disks and dom.block_jobs:
-        await blockjob.release_mirrors(dom, dom.migration.storage_disks)
-
-
 async def cancel(dom: QemuDomain) -> None:
-    """After a failure on the source: no mirror, no NBD client node left."""
+    """Before the source runs on (a failure, a cancelled Confirm): no mirror, no NBD client node.
+
+    Also the end of the mirrors concluded at a successful switchover when the guest
+    comes back here; after a completed migration they go with the source QEMU.
+    """
     if dom.migration.storage_disks or dom.block_jobs:
         await blockjob.cancel_mirrors(dom)
     await stop_relays(dom)

@@ -268,8 +268,9 @@ async def wait_ready(
 async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
     """At the switchover (source vCPUs stopped): drain each mirror and end it without pivot.
 
-    The concluded jobs and their NBD client nodes stay until :func:`release_mirrors`, so
-    the guest's downtime does not pay for their removal.
+    The concluded jobs and their NBD client nodes stay (the source QEMU is killed with
+    them, or :func:`cancel_mirrors` removes them when the guest stays here), so neither
+    the guest's downtime nor the Finish that ends it waits for their removal.
 
     :raise VmferryError: ``OPERATION_FAILED`` when a mirror failed before it was in sync
         to the last block (the destination's copy would be incomplete).
@@ -289,11 +290,6 @@ async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
             ErrorCode.OPERATION_FAILED,
             f"the last writes of domain '{dom.name}' did not reach the destination ({why})",
         )
-
-
-async def release_mirrors(dom: QemuDomain, targets: list[str]) -> None:
-    """Dismiss the concluded mirrors of *targets* and delete their NBD client nodes."""
-    await _dismiss(dom, [job_id(t) for t in targets])
 
 
 def dom_err(dom: QemuDomain, ident: str) -> str:

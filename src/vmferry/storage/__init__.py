@@ -40,6 +40,7 @@ from vmferry.storage.pool import (
     VolumeInfo,
 )
 from vmferry.storage.pools import DEFAULT_POOL, Pools, default_pool_path
+from vmferry.storage.qemuimg import remember_created
 
 
 #: The NBD export of a disk during storage migration (libvirt: ``drive-<alias>``).
@@ -60,4 +61,5 @@ __all__ = [
     "check_volume_name",
     "default_pool_path",
     "nbd_export_name",
+    "remember_created",
 ]

@@ -232,6 +232,8 @@ class Pool:
             raise os_error(err, f"create volume '{name}'") from err
         finally:
             tmp.unlink(missing_ok=True)
+        if backing is None:  # the chain is this one image: no header to read at its start
+            qemuimg.remember_created(str(path), fmt, capacity_bytes)
         return self.info(name)
 
     def _exists(self, name: str) -> VmferryError:
@@ -376,7 +378,7 @@ def walk_chain(top: str, fmt: str, place: Any, *, top_name: str = "") -> list[La
     seen = {os.path.realpath(top)}
     while True:
         current = layers[-1]
-        data = qemuimg.info(current.path, current.format)
+        data = qemuimg.header(current.path, current.format)
         specific = data.get("format-specific", {}).get("data", {})
         if isinstance(specific, dict) and specific.get("data-file"):
             raise VmferryError(
