@@ -86,14 +86,20 @@ async def test_tls_relay_both_ways_in_order_with_what_came_before(tmp_path: Path
             tunnel.splice(dst_mine, server, early=b"early"),
         )
 
-        async def qemu(sock: socket.socket, data: bytes) -> bytes:
-            await loop.sock_sendall(sock, data)
-            sock.shutdown(socket.SHUT_WR)
-            return await _read_all(sock)
+        async def source() -> bytes:
+            await loop.sock_sendall(src_qemu, up)
+            answers = bytearray()
+            while len(answers) < len(down):
+                answers += await loop.sock_recv(src_qemu, 1 << 16)
+            src_qemu.shutdown(socket.SHUT_WR)  # the end of the stream
+            return bytes(answers) + await _read_all(src_qemu)
 
-        at_src, at_dst = await asyncio.wait_for(
-            asyncio.gather(qemu(src_qemu, up), qemu(dst_qemu, down)), 60
-        )
+        async def destination() -> bytes:
+            await loop.sock_sendall(dst_qemu, down)
+            # it never closes: TLS has no half-close, the source's end ends the tunnel
+            return await _read_all(dst_qemu)
+
+        at_src, at_dst = await asyncio.wait_for(asyncio.gather(source(), destination()), 60)
         await asyncio.wait_for(relays, 30)
         assert at_dst == b"early" + before + up
         assert at_src == down

@@ -29,7 +29,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 
-from vmferry.migration.wire import PLAIN_ROOM, CHUNK, Wire, detach
+from vmferry.migration.wire import CHUNK, PLAIN_ROOM, Wire, detach
 from vmferry.qemu.monitor import Monitor
 
 #: The QMP name of the descriptor each QEMU gets.
@@ -242,6 +242,12 @@ class _Relay:
             self._to_qemu(buf[:n])
         with contextlib.suppress(OSError):
             self.qemu.shutdown(socket.SHUT_WR)
+        if self.wire.is_tls:
+            # TLS has no half-close: the peer's close_notify ends both directions (our
+            # close_notify answers it; what QEMU still sends is dropped, as asyncio did)
+            self.wire.close_write()
+            with contextlib.suppress(OSError):
+                self.qemu.shutdown(socket.SHUT_RD)  # wakes the other direction
 
     def _to_qemu(self, data: memoryview) -> None:
         try:
@@ -257,9 +263,7 @@ def _settle(finished: asyncio.Future[None]) -> None:
         finished.set_result(None)
 
 
-async def _splice_on_loop(
-    qemu: socket.socket, peer: asyncio.Transport, early: bytes = b""
-) -> None:
+async def _splice_on_loop(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"") -> None:
     """:func:`splice` on the event loop (asyncio protocols), for a transport not detached."""
     loop = asyncio.get_running_loop()
     lost: list[asyncio.Future[None]] = [loop.create_future(), loop.create_future()]

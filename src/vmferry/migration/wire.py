@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, cast
 
 #: Bytes per read or write: large enough that the per-call Python work is negligible,
 #: small enough to bound what one tunnel holds (a few chunks, plus kernel buffers).
@@ -78,7 +78,7 @@ class Wire:
             # sent by the other thread (OpenSSL reads while shutting down) drops no data
             while True:
                 try:
-                    n = sslobj.read(len(buf) - got, buf[got:])
+                    n = cast(int, sslobj.read(len(buf) - got, buf[got:]))  # into buf: a count
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLZeroReturnError:  # the peer's close_notify
@@ -100,6 +100,8 @@ class Wire:
             return
         sslobj, _, outgoing = self._tls
         with self._send_lock:
+            if self._closed_write:
+                return  # the tunnel is closing (the peer's end came): as the loop's TLS, dropped
             with self._ssl_lock:
                 sslobj.write(data)  # all of it: the BIO takes any amount
                 out = outgoing.read()
@@ -119,15 +121,23 @@ class Wire:
             self._flush()
 
     def close_write(self) -> None:
-        """The end of what this side sends: TLS close_notify, then the TCP FIN."""
-        if self._tls is not None:
-            with self._send_lock:
+        """The end of what this side sends: TLS close_notify, then the TCP FIN (once)."""
+        with self._send_lock:
+            if self._closed_write:
+                return
+            self._closed_write = True
+            if self._tls is not None:
                 with self._ssl_lock:
                     with contextlib.suppress(ssl.SSLError):  # wants the peer's: it comes later
                         self._tls[0].unwrap()
                     out = self._tls[2].read()
                 self.sock.sendall(out)
-        self.sock.shutdown(socket.SHUT_WR)
+            self.sock.shutdown(socket.SHUT_WR)
+
+    @property
+    def is_tls(self) -> bool:
+        """TLS: no half-close (as asyncio's TLS, the peer's end closes the tunnel)."""
+        return self._tls is not None
 
     def stop(self) -> None:
         """Wake up any thread blocked on the connection (it sees an end or an error)."""
