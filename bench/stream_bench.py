@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +69,76 @@ class Hop:
     wall_s: float
     bytes: int
     qemu_ms: int
+    #: --cpu: CPU seconds of each process during the hop (src/dst QEMU and daemon).
+    cpu_s: dict[str, float] | None = None
 
     @property
     def mib_s(self) -> float:
         return self.bytes / (1 << 20) / max(self.qemu_ms / 1000, 1e-3)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float | None:
+    """User + system CPU seconds of *pid*, all its threads (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+class CpuSampler:
+    """
+    The CPU each process of a hop uses: both daemons, the source QEMU and the
+    destination QEMU (it appears during the hop; the source's exits at its end, so
+    it is sampled every :attr:`period` and its last sample counts: up to one
+    period of its CPU may be missed).
+    """
+
+    period = 0.1
+
+    def __init__(self, src: Host, dst: Host) -> None:
+        assert src.proc is not None and dst.proc is not None
+        self._roles = {src.proc.pid: "src daemon", dst.proc.pid: "dst daemon"}
+        self._roles.update({pid: "src qemu" for pid in src.qemu_pids()})
+        self._dst = dst
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in self._dst.qemu_pids():
+            self._roles.setdefault(pid, "dst qemu")
+        for pid in self._roles:
+            cpu = _cpu_of(pid)
+            if cpu is not None:
+                start = 0.0 if self._roles[pid] == "dst qemu" else cpu  # a new process
+                self._first.setdefault(pid, start)
+                self._last[pid] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, role in self._roles.items():
+            if pid in self._last:
+                out[role] = out.get(role, 0.0) + self._last[pid] - self._first[pid]
+        return out
 
 
 async def _hop(src: Host, dst: Host, name: str, mode: str) -> Hop:
@@ -102,6 +170,7 @@ def run_stream_bench(
     stamp_mib: int = 256,
     dirty_mib_s: float = 4,
     pairs: tuple[tuple[str, str], ...] = PAIRS,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """Alternate plain/tls and direct/tunnelled hops; per-mode medians and the ratios."""
     pki = Path(tempfile.mkdtemp(prefix="vfpki", dir="/tmp"))
@@ -114,7 +183,12 @@ def run_stream_bench(
         for i in range(rounds):
             for pair in pairs:
                 for mode in pair if i % 2 == 0 else tuple(reversed(pair)):
-                    hop = asyncio.run(_hop(here, there, name, mode))
+                    if cpu:
+                        with CpuSampler(here, there) as sampler:
+                            hop = asyncio.run(_hop(here, there, name, mode))
+                        hop.cpu_s = sampler.seconds()
+                    else:
+                        hop = asyncio.run(_hop(here, there, name, mode))
                     hb = _checked(there, name, hb)
                     hops.append(hop)
                     print(
@@ -122,6 +196,8 @@ def run_stream_bench(
                         f"({hop.bytes >> 20} MiB in {hop.qemu_ms} ms)",
                         flush=True,
                     )
+                    if hop.cpu_s is not None:
+                        print(f"             CPU s/GiB: {_per_gib(hop)}", flush=True)
                     here, there = there, here
     result: dict[str, Any] = {"modes": {}, "ratios": {}, "hops": [h.__dict__ for h in hops]}
     for mode in [m for pair in pairs for m in pair]:
@@ -131,10 +207,24 @@ def run_stream_bench(
             "wall_s": statistics.median(h.wall_s for h in mine),
             "hops": len(mine),
         }
+        if cpu:
+            roles = sorted({r for h in mine for r in h.cpu_s or {}})
+            result["modes"][mode]["cpu_s_per_gib"] = {
+                r: statistics.median((h.cpu_s or {}).get(r, 0.0) / _gib(h) for h in mine)
+                for r in roles
+            }
     for fast, slow in pairs:
         ratio = result["modes"][slow]["mib_s"] / result["modes"][fast]["mib_s"]
         result["ratios"][f"{slow}/{fast}"] = ratio
     return result
+
+
+def _gib(hop: Hop) -> float:
+    return max(hop.bytes, 1) / (1 << 30)
+
+
+def _per_gib(hop: Hop) -> str:
+    return "  ".join(f"{r} {c / _gib(hop):.2f}" for r, c in sorted((hop.cpu_s or {}).items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     ap.add_argument("--stamp", type=int, default=256, help="guest memory filled with data, MiB")
     ap.add_argument("--only", choices=("tls", "tunnel"), help="one pair only")
+    ap.add_argument(
+        "--cpu", action="store_true", help="CPU s per GiB sent of each QEMU and daemon, per hop"
+    )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     print(f"stream bench: {args.rounds} rounds, guest {args.memory} MiB ({args.stamp} stamped)")
     pairs = PAIRS if not args.only else (PAIRS[0],) if args.only == "tls" else (PAIRS[1],)
     result = run_stream_bench(
-        args.rounds, memory_mib=args.memory, stamp_mib=args.stamp, pairs=pairs
+        args.rounds, memory_mib=args.memory, stamp_mib=args.stamp, pairs=pairs, cpu=args.cpu
     )
     print("\nmode        median MiB/s   median wall s")
     for mode, fig in result["modes"].items():
         print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f}")
+        for role, per_gib in fig.get("cpu_s_per_gib", {}).items():
+            print(f"      {role:11} {per_gib:5.2f} CPU s/GiB")
     missed = []
     for key, ratio in result["ratios"].items():
         ok = ratio >= TARGETS[key]

@@ -15,10 +15,12 @@ prepared the incoming domain, so nobody else can attach. After the
 their QEMU's end of the socket pair: raw bytes, both directions, no HTTP
 framing in between.
 
-Memory stays bounded: each direction's writer has a buffer of at most
-:data:`WINDOW`; above it the reader of the other side stops reading (asyncio
-flow control), so a slow QEMU or a slow link slows the other end down instead
-of filling the daemon. Reads are up to 256 KiB (asyncio's transports).
+The relay runs in two threads per tunnel, off the event loop (:class:`_Relay`
+on the connection :func:`~vmferry.migration.wire.detach` took from asyncio):
+asyncio's TLS cost a Python callback and several copies per read on the one
+loop thread. Memory stays bounded: a thread reads its next chunk only once the
+last one was written, so a slow QEMU or a slow link slows the other end down
+instead of filling the daemon.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 #: Bytes per read or write: large enough that the per-call Python work is negligible,
 #: small enough to bound what one tunnel holds (a few chunks, plus kernel buffers).
-CHUNK = 1 << 20
+CHUNK = 256 << 10
 #: Room for what one chunk of ciphertext decrypts to, plus a record held back from the
 #: previous one (at most 16 KiB of plaintext per TLS record).
 PLAIN_ROOM = CHUNK + (64 << 10)
