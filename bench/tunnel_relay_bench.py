@@ -186,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for arm in ARMS:
         med[arm] = {k: statistics.median(r[k] for r in runs[arm]) for k in runs[arm][0]}
         m = med[arm]
-        print(
-            f"  {arm:6} {m['mib_s']:10.1f} {m['src_cpu_per_gib']:14.2f} {m['dst_cpu_per_gib']:18.2f}"
-        )
+        src, dst = m["src_cpu_per_gib"], m["dst_cpu_per_gib"]
+        print(f"  {arm:6} {m['mib_s']:10.1f} {src:14.2f} {dst:18.2f}")
     print(f"thread/loop throughput {med['thread']['mib_s'] / med['loop']['mib_s']:.2f}")
     return 0
 
