@@ -247,7 +247,8 @@ class _Relay:
         if self.wire.is_tls:
             # TLS has no half-close: the peer's close_notify ends both directions (our
             # close_notify answers it; what QEMU still sends is dropped, as asyncio did)
-            self.wire.close_write()
+            with contextlib.suppress(OSError):  # a courtesy: the peer may be gone already
+                self.wire.close_write()
             with contextlib.suppress(OSError):
                 self.qemu.shutdown(socket.SHUT_RD)  # wakes the other direction
 
