@@ -18,11 +18,15 @@ heartbeat continues the source's); a corrupted guest fails the bench.
 
 Targets (issue 8): tls/plain >= 0.7, tunnelled/direct >= 0.8.
 
+``--cpu`` also prints, per hop and as medians per mode, the CPU seconds per GiB
+sent of each daemon and each QEMU (:class:`CpuSampler`, ``/proc/PID/stat``): where
+the time of a tunnelled hop goes. It does not change what is compared.
+
 ``run_stream_bench`` is the reusable part (``make bench-storage`` calls it).
 
 Usage::
 
-    .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--json PATH]
+    .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--cpu] [--json PATH]
 """
 
 from __future__ import annotations
