@@ -26,7 +26,7 @@ the time of a tunnelled hop goes. It does not change what is compared.
 
 Usage::
 
-    .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--cpu] [--json PATH]
+    .venv/bin/python bench/stream_bench.py [--rounds 4] [--memory 512 --stamp 256] [--cpu]
 """
 
 from __future__ import annotations
