@@ -20,8 +20,10 @@ bytes of memory sent over the migration's ``total_time``; the wall time of
 the hop is reported too, and so is the CPU time both QEMUs spent on it (every
 thread but the vCPUs', sampled from /proc by ``bench/qemu_cpu.py``) per MiB
 sent: unlike throughput, that figure hardly moves with the machine's load, and
-it shows where an encrypted stream's time goes. After every hop the guest's memory is checked (its
-heartbeat continues the source's); a corrupted guest fails the bench.
+it shows where an encrypted stream's time goes; the two daemons' CPU per MiB
+is reported beside it (a tunnelled stream's relays run there). After every hop
+the guest's memory is checked (its heartbeat continues the source's); a
+corrupted guest fails the bench.
 
 Targets (issue 8): tls/plain >= 0.7, tunnelled/direct >= 0.8.
 
@@ -42,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,10 +88,15 @@ class Hop:
     bytes: int
     qemu_ms: int
     cpu_ms: dict[str, float]  # QEMU threads (both sides, vCPUs left out) -> CPU ms
+    daemon_ms: dict[str, float]  # "src"/"dst" daemon -> CPU ms (the tunnel's relays run there)
 
     @property
     def cpu_ms_mib(self) -> float:
         return sum(self.cpu_ms.values()) / max(self.bytes / (1 << 20), 1.0)
+
+    @property
+    def daemon_ms_mib(self) -> float:
+        return sum(self.daemon_ms.values()) / max(self.bytes / (1 << 20), 1.0)
 
     @property
     def mib_s(self) -> float:
@@ -100,7 +108,8 @@ async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop
     params = MigrationParams(parallel_connections=channels if flags & MigrateFlags.PARALLEL else 0)
     started = time.perf_counter()
     sampler = QemuCpu(lambda: src.qemu_pids() + dst.qemu_pids())
-    with sampler:
+    daemons = {role: QemuCpu(_pid_of(host)) for role, host in (("src", src), ("dst", dst))}
+    with sampler, daemons["src"], daemons["dst"]:
         report = await _migrate(src, dst, name, flags, p2p, params)
     wall = time.perf_counter() - started
     stats = report.stats
@@ -110,7 +119,12 @@ async def _hop(src: Host, dst: Host, name: str, mode: str, channels: int) -> Hop
         int(stats.get("data_processed", 0)),
         int(stats.get("total_time_ms", 0)),
         sampler.by_thread,
+        {role: sum(cpu.by_thread.values()) for role, cpu in daemons.items()},
     )
+
+
+def _pid_of(host: Host) -> Callable[[], list[int]]:
+    return lambda: [host.proc.pid] if host.proc is not None else []
 
 
 async def _migrate(
@@ -164,14 +178,22 @@ def run_stream_bench(
                     print(
                         f"  {mode:10} {hop.wall_s:6.2f} s wall  {hop.mib_s:7.1f} MiB/s "
                         f"({hop.bytes >> 20} MiB in {hop.qemu_ms} ms) "
-                        f"QEMU CPU {hop.cpu_ms_mib:.2f} ms/MiB",
+                        f"QEMU CPU {hop.cpu_ms_mib:.2f} ms/MiB, daemons {hop.daemon_ms_mib:.2f}",
                         flush=True,
                     )
                     here, there = there, here
     result: dict[str, Any] = {
         "modes": {},
         "ratios": {},
-        "hops": [{**h.__dict__, "mib_s": h.mib_s, "cpu_ms_mib": h.cpu_ms_mib} for h in hops],
+        "hops": [
+            {
+                **h.__dict__,
+                "mib_s": h.mib_s,
+                "cpu_ms_mib": h.cpu_ms_mib,
+                "daemon_ms_mib": h.daemon_ms_mib,
+            }
+            for h in hops
+        ],
     }
     for mode in [m for pair in pairs for m in pair]:
         mine = [h for h in hops if h.mode == mode]
@@ -179,6 +201,7 @@ def run_stream_bench(
             "mib_s": statistics.median(h.mib_s for h in mine),
             "wall_s": statistics.median(h.wall_s for h in mine),
             "cpu_ms_mib": statistics.median(h.cpu_ms_mib for h in mine),
+            "daemon_ms_mib": statistics.median(h.daemon_ms_mib for h in mine),
             # per thread name, the median hop's (by CPU per MiB)
             "cpu_ms": sorted(mine, key=lambda h: h.cpu_ms_mib)[len(mine) // 2].cpu_ms,
             "hops": len(mine),
@@ -222,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         channels=args.channels,
         tls_channels=args.tls_channels,
     )
-    print("\nmode        median MiB/s   median wall s   QEMU CPU ms/MiB")
+    print("\nmode        median MiB/s   median wall s   QEMU CPU ms/MiB   daemons CPU ms/MiB")
     for mode, fig in result["modes"].items():
-        print(f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f} {fig['cpu_ms_mib']:14.2f}")
+        print(
+            f"  {mode:10} {fig['mib_s']:10.1f} {fig['wall_s']:12.2f} {fig['cpu_ms_mib']:14.2f}"
+            f" {fig['daemon_ms_mib']:18.2f}"
+        )
         threads = ", ".join(f"{n} {ms:.0f}" for n, ms in fig["cpu_ms"].items() if ms >= 20)
         print(f"{'':14}CPU ms by thread (median hop): {threads}")
     missed = []

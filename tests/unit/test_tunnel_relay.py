@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
 
 from vmferry.migration import tunnel
+
+Splice = Callable[[socket.socket, asyncio.Transport, bytes], Awaitable[None]]
 
 
 async def _peer_transport() -> tuple[asyncio.Transport, socket.socket]:
@@ -27,7 +32,9 @@ async def _read_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
-async def test_splice_relays_both_ways_in_order_then_ends() -> None:
+# the relay threads (a detached connection) and the event-loop relay (any other transport)
+@pytest.mark.parametrize("relay_with", [tunnel.splice, tunnel._splice_on_loop])
+async def test_splice_relays_both_ways_in_order_then_ends(relay_with: Splice) -> None:
     loop = asyncio.get_running_loop()
     qemu, mine = socket.socketpair()
     peer, far = await _peer_transport()
@@ -35,7 +42,7 @@ async def test_splice_relays_both_ways_in_order_then_ends() -> None:
         s.setblocking(False)
     up = os.urandom(3 * (1 << 20) + 12345)  # QEMU to the peer
     down = os.urandom(700_001)  # the peer to QEMU (an NBD server's answers, say)
-    relay = asyncio.create_task(tunnel.splice(mine, peer, early=b"early"))
+    relay = asyncio.create_task(relay_with(mine, peer, b"early"))
 
     async def qemu_side() -> bytes:
         await loop.sock_sendall(qemu, up)

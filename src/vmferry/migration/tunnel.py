@@ -15,10 +15,12 @@ prepared the incoming domain, so nobody else can attach. After the
 their QEMU's end of the socket pair: raw bytes, both directions, no HTTP
 framing in between.
 
-Memory stays bounded: each direction's writer has a buffer of at most
-:data:`WINDOW`; above it the reader of the other side stops reading (asyncio
-flow control), so a slow QEMU or a slow link slows the other end down instead
-of filling the daemon. Reads are up to 256 KiB (asyncio's transports).
+The relay runs in two threads per tunnel, off the event loop (:class:`_Relay`
+on the connection :func:`~vmferry.migration.wire.detach` took from asyncio):
+asyncio's TLS cost a Python callback and several copies per read on the one
+loop thread. Memory stays bounded: a thread reads its next chunk only once the
+last one was written, so a slow QEMU or a slow link slows the other end down
+instead of filling the daemon.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 
+from vmferry.migration.wire import CHUNK, PLAIN_ROOM, Wire, detach
 from vmferry.qemu.monitor import Monitor
 
 #: The QMP name of the descriptor each QEMU gets.
@@ -146,8 +150,124 @@ async def splice(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"
     Relay between QEMU's socket-pair end *qemu* and the connection to the peer
     daemon *peer* (an upgraded one), both ways, until both are closed.
 
+    The relay runs in threads of its own (:class:`_Relay`, on a :class:`Wire` that
+    :func:`detach` took from the event loop); a transport it cannot take is relayed on
+    the event loop as before. Cancelling stops the relay at once (both connections shut).
+
     :param early: Bytes of the peer that arrived with the upgrade, for QEMU first.
     """
+    try:
+        wire = await detach(peer)
+    except BaseException:
+        qemu.close()
+        peer.close()
+        raise
+    if wire is None:
+        await _splice_on_loop(qemu, peer, early)
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # room for WINDOW on the link too
+        with contextlib.suppress(OSError):
+            wire.sock.setsockopt(socket.SOL_SOCKET, option, WINDOW)
+    loop = asyncio.get_running_loop()
+    relay = _Relay(qemu, wire, early)
+    finished: asyncio.Future[None] = loop.create_future()
+    threading.Thread(
+        target=relay.run, args=(loop, finished), name="vmferry-tunnel", daemon=True
+    ).start()
+    try:
+        await finished
+    except BaseException:
+        relay.stop()  # the threads end and close both sockets
+        raise
+    if relay.error is not None:
+        raise relay.error
+
+
+class _Relay:
+    """
+    QEMU's socket-pair end and the peer's :class:`Wire`, relayed by two blocking threads
+    (one per direction) in chunks of :data:`CHUNK`.
+
+    Each direction ends at its reader's end (QEMU's EOF, the peer's close_notify or FIN)
+    and passes it on; both sockets are closed once both directions ended. Memory stays
+    bounded: a reader waits while its writer is blocked (a slow QEMU or link), so one
+    tunnel holds a few chunks beyond the kernel buffers of :data:`WINDOW`. The first
+    error stops both directions and is the relay's.
+    """
+
+    def __init__(self, qemu: socket.socket, wire: Wire, early: bytes) -> None:
+        qemu.setblocking(True)
+        self.qemu, self.wire, self.early = qemu, wire, early
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._qemu_closed = False  # QEMU closed its end: what the peer sends is for nobody
+
+    def run(self, loop: asyncio.AbstractEventLoop, finished: asyncio.Future[None]) -> None:
+        up = threading.Thread(target=self._guarded, args=(self._up,), name="vmferry-tunnel-up")
+        up.start()
+        self._guarded(self._down)
+        up.join()
+        self.qemu.close()
+        self.wire.sock.close()
+        with contextlib.suppress(RuntimeError):  # the loop is gone (daemon shut down)
+            loop.call_soon_threadsafe(_settle, finished)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wire.stop()
+        with contextlib.suppress(OSError):
+            self.qemu.shutdown(socket.SHUT_RDWR)
+
+    def _guarded(self, direction: Callable[[], None]) -> None:
+        try:
+            direction()
+        except Exception as exc:
+            if self.error is None and not self._stopped:
+                self.error = exc
+            self.stop()
+
+    def _up(self) -> None:
+        """QEMU to the peer."""
+        buf = memoryview(bytearray(CHUNK))
+        self.wire.flush()
+        while n := self.qemu.recv_into(buf):
+            self.wire.sendall(buf[:n])
+        self._qemu_closed = True
+        self.wire.close_write()
+
+    def _down(self) -> None:
+        """The peer to QEMU."""
+        if self.early:
+            self._to_qemu(memoryview(self.early))
+        buf = memoryview(bytearray(PLAIN_ROOM))
+        while n := self.wire.recv_into(buf):
+            self._to_qemu(buf[:n])
+        with contextlib.suppress(OSError):
+            self.qemu.shutdown(socket.SHUT_WR)
+        if self.wire.is_tls:
+            # TLS has no half-close: the peer's close_notify ends both directions (our
+            # close_notify answers it; what QEMU still sends is dropped, as asyncio did)
+            with contextlib.suppress(OSError):  # a courtesy: the peer may be gone already
+                self.wire.close_write()
+            with contextlib.suppress(OSError):
+                self.qemu.shutdown(socket.SHUT_RD)  # wakes the other direction
+
+    def _to_qemu(self, data: memoryview) -> None:
+        try:
+            self.qemu.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            if not self._qemu_closed:
+                raise
+            # QEMU is done with the stream: the peer's last words go nowhere, as before
+
+
+def _settle(finished: asyncio.Future[None]) -> None:
+    if not finished.done():
+        finished.set_result(None)
+
+
+async def _splice_on_loop(qemu: socket.socket, peer: asyncio.Transport, early: bytes = b"") -> None:
+    """:func:`splice` on the event loop (asyncio protocols), for a transport not detached."""
     loop = asyncio.get_running_loop()
     lost: list[asyncio.Future[None]] = [loop.create_future(), loop.create_future()]
     near, far = _End(lost[0]), _End(lost[1])
