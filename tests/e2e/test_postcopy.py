@@ -26,6 +26,7 @@ from vmferry.client import AsyncClient, Client
 from vmferry.client.migrate import MigrationReport, migrate, migrate_p2p
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import ENV_VAR
+from vmferry.migration import postcopy
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import Heartbeat, check_continuity, guest_xml
@@ -350,6 +351,13 @@ def test_link_cut_mid_postcopy_resumed_by_hand() -> None:
         with pytest.raises(VmferryError):
             asyncio.run(resume())
         assert src.dominfo("pc6").job.phase == "postcopy_failed"
+        # The try made the destination's Finish (waiting on the silent stream) give the job
+        # up; that Finish may still be unwinding when the try's own error comes back.
+        _wait(
+            "the destination to hold the failed post-copy again",
+            lambda: dst.dominfo("pc6").job.phase != "finish3",
+            timeout=postcopy.RELEASE_WAIT_S,
+        )
         incoming = dst.dominfo("pc6")
         assert (incoming.state, incoming.reason, incoming.job.phase) == (
             "running",
