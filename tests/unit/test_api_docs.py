@@ -37,7 +37,7 @@ def test_every_public_client_method_has_a_docstring() -> None:
     missing = [
         f"{cls.__name__}.{name}"
         for cls in (Client, AsyncClient)
-        for name, member in vars(cls).items()
+        for name, member in ((n, getattr(cls, n)) for n in dir(cls))  # inherited ones too
         if not name.startswith("_")
         and callable(getattr(member, "fget", member))
         and not inspect.getdoc(getattr(member, "fget", member))

@@ -6,36 +6,21 @@ awaited.
 
 from __future__ import annotations
 
+import functools
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar
 
 import httpx
 
 from vmferry import trace
-from vmferry.api.models import (
-    ClusterInfo,
-    ConsoleOutput,
-    DomainInfo,
-    DomainStateInfo,
-    EvacuateRequest,
-    EvacuationInfo,
-    Event,
-    HostInfo,
-    JobStats,
-    MaintenanceInfo,
-)
-from vmferry.api.storage import DiskSource, PoolInfo, VolumeInfo
-from vmferry.api.verbs import InterfaceInfo, VncDisplay
+from vmferry.api.models import Event
 from vmferry.client import calls
-from vmferry.client import evac_calls as ec
-from vmferry.client import migration_calls as mc
-from vmferry.client import storage_calls as sc
-from vmferry.client import verb_calls as vc
 from vmferry.client.calls import Call
 from vmferry.client.http1 import CONNECT_TIMEOUT, Answer, _reason
+from vmferry.client.methods import ClientMethods, request_of
 from vmferry.client.transport import (
     DEFAULT_TIMEOUT,
     Endpoint,
@@ -50,6 +35,7 @@ from vmferry.client.transport import (
 from vmferry.errors import ErrorCode, VmferryError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class TransportOptions(TypedDict):
@@ -113,6 +99,22 @@ def _httpx_reason(exc: BaseException) -> str:
 
 def _answer(response: httpx.Response) -> Answer:
     return Answer(response.status_code, response.content)
+
+
+def awaited(
+    method: Callable[Concatenate[ClientMethods, P], T],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """*method* of :class:`ClientMethods` as a coroutine method of :class:`AsyncClient`."""
+
+    async def send(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        call, timeout = request_of(method, *args, **kwargs)
+        return await self.run(call, request_timeout=timeout)
+
+    # help() shows the method's own signature and docstring (inspect follows __wrapped__).
+    functools.update_wrapper(send, method)
+    send.__module__ = __name__
+    send.__qualname__ = f"AsyncClient.{method.__name__}"
+    return send
 
 
 class AsyncClient:
@@ -183,257 +185,49 @@ class AsyncClient:
                 raise transport_error(self.endpoint, exc) from exc
             return read_json(self.endpoint, call, _answer(response))
 
-    # One line per API call; the requests themselves are in vmferry.client.calls.
-
-    async def host(self, *, request_timeout: float | None = None) -> HostInfo:
-        """The daemon's host: name, UUID, versions, features."""
-        return await self.run(calls.host(), request_timeout=request_timeout)
-
-    async def maintenance(self, *, request_timeout: float | None = None) -> MaintenanceInfo:
-        """Whether the host is in maintenance (no incoming migration, no new domain)."""
-        return await self.run(ec.maintenance(), request_timeout=request_timeout)
-
-    async def set_maintenance(
-        self, on: bool, reason: str = "", *, request_timeout: float | None = None
-    ) -> MaintenanceInfo:
-        """Turn maintenance on or off (persisted by the daemon)."""
-        return await self.run(ec.set_maintenance(on, reason), request_timeout=request_timeout)
-
-    async def evacuate(
-        self, request: EvacuateRequest, *, request_timeout: float | None = None
-    ) -> EvacuationInfo:
-        """Plan (``dry_run``) or start draining the host; the drain runs in the daemon."""
-        return await self.run(ec.evacuate(request), request_timeout=request_timeout)
-
-    async def evacuation(self, *, request_timeout: float | None = None) -> EvacuationInfo:
-        """The host's evacuation: plan, per-guest progress and results, ETA."""
-        return await self.run(ec.evacuation(), request_timeout=request_timeout)
-
-    async def cluster(self, *, request_timeout: float | None = None) -> ClusterInfo:
-        """The cluster's hosts (name, URI, state, free memory) and where each VM runs."""
-        return await self.run(calls.cluster(), request_timeout=request_timeout)
-
-    async def list_domains(
-        self, all: bool = False, *, request_timeout: float | None = None
-    ) -> list[DomainInfo]:
-        """Running domains, or with *all* also the defined, inactive ones."""
-        return await self.run(calls.list_domains(all), request_timeout=request_timeout)
-
-    async def define(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Define (or redefine) a persistent domain from its XML."""
-        return await self.run(calls.define(xml), request_timeout=request_timeout)
-
-    async def create(self, xml: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Create and start a transient domain from its XML."""
-        return await self.run(calls.create(xml), request_timeout=request_timeout)
-
-    async def undefine(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Remove a domain's definition (a running domain becomes transient)."""
-        return await self.run(calls.undefine(name), request_timeout=request_timeout)
-
-    async def start(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Start a defined, inactive domain."""
-        return await self.run(calls.start(name), request_timeout=request_timeout)
-
-    async def shutdown(
-        self,
-        name: str,
-        timeout: float = 60.0,
-        *,
-        request_timeout: float | None = None,
-    ) -> DomainInfo:
-        """Ask the guest to power off and wait up to *timeout* seconds for it."""
-        return await self.run(calls.shutdown(name, timeout), request_timeout=request_timeout)
-
-    async def destroy(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Stop a domain at once (kill its QEMU)."""
-        return await self.run(calls.destroy(name), request_timeout=request_timeout)
-
-    async def suspend(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Pause a running domain's vCPUs."""
-        return await self.run(calls.suspend(name), request_timeout=request_timeout)
-
-    async def resume(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Let a paused domain run again."""
-        return await self.run(calls.resume(name), request_timeout=request_timeout)
-
-    async def dominfo(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """One domain (by name or UUID)."""
-        return await self.run(calls.dominfo(name), request_timeout=request_timeout)
-
-    async def domstate(self, name: str, *, request_timeout: float | None = None) -> DomainStateInfo:
-        """A domain's state and its reason."""
-        return await self.run(calls.domstate(name), request_timeout=request_timeout)
-
-    async def dumpxml(
-        self,
-        name: str,
-        *,
-        migratable: bool = False,
-        inactive: bool = False,
-        request_timeout: float | None = None,
-    ) -> str:
-        """A domain's XML: live, *inactive* (the definition) or *migratable*."""
-        call = calls.dumpxml(name, migratable=migratable, inactive=inactive)
-        return await self.run(call, request_timeout=request_timeout)
-
-    async def console(
-        self, name: str, offset: int = 0, *, request_timeout: float | None = None
-    ) -> ConsoleOutput:
-        """Serial console output captured since the domain started, from *offset* on."""
-        return await self.run(calls.console(name, offset), request_timeout=request_timeout)
-
-    async def metrics(self, *, request_timeout: float | None = None) -> str:
-        """The daemon's Prometheus metrics, in the text exposition format."""
-        return await self.run(calls.metrics(), request_timeout=request_timeout)
-
-    # The verbs beyond the life cycle: the requests are in vmferry.client.verb_calls.
-
-    async def reboot(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Ask the guest to reboot (ACPI); returns once asked, the guest may ignore it."""
-        return await self.run(vc.reboot(name), request_timeout=request_timeout)
-
-    async def reset(self, name: str, *, request_timeout: float | None = None) -> DomainInfo:
-        """Reset the machine at once, like its reset button."""
-        return await self.run(vc.reset(name), request_timeout=request_timeout)
-
-    async def set_autostart(
-        self, name: str, enabled: bool = True, *, request_timeout: float | None = None
-    ) -> DomainInfo:
-        """Start the persistent domain when the daemon starts (once per host boot), or not."""
-        return await self.run(vc.autostart(name, enabled), request_timeout=request_timeout)
-
-    async def set_memory(
-        self,
-        name: str,
-        size_kib: int,
-        *,
-        live: bool = False,
-        config: bool = False,
-        request_timeout: float | None = None,
-    ) -> DomainInfo:
-        """``setmem``: the balloon target (live) and/or ``<currentMemory>`` (config), KiB."""
-        call = vc.set_memory(name, size_kib, live=live, config=config)
-        return await self.run(call, request_timeout=request_timeout)
-
-    async def set_max_memory(
-        self,
-        name: str,
-        size_kib: int,
-        *,
-        live: bool = False,
-        config: bool = False,
-        request_timeout: float | None = None,
-    ) -> DomainInfo:
-        """``setmaxmem``: ``<memory>`` in KiB; only of the persistent definition."""
-        call = vc.set_max_memory(name, size_kib, live=live, config=config)
-        return await self.run(call, request_timeout=request_timeout)
-
-    async def interfaces(
-        self, name: str, *, request_timeout: float | None = None
-    ) -> list[InterfaceInfo]:
-        """``domiflist``: the domain's network interfaces."""
-        return await self.run(vc.interfaces(name), request_timeout=request_timeout)
-
-    async def vncdisplay(self, name: str, *, request_timeout: float | None = None) -> VncDisplay:
-        """Where the running domain's VNC server listens."""
-        return await self.run(vc.vncdisplay(name), request_timeout=request_timeout)
-
-    async def domstats(
-        self,
-        names: Sequence[str] = (),
-        groups: Sequence[str] = (),
-        *,
-        request_timeout: float | None = None,
-    ) -> dict[str, dict[str, Any]]:
-        """Statistics by domain name (all domains if *names* is empty; all groups if empty)."""
-        return await self.run(vc.domstats(names, groups), request_timeout=request_timeout)
-
-    # Migration jobs: the requests are in vmferry.client.migration_calls.
-
-    async def jobinfo(
-        self, name: str, completed: bool = False, *, request_timeout: float | None = None
-    ) -> JobStats:
-        """The domain's running migration job, or with *completed* the last finished one."""
-        return await self.run(mc.jobinfo(name, completed), request_timeout=request_timeout)
-
-    async def jobabort(
-        self, name: str, *, postcopy: bool = False, request_timeout: float | None = None
-    ) -> None:
-        """Cancel the domain's running migration (the guest stays on the source).
-
-        In post-copy a migration cannot be cancelled; with *postcopy* it is
-        paused instead, to be resumed with ``--postcopy-resume``.
-        """
-        await self.run(mc.jobabort(name, postcopy), request_timeout=request_timeout)
-
-    async def start_postcopy(self, name: str, *, request_timeout: float | None = None) -> None:
-        """Switch the domain's running outgoing migration to post-copy now."""
-        await self.run(mc.start_postcopy(name), request_timeout=request_timeout)
-
-    async def get_maxdowntime(self, name: str, *, request_timeout: float | None = None) -> int:
-        """The longest pause (ms) QEMU may take to complete a live migration."""
-        call = mc.get_maxdowntime(name)
-        return (await self.run(call, request_timeout=request_timeout)).downtime_ms
-
-    async def set_maxdowntime(
-        self, name: str, downtime_ms: int, *, request_timeout: float | None = None
-    ) -> None:
-        """Set the longest pause (ms) QEMU may take to complete a live migration."""
-        await self.run(mc.set_maxdowntime(name, downtime_ms), request_timeout=request_timeout)
-
-    async def get_speed(self, name: str, *, request_timeout: float | None = None) -> int:
-        """The migration bandwidth limit in MiB/s (0: unlimited)."""
-        return (await self.run(mc.get_speed(name), request_timeout=request_timeout)).bandwidth_mib_s
-
-    async def set_speed(
-        self, name: str, bandwidth_mib_s: int, *, request_timeout: float | None = None
-    ) -> None:
-        """Limit the migration bandwidth to *bandwidth_mib_s* MiB/s (0: unlimited)."""
-        await self.run(mc.set_speed(name, bandwidth_mib_s), request_timeout=request_timeout)
-
-    async def pool_list(self, *, request_timeout: float | None = None) -> list[PoolInfo]:
-        """The host's storage pools."""
-        return await self.run(sc.pool_list(), request_timeout=request_timeout)
-
-    async def vol_list(
-        self, pool: str, *, request_timeout: float | None = None
-    ) -> list[VolumeInfo]:
-        """The volumes of *pool*."""
-        return await self.run(sc.vol_list(pool), request_timeout=request_timeout)
-
-    async def vol_info(
-        self, pool: str, name: str, *, request_timeout: float | None = None
-    ) -> VolumeInfo:
-        """Format, capacity, allocation and backing chain of a volume."""
-        return await self.run(sc.vol_info(pool, name), request_timeout=request_timeout)
-
-    async def vol_create(
-        self,
-        pool: str,
-        name: str,
-        capacity: int,
-        fmt: str = "raw",
-        backing_vol: str | None = None,
-        backing_format: str | None = None,
-        *,
-        request_timeout: float | None = None,
-    ) -> VolumeInfo:
-        """Create a volume of *capacity* bytes (qcow2 may have a backing volume)."""
-        call = sc.vol_create(pool, name, capacity, fmt, backing_vol, backing_format)
-        return await self.run(call, request_timeout=request_timeout)
-
-    async def vol_delete(
-        self, pool: str, name: str, *, request_timeout: float | None = None
-    ) -> None:
-        """Delete a volume no defined domain uses."""
-        await self.run(sc.vol_delete(pool, name), request_timeout=request_timeout)
-
-    async def domblklist(
-        self, name: str, *, request_timeout: float | None = None
-    ) -> list[DiskSource]:
-        """The domain's disks and their sources on this host."""
-        return await self.run(sc.domblklist(name), request_timeout=request_timeout)
+    # The request methods, from ClientMethods (their arguments, routes and docstrings
+    # are there), each made a coroutine sending the same request.
+    host = awaited(ClientMethods.host)
+    maintenance = awaited(ClientMethods.maintenance)
+    set_maintenance = awaited(ClientMethods.set_maintenance)
+    evacuate = awaited(ClientMethods.evacuate)
+    evacuation = awaited(ClientMethods.evacuation)
+    cluster = awaited(ClientMethods.cluster)
+    list_domains = awaited(ClientMethods.list_domains)
+    define = awaited(ClientMethods.define)
+    create = awaited(ClientMethods.create)
+    undefine = awaited(ClientMethods.undefine)
+    start = awaited(ClientMethods.start)
+    shutdown = awaited(ClientMethods.shutdown)
+    destroy = awaited(ClientMethods.destroy)
+    suspend = awaited(ClientMethods.suspend)
+    resume = awaited(ClientMethods.resume)
+    dominfo = awaited(ClientMethods.dominfo)
+    domstate = awaited(ClientMethods.domstate)
+    dumpxml = awaited(ClientMethods.dumpxml)
+    console = awaited(ClientMethods.console)
+    metrics = awaited(ClientMethods.metrics)
+    reboot = awaited(ClientMethods.reboot)
+    reset = awaited(ClientMethods.reset)
+    set_autostart = awaited(ClientMethods.set_autostart)
+    set_memory = awaited(ClientMethods.set_memory)
+    set_max_memory = awaited(ClientMethods.set_max_memory)
+    interfaces = awaited(ClientMethods.interfaces)
+    vncdisplay = awaited(ClientMethods.vncdisplay)
+    domstats = awaited(ClientMethods.domstats)
+    jobinfo = awaited(ClientMethods.jobinfo)
+    jobabort = awaited(ClientMethods.jobabort)
+    start_postcopy = awaited(ClientMethods.start_postcopy)
+    get_maxdowntime = awaited(ClientMethods.get_maxdowntime)
+    set_maxdowntime = awaited(ClientMethods.set_maxdowntime)
+    get_speed = awaited(ClientMethods.get_speed)
+    set_speed = awaited(ClientMethods.set_speed)
+    pool_list = awaited(ClientMethods.pool_list)
+    vol_list = awaited(ClientMethods.vol_list)
+    vol_info = awaited(ClientMethods.vol_info)
+    vol_create = awaited(ClientMethods.vol_create)
+    vol_delete = awaited(ClientMethods.vol_delete)
+    domblklist = awaited(ClientMethods.domblklist)
 
     def events(self) -> AsyncEventStream:
         """

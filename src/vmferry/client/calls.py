@@ -3,9 +3,10 @@
 Each function returns a :class:`Call`: the HTTP request and how to turn
 the answer's JSON into a value.  :meth:`Client.run
 <vmferry.client.sync.Client.run>` and :meth:`AsyncClient.run
-<vmferry.client.aio.AsyncClient.run>` execute it; their methods are
-one-line wrappers.  A new API route needs one function here and one line
-in each client.
+<vmferry.client.aio.AsyncClient.run>` execute it; the clients' named
+methods are written once, in :class:`vmferry.client.methods.ClientMethods`.
+A new API route needs one function here (or in a sibling), one method there
+and one line in :class:`~vmferry.client.aio.AsyncClient`.
 """
 
 from __future__ import annotations
