@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -149,47 +148,25 @@ def test_host_identity_is_distinct(tmp_path: object) -> None:
 def test_qemu_left_by_an_unfinished_start_is_killed() -> None:
     """The daemon died between spawning QEMU and recording its pid: restart kills that QEMU."""
     from vmferry.daemon.state import StateDir
-    from vmferry.domain.xml import format_domain_xml, parse_domain_xml
+    from vmferry.domain.xml import parse_domain_xml
     from vmferry.qemu.command import qmp_marker
+    from vmferry.testing.stray import stray_qemu, write_status
 
     with hosts(1) as (h,):
         h.kill(signal.SIGKILL)
         state = StateDir(h.state_dir)
         definition = parse_domain_xml(guest_xml("orphan"))
         sock = state.qmp_socket("orphan")
-        qemu = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-chardev",
-                f"socket,id=m,path={sock},server=on,wait=off",
-                "-mon",
-                "chardev=m",
-                "-chardev",
-                f"null,id={qmp_marker(sock)}",
-            ],
-            start_new_session=True,
-        )
+        qemu = stray_qemu(sock, "-mon", "chardev=m", "-chardev", f"null,id={qmp_marker(sock)}")
         try:
-            state.write_json(
-                state.status_path("orphan"),
-                {
-                    "name": "orphan",
-                    "uuid": definition.uuid,
-                    "state": "paused",
-                    "reason": "starting-up",
-                    "pid": None,
-                    "run_id": 1,
-                    "persistent": False,
-                    "job": {},
-                    "bound_session": "",
-                    "xml": format_domain_xml(definition),
-                },
+            write_status(
+                state,
+                definition,
+                state="paused",
+                reason="starting-up",
+                pid=None,
+                run_id=1,
+                bound_session="",
             )
             h.start()
             assert qemu.wait(timeout=10) != 0

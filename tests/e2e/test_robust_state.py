@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -23,11 +22,12 @@ from vmferry.cli.main import main
 from vmferry.daemon.config import DaemonConfig
 from vmferry.daemon.host import load_or_create_host_identity
 from vmferry.daemon.state import StateDir
-from vmferry.domain.xml import format_domain_xml, parse_domain_xml
+from vmferry.domain.xml import parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.failpoints import ENV_VAR
 from vmferry.testguest import guest_xml
 from vmferry.testing import Host, hosts
+from vmferry.testing.stray import stray_qemu, write_status
 
 pytestmark = pytest.mark.qemu
 
@@ -112,42 +112,14 @@ def test_live_qemu_without_qmp_socket_is_reported_and_destroyable() -> None:
         state = StateDir(h.state_dir)
         definition = parse_domain_xml(guest_xml("lost"))
         sock = state.qmp_socket("lost")
-        qemu = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-uuid",
-                definition.uuid,
-                "-chardev",
-                f"socket,id=m,path={sock},server=on,wait=off",
-                "-mon",
-                "chardev=m,mode=control",
-            ],
-            start_new_session=True,
-        )
+        qemu = stray_qemu(sock, "-uuid", definition.uuid, "-mon", "chardev=m,mode=control")
         try:
             deadline = time.monotonic() + 10
             while not sock.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
             sock.unlink()  # the QEMU lives on, but nobody can reach its monitor
-            state.write_json(
-                state.status_path("lost"),
-                {
-                    "name": "lost",
-                    "uuid": definition.uuid,
-                    "state": "running",
-                    "reason": "booted",
-                    "pid": qemu.pid,
-                    "run_id": 3,
-                    "persistent": False,
-                    "job": {},
-                    "xml": format_domain_xml(definition),
-                },
+            write_status(
+                state, definition, state="running", reason="booted", pid=qemu.pid, run_id=3
             )
             h.start()
             seen = _states(h)

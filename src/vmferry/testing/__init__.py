@@ -14,6 +14,8 @@ tests, ``make demo`` and the benchmarks (outside the layers, like
 - :mod:`vmferry.testing.disk`: the test guest's disk from the host: images
   for it, :func:`~vmferry.testing.disk.wait_disk_ready`, the offline
   verifier of what it wrote, ``qemu-img compare``.
+- :mod:`vmferry.testing.stray`: what a daemon that died leaves behind (a QEMU
+  started behind its back, a domain's status record), for restart tests.
 """
 
 from vmferry.testing.daemons import Host, allocate_ports, hosts, kill_qemu, qemu_pids
