@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.mutate import mutate
 from vmferry.domain.xml import format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration.cookie import (
@@ -338,21 +339,6 @@ def test_round_trip_property(
     assert _parse(c.to_xml()) == c
 
 
-def _mutate(text: str, data: st.DataObject) -> str:
-    ops = data.draw(
-        st.lists(st.tuples(st.sampled_from("dir"), st.integers(0, 10**9), _text), max_size=4)
-    )
-    for op, pos, chunk in ops:
-        pos %= len(text) + 1
-        if op == "d":
-            text = text[:pos] + text[pos + len(chunk) :]
-        elif op == "i":
-            text = text[:pos] + chunk + text[pos:]
-        else:
-            text = text[:pos] + chunk + text[pos + len(chunk) :]
-    return text
-
-
 _FRAGMENTS = st.sampled_from(
     [
         "<downtime>nan</downtime>",
@@ -386,7 +372,7 @@ def test_mutated_cookies_raise_only_vmferry_errors(data: st.DataObject) -> None:
             ]
         )
     )
-    text = _mutate(base, data)
+    text = mutate(base, data, _text, max_edits=4)
     for frag in data.draw(st.lists(_FRAGMENTS, max_size=3)):
         pos = data.draw(st.integers(0, len(text)))
         text = text[:pos] + frag + text[pos:]

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.mutate import mutate
 from vmferry.domain.xml import MAX_XML_BYTES, format_domain_xml, parse_domain_xml
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.testguest import guest_xml
@@ -44,23 +45,6 @@ _FRAGMENTS = st.sampled_from(
 )
 
 
-def _mutate(text: str, data: st.DataObject) -> str:
-    ops = data.draw(
-        st.lists(st.tuples(st.sampled_from("dirf"), st.integers(0, 10**9), _chunk), max_size=5)
-    )
-    for op, pos, chunk in ops:
-        pos %= len(text) + 1
-        if op == "d":
-            text = text[:pos] + text[pos + len(chunk) :]
-        elif op == "i":
-            text = text[:pos] + chunk + text[pos:]
-        elif op == "r":
-            text = text[:pos] + chunk + text[pos + len(chunk) :]
-        else:
-            text = text[:pos] + data.draw(_FRAGMENTS) + text[pos:]
-    return text
-
-
 @settings(
     max_examples=400,
     deadline=None,
@@ -69,7 +53,8 @@ def _mutate(text: str, data: st.DataObject) -> str:
 )
 @given(data=st.data())
 def test_mutated_domain_xml_raises_only_vmferry_errors(data: st.DataObject) -> None:
-    text = _mutate(data.draw(st.sampled_from([VALID, FORMATTED])), data)
+    base = data.draw(st.sampled_from([VALID, FORMATTED]))
+    text = mutate(base, data, _chunk, max_edits=5, fragments=_FRAGMENTS)
     try:
         d = parse_domain_xml(text)
     except VmferryError as err:
