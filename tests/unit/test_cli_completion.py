@@ -26,6 +26,17 @@ vmferry() {
 """
 
 
+def run_completion(argv: list[str], calls: str) -> tuple[list[str], list[str]]:
+    """Run the shell *argv*: the words it printed, and the ``vmferry`` calls logged in *calls*."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    try:
+        with open(calls) as f:
+            made = f.read().splitlines()
+    except FileNotFoundError:
+        made = []
+    return [w for w in done.stdout.splitlines() if w], made
+
+
 def complete(line: str, tmp: str) -> tuple[list[str], list[str]]:
     """What bash completes at the end of *line*; and the ``vmferry`` calls it made."""
     assert BASH is not None
@@ -37,15 +48,7 @@ def complete(line: str, tmp: str) -> tuple[list[str], list[str]]:
         + "_vmferry\n"
         + 'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
-    done = subprocess.run(
-        [BASH, "--norc", "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    try:
-        with open(calls) as f:
-            made = f.read().splitlines()
-    except FileNotFoundError:
-        made = []
-    return [w for w in done.stdout.splitlines() if w], made
+    return run_completion([BASH, "--norc", "-c", script], calls)
 
 
 def test_completion_command_prints_scripts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,15 +136,7 @@ def zsh_complete(line: str, tmp: str) -> tuple[list[str], list[str]]:
         + ZSH_STUBS
         + f"CALLS={calls!r}\nwords=({quoted}); CURRENT={len(words)}\n_vmferry\n"
     )
-    done = subprocess.run(
-        [zsh, "-f", "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    try:
-        with open(calls) as f:
-            made = f.read().splitlines()
-    except FileNotFoundError:
-        made = []
-    return [w for w in done.stdout.splitlines() if w], made
+    return run_completion([zsh, "-f", "-c", script], calls)
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
