@@ -25,6 +25,7 @@ from vmferry.migration.protocol import migrate_v3
 from vmferry.pki import init_pki
 from vmferry.testguest import Heartbeat, check_continuity
 from vmferry.testing import Host, hosts, wait_heartbeat
+from vmferry.testing.steps import assert_only_on
 
 pytestmark = pytest.mark.qemu
 
@@ -218,24 +219,15 @@ def test_tls_required_refuses_plain_both_ways() -> None:
         with pytest.raises(VmferryError) as err:
             asyncio.run(_p2p(a, b, "tls3"))
         assert err.value.code == ErrorCode.TLS_REQUIRED, err.value
+        assert_only_on(a, b, "tls3", hb)
         with a.client() as c:
-            info = c.dominfo("tls3")
-            assert (info.state, info.job.async_job) == ("running", "none")
-            check_continuity(hb, wait_heartbeat(c, "tls3", after=hb))
             c.destroy("tls3")
-        with b.client() as c:
-            assert "tls3" not in [d.name for d in c.list_domains(all=True)]
         hb = _boot(b, "tls4")
         with pytest.raises(VmferryError) as err:
             asyncio.run(_p2p(b, a, "tls4"))
         assert err.value.code == ErrorCode.TLS_REQUIRED, err.value
         assert "destination" in err.value.message
-        with b.client() as c:
-            info = c.dominfo("tls4")
-            assert (info.state, info.job.async_job) == ("running", "none")
-            check_continuity(hb, wait_heartbeat(c, "tls4", after=hb))
-        with a.client() as c:
-            assert "tls4" not in [d.name for d in c.list_domains(all=True)]
+        assert_only_on(b, a, "tls4", hb)
 
 
 def _require_tls_on_both(made: list[Host]) -> None:

@@ -16,6 +16,7 @@ from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.testguest import check_continuity, guest_xml
 from vmferry.testing import Host, wait_heartbeat
+from vmferry.testing.steps import assert_only_on
 
 
 async def _migrate(src: Host, dst: Host, name: str, params: MigrationParams) -> MigrationReport:
@@ -106,11 +107,7 @@ def test_deadline_aborts_and_puts_qemu_back(pair: tuple[Host, Host]) -> None:
     assert err.value.code == ErrorCode.OPERATION_TIMEOUT, err.value.message
     assert "deadline" in err.value.message and "ovirt-minimal-downtime" in err.value.message
     assert 4.0 <= time.monotonic() - started < 12
+    assert_only_on(a, b, "late", before)
     with a.client() as c:
-        info = c.dominfo("late")
-        assert (info.state, info.job.async_job) == ("running", "none")
-        check_continuity(before, wait_heartbeat(c, "late", after=before))
         assert c.get_maxdowntime("late") == 300  # the policy's 100 ms did not stay behind
-    with b.client() as c:
-        assert "late" not in [d.name for d in c.list_domains(all=True)]
     _cleanup(a, "late")
