@@ -71,3 +71,17 @@ def test_ports_do_not_overlap_between_xdist_workers(
     ports = [daemons.allocate_ports() for _ in range(300)]
     assert ports[:5] == [hi - 48, hi - 32, hi - 16, lo, lo + 16]  # wraps inside the window
     assert all(lo <= p and p + 16 <= hi and p % 16 == 0 for p in ports)
+
+
+def test_lease_refused_passes_only_a_lease_refusal() -> None:
+    from vmferry.errors import ErrorCode, VmferryError
+    from vmferry.testing.cluster import lease_refused
+
+    def fail(code: ErrorCode) -> None:
+        raise VmferryError(code, "held by host1")
+
+    assert lease_refused(lambda: fail(ErrorCode.LEASE_HELD)).message == "held by host1"
+    with pytest.raises(AssertionError):
+        lease_refused(lambda: fail(ErrorCode.OPERATION_FAILED))
+    with pytest.raises(AssertionError, match="not refused"):
+        lease_refused(lambda: None)

@@ -39,6 +39,16 @@ def try_create(client: Client, xml: str) -> bool:
     return True
 
 
+def lease_refused(action: Callable[[], object]) -> VmferryError:
+    """Run *action*, which another host's lease must refuse (``LEASE_HELD``): its error."""
+    try:
+        action()
+    except VmferryError as err:
+        assert err.code == ErrorCode.LEASE_HELD, err
+        return err
+    raise AssertionError("not refused: no other host holds the lease")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
