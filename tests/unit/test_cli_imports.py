@@ -38,6 +38,7 @@ HEAVY = (
     "asyncio",
     "dataclasses",
     "http.client",
+    "socket",  # a unix socket is opened with _socket (vmferry.client.http1)
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -215,6 +216,7 @@ MIGRATE_HEAVY = (
     "dataclasses",
     "inspect",
     "threading",
+    "socket",
     "httpx",
     "pydantic",
     "fastapi",
