@@ -5,24 +5,29 @@ Every migration has one id (:func:`new_migration_id`), made by the client that
 starts it (or by the source daemon when the caller sent none) and carried in
 the migration parameters of each API call. Code handling a migration binds it
 with :func:`bind_migration`; a context variable, so it follows the request's
-task and every task spawned from it, and :class:`MigrationIdFilter` stamps it
-on each record. ``grep ID`` on both daemons' logs (and the client's) then
-shows one migration from Begin to Confirm.
+task and every task spawned from it, and the daemon's log filter
+(:class:`vmferry.logformat.MigrationIdFilter`) stamps it on each record.
+``grep ID`` on both daemons' logs (and the client's) then shows one migration
+from Begin to Confirm.
 
 Outside the layers and importing nothing of vmferry: the daemon, the client
-library and the CLI all use it, and the CLI must stay quick to import.
+library and the CLI all use it, and the CLI must stay quick to import: it does
+not import :mod:`logging` either (:func:`get_logger`); the daemon's log lines
+are formatted by :mod:`vmferry.logformat`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
-import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import logging
 
 #: The migration the running code works for ("" if none).
 _migration_id: contextvars.ContextVar[str] = contextvars.ContextVar(
@@ -31,15 +36,6 @@ _migration_id: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 #: What a migration id may be: it is written into logs, so no spaces or control characters.
 MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-
-TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s%(migration_suffix)s"
-LOG_FORMATS = ("text", "json")
-
-
-def _datetime() -> Any:
-    import datetime  # only JSON lines need it: the CLI does not pay for its import
-
-    return datetime
 
 
 def new_migration_id() -> str:
@@ -72,54 +68,53 @@ def current_migration() -> str:
     return _migration_id.get()
 
 
-class MigrationIdFilter(logging.Filter):
-    """Adds ``migration_id`` (and the text format's ``migration_suffix``) to every record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        mid = getattr(record, "migration_id", "") or _migration_id.get()
-        record.migration_id = mid
-        record.migration_suffix = f" migration={mid}" if mid else ""
-        return True
+#: logging's WARNING: records below it go nowhere until a program configures logging.
+_WARNING = 30
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, migration_id."""
+class Logger:
+    """
+    ``logging.getLogger(name)``, without importing :mod:`logging` for nothing.
 
-    def format(self, record: logging.LogRecord) -> str:
-        dt = _datetime()
-        entry: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        mid = getattr(record, "migration_id", "")
-        if mid:
-            entry["migration_id"] = mid
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+    Until some code imports :mod:`logging`, nothing can have configured it, so
+    a debug or info record would go nowhere (the root logger's default level is
+    WARNING): such a record is dropped without the import (~10 % of
+    ``vmferry migrate``'s start, issue 10).  Once :mod:`logging` is loaded (the
+    daemon, tests, a program using the client library), every record goes to
+    the real logger; a warning or an error always does, importing it if need be.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _logger(self, level: int) -> logging.Logger | None:
+        if "logging" not in sys.modules and level < _WARNING:
+            return None
+        import logging
+
+        return logging.getLogger(self.name)
+
+    def _log(self, level: int, msg: str, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
+        logger = self._logger(level)
+        if logger is not None and logger.isEnabledFor(level):
+            kwargs.setdefault("stacklevel", 3)  # the caller's line, not this module's
+            logger.log(level, msg, *args, **kwargs)
+
+    def debug(self, msg: str, *args: object, **kwargs: Any) -> None:
+        self._log(10, msg, args, kwargs)
+
+    def info(self, msg: str, *args: object, **kwargs: Any) -> None:
+        self._log(20, msg, args, kwargs)
+
+    def warning(self, msg: str, *args: object, **kwargs: Any) -> None:
+        self._log(_WARNING, msg, args, kwargs)
+
+    def error(self, msg: str, *args: object, **kwargs: Any) -> None:
+        self._log(40, msg, args, kwargs)
 
 
-def formatter(kind: str) -> logging.Formatter:
-    """The formatter of ``--log-format`` *kind* (``text`` or ``json``)."""
-    if kind == "json":
-        return JsonFormatter()
-    if kind == "text":
-        return logging.Formatter(TEXT_FORMAT)
-    raise ValueError(f"unknown log format {kind!r} (known: {', '.join(LOG_FORMATS)})")
-
-
-def setup(level: str = "info", kind: str = "text", stream: Any = None) -> logging.Handler:
-    """Configure the root logger: one stream handler (stderr) with *kind* lines at *level*."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter(kind))
-    handler.addFilter(MigrationIdFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    return handler
+def get_logger(name: str) -> Logger:
+    """The logger *name* for modules on the CLI's path (:class:`Logger`)."""
+    return Logger(name)

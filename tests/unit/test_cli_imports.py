@@ -38,6 +38,7 @@ HEAVY = (
     "asyncio",
     "dataclasses",
     "http.client",
+    "socket",  # a unix socket is opened with _socket (vmferry.client.http1)
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -88,6 +89,8 @@ ANSWERS = {
     ],
     "/v1/domains/vm1/reboot": DOMAINS[0],
     "/metrics": "vmferry_domains 1\n",
+    # migrate's sessions (then Begin is refused: no-domain)
+    "/v1/session": {"session": "s1", "features": ["migration-v3"]},
 }
 
 
@@ -203,10 +206,17 @@ def test_the_check_can_fail() -> None:
     assert "pydantic" in heavy(modules)
 
 
-#: ``migrate`` needs the protocol and its parameters (dataclasses, vmferry.migration), but
-#: no event loop: the blocking client drives the protocol (vmferry.client.migrate_blocking).
+#: ``migrate`` needs the protocol and its parameters (vmferry.migration), but no event
+#: loop: the blocking client drives the protocol (vmferry.client.migrate_blocking); nor
+#: ``logging`` (vmferry.logs.get_logger), ``dataclasses`` (the parameters are a plain
+#: record) or ``threading`` (no progress thread without a view that shows figures).
 MIGRATE_HEAVY = (
     "asyncio",
+    "logging",
+    "dataclasses",
+    "inspect",
+    "threading",
+    "socket",
     "httpx",
     "pydantic",
     "fastapi",
@@ -221,8 +231,9 @@ MIGRATE_HEAVY = (
 
 
 def test_migrate_imports_no_event_loop(daemon_uri: str) -> None:
-    # The stand-in has no /v1/session: the command fails there, after its imports.
+    # The stand-in opens the sessions and refuses Begin: the protocol ran, up to its first step.
     status, _, modules = run_cli("-c", daemon_uri, "migrate", "--live", "vm1", daemon_uri)
     assert status == 1
     assert "vmferry.client.migrate_blocking" in modules  # the path under test was taken
+    assert "vmferry.migration.protocol" in modules
     assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in MIGRATE_HEAVY)] == []

@@ -190,6 +190,21 @@ def test_good_parameters_round_trip() -> None:
     assert MigrationParams.from_dict({"downtime_limit_ms": None}).downtime_limit_ms is None
 
 
+def test_parameters_are_a_record_without_dataclasses() -> None:
+    # A plain record (the CLI does not import dataclasses): copy, equality, no unknown field.
+    params = MigrationParams(dname="a", bandwidth_mib_s=5)
+    copied = params.copy(dname="b")
+    assert (copied.dname, copied.bandwidth_mib_s, params.dname) == ("b", 5, "a")
+    assert params.copy() == params != copied
+    assert params != params.to_dict()
+    assert "dname='a'" in repr(params)
+    assert list(params.to_dict())[:2] == ["bandwidth_mib_s", "downtime_limit_ms"]
+    with pytest.raises(TypeError, match="migrate_urix"):
+        MigrationParams(migrate_urix="tcp:h:1")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        hash(params)  # mutable, as a dataclass
+
+
 def test_config_keys(tmp_path: object) -> None:
     from pathlib import Path
 

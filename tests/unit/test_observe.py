@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from vmferry import logs
+from vmferry import logformat, logs
 from vmferry.cli.observe_cmds import render, summarize
 from vmferry.daemon.access import PERMISSIONS, AccessPolicy, Role, route_template
 from vmferry.daemon.metrics import ApiMetricsMiddleware, Metrics
@@ -30,7 +30,7 @@ def captured() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
-    logs.setup("info", "json", stream)
+    logformat.setup("info", "json", stream)
     try:
         yield stream
     finally:
@@ -74,14 +74,14 @@ def test_json_lines_carry_the_migration_id_into_spawned_tasks(captured: io.Strin
 def test_text_lines_end_with_the_migration_id() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.formatter("text"))
-    handler.addFilter(logs.MigrationIdFilter())
+    handler.setFormatter(logformat.formatter("text"))
+    handler.addFilter(logformat.MigrationIdFilter())
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
     record.migration_id = "m-1"
     handler.handle(record)
     assert stream.getvalue().rstrip().endswith("INFO hello you migration=m-1")
     with pytest.raises(ValueError, match="unknown log format"):
-        logs.formatter("xml")
+        logformat.formatter("xml")
 
 
 @pytest.mark.parametrize("bad", ["a b", "x\ny", "", "-lead", "z" * 65, "é"])

@@ -28,13 +28,19 @@ PROG = "vmferry"
 DESCRIPTION = "Manage QEMU domains and their live migration via vmferryd."
 
 
+_WIDTH: list[int] = []
+
+
 def _width() -> int:
     # What argparse's default does, without importing shutil (and fnmatch, bz2...) for it.
-    try:
-        columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
-    except (ValueError, OSError):
-        columns = 80
-    return columns - 2
+    # Once per process: argparse makes a formatter for every argument it adds.
+    if not _WIDTH:
+        try:
+            columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            columns = 80
+        _WIDTH.append(columns - 2)
+    return _WIDTH[0]
 
 
 class _Formatter(argparse.HelpFormatter):

@@ -5,7 +5,10 @@ Why not httpx (which :class:`~vmferry.client.aio.AsyncClient` uses) or
 may take (issue 10).  The daemon speaks plain HTTP/1.1 (uvicorn), the
 requests are small JSON documents and the answers JSON or NDJSON streams,
 so a request is one connection (``Connection: close``): nothing to pool,
-no stale keep-alive connection to retry on.
+no stale keep-alive connection to retry on.  A unix socket is opened with the
+C module ``_socket``: the ``socket`` module's import (its enums) is a tenth of
+what ``vmferry migrate`` spends before its first request; ``tcp://`` and
+``tls://`` load it (and ``ssl``) when they connect.
 
 Failures become :class:`VmferryError`: ``CONNECT_FAILED`` while connecting
 (nothing was sent), ``RPC_FAILED`` once the request may have reached the
@@ -14,8 +17,9 @@ daemon.
 
 from __future__ import annotations
 
+import _socket
+import io
 import json
-import socket
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +30,10 @@ if TYPE_CHECKING:
     import ssl
 
     from vmferry.client.transport import Endpoint
+
+#: A connection: ``_socket.socket`` (unix), or its subclasses ``socket.socket`` (tcp) and
+#: ``ssl.SSLSocket`` (tls).
+Socket = _socket.socket
 
 #: Connecting never needs long; a dead host should fail fast.
 CONNECT_TIMEOUT = 15.0
@@ -150,7 +158,7 @@ def _reason(exc: BaseException) -> str:
     ssl = sys.modules.get("ssl")  # loaded whenever an SSLError can occur
     if ssl is not None and isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):  # socket.timeout too (the same class)
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -165,7 +173,7 @@ def connect_error(endpoint: Endpoint, exc: BaseException) -> VmferryError:
 
 def exchange_error(endpoint: Endpoint, exc: BaseException) -> VmferryError:
     """The request was (maybe) sent: its outcome is unknown."""
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):
         return VmferryError(
             ErrorCode.RPC_FAILED,
             f"no answer from vmferryd at {endpoint.uri} in time (timed out); "
@@ -179,10 +187,28 @@ def exchange_error(endpoint: Endpoint, exc: BaseException) -> VmferryError:
 # -- blocking --------------------------------------------------------------------------------
 
 
+class _Reader(io.RawIOBase):
+    """A socket's receiving side as a raw stream (``socket.makefile("rb")``'s, for ``_socket``)."""
+
+    def __init__(self, sock: Socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+
+def _reader(sock: Socket) -> io.BufferedReader:
+    return io.BufferedReader(_Reader(sock))
+
+
 class SyncStream:
     """An answer whose body is read as it arrives (``iter_lines``); close it when done."""
 
-    def __init__(self, endpoint: Endpoint, sock: socket.socket, head: _Head, file: Any) -> None:
+    def __init__(self, endpoint: Endpoint, sock: Socket, head: _Head, file: Any) -> None:
         self._endpoint = endpoint
         self._sock = sock
         self._file = file
@@ -243,7 +269,7 @@ class SyncStream:
         self.closed = True
         # shutdown() first: it wakes a reader blocked in another thread.
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
         self._file.close()
@@ -252,12 +278,12 @@ class SyncStream:
 
 def _open_socket(
     endpoint: Endpoint, ssl_context: ssl.SSLContext | None, timeout: float | None
-) -> socket.socket:
+) -> Socket:
     connect_timeout = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
-    sock: socket.socket
+    sock: Socket
     try:
         if endpoint.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(connect_timeout)
             try:
                 sock.connect(endpoint.socket_path)
@@ -265,6 +291,8 @@ def _open_socket(
                 sock.close()
                 raise
         else:
+            import socket
+
             sock = socket.create_connection((endpoint.host, endpoint.port), connect_timeout)
             if ssl_context is not None:
                 try:
@@ -294,7 +322,7 @@ def sync_request(
         encoded with ``chunked=True``), e.g. a volume's upload.
     """
     sock = _open_socket(endpoint, ssl_context, timeout)
-    file = sock.makefile("rb")
+    file = _reader(sock)
     try:
         sock.sendall(request)
         if body is not None:
@@ -321,7 +349,7 @@ def sync_request(
         raise
 
 
-def _send_chunks(sock: socket.socket, body: Iterable[bytes]) -> None:
+def _send_chunks(sock: Socket, body: Iterable[bytes]) -> None:
     try:
         for data in body:
             if data:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
-import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack, contextmanager
@@ -34,6 +32,7 @@ from vmferry.client.migrate_sides import (
     start_migration,
 )
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import get_logger
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 from vmferry.migration.protocol import StepTimes, migrate_v2, migrate_v3
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 P = ParamSpec("P")
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _own_context(func: Callable[P, T]) -> Callable[P, T]:
@@ -185,6 +184,18 @@ def _watch_progress(
     src: BlockingDaemon, name: str, progress: ProgressCallback | None, poll: bool, mid: str
 ) -> Iterator[Callable[[str], None]]:
     """Report each step; with *poll*, the source's job statistics while data moves (a thread)."""
+    if progress is None or not poll:
+
+        def report(step: str) -> None:
+            log.info("migration %s: %s", mid, step)
+            if progress is not None:
+                progress(step, None)
+
+        # No thread: `threading` is not even imported (issue 10: the process's start).
+        yield report
+        return
+    import threading
+
     lock = threading.Lock()  # the view is called from both threads
     current = {"step": ""}
     stop = threading.Event()
@@ -192,12 +203,10 @@ def _watch_progress(
     def on_step(step: str) -> None:
         current["step"] = step
         log.info("migration %s: %s", mid, step)
-        if progress is not None:
-            with lock:
-                progress(step, None)
+        with lock:
+            progress(step, None)
 
     def poller() -> None:
-        assert progress is not None
         while not stop.wait(PROGRESS_POLL_S):
             if current["step"] != "perform":
                 continue
@@ -209,8 +218,7 @@ def _watch_progress(
                 if not stop.is_set():
                     progress("perform", stats)
 
-    if progress is not None and poll:
-        threading.Thread(target=poller, name="vmferry-progress", daemon=True).start()
+    threading.Thread(target=poller, name="vmferry-progress", daemon=True).start()
     try:
         yield on_step
     finally:

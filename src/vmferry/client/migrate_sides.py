@@ -9,17 +9,15 @@ event loop, so ``vmferry migrate`` does not pay for asyncio's import.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from vmferry.client import calls
 from vmferry.client import migration_calls as mc
 from vmferry.client.calls import Call
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.logs import bind_migration, new_migration_id
+from vmferry.logs import bind_migration, get_logger, new_migration_id
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 
@@ -28,7 +26,7 @@ from vmferry.migration.params import MigrationParams
 ProgressCallback = Callable[[str, Mapping[str, Any] | None], None]
 PROGRESS_POLL_S = 0.5
 
-log = logging.getLogger("vmferry.client.migrate")
+log = get_logger("vmferry.client.migrate")
 
 
 class LineStream(Protocol):
@@ -146,15 +144,30 @@ class RemoteDestination:
         return str(state), str(job.get("async_job", "none"))
 
 
-@dataclass
 class MigrationReport:
-    """What a finished migration cost, for the CLI's table and the benchmark."""
+    """What a finished migration cost, for the CLI's table and the benchmark.
 
-    wall_s: float = 0.0
-    steps: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, object] = field(default_factory=dict)
-    #: The id both daemons' log lines of this migration carry (``grep`` it).
-    migration_id: str = ""
+    A plain class: ``vmferry migrate`` does not import ``dataclasses`` (issue 10).
+    """
+
+    def __init__(
+        self,
+        wall_s: float = 0.0,
+        steps: dict[str, float] | None = None,
+        stats: dict[str, object] | None = None,
+        migration_id: str = "",
+    ) -> None:
+        self.wall_s = wall_s
+        self.steps: dict[str, float] = steps if steps is not None else {}
+        self.stats: dict[str, object] = stats if stats is not None else {}
+        #: The id both daemons' log lines of this migration carry (``grep`` it).
+        self.migration_id = migration_id
+
+    def __repr__(self) -> str:
+        return (
+            f"MigrationReport(wall_s={self.wall_s!r}, steps={self.steps!r}, "
+            f"stats={self.stats!r}, migration_id={self.migration_id!r})"
+        )
 
 
 def start_migration(
@@ -201,7 +214,7 @@ def p2p_report(
 
 def with_migration_id(params: MigrationParams | None) -> MigrationParams:
     """A copy of *params* with an id (a new one unless the caller chose it), bound for logging."""
-    params = replace(params or MigrationParams())
+    params = (params or MigrationParams()).copy()
     params.migration_id = params.migration_id or new_migration_id()
     bind_migration(params.migration_id)
     return params

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vmferry import logs, trace
+from vmferry import logformat, trace
 from vmferry.daemon.access import AccessPolicy
 from vmferry.daemon.api import create_app
 from vmferry.daemon.autostart import autostart_domains
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--log-format",
         default="text",
-        choices=logs.LOG_FORMATS,
+        choices=logformat.LOG_FORMATS,
         help="text lines (default) or one JSON object per line; a migration's lines carry "
         "its id either way",
     )
@@ -260,7 +260,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
+    logformat.setup(args.log_level, args.log_format)
     try:
         asyncio.run(run(args))
     except VmferryError as err:

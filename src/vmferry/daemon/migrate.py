@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
 from typing import Any
 
 from vmferry.api.models import JobStats, MigrationResult
@@ -543,8 +542,8 @@ class MigrationService:
                         ErrorCode.OPERATION_INVALID, "cannot abort migration in post-copy mode"
                     )
                 # The administrator wants it paused: no automatic resume behind their back.
-                dom.migration.params = replace(
-                    dom.migration.params or MigrationParams(), postcopy_autoresume=False
+                dom.migration.params = (dom.migration.params or MigrationParams()).copy(
+                    postcopy_autoresume=False
                 )
                 await postcopy.pause(dom)
                 if not dom.job.owned:

@@ -118,7 +118,7 @@ async def prepare(
     dom.migration.created_here = existing is None
     dom.migration.origin_name = original_name  # Finish checks the cookie against it
     dom.migration.flags = int(flags)
-    dom.migration.params = replace(params)
+    dom.migration.params = params.copy()
     dom.definition = definition
     dom.migration.storage_disks = []
     dom.migration.created_volumes = []

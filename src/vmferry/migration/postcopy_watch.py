@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import replace
 
 from vmferry.errors import VmferryError
 from vmferry.jobs import AsyncJob
@@ -86,7 +85,7 @@ async def resume_attempt(host: MigrationHost, dom: QemuDomain) -> bool:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        await p2p.migrate(host, dom.name, peer.uri, parse_flags(int(flags)), replace(params))
+        await p2p.migrate(host, dom.name, peer.uri, parse_flags(int(flags)), params.copy())
     except VmferryError as err:
         log.warning("domain %s: resuming post-copy failed: %s", dom.name, err.message)
         return False

@@ -15,17 +15,16 @@ refused), the source is not resumed blindly; the destination is asked first.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from vmferry.errors import ErrorCode, VmferryError
+from vmferry.logs import get_logger
 from vmferry.migration.flags import MigrateFlags
 from vmferry.migration.params import MigrationParams
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Errors that say the request may or may not have been carried out.
 UNKNOWN_OUTCOME = frozenset({ErrorCode.RPC_FAILED})
@@ -59,11 +58,14 @@ class DestinationSide(Protocol):
         ...
 
 
-@dataclass
 class StepTimes:
-    """Wall time of each protocol step, for progress and the benchmark's breakdown."""
+    """Wall time of each protocol step, for progress and the benchmark's breakdown.
 
-    steps: dict[str, float] = field(default_factory=dict)
+    A plain class: ``vmferry migrate`` imports this module, not ``dataclasses``.
+    """
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
 
     def record(self, step: str, started: float) -> None:
         self.steps[step] = self.steps.get(step, 0.0) + time.perf_counter() - started

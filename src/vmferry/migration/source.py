@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 from vmferry.domain.state import (
@@ -105,7 +104,7 @@ async def begin(
     try:
         xml = _destination_xml(dom, params, offline=offline)
         dom.migration.flags = int(flags)
-        dom.migration.params = replace(params)
+        dom.migration.params = params.copy()
         dom.migration.was_running = dom.state == DomainState.RUNNING
         # No status write for these yet: nothing acts before continue_() below writes them
         # (a Begin3 job is recovered without them), or the disks' save when storage is copied.
@@ -253,7 +252,7 @@ async def perform2(
         AsyncJob.MIGRATION_OUT, api, MigrationPhase.PERFORM2, flags=int(flags)
     )
     dom.migration.flags = int(flags)
-    dom.migration.params = replace(params)
+    dom.migration.params = params.copy()
     dom.migration.was_running = dom.state == DomainState.RUNNING
     dom.save()  # recovery needs was_running
     try:
@@ -756,9 +755,8 @@ async def begin_resume(
     try:
         await postcopy.pause(dom)
         if params.postcopy_bandwidth_mib_s:
-            dom.migration.params = replace(
-                dom.migration.params or MigrationParams(),
-                postcopy_bandwidth_mib_s=params.postcopy_bandwidth_mib_s,
+            dom.migration.params = (dom.migration.params or MigrationParams()).copy(
+                postcopy_bandwidth_mib_s=params.postcopy_bandwidth_mib_s
             )
         xml = format_domain_xml(dom.definition, migratable=True)
         cookie = _cookie(host, dom)

@@ -31,7 +31,7 @@ Perform follows, so both QEMUs always agree.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmferry.errors import ErrorCode, VmferryError
@@ -179,7 +179,7 @@ def shape(
     """
     if not count or flags & _ONE_STREAM:
         return flags, params
-    return flags | MigrateFlags.PARALLEL, replace(params, parallel_connections=count)
+    return flags | MigrateFlags.PARALLEL, params.copy(parallel_connections=count)
 
 
 async def enable(
