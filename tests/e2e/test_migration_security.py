@@ -373,6 +373,12 @@ async def _perform_to_stalled(
             started = time.monotonic()
             task = asyncio.create_task(src.perform(name, cookie, uri))
             if abort_after is not None:
+                # Perform pauses the guest, then starts the stream: seconds under load. Abort a
+                # stream stalled for *abort_after* s, not a Perform still setting up.
+                deadline = time.monotonic() + 60
+                while (await s.run(mc.jobinfo(name))).stats.get("status") != "active":
+                    assert time.monotonic() < deadline and not task.done(), task
+                    await asyncio.sleep(0.1)
                 await asyncio.sleep(abort_after)
                 # not live: paused for the migration (or by the user before)
                 assert (await s.domstate(name)).state == "paused"
