@@ -140,11 +140,11 @@ def wait_phase(host: Host, phase: str, timeout: float = 60.0) -> None:
 def check_after(host: Host, other: Host, before: Heartbeat) -> None:
     """The guest goes on where it runs, and migrates again at once."""
     with host.client() as c:
-        now = wait_heartbeat(c, GUEST, after=before, timeout=20)
+        now = wait_heartbeat(c, GUEST, after=before)
     check_continuity(before, now)
     assert try_migrate(host, other, "v3") == ""
     with other.client() as c:
-        later = wait_heartbeat(c, GUEST, after=now, timeout=20)
+        later = wait_heartbeat(c, GUEST, after=now)
     check_continuity(now, later)
     assert host.qemu_pids() == [] and len(other.qemu_pids()) == 1
     assert where(host)[0] == "absent" and where(other)[2] == "none"
