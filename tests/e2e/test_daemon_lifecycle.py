@@ -72,7 +72,7 @@ def test_qemu_crash_marks_domain_crashed() -> None:
         c.start("g1")
         (pid,) = h.qemu_pids()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a deadline only: the monitor's EOF comes at once
         while c.domstate("g1").state != "shutoff" and time.monotonic() < deadline:
             time.sleep(0.05)
         st = c.domstate("g1")

@@ -234,7 +234,7 @@ def test_perform_fails_when_destination_qemu_dies(pair: tuple[Host, Host], drive
             task = asyncio.create_task(
                 _migrate(a, b, name, LIVE, params, version=2 if driver == "v2" else 3)
             )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # Prepare starts it: seconds under load
         while not b.qemu_pids() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
@@ -311,12 +311,12 @@ def test_client_gone_after_prepare_destroys_incoming(pair: tuple[Host, Host]) ->
             # both sessions closed here, as if the client died
 
     _run(half_migration())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # deadlines only: the daemons act on the closed sessions
     while b.qemu_pids() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert b.qemu_pids() == []
     with a.client() as c:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while c.dominfo("gone").job.async_job != "none" and time.monotonic() < deadline:
             time.sleep(0.05)
     assert_only_on(a, b, "gone", hb)
@@ -352,7 +352,14 @@ def test_lock_rules_during_migration(pair: tuple[Host, Host]) -> None:
             task = asyncio.create_task(
                 migrate(s, d, "lock", LIVE, MigrationParams(bandwidth_mib_s=8))
             )
-            await asyncio.sleep(1.0)
+            # Begin and Prepare (a QEMU start) may take seconds under load: wait for the stream
+            # (8 MiB/s against a guest dirtying 16: it does not converge before set_speed 0).
+            deadline = time.monotonic() + 60
+            while (await s.dominfo("lock")).job.phase != "perform3":
+                assert time.monotonic() < deadline, "the migration did not reach Perform"
+                if task.done():
+                    await task  # failed before: its error says why
+                await asyncio.sleep(0.1)
             # queries and tuning get through; a state change waits, then fails with the lock error
             assert (await s.run(mc.jobinfo("lock"))).type == "unbounded"
             await s.run(mc.set_maxdowntime("lock", 500))
@@ -403,7 +410,7 @@ def test_v2_client_gone_after_perform_keeps_the_only_copy(pair: tuple[Host, Host
 
     _run(perform_then_vanish())
     with b.client() as c:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a deadline only: the session's close ends the job
         while c.dominfo("v2gone").job.async_job != "none" and time.monotonic() < deadline:
             time.sleep(0.05)
     assert_only_on(b, a, "v2gone", hb)

@@ -314,12 +314,19 @@ def test_prepare_without_session_is_reaped() -> None:
                 reply = await d.run(mc.prepare(guest_xml(name), None, int(LIVE), {}, ""))
                 return reply.uri
 
-        uris = [asyncio.run(prepare(f"stray{i}")) for i in range(3)]
+        # Each checked right after its own Prepare: under load the next Prepares (a QEMU start
+        # each) may take longer than the 2 s after which the reaper destroys the first one.
+        qemus: set[int] = set()
+        ports = []
+        for i in range(3):
+            uri = asyncio.run(prepare(f"stray{i}"))
+            ports.append(int(uri.rsplit(":", 1)[1]))
+            new = set(b.qemu_pids()) - qemus
+            assert len(new) == 1, new  # its incoming QEMU
+            assert not _port_free(ports[-1])  # listening for the stream
+            qemus |= new
         prepared = time.monotonic()
-        ports = [int(u.rsplit(":", 1)[1]) for u in uris]
-        assert len(b.qemu_pids()) == 3
-        assert not any(_port_free(p) for p in ports)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while b.qemu_pids() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert b.qemu_pids() == []
@@ -366,6 +373,12 @@ async def _perform_to_stalled(
             started = time.monotonic()
             task = asyncio.create_task(src.perform(name, cookie, uri))
             if abort_after is not None:
+                # Perform pauses the guest, then starts the stream: seconds under load. Abort a
+                # stream stalled for *abort_after* s, not a Perform still setting up.
+                deadline = time.monotonic() + 60
+                while (await s.run(mc.jobinfo(name))).stats.get("status") != "active":
+                    assert time.monotonic() < deadline and not task.done(), task
+                    await asyncio.sleep(0.1)
                 await asyncio.sleep(abort_after)
                 # not live: paused for the migration (or by the user before)
                 assert (await s.domstate(name)).state == "paused"

@@ -41,6 +41,11 @@ GUEST = {"memory_mib": 128, "stamp_mib": 32, "dirty_mib_s": 64, "hb_ms": 200}
 BANDWIDTH = 32
 #: Keeps post-copy going for a few seconds: room to break things in the middle.
 SLOW_POSTCOPY = 16
+#: For the switch after the first pass: pre-copy must not complete first, however slowly a loaded
+#: machine lets the guest dirty its memory (a starved TCG guest dirties a fraction of its
+#: dirty_mib_s, and the default policy throttles it further: seen converging at load 27). No
+#: policy, and a 1 ms downtime limit: QEMU completes pre-copy only below 32 KiB left at 32 MiB/s.
+NO_PRECOPY_END: dict[str, Any] = {"policy": "none", "downtime_limit_ms": 1}
 
 
 def _boot(c: Client, name: str) -> Heartbeat:
@@ -153,9 +158,15 @@ def test_migrate_postcopy_switch_and_abort_refused(pair: tuple[Host, Host]) -> N
         stats = dst.jobinfo("pc1", completed=True).stats
         assert stats.get("postcopy") == 1
         # The guest paused for the switch only, not for the whole post-copy phase
-        # (the source measures it: STOP there, to Finish's reply less resumed_ago).
+        # (the source measures it: STOP there, to Finish's reply less resumed_ago). The
+        # destination's Finish resumed it, then waited out the post-copy phase (~5 s at
+        # SLOW_POSTCOPY); a guest paused throughout would measure more than that Finish (from
+        # before its call to after its reply). Not a fixed bound: the switch alone may take
+        # seconds on a loaded machine.
         guest = src.jobinfo("pc1", completed=True).stats["guest_downtime_ms"]
-        assert 0 < guest < 2000 and report.stats["guest_downtime_ms"] == guest, report.stats
+        finish_ms = stats["destination_phases_ms"]["finish"]  # type: ignore[index]
+        assert 0 < guest < finish_ms, (guest, finish_ms)
+        assert report.stats["guest_downtime_ms"] == guest, report.stats
         print(
             f"\nmigrate-postcopy: switched at {switched:.2f} s, wall {report.wall_s:.2f} s, "
             f"guest downtime {guest} ms, steps {report.steps}"
@@ -172,7 +183,12 @@ def test_postcopy_after_precopy_p2p(pair: tuple[Host, Host]) -> None:
 
         async def run() -> MigrationReport:
             async with AsyncClient(a.uri) as s:
-                params = MigrationParams(bandwidth_mib_s=BANDWIDTH, postcopy_after_precopy=True)
+                params = MigrationParams(
+                    bandwidth_mib_s=BANDWIDTH,
+                    postcopy_after_precopy=True,
+                    postcopy_bandwidth_mib_s=SLOW_POSTCOPY,
+                    **NO_PRECOPY_END,
+                )
                 return await migrate_p2p(s, b.uri, "pc2", POSTCOPY, params)
 
         report = Background(run).join()
@@ -181,8 +197,11 @@ def test_postcopy_after_precopy_p2p(pair: tuple[Host, Host]) -> None:
         _check_arrived(src, dst, "pc2", before)
         stats = dst.jobinfo("pc2", completed=True).stats
         assert stats.get("postcopy") == 1, stats
+        # As in test_migrate_postcopy_switch_and_abort_refused: less than the destination's
+        # Finish, which resumed the guest and then waited out the post-copy phase.
         guest = src.jobinfo("pc2", completed=True).stats["guest_downtime_ms"]
-        assert 0 < guest < 2000, guest
+        finish_ms = stats["destination_phases_ms"]["finish"]  # type: ignore[index]
+        assert 0 < guest < finish_ms, (guest, finish_ms)
         print(f"\nafter-precopy p2p: wall {report.result.wall_s:.2f} s, guest downtime {guest} ms")
 
 
@@ -234,6 +253,7 @@ def test_source_daemon_killed_during_postcopy(pair: tuple[Host, Host]) -> None:
                     bandwidth_mib_s=BANDWIDTH,
                     postcopy_after_precopy=True,
                     postcopy_bandwidth_mib_s=SLOW_POSTCOPY,
+                    **NO_PRECOPY_END,
                 )
                 return await migrate_p2p(s, b.uri, "pc4", POSTCOPY, params)
 
@@ -261,8 +281,10 @@ def test_source_daemon_killed_during_postcopy(pair: tuple[Host, Host]) -> None:
                     "postcopy_failed",
                 ), info
                 assert info.job.async_owner_api == ""
+                # The stream flows on meanwhile: the destination's watcher may complete its
+                # kept job (watch_incoming -> complete_unattended) before this look at it.
                 incoming = dst.dominfo("pc4")
-                assert incoming.job.async_job == "migration in"
+                assert incoming.job.async_job == "migration in" or _done_on(dst, "pc4"), incoming
         _check_arrived(src, dst, "pc4", before)
 
 
@@ -270,6 +292,14 @@ def test_source_daemon_killed_during_postcopy(pair: tuple[Host, Host]) -> None:
 
 netns = pytest.mark.skipif(bool(available()), reason=available() or "netns available")
 LINK_DOWN_S = 6.0
+#: A deadline for the source to notice the cut (3 keepalives 1 s apart, then the pause).
+FAILURE_TIMEOUT_S = 60.0
+
+
+def _failed_on_source(src: Client, name: str) -> bool:
+    """The source's job is kept as failed post-copy: the phase and the reason both say so."""
+    info = src.dominfo(name)
+    return (info.reason, info.job.phase) == ("post-copy-failed", "postcopy_failed")
 
 
 @contextlib.contextmanager
@@ -292,6 +322,7 @@ def _start_p2p(a: NetnsHost, b: NetnsHost, name: str, *, autoresume: bool) -> Ba
                 postcopy_after_precopy=True,
                 postcopy_bandwidth_mib_s=SLOW_POSTCOPY,
                 postcopy_autoresume=autoresume,
+                **NO_PRECOPY_END,
             )
             return await migrate_p2p(s, b.tls_uri, name, POSTCOPY, params)
 
@@ -311,14 +342,21 @@ def test_link_cut_mid_postcopy_resumes_by_itself() -> None:
         job = _start_p2p(a, b, "pc5", autoresume=True)
         _cut_mid_postcopy(net, src, dst, "pc5")
         cut = time.monotonic()
-        # The source notices the silent stream, pauses it and marks the job failed.
+        # The source notices the silent stream, pauses it and marks the job failed. The reason
+        # follows QEMU's postcopy-paused event at once (qemu.lifecycle), the phase only once
+        # the p2p call gave the job up (its keepalive, then p2p._settle_failure): wait for
+        # both. The link stays down until then, however long a loaded machine takes.
         detect = _wait(
             "the source to mark post-copy failed",
-            lambda: src.dominfo("pc5").reason == "post-copy-failed",
-            timeout=LINK_DOWN_S,
+            lambda: _failed_on_source(src, "pc5"),
+            timeout=FAILURE_TIMEOUT_S,
         )
         info = src.dominfo("pc5")
-        assert (info.state, info.job.phase) == ("paused", "postcopy_failed"), info
+        assert (info.state, info.reason, info.job.phase) == (
+            "paused",
+            "post-copy-failed",
+            "postcopy_failed",
+        ), info
         assert dst.dominfo("pc5").state == "running"  # the guest stays there, never here
         time.sleep(max(0.0, LINK_DOWN_S - (time.monotonic() - cut)))
         net.link_up()
@@ -340,8 +378,8 @@ def test_link_cut_mid_postcopy_resumed_by_hand() -> None:
         _cut_mid_postcopy(net, src, dst, "pc6")
         _wait(
             "the source to mark post-copy failed",
-            lambda: src.dominfo("pc6").job.phase == "postcopy_failed",
-            timeout=LINK_DOWN_S,
+            lambda: _failed_on_source(src, "pc6"),
+            timeout=FAILURE_TIMEOUT_S,
         )
         assert isinstance(job.join().error, VmferryError)
 

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.qemu
 
 GUEST = "g"
 LIVE = MigrateFlags.LIVE
-RECOVERY_TIMEOUT_S = 20.0
+#: A deadline, not a target: two tests run at once on CI's 2 cores, each with QEMU under TCG.
+RECOVERY_TIMEOUT_S = 60.0
 
 
 class KeepaliveHost(Host):
@@ -128,7 +129,7 @@ def wait_settled(src: Host, dst: Host, timeout: float = RECOVERY_TIMEOUT_S) -> H
     )
 
 
-def wait_phase(host: Host, phase: str, timeout: float = 15.0) -> None:
+def wait_phase(host: Host, phase: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with host.client() as c:
         while c.dominfo(GUEST).job.phase != phase:
@@ -139,11 +140,11 @@ def wait_phase(host: Host, phase: str, timeout: float = 15.0) -> None:
 def check_after(host: Host, other: Host, before: Heartbeat) -> None:
     """The guest goes on where it runs, and migrates again at once."""
     with host.client() as c:
-        now = wait_heartbeat(c, GUEST, after=before, timeout=20)
+        now = wait_heartbeat(c, GUEST, after=before)
     check_continuity(before, now)
     assert try_migrate(host, other, "v3") == ""
     with other.client() as c:
-        later = wait_heartbeat(c, GUEST, after=now, timeout=20)
+        later = wait_heartbeat(c, GUEST, after=now)
     check_continuity(now, later)
     assert host.qemu_pids() == [] and len(other.qemu_pids()) == 1
     assert where(host)[0] == "absent" and where(other)[2] == "none"
@@ -207,7 +208,7 @@ def test_unresolved_until_destination_is_back() -> None:
         dst.kill()
         src.extra_env = {}
         src.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
         while where(src)[:2] != ("paused", "migration-unresolved") and time.monotonic() < deadline:
             time.sleep(0.1)
         state = where(src)
@@ -216,7 +217,7 @@ def test_unresolved_until_destination_is_back() -> None:
         assert where(src)[:2] == ("paused", "migration-unresolved")  # still: nobody to ask
         started = time.monotonic()
         dst.start()
-        host = wait_settled(src, dst, timeout=10)
+        host = wait_settled(src, dst)
         print(f"unresolved: resolved {time.monotonic() - started:.2f} s after the peer came back")
         assert host is src
         with src.client() as c:
@@ -253,7 +254,10 @@ def test_p2p_keepalive_cancels_on_a_hung_destination() -> None:
         message, took = errors
         print(f"keepalive: migration failed {took} s after the destination hung: {message}")
         assert "lost connection to destination host" in message
-        assert float(took) < 5.0
+        # The keepalive gives up after 3 x 0.5 s. Without it the call could not fail before the
+        # stream ended (~110 MiB at 2 MiB/s, ~55 s) and Finish timed out: 30 s tells the two
+        # apart even on a loaded machine, where each step after the verdict may take seconds.
+        assert float(took) < 30.0
         assert wait_settled(src, dst) is src
         check_after(src, dst, before)
 

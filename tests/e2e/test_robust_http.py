@@ -193,22 +193,32 @@ def test_500_is_generic_keeps_the_connection_and_logs_once(host: LimitedHost) ->
     got, _, text = call(conn, "POST", "/v1/domains", json.dumps({"xml": guest_xml("g")}))
     assert got == 200
     ids = []
+    started = time.monotonic()
     for _ in range(30):
         got, headers, text = call(conn, "POST", "/v1/domains/g/start")
         data = assert_clean_error(got, text, 500, "internal-error")
         assert "simulated bug" not in data["message"]  # details only in the log
         assert headers.get("connection", "") != "close"
         ids.append(data["message"].rsplit(" ", 1)[-1])
+    took = time.monotonic() - started
     got, _, text = call(conn, "GET", "/v1/domains/g/state")  # still the same connection
     assert got == 200 and json.loads(text)["state"] == "shutoff"
+    # The daemon logs an error before it answers: the log holds every one it let through.
     log = host.log.read_text()
     assert f"internal error {ids[0]}" in log and "simulated bug" in log
-    # 30 identical errors within a second: logged once (the log's own tracebacks).
-    assert log.count("RuntimeError: failpoint status-write: simulated bug") <= 2
+    # 30 identical errors: one logged per interval (1 s) they spanned; a loaded machine may
+    # stretch the 30 calls past a second, so count the windows they took rather than assume one.
+    logged = [i for i, error_id in enumerate(ids) if f"internal error {error_id}" in log]
+    assert 1 <= len(logged) <= 1 + int(took / 1.0), (logged, took)
     time.sleep(1.2)
     call(conn, "POST", "/v1/domains/g/start")
-    time.sleep(0.2)
-    assert "more like this in the last" in host.log.read_text()
+    # The first after a quiet interval carries the count of those held back since the last.
+    held = len(ids) - 1 - logged[-1]
+    tail = host.log.read_text()[len(log) :]
+    if held:
+        assert f"[{held} more like this in the last" in tail, tail[-2000:]
+    else:  # the 30th call itself opened a new interval: nothing was held back after it
+        assert "more like this" not in tail, tail[-2000:]
 
 
 def _silent(host: LimitedHost, count: int) -> list[socket.socket]:
@@ -239,9 +249,13 @@ def test_silent_connections_cannot_block_the_daemon(host: LimitedHost, pki_dir: 
             start = time.monotonic()
             with Client(uri, **kwargs) as c:  # type: ignore[arg-type]
                 assert c.host().hostname == "host0"
-            assert time.monotonic() - start < 2.0, uri
-        # Every silent connection is gone after the idle / handshake timeout.
-        deadline = time.monotonic() + 3 * IDLE_S + 2
+            # Served without waiting on the silent ones: a daemon that waited on a few of them
+            # in turn would take IDLE_S each (all 150: minutes). Not tighter: a loaded machine
+            # alone may take a second or two to answer.
+            assert time.monotonic() - start < 5 * IDLE_S, uri
+        # Every silent connection is gone after the idle / handshake timeout (the deadline is
+        # generous: 300 of them, on a machine that may be running two QEMU tests besides).
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(_closed(s) for s in socks):
             time.sleep(0.2)
         assert all(_closed(s) for s in socks)
@@ -254,10 +268,12 @@ def test_idle_tls_connection_after_handshake_is_dropped(host: LimitedHost, pki_d
     ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
     ctx.check_hostname = False
     ctx.load_cert_chain(pki_dir / "client.pem", pki_dir / "client-key.pem")
+    # Before connecting: the daemon's idle timer cannot start earlier, so the time measured is
+    # never shorter than its timeout, however late this process gets to run after the handshake.
+    start = time.monotonic()
     raw = socket.create_connection(("127.0.0.1", host.tls_port))
     with ctx.wrap_socket(raw) as tls:
-        tls.settimeout(3 * IDLE_S + 2)
-        start = time.monotonic()
+        tls.settimeout(30)  # a deadline only: the close comes after IDLE_S
         assert tls.recv(1) == b""  # closed by the daemon, having sent nothing
         assert time.monotonic() - start >= IDLE_S * 0.8
 

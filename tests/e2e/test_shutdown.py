@@ -52,7 +52,7 @@ def _collect_until(
             return seen
 
 
-def _wait_console(c: Client, name: str, text: str, timeout: float = 5.0) -> str:
+def _wait_console(c: Client, name: str, text: str, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     data = c.console(name).data
     while text not in data and time.monotonic() < deadline:
@@ -90,7 +90,9 @@ def test_shutdown_times_out_when_the_guest_ignores_the_button() -> None:
         with pytest.raises(VmferryError) as err:
             c.shutdown("g1", timeout=1.0)
         assert err.value.code == ErrorCode.OPERATION_TIMEOUT
-        assert time.monotonic() - t0 < 10
+        # It gave up at its 1 s: ignoring it would wait out the default 60 s (the guest never
+        # powers off). Not tighter: a loaded machine may take seconds to answer.
+        assert time.monotonic() - t0 < 30
         # The press reached the guest, which chose to carry on.
         console = _wait_console(c, "g1", "VMFERRY-POWER-IGNORED")
         assert f"VMFERRY-POWER-IGNORED boot={before.boot}" in console

@@ -39,6 +39,10 @@ def _port_window() -> tuple[int, int]:
     return PORT_LO, PORT_HI
 
 
+#: How long a daemon may take to answer after its start: a deadline, not a target. Its imports
+#: alone cost ~2 s of CPU: 20-30 s at load 15, over 60 s at load 27 (seen on a shared machine).
+READY_TIMEOUT_S = 120.0
+
 _window = _port_window()
 # Spread per process, so parallel runs rarely race for the same ports.
 _next_port = _window[0] + (os.getpid() * 16) % (_window[1] - _window[0])
@@ -163,7 +167,7 @@ class Host:
             return f"vmferryd {self.name} exited:\n{self.log_tail()}"
         return None
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Wait until the daemon answers on its socket (RuntimeError if it does not)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -179,7 +183,7 @@ class Host:
             time.sleep(0.05)
         raise RuntimeError(f"vmferryd {self.name} did not start:\n{self.log_tail()}")
 
-    async def wait_ready_async(self, timeout: float = 20.0) -> None:
+    async def wait_ready_async(self, timeout: float = READY_TIMEOUT_S) -> None:
         """:meth:`wait_ready`, without blocking the event loop."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -193,7 +197,7 @@ class Host:
             await asyncio.sleep(0.05)
         raise RuntimeError(f"vmferryd {self.name} did not start:\n{self.log_tail()}")
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Start the daemon and wait until it answers."""
         self.spawn()
         self.wait_ready(timeout)
@@ -273,7 +277,7 @@ def hosts(
     setup: Callable[[list[Host]], None] | None = None,
     image_roots: list[Path] | None = None,
     extra_config: str = "",
-    ready_timeout: float = 60.0,
+    ready_timeout: float = READY_TIMEOUT_S,
 ) -> Iterator[list[Host]]:
     """*count* running daemons in a fresh /tmp dir; everything they started is killed afterwards.
 

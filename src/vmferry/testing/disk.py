@@ -342,10 +342,13 @@ def create_image(path: str | Path, size: int, *, fmt: str = "raw", stamp_blocks:
 
 
 def wait_disk_ready(
-    client: Client, name: str, *, after: Heartbeat | None = None, timeout: float = 120.0
+    client: Client, name: str, *, after: Heartbeat | None = None, timeout: float = 240.0
 ) -> Heartbeat:
     """
     The guest's first heartbeat (past *after*) whose disk writer has stamped every block.
+
+    The *timeout* is a deadline: a boot plus the first stamping pass take a few seconds on a
+    quiet machine, minutes at load 25.
 
     :raise AssertionError: on a timeout, or when the writer reports I/O errors first
         (it could not open or size its disk: see VMFERRY-DISK-FATAL on the console).
