@@ -48,8 +48,9 @@ from vmferry.testguest import Heartbeat, check_continuity, guest_xml
 from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 DOMAIN = "demo-vm"
-#: Migration ports of host N: PORT_BASE + 16*N ... + 15 (tests use 50000 and up).
-PORT_BASE = 49500
+#: Migration ports of host N: PORT_BASE + 16*N ... + 15 (below the ephemeral range;
+#: tests use 20000 and up).
+PORT_BASE = 19500
 SHORT_DIR_PREFIX = "vfdemo"
 START_TIMEOUT_S = 20.0
 HEARTBEAT_TIMEOUT_S = 30.0

@@ -28,6 +28,7 @@ from vmferry.testguest import (
     last_heartbeat,
     parse_heartbeats,
 )
+from vmferry.testing.heartbeat import HEARTBEAT_TIMEOUT_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from floor import BareQemu, bare_migrate, guest_argv
@@ -93,7 +94,7 @@ async def test_boot_heartbeats_grow_without_errors(workdir: Path) -> None:
     con = workdir / "g.con"
     t0 = time.monotonic()
     async with BareQemu(_argv(workdir, "g", cmd), workdir / "g.qmp", log=workdir / "g.log"):
-        await _wait_console(con, _beats_after(1), 20)
+        await _wait_console(con, _beats_after(1), HEARTBEAT_TIMEOUT_S)
         boot_s = time.monotonic() - t0
         beats = await _wait_console(con, _beats_after(5), 10)
     text = _console(con)
@@ -109,7 +110,6 @@ async def test_boot_heartbeats_grow_without_errors(workdir: Path) -> None:
         check_continuity(a, b)
     # 32 MiB = 8192 pages verified once a second: the last 4 beats span ~1 s.
     assert beats[-1].verified - beats[1].verified > 4000
-    assert boot_s < 20
 
 
 @pytest.mark.qemu

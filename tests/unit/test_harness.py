@@ -63,7 +63,10 @@ def test_ports_do_not_overlap_between_xdist_workers(
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     lo, hi = daemons._port_window()
     if worker:
-        assert (lo, hi) == (50000 + int(worker[2:]) * 2000, 52000 + int(worker[2:]) * 2000)
+        assert (lo, hi) == (
+            daemons.PORT_LO + int(worker[2:]) * 2000,
+            daemons.PORT_LO + (int(worker[2:]) + 1) * 2000,
+        )
     else:
         assert (lo, hi) == (daemons.PORT_LO, daemons.PORT_HI)
     monkeypatch.setattr(daemons, "_window", (lo, hi))

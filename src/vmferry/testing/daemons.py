@@ -25,8 +25,9 @@ from vmferry.testing.heartbeat import boot_guest
 #: The daemon's entry point, as ``[python, -m, module]`` (NetnsHost swaps argv[2]).
 DAEMON_MODULE = "vmferry.daemon.main"
 
-#: Migration ports of the test hosts: blocks of 16 in [PORT_LO, PORT_HI).
-PORT_LO, PORT_HI = 50000, 65008
+#: Migration ports of the test hosts: blocks of 16 in [PORT_LO, PORT_HI), below Linux's
+#: ephemeral range (32768-60999), so no client socket of the machine can hold one.
+PORT_LO, PORT_HI = 20000, 32000
 #: Each pytest-xdist worker (gw0, gw1, ...) gets its own window of this many ports.
 _WORKER_SPAN = 2000
 
