@@ -11,8 +11,13 @@ never idles between migrations and no guest converges at less than the link.
 
 The source's perform step calls :func:`admit` right before QEMU's ``migrate``,
 everything else set up (it may wait there for its turn), and :func:`release`
-when QEMU is done with the memory, whatever the outcome; a migration with no
-link assigned (:func:`assign`) runs at once with its own cap.
+when QEMU is done, whatever the outcome; a migration with no link assigned
+(:func:`assign`) runs at once with its own cap. A sender leaves its link
+earlier, at QEMU's switchover (status ``device``): its capped pre-copy is
+over, the guest is stopped, and what is left (the last dirty pages, the
+device state) QEMU sends without the cap, for every migration alike. The
+next one's ``migrate`` and QEMU's set-up of its stream then overlap that
+switchover and the Finish/Confirm, instead of waiting for them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,8 @@ class Link:
 
 # The link each domain's next outgoing migration runs on, by domain UUID.
 _ASSIGNED: dict[str, Link] = {}
+# The watch that makes a sender leave its link at its switchover, by domain UUID.
+_WATCHES: dict[str, asyncio.Task[None]] = {}
 
 
 def assign(uuid: str, link: Link) -> None:
@@ -101,14 +109,28 @@ async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
     if link is None:
         return False
     share = await link.join(dom, lambda: dom.job.abort_requested)
+    if share:
+        _WATCHES[dom.uuid] = asyncio.get_running_loop().create_task(_switchover(link, dom))
     if share and share != params.bandwidth_mib_s:
         await mon.execute("migrate-set-parameters", {"max-bandwidth": share * MIB})
         params.bandwidth_mib_s = share
     return True
 
 
+async def _switchover(link: Link, dom: QemuDomain) -> None:
+    """*dom* leaves *link* once QEMU switches over: its capped pre-copy is over."""
+    await dom.wait_for(lambda: dom.migration.status == MigrationStatus.DEVICE, None)
+    log.info("%s switches over: the link to %s goes to the next migration", dom.name, link.name)
+    await link.leave(dom)
+
+
 async def release(dom: QemuDomain) -> None:
     """QEMU is done with *dom*'s memory (or failed): the link's next migration goes."""
+    watch = _WATCHES.pop(dom.uuid, None)
+    if watch is not None:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
     link = _ASSIGNED.get(dom.uuid)
     if link is not None:
         await link.leave(dom)
