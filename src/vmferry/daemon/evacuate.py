@@ -277,7 +277,13 @@ class Evacuations:
                 continue
             if len(busy) + len(out) >= req.max_parallel:
                 break
-            if sum(1 for b in busy + out if b.dest == m.dest) < per_link:
+            mine = [b for b in busy + out if b.dest == m.dest]
+            # One set-up at a time per link: the first one's Prepare and QEMU get the CPUs
+            # (its link idles until it is ready); the next sets up while it waits or sends.
+            setting_up = [
+                b for b in mine if self.info.link_mib_s and not self._link(b.dest).ready(b.uuid)
+            ]
+            if len(mine) < per_link and not setting_up:
                 out.append(m)
         return out
 

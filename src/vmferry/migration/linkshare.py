@@ -51,9 +51,13 @@ class Link:
         self.waiting: list[str] = []  # domain UUIDs, first come first served
         #: Domains whose migration stopped sending (it finishes elsewhere now).
         self.left: set[str] = set()
-        #: Set whenever a migration stops sending: the drain may set up another.
+        #: Set whenever a migration is set up or stops sending: the drain may set up another.
         self.changed = changed if changed is not None else asyncio.Event()
         self._turn = asyncio.Condition()
+
+    def ready(self, uuid: str) -> bool:
+        """Whether *uuid*'s migration is done setting up (it waits, sends, or has sent)."""
+        return uuid in self.waiting or uuid in self.sending or uuid in self.left
 
     def share(self) -> int:
         """MiB/s a migration sends at."""
@@ -63,6 +67,7 @@ class Link:
         """Wait for *dom*'s turn to send; its cap. Returns early (0) if *aborted* says so."""
         async with self._turn:
             self.waiting.append(dom.uuid)
+            self.changed.set()  # set up: the drain may set up the next one
             try:
                 while not self._my_turn(dom.uuid):
                     if aborted():

@@ -1,0 +1,53 @@
+"""Which migrations the drain starts next (vmferry.daemon.evacuate, no daemon, no QEMU)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from vmferry.api.models import EvacuateRequest, EvacuationInfo, EvacuationMove
+from vmferry.daemon.evacuate import Evacuations
+
+
+def drain(link_mib_s: int = 32, per_link: int = 3) -> Evacuations:
+    ev = Evacuations(SimpleNamespace(driver=None))  # type: ignore[arg-type]
+    moves = [
+        EvacuationMove(name=f"{d}{i}", uuid=f"uuid-{d}{i}", dest=d, order=2 * i + (d == "c"))
+        for i in range(1, 5)
+        for d in ("b", "c")
+    ]
+    ev.info = EvacuationInfo(state="running", per_link=per_link, link_mib_s=link_mib_s, moves=moves)
+    return ev
+
+
+def start(ev: Evacuations, running: dict[Any, EvacuationMove], req: EvacuateRequest) -> list[str]:
+    """What the drain starts now; marked running as the drain does."""
+    out = ev._startable(running, req)
+    for m in out:
+        m.result = "running"
+        running[object()] = m
+    return [m.name for m in out]
+
+
+def test_a_link_sets_up_one_migration_at_a_time_and_queues_ready_ones_up_to_the_limit() -> None:
+    ev, running = drain(), {}  # type: ignore[var-annotated]
+    req = EvacuateRequest(max_parallel=6, per_destination=3)
+    assert start(ev, running, req) == ["b1", "c1"]  # the first of each link only
+    assert start(ev, running, req) == []  # both still set up
+    ev._link("b").waiting.append("uuid-b1")  # b1 is ready at b's gate
+    assert start(ev, running, req) == ["b2"]
+    ev._link("b").waiting.remove("uuid-b1")
+    ev._link("b").sending["uuid-b1"] = None  # type: ignore[assignment]
+    ev._link("b").waiting.append("uuid-b2")
+    assert start(ev, running, req) == ["b3"]
+    ev._link("b").waiting.append("uuid-b3")
+    assert start(ev, running, req) == []  # three on b's link: its limit
+    ev._link("b").sending.pop("uuid-b1")
+    ev._link("b").left.add("uuid-b1")  # b1 switched over: it no longer counts
+    assert start(ev, running, req) == ["b4"]
+
+
+def test_without_a_link_bandwidth_set_ups_are_not_serialised() -> None:
+    ev, running = drain(link_mib_s=0), {}  # type: ignore[var-annotated]
+    req = EvacuateRequest(max_parallel=6, per_destination=3)
+    assert start(ev, running, req) == ["b1", "c1", "b2", "c2", "b3", "c3"]
