@@ -136,3 +136,21 @@ async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
     assert not link.sending
     for d in (a, b):
         linkshare.unassign(d.uuid)
+
+
+async def test_a_switchover_seen_only_as_completed_hands_the_link_over_too() -> None:
+    link = linkshare.Link("b", 32)
+    a, b = dom("a"), dom("b")
+    for d in (a, b):
+        linkshare.assign(d.uuid, link)
+    assert await linkshare.admit(a, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    waiting = asyncio.create_task(
+        linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    a.set_status(MigrationStatus.COMPLETED)  # "device" went by before the watch looked
+    assert await asyncio.wait_for(waiting, 5)
+    for d in (a, b):
+        await linkshare.release(d)
+        linkshare.unassign(d.uuid)
+    assert not link.sending

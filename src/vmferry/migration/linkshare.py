@@ -29,11 +29,13 @@ from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.migration_status import MigrationStatus
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
+# QEMU statuses in which a migration no longer pre-copies under its cap.
+_SWITCHED = frozenset({MigrationStatus.DEVICE, *TERMINAL})
 # How often a migration waiting for its turn looks whether it was aborted.
 _ABORT_POLL_S = 0.25
 
@@ -124,7 +126,8 @@ async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
 
 async def _switchover(link: Link, dom: QemuDomain) -> None:
     """*dom* leaves *link* once QEMU switches over: its capped pre-copy is over."""
-    await dom.wait_for(lambda: dom.migration.status == MigrationStatus.DEVICE, None)
+    # Past it too: QEMU's device and completed events may be seen together under load.
+    await dom.wait_for(lambda: dom.migration.status in _SWITCHED, None)
     log.info("%s switches over: the link to %s goes to the next migration", dom.name, link.name)
     await link.leave(dom)
 
