@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 import sys
@@ -211,9 +212,29 @@ def _vmferry(a: Host, args: argparse.Namespace) -> Run:
                 "wall_s": m.wall_s,
                 "steps": m.steps,
                 "error": m.error,
+                "turn": [m.turn_start_s, m.turn_end_s],
             }
         )
     return run
+
+
+def _timeline(run: Run) -> list[str]:
+    """Where a vmferry drain's time went, per link, from the drain's own turn stamps."""
+    lines = []
+    for dest in sorted({m["dest"] for m in run.moves}):
+        turns = sorted(
+            tuple(m["turn"]) for m in run.moves if m["dest"] == dest and None not in m["turn"]
+        )
+        if not turns:
+            continue
+        gaps = sum(max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(turns))
+        busy = sum(end - start for start, end in turns)
+        lines.append(
+            f"  {run.policy} run {run.rep}, link to {dest}: first turn at {turns[0][0]:.2f} s, "
+            f"{len(turns)} turns {busy:.2f} s, gaps between them {gaps:.2f} s, "
+            f"last handed over at {turns[-1][1]:.2f} s, drain ended at {run.drain_s:.2f} s"
+        )
+    return lines
 
 
 def _check(run: Run, hs: list[Host], before: dict[str, Heartbeat], target_ms: int) -> None:
@@ -317,6 +338,9 @@ def _report(runs: list[Run], args: argparse.Namespace) -> None:
             f"{r.policy:<10} {r.rep:>3} {r.drain_s:>8.1f} {r.worst_downtime_ms:>18.0f} "
             f"{r.over_target:>11} {r.aborted:>8} {'ok' if r.memory_ok else 'BAD':>7}"
         )
+    for r in runs:
+        for line in _timeline(r) if r.policy == "vmferry" else []:
+            print(line)
     mine = {r.rep: r.drain_s for r in runs if r.policy == "vmferry"}
     for policy in dict.fromkeys(r.policy for r in runs if r.policy != "vmferry"):
         ratios = [mine[r.rep] / r.drain_s for r in runs if r.policy == policy and r.rep in mine]

@@ -51,3 +51,15 @@ def test_without_a_link_bandwidth_set_ups_are_not_serialised() -> None:
     ev, running = drain(link_mib_s=0), {}  # type: ignore[var-annotated]
     req = EvacuateRequest(max_parallel=6, per_destination=3)
     assert start(ev, running, req) == ["b1", "c1", "b2", "c2", "b3", "c3"]
+
+
+def test_a_move_carries_its_turn_on_the_link_from_the_drains_start() -> None:
+    ev = drain()
+    ev.info.started = 1000.0
+    link, m = ev._link("b"), ev.info.moves[0]
+    link.turns[m.uuid] = (1003.25, 1007.5)
+    ev._note_turn(m, link)
+    assert (m.turn_start_s, m.turn_end_s) == (3.25, 7.5)
+    other = ev.info.moves[2]  # never had a turn (no link, or it failed before sending)
+    ev._note_turn(other, link)
+    assert other.turn_start_s is None and other.turn_end_s is None

@@ -130,6 +130,9 @@ async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
     a.set_status(MigrationStatus.DEVICE)  # QEMU stopped a's guest: the last pages go uncapped
     assert await asyncio.wait_for(waiting, 5)
     assert list(link.sending) == [b.uuid] and a.uuid in link.left and changed.is_set()
+    a_start, a_end = link.turns[a.uuid]
+    assert 0 < a_start <= a_end <= link.turns[b.uuid][0]  # b's turn began as a's ended
+    assert link.turns[b.uuid][1] == 0.0  # b still sends
     await linkshare.release(a)  # a completes later: b keeps the link
     assert list(link.sending) == [b.uuid]
     await linkshare.release(b)

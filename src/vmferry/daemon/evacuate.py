@@ -313,6 +313,7 @@ class Evacuations:
                 linkshare.unassign(dom.uuid)
             m.result = "done"
             m.steps = {k: round(v, 2) for k, v in result.steps.items()}
+            self._note_turn(m, link)
             downtime = result.stats.get("downtime_ms")
             m.downtime_ms = float(downtime) if downtime is not None else None
             m.progress = 1.0
@@ -326,6 +327,13 @@ class Evacuations:
             log.exception("evacuation: %s to %s failed", m.name, m.dest)
         finally:
             m.wall_s = round(time.monotonic() - t0, 2)
+
+    def _note_turn(self, m: EvacuationMove, link: linkshare.Link) -> None:
+        """*m*'s turn on its link, relative to the drain's start (the bench's timeline)."""
+        start, end = link.turns.get(m.uuid, (0.0, 0.0))
+        if start and self.info.started:
+            m.turn_start_s = round(start - self.info.started, 2)
+            m.turn_end_s = round(end - self.info.started, 2) if end else None
 
     async def _ready(self, m: EvacuationMove) -> QemuDomain | None:
         """The guest, once no job (a restart's recovery) holds it; None if it left."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
@@ -53,6 +54,8 @@ class Link:
         self.waiting: list[str] = []  # domain UUIDs, first come first served
         #: Domains whose migration stopped sending (it finishes elsewhere now).
         self.left: set[str] = set()
+        #: When each domain's turn came and when it left the link (time.time()), by UUID.
+        self.turns: dict[str, tuple[float, float]] = {}
         #: Set whenever a migration is set up or stops sending: the drain may set up another.
         self.changed = changed if changed is not None else asyncio.Event()
         self._turn = asyncio.Condition()
@@ -79,6 +82,7 @@ class Link:
             finally:
                 self.waiting.remove(dom.uuid)
             self.sending[dom.uuid] = dom
+            self.turns[dom.uuid] = (time.time(), 0.0)
             self._turn.notify_all()  # the next in line may be the head now
             return self.share()
 
@@ -91,6 +95,7 @@ class Link:
             if self.sending.pop(dom.uuid, None) is None:
                 return
             self.left.add(dom.uuid)
+            self.turns[dom.uuid] = (self.turns.get(dom.uuid, (0.0, 0.0))[0], time.time())
             self._turn.notify_all()
         self.changed.set()
 
