@@ -232,7 +232,8 @@ def _timeline(run: Run) -> list[str]:
         lines.append(
             f"  {run.policy} run {run.rep}, link to {dest}: first turn at {turns[0][0]:.2f} s, "
             f"{len(turns)} turns {busy:.2f} s, gaps between them {gaps:.2f} s, "
-            f"last handed over at {turns[-1][1]:.2f} s, drain ended at {run.drain_s:.2f} s"
+            f"last handed over at {turns[-1][1]:.2f} s (from the drain's start, after the "
+            f"measurement and plan); drain {run.drain_s:.2f} s from the request"
         )
     return lines
 
