@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from vmferry.migration import linkshare
 from vmferry.migration.params import MigrationParams
+from vmferry.qemu.migration_status import MigrationStatus
 
 
 class Mon:
@@ -19,10 +21,28 @@ class Mon:
         return {}
 
 
+class Dom:
+    """The parts of a QemuDomain the link looks at: its job, its migration's status."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.uuid = name, f"uuid-{name}"
+        self.job = SimpleNamespace(abort_requested=False)
+        self.migration = SimpleNamespace(status=MigrationStatus.ACTIVE)
+        self._changed = asyncio.Event()
+
+    def set_status(self, status: MigrationStatus) -> None:
+        self.migration.status = status
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+        return True
+
+
 def dom(name: str) -> Any:
-    return SimpleNamespace(
-        name=name, uuid=f"uuid-{name}", job=SimpleNamespace(abort_requested=False)
-    )
+    return Dom(name)
 
 
 async def test_one_sends_at_a_time_at_the_whole_link_in_arrival_order() -> None:
@@ -93,3 +113,47 @@ async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
     assert not await linkshare.admit(dom("x"), params, mon)  # type: ignore[arg-type]
     await linkshare.release(dom("x"))
     assert params.bandwidth_mib_s == 5 and not mon.calls
+
+
+async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
+    changed = asyncio.Event()
+    link = linkshare.Link("b", 32, changed=changed)
+    a, b = dom("a"), dom("b")
+    for d in (a, b):
+        linkshare.assign(d.uuid, link)
+    assert await linkshare.admit(a, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    waiting = asyncio.create_task(
+        linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # a still pre-copies at the whole link
+    a.set_status(MigrationStatus.DEVICE)  # QEMU stopped a's guest: the last pages go uncapped
+    assert await asyncio.wait_for(waiting, 5)
+    assert list(link.sending) == [b.uuid] and a.uuid in link.left and changed.is_set()
+    a_start, a_end = link.turns[a.uuid]
+    assert 0 < a_start <= a_end <= link.turns[b.uuid][0]  # b's turn began as a's ended
+    assert link.turns[b.uuid][1] == 0.0  # b still sends
+    await linkshare.release(a)  # a completes later: b keeps the link
+    assert list(link.sending) == [b.uuid]
+    await linkshare.release(b)
+    assert not link.sending
+    for d in (a, b):
+        linkshare.unassign(d.uuid)
+
+
+async def test_a_switchover_seen_only_as_completed_hands_the_link_over_too() -> None:
+    link = linkshare.Link("b", 32)
+    a, b = dom("a"), dom("b")
+    for d in (a, b):
+        linkshare.assign(d.uuid, link)
+    assert await linkshare.admit(a, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    waiting = asyncio.create_task(
+        linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    a.set_status(MigrationStatus.COMPLETED)  # "device" went by before the watch looked
+    assert await asyncio.wait_for(waiting, 5)
+    for d in (a, b):
+        await linkshare.release(d)
+        linkshare.unassign(d.uuid)
+    assert not link.sending

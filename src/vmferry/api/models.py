@@ -97,6 +97,10 @@ class EvacuationMove(BaseModel):
     wall_s: float = 0.0
     downtime_ms: float | None = None
     steps: dict[str, float] = Field(default_factory=dict)  # seconds per protocol step
+    # Its turn on the link, s from the drain's start: from when it may send to when it handed
+    # the link over (its switchover); None without a link bandwidth or before it sent.
+    turn_start_s: float | None = None
+    turn_end_s: float | None = None
     error: str = ""
 
 

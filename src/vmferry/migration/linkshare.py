@@ -11,8 +11,13 @@ never idles between migrations and no guest converges at less than the link.
 
 The source's perform step calls :func:`admit` right before QEMU's ``migrate``,
 everything else set up (it may wait there for its turn), and :func:`release`
-when QEMU is done with the memory, whatever the outcome; a migration with no
-link assigned (:func:`assign`) runs at once with its own cap.
+when QEMU is done, whatever the outcome; a migration with no link assigned
+(:func:`assign`) runs at once with its own cap. A sender leaves its link
+earlier, at QEMU's switchover (status ``device``): its capped pre-copy is
+over, the guest is stopped, and what is left (the last dirty pages, the
+device state) QEMU sends without the cap, for every migration alike. The
+next one's ``migrate`` and QEMU's set-up of its stream then overlap that
+switchover and the Finish/Confirm, instead of waiting for them.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
+# QEMU statuses in which a migration no longer pre-copies under its cap.
+_SWITCHED = frozenset({MigrationStatus.DEVICE, *TERMINAL})
 # How often a migration waiting for its turn looks whether it was aborted.
 _ABORT_POLL_S = 0.25
 
@@ -45,9 +54,15 @@ class Link:
         self.waiting: list[str] = []  # domain UUIDs, first come first served
         #: Domains whose migration stopped sending (it finishes elsewhere now).
         self.left: set[str] = set()
-        #: Set whenever a migration stops sending: the drain may set up another.
+        #: When each domain's turn came and when it left the link (time.time()), by UUID.
+        self.turns: dict[str, tuple[float, float]] = {}
+        #: Set whenever a migration is set up or stops sending: the drain may set up another.
         self.changed = changed if changed is not None else asyncio.Event()
         self._turn = asyncio.Condition()
+
+    def ready(self, uuid: str) -> bool:
+        """Whether *uuid*'s migration is done setting up (it waits, sends, or has sent)."""
+        return uuid in self.waiting or uuid in self.sending or uuid in self.left
 
     def share(self) -> int:
         """MiB/s a migration sends at."""
@@ -57,6 +72,7 @@ class Link:
         """Wait for *dom*'s turn to send; its cap. Returns early (0) if *aborted* says so."""
         async with self._turn:
             self.waiting.append(dom.uuid)
+            self.changed.set()  # set up: the drain may set up the next one
             try:
                 while not self._my_turn(dom.uuid):
                     if aborted():
@@ -66,6 +82,7 @@ class Link:
             finally:
                 self.waiting.remove(dom.uuid)
             self.sending[dom.uuid] = dom
+            self.turns[dom.uuid] = (time.time(), 0.0)
             self._turn.notify_all()  # the next in line may be the head now
             return self.share()
 
@@ -78,12 +95,15 @@ class Link:
             if self.sending.pop(dom.uuid, None) is None:
                 return
             self.left.add(dom.uuid)
+            self.turns[dom.uuid] = (self.turns.get(dom.uuid, (0.0, 0.0))[0], time.time())
             self._turn.notify_all()
         self.changed.set()
 
 
 # The link each domain's next outgoing migration runs on, by domain UUID.
 _ASSIGNED: dict[str, Link] = {}
+# The watch that makes a sender leave its link at its switchover, by domain UUID.
+_WATCHES: dict[str, asyncio.Task[None]] = {}
 
 
 def assign(uuid: str, link: Link) -> None:
@@ -101,14 +121,29 @@ async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
     if link is None:
         return False
     share = await link.join(dom, lambda: dom.job.abort_requested)
+    if share:
+        _WATCHES[dom.uuid] = asyncio.get_running_loop().create_task(_switchover(link, dom))
     if share and share != params.bandwidth_mib_s:
         await mon.execute("migrate-set-parameters", {"max-bandwidth": share * MIB})
         params.bandwidth_mib_s = share
     return True
 
 
+async def _switchover(link: Link, dom: QemuDomain) -> None:
+    """*dom* leaves *link* once QEMU switches over: its capped pre-copy is over."""
+    # Past it too: QEMU's device and completed events may be seen together under load.
+    await dom.wait_for(lambda: dom.migration.status in _SWITCHED, None)
+    log.info("%s switches over: the link to %s goes to the next migration", dom.name, link.name)
+    await link.leave(dom)
+
+
 async def release(dom: QemuDomain) -> None:
     """QEMU is done with *dom*'s memory (or failed): the link's next migration goes."""
+    watch = _WATCHES.pop(dom.uuid, None)
+    if watch is not None:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
     link = _ASSIGNED.get(dom.uuid)
     if link is not None:
         await link.leave(dom)
