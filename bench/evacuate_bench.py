@@ -10,8 +10,8 @@ none of its link, as on a real link:
 - ``vmferry``: ``vmferry evacuate`` (the planner, the drain in A's daemon,
   ``--max-parallel 6 --per-destination 3``). Its drain lets one migration send
   per link, capped at the whole link, the next two set up and waiting
-  (:mod:`vmferry.migration.linkshare`); a sender hands its link over at its
-  switchover;
+  (:mod:`vmferry.migration.linkshare`); a sender hands its link over when
+  QEMU's stream is over;
 - ``nova``: one migration at a time (``max_concurrent_live_migrations = 1``);
 - ``kubevirt``: its defaults, 5 per cluster and 2 outbound per node (so 2 at once);
 - ``naive``: all eight at once.
@@ -24,8 +24,8 @@ links are shared as TCP shares a link: every ``LINK_POLL_S`` the bench looks
 at its share with those sending then. Between two looks a link may carry more
 than its bandwidth: that error favours the baselines. For every policy, a
 migration in its switchover (QEMU's ``device`` status: the guest stopped, its
-last dirty pages and device state sent, which QEMU does without the cap) no
-longer counts as sending: vmferry's drain hands the link on then too.
+last dirty pages and device state sent) counts as sending: on a real link
+that burst shares the link with any other stream, and lengthens the downtime.
 
 Every migration has the same contract and convergence policy: a downtime
 target and a deadline past which the engine aborts it (the guest stays on A);
@@ -77,8 +77,8 @@ LIMITS = {"nova": (1, 1), "kubevirt": (2, 2), "naive": (8, 8)}
 #: vmferry's --max-parallel and --per-destination: per link one sends, two set up ahead.
 VMFERRY_LIMITS = (6, 3)
 #: QEMU statuses in which a migration moves memory (takes its share of the link).
-#: Not "device": in the switchover QEMU sends the last pages uncapped (vmferry's link too).
-SENDING = {"active", "postcopy-active", "postcopy-device"}
+#: "device" too: the switchover's last pages and device state use the link (uncapped).
+SENDING = {"active", "device", "postcopy-active", "postcopy-device"}
 #: How often the baselines' link emulation looks at who sends, s.
 LINK_POLL_S = 0.2
 

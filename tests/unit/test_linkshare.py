@@ -115,7 +115,7 @@ async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
     assert params.bandwidth_mib_s == 5 and not mon.calls
 
 
-async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
+async def test_a_sender_leaves_its_link_when_its_stream_is_over() -> None:
     changed = asyncio.Event()
     link = linkshare.Link("b", 32, changed=changed)
     a, b = dom("a"), dom("b")
@@ -127,7 +127,10 @@ async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
     )
     await asyncio.sleep(0.05)
     assert not waiting.done()  # a still pre-copies at the whole link
-    a.set_status(MigrationStatus.DEVICE)  # QEMU stopped a's guest: the last pages go uncapped
+    a.set_status(MigrationStatus.DEVICE)  # the switchover: the last pages go, uncapped
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # they would share a real link with b's stream
+    a.set_status(MigrationStatus.COMPLETED)  # QEMU's event, before a's final statistics
     assert await asyncio.wait_for(waiting, 5)
     assert list(link.sending) == [b.uuid] and a.uuid in link.left and changed.is_set()
     a_start, a_end = link.turns[a.uuid]
@@ -141,7 +144,7 @@ async def test_a_sender_leaves_its_link_at_its_switchover() -> None:
         linkshare.unassign(d.uuid)
 
 
-async def test_a_switchover_seen_only_as_completed_hands_the_link_over_too() -> None:
+async def test_a_failed_stream_hands_the_link_over_too() -> None:
     link = linkshare.Link("b", 32)
     a, b = dom("a"), dom("b")
     for d in (a, b):
@@ -151,7 +154,7 @@ async def test_a_switchover_seen_only_as_completed_hands_the_link_over_too() -> 
         linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
     )
     await asyncio.sleep(0.05)
-    a.set_status(MigrationStatus.COMPLETED)  # "device" went by before the watch looked
+    a.set_status(MigrationStatus.FAILED)  # before the perform step releases it
     assert await asyncio.wait_for(waiting, 5)
     for d in (a, b):
         await linkshare.release(d)

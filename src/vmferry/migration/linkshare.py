@@ -12,12 +12,13 @@ never idles between migrations and no guest converges at less than the link.
 The source's perform step calls :func:`admit` right before QEMU's ``migrate``,
 everything else set up (it may wait there for its turn), and :func:`release`
 when QEMU is done, whatever the outcome; a migration with no link assigned
-(:func:`assign`) runs at once with its own cap. A sender leaves its link
-earlier, at QEMU's switchover (status ``device``): its capped pre-copy is
-over, the guest is stopped, and what is left (the last dirty pages, the
-device state) QEMU sends without the cap, for every migration alike. The
-next one's ``migrate`` and QEMU's set-up of its stream then overlap that
-switchover and the Finish/Confirm, instead of waiting for them.
+(:func:`assign`) runs at once with its own cap. A sender leaves its link as
+soon as QEMU's event says the stream is over (``completed`` or failed), not
+after the final statistics and the policy's report: the next one's ``migrate``
+then overlaps the Finish and Confirm, which move nothing. Not earlier, at the
+switchover (``device``): QEMU sends the last dirty pages and the device state
+uncapped then, while the guest is stopped, and a new stream at the full link
+beside them would lengthen that downtime on a real link.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from collections.abc import Callable
 
 from vmferry.migration.params import MigrationParams
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
+from vmferry.qemu.migration_status import TERMINAL
 from vmferry.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
-# QEMU statuses in which a migration no longer pre-copies under its cap.
-_SWITCHED = frozenset({MigrationStatus.DEVICE, *TERMINAL})
+# QEMU statuses in which a migration sends nothing any more.
+_SWITCHED = TERMINAL
 # How often a migration waiting for its turn looks whether it was aborted.
 _ABORT_POLL_S = 0.25
 
@@ -130,8 +131,7 @@ async def admit(dom: QemuDomain, params: MigrationParams, mon: Monitor) -> bool:
 
 
 async def _switchover(link: Link, dom: QemuDomain) -> None:
-    """*dom* leaves *link* once QEMU switches over: its capped pre-copy is over."""
-    # Past it too: QEMU's device and completed events may be seen together under load.
+    """*dom* leaves *link* once QEMU's stream is over (its event, before the statistics)."""
     await dom.wait_for(lambda: dom.migration.status in _SWITCHED, None)
     log.info("%s switches over: the link to %s goes to the next migration", dom.name, link.name)
     await link.leave(dom)
