@@ -325,13 +325,17 @@ async def _send(
     if tls is not None:
         # the destination's certificate must name the host the stream goes to
         extra = await mtls.enable(tls, dom, server=False, hostname=_uri_host(uri))
-    await mparams.apply(mon, params, flags, source=True, extra=extra)
-    # The convergence policy's own settings; it may switch the migration to post-copy.
-    await mpolicy.prepare(
-        dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
-    )
+
+    async def set_up() -> None:
+        await mparams.apply(mon, params, flags, source=True, extra=extra)
+        # The convergence policy's own settings; it may switch the migration to post-copy.
+        await mpolicy.prepare(
+            dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
+        )
+
     if dom.migration.storage_disks:
         # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
+        # The migration's parameters are set while the disks copy, off the critical path.
         await failpoint("src-perform-mirror")
         try:
             await storage.mirror_all(
@@ -341,11 +345,14 @@ async def _send(
                 tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
                 stall_s=(limits or PerformLimits()).stall_s,
                 tunnel=tunnel,
+                meanwhile=set_up,
             )
         except BaseException:
             await storage.cancel(dom)
             raise
         await failpoint("src-perform-mirror-ready")
+    else:
+        await set_up()
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")
