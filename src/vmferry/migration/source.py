@@ -108,7 +108,7 @@ async def begin(
         dom.migration.params = replace(params)
         dom.migration.was_running = dom.state == DomainState.RUNNING
         # No status write for these yet: nothing acts before continue_() below writes them
-        # (a Begin3 job is recovered without them), or the disks' save when storage is copied.
+        # (a Begin3 job is recovered without them), the disks to copy with them.
         await failpoint("src-begin-before")
         if not offline:
             dom.require_active()  # QEMU may have died meanwhile: its status must not linger
@@ -123,7 +123,6 @@ async def begin(
             )
             cookie.mandatory.append("nbd")
             dom.migration.storage_disks = [d.target for d in cookie.nbd_disks]
-            dom.save()
         if session:
             host.bind_session(session, dom)  # fails if the client is already gone
     except BaseException:
