@@ -644,3 +644,30 @@ async def test_continue_with_a_phase_is_one_change() -> None:
     with pytest.raises(VmferryError) as err:  # a phase going backwards is refused as ever
         job.continue_(phase=Phase.BEGIN3)
     assert err.value.code == ErrorCode.INTERNAL_ERROR
+
+
+async def test_start_async_setup_rides_in_the_first_write() -> None:
+    seen: list[tuple[str, str]] = []
+    record: dict[str, str] = {}
+    job = make(on_change=lambda: seen.append((str(job.async_job), record.get("disk", ""))))
+    await job.start_async(
+        AsyncJob.MIGRATION_IN,
+        "migrate-prepare",
+        Phase.PREPARE,
+        setup=lambda: record.update(disk="/pool/vda.qcow2"),
+    )
+    # one write, and it already carries what setup recorded
+    assert seen == [(str(AsyncJob.MIGRATION_IN), "/pool/vda.qcow2")]
+
+
+async def test_start_async_setup_failing_starts_no_job() -> None:
+    writes: list[str] = []
+    job = make(on_change=lambda: writes.append("w"))
+
+    def setup() -> None:
+        raise VmferryError(ErrorCode.INVALID_ARG, "bad disk")
+
+    with pytest.raises(VmferryError, match="bad disk"):
+        await job.start_async(AsyncJob.MIGRATION_IN, "migrate-prepare", Phase.PREPARE, setup=setup)
+    assert job.async_job is AsyncJob.NONE and writes == []
+    await quick(job.start_async(AsyncJob.MIGRATION_IN, "migrate-prepare", Phase.PREPARE))

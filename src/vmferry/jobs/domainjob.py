@@ -237,11 +237,19 @@ class DomainJob:
     # -- async jobs ----------------------------------------------------------------------------
 
     async def start_async(
-        self, async_job: AsyncJob, api: str, phase: JobPhase, *, flags: int = 0
+        self,
+        async_job: AsyncJob,
+        api: str,
+        phase: JobPhase,
+        *,
+        flags: int = 0,
+        setup: Callable[[], None] | None = None,
     ) -> None:
         """Start *async_job* in *phase*, owned by *api* (libvirt's qemuMigrationJobStart).
 
-        Waits for a running sync job like :meth:`begin`.
+        Waits for a running sync job like :meth:`begin`. *setup* runs once the job
+        is taken, before its status write: what it records rides in that write (one
+        write, not two); if it raises, the job is not started.
 
         :raise VmferryError: ``OPERATION_INVALID`` if an async job is already
             active (also one that started while this call waited);
@@ -269,6 +277,8 @@ class DomainJob:
         self._abort = asyncio.Event()
         self._wake()
         try:
+            if setup is not None:
+                setup()
             self._changed_hook()
         except BaseException:
             # Not persisted: the caller must not go on, and nobody would end the job.

@@ -52,6 +52,7 @@ from vmferry.migration.phase import MigrationPhase
 from vmferry.migration.stats import from_cookie
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import TERMINAL, MigrationStatus
+from vmferry.qemu.monitor import QmpCommand
 
 log = logging.getLogger(__name__)
 
@@ -113,35 +114,47 @@ async def prepare(
         raise VmferryError(
             ErrorCode.DOMAIN_EXISTS, f"domain '{existing.name}' is already active on this host"
         )
+    new_disks = storage.plan_disks(host, definition, nbd_disks) if copy else []
     dom = existing if existing is not None else host.add(definition, None)
-    await dom.job.start_async(AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags))
-    dom.migration.created_here = existing is None
-    dom.migration.origin_name = original_name  # Finish checks the cookie against it
-    dom.migration.flags = int(flags)
-    dom.migration.params = params.copy()
-    dom.definition = definition
-    dom.migration.storage_disks = []
-    dom.migration.created_volumes = []
+
+    recorded: list[bool] = []
+
+    def record() -> None:
+        # In the job's first status write: recovery needs created_here, and every disk
+        # this migration creates is recorded before it is made.
+        recorded.append(True)
+        dom.migration.created_here = existing is None
+        dom.migration.origin_name = original_name  # Finish checks the cookie against it
+        dom.migration.flags = int(flags)
+        dom.migration.params = params.copy()
+        dom.definition = definition
+        dom.migration.storage_disks = [d.target for d in nbd_disks] if copy else []
+        dom.migration.created_volumes = [d.path for d in new_disks]
+
+    try:
+        await dom.job.start_async(
+            AsyncJob.MIGRATION_IN, api, MigrationPhase.PREPARE, flags=int(flags), setup=record
+        )
+    except BaseException:
+        if recorded:  # its write failed: no job, nothing made
+            storage.forget(dom)
+            if existing is not None and existing.persistent is not None:
+                dom.definition = existing.persistent
+        raise
     uri = ""
     nbd_port = None
     try:
-        dom.save()  # recovery needs created_here
         await failpoint("dst-prepare-before")
         if copy:
-            await storage.create_disks(host, dom, definition, nbd_disks)
+            await storage.create_disks(host, dom, new_disks)
             host.check_definition(definition)
             await failpoint("dst-prepare-storage")
         if not flags & MigrateFlags.OFFLINE:
-            uri = await _start_incoming(host, dom, qemu_flags, qemu_params, use_tls=use_tls)
-        if copy and flags & MigrateFlags.TUNNELLED:
-            await storage.start_nbd_tunnelled(dom)  # no port: NBD comes through tunnels
-        elif copy:
-            nbd_port = await storage.start_nbd(
-                host,
-                dom,
-                host.migration_address(params.listen_address),
-                tls_creds=mtls.MIGRATION_CREDS if dom.migration.tls else "",
+            uri = await _start_incoming(
+                host, dom, qemu_flags, qemu_params, use_tls=use_tls, serve_disks=copy
             )
+        if copy and not flags & MigrateFlags.TUNNELLED:
+            nbd_port = dom.migration.nbd_port
         if session:
             # The client may have left while Prepare ran: then nobody would Finish it.
             host.bind_session(session, dom)
@@ -182,25 +195,44 @@ async def _start_incoming(
     params: MigrationParams,
     *,
     use_tls: bool = False,
+    serve_disks: bool = False,
 ) -> str:
+    """Start the incoming QEMU listening for the stream (and, *serve_disks*, serving the
+    copied disks over NBD); return the URI the source must send to ("" tunnelled).
+
+    Everything after QEMU's start goes in one pipelined batch of QMP commands where
+    nothing needs an answer first (TLS's objects and a tunnel's descriptor do).
+    """
     if flags & MigrateFlags.TUNNELLED:
         # no port: the stream comes through the daemons' connection (vmferry.migration.tunnel)
-        await host.lifecycle.start(dom, incoming=True)
+        await host.lifecycle.start(
+            dom, incoming=True, setup=mparams.commands(params, flags, source=False)
+        )
         mon = dom.require_monitor()
-        await mparams.apply(mon, params, flags, source=False)
         dom.migration.tunnel = await mtunnel.give_qemu_end(mon)
         await mon.execute("migrate-incoming", {"uri": f"fd:{mtunnel.FD_NAME}"})
+        if serve_disks:
+            await storage.start_nbd_tunnelled(dom)  # no port: NBD comes through tunnels
         return ""
     address = host.migration_address(params.listen_address)
     port = host.acquire_port()
     dom.migration.port = port
     dom.migration.resumed = 0.0
-    await host.lifecycle.start(dom, incoming=True)
-    mon = dom.require_monitor()
-    extra = await mtls.enable(host.tls, dom, server=True) if use_tls else {}
-    await mparams.apply(mon, params, flags, source=False, extra=extra)
     listen = f"[{address}]" if ":" in address else address
-    await mon.execute("migrate-incoming", {"uri": f"tcp:{listen}:{port}"})
+
+    def setup(extra: dict[str, Any] | None, nbd_creds: str) -> list[QmpCommand]:
+        out = mparams.commands(params, flags, source=False, extra=extra)
+        out.append(("migrate-incoming", {"uri": f"tcp:{listen}:{port}"}))
+        if serve_disks:
+            out += storage.serve_nbd(host, dom, address, tls_creds=nbd_creds)
+        return out
+
+    if not use_tls:
+        await host.lifecycle.start(dom, incoming=True, setup=setup(None, ""))
+    else:
+        await host.lifecycle.start(dom, incoming=True)
+        extra = await mtls.enable(host.tls, dom, server=True)
+        await dom.require_monitor().execute_all(setup(extra, mtls.MIGRATION_CREDS))
     return f"tcp:{listen}:{port}"
 
 

@@ -16,7 +16,7 @@ from vmferry.logs import is_migration_id
 from vmferry.migration.flags import MigrateFlags
 
 if TYPE_CHECKING:  # only for the annotations: the client and CLI import this module
-    from vmferry.qemu.monitor import Monitor
+    from vmferry.qemu.monitor import Monitor, QmpCommand
 
 MIB = 1 << 20
 # "Unlimited": QEMU's own default (128 MiB/s) must never be the silent cap.
@@ -363,15 +363,35 @@ async def apply(
     source: bool,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Set this migration's capabilities and parameters (*extra*: e.g. TLS's) in QEMU."""
+    """Set this migration's capabilities and parameters (*extra*: e.g. TLS's) in QEMU.
+
+    One after the other: a QEMU that refuses a capability gets no parameters (the source
+    runs on with its own).
+    """
+    for cmd, args in commands(params, flags, source=source, extra=extra):
+        await mon.execute(cmd, args)
+
+
+def commands(
+    params: MigrationParams,
+    flags: MigrateFlags,
+    *,
+    source: bool,
+    extra: dict[str, Any] | None = None,
+) -> list[QmpCommand]:
+    """The QMP commands of :func:`apply`, for a caller that pipelines them with its own
+    (a new incoming QEMU, killed if any fails)."""
     caps = capabilities(flags, source=source)
-    await mon.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
-    )
+    out: list[QmpCommand] = [
+        (
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+        )
+    ]
     values = {**parameters(params, flags, source=source), **(extra or {})}
     if values:
-        await mon.execute("migrate-set-parameters", values)
+        out.append(("migrate-set-parameters", values))
+    return out
 
 
 async def reset(mon: Monitor, flags: MigrateFlags, *, source: bool) -> None:

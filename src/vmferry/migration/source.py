@@ -107,7 +107,7 @@ async def begin(
         dom.migration.params = params.copy()
         dom.migration.was_running = dom.state == DomainState.RUNNING
         # No status write for these yet: nothing acts before continue_() below writes them
-        # (a Begin3 job is recovered without them), or the disks' save when storage is copied.
+        # (a Begin3 job is recovered without them), the disks to copy with them.
         await failpoint("src-begin-before")
         if not offline:
             dom.require_active()  # QEMU may have died meanwhile: its status must not linger
@@ -122,7 +122,6 @@ async def begin(
             )
             cookie.mandatory.append("nbd")
             dom.migration.storage_disks = [d.target for d in cookie.nbd_disks]
-            dom.save()
         if session:
             host.bind_session(session, dom)  # fails if the client is already gone
     except BaseException:
@@ -324,13 +323,17 @@ async def _send(
     if tls is not None:
         # the destination's certificate must name the host the stream goes to
         extra = await mtls.enable(tls, dom, server=False, hostname=_uri_host(uri))
-    await mparams.apply(mon, params, flags, source=True, extra=extra)
-    # The convergence policy's own settings; it may switch the migration to post-copy.
-    await mpolicy.prepare(
-        dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
-    )
+
+    async def set_up() -> None:
+        await mparams.apply(mon, params, flags, source=True, extra=extra)
+        # The convergence policy's own settings; it may switch the migration to post-copy.
+        await mpolicy.prepare(
+            dom, mon, params, flags, postcopy_switch=postcopy.switch, defaults=convergence
+        )
+
     if dom.migration.storage_disks:
         # Every disk in sync before the memory moves; the mirrors stay in sync meanwhile.
+        # The migration's parameters are set while the disks copy, off the critical path.
         await failpoint("src-perform-mirror")
         try:
             await storage.mirror_all(
@@ -340,11 +343,14 @@ async def _send(
                 tls_creds=mtls.MIGRATION_CREDS if tls is not None else "",
                 stall_s=(limits or PerformLimits()).stall_s,
                 tunnel=tunnel,
+                meanwhile=set_up,
             )
         except BaseException:
             await storage.cancel(dom)
             raise
         await failpoint("src-perform-mirror-ready")
+    else:
+        await set_up()
     if not flags & MigrateFlags.LIVE and dom.state == DomainState.RUNNING:
         dom.pending_pause_reason = "migration"
         await mon.execute("stop")

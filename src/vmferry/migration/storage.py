@@ -28,8 +28,11 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from vmferry import trace
 from vmferry.domain.model import DiskDef, DomainDef
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration import tunnel as mtunnel
@@ -39,6 +42,7 @@ from vmferry.migration.host import MigrationHost
 from vmferry.migration.params import MIB, MigrationParams
 from vmferry.qemu import blockjob
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.monitor import QmpCommand
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +121,12 @@ async def mirror_all(
     stall_s: float = 0.0,
     tls_creds: str = "",
     tunnel: mtunnel.Sender | None = None,
+    meanwhile: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Perform: mirror every selected disk to the destination's NBD server; wait until in sync.
+
+    *meanwhile* runs once every mirror copies, before the wait: the caller's own set-up
+    (the migration's parameters) costs no time of its own then.
 
     *tunnel*: tunnelled, each disk's NBD connection is a socket pair whose end the
     daemon relays to the destination's NBD server (one more pipe, stream ``nbd``).
@@ -158,6 +166,8 @@ async def mirror_all(
             speed=params.bandwidth_mib_s * MIB,
             tls_creds=tls_creds,
         )
+    if meanwhile is not None:
+        await meanwhile()
     await blockjob.wait_ready(
         dom, targets, aborted=lambda: dom.job.abort_requested, stall_s=stall_s
     )
@@ -228,11 +238,24 @@ def with_disk(stats: dict[str, Any], disk: dict[str, int]) -> dict[str, Any]:
 # -- destination ------------------------------------------------------------------------------
 
 
-async def create_disks(
-    host: MigrationHost, dom: QemuDomain, definition: DomainDef, disks: list[NbdDisk]
-) -> None:
-    """Prepare: create the disks this host lacks, each recorded (persisted) before it is made."""
+@dataclass(frozen=True)
+class NewDisk:
+    """A disk Prepare creates: where, as what, of which size (and backing file)."""
+
+    path: str
+    disk: DiskDef
+    copied: NbdDisk
+
+
+def plan_disks(host: MigrationHost, definition: DomainDef, disks: list[NbdDisk]) -> list[NewDisk]:
+    """Prepare, before anything is made: check the disks the source copies; those to create.
+
+    A disk that exists here is copied into and never deleted (not in the list).
+
+    :raise VmferryError: ``INVALID_ARG`` for a disk the domain XML lacks or cannot copy.
+    """
     by_target = {d.target_dev: d for d in definition.devices.disks}
+    out = []
     for nbd in disks:
         disk = by_target.get(nbd.target)
         if disk is None or not _copyable(disk):
@@ -242,32 +265,38 @@ async def create_disks(
             )
         path = host.disk_path(disk)
         if host.disk_exists(path):
-            log.info("domain %s: disk %s exists here: copying into it", dom.name, nbd.target)
+            log.info("copying disk %s into %s, which exists here", nbd.target, path)
             continue
-        # Crash-safe: a restart finds the record even if it died while creating.
-        dom.migration.created_volumes.append(path)
-        dom.save()
-        if not await host.create_disk(path, disk, nbd):
+        out.append(NewDisk(path, disk, nbd))
+    return out
+
+
+async def create_disks(host: MigrationHost, dom: QemuDomain, disks: list[NewDisk]) -> None:
+    """Prepare: create *disks*, already recorded (persisted) in ``created_volumes``.
+
+    Crash-safe: a restart finds the record even if the daemon died while creating.
+    """
+    for new in disks:
+        with trace.span("create disk"):
+            made = await host.create_disk(new.path, new.disk, new.copied)
+        if not made:
             # Someone else made it meanwhile: it is not ours to delete.
-            dom.migration.created_volumes.remove(path)
+            dom.migration.created_volumes.remove(new.path)
             dom.save()
-    dom.migration.storage_disks = [d.target for d in disks]
 
 
-async def start_nbd(
+def serve_nbd(
     host: MigrationHost, dom: QemuDomain, address: str, *, tls_creds: str = ""
-) -> int:
-    """Serve every disk of ``storage_disks`` over NBD on a migration port; return the port.
+) -> list[QmpCommand]:
+    """The commands serving every disk of ``storage_disks`` over NBD on a migration port.
 
+    The port is taken here (``migration.nbd_port``, released with the job); the caller
+    sends the commands (pipelined with its others) before the port goes into the cookie.
     *tls_creds*: only TLS clients with a certificate of the CA (``--tls``).
     """
     port = host.acquire_port()
     dom.migration.nbd_port = port
-    mon = dom.require_monitor()
-    await blockjob.nbd_server_start(mon, address, port, tls_creds=tls_creds)
-    for target in dom.migration.storage_disks:
-        await blockjob.nbd_export(mon, target)
-    return port
+    return blockjob.nbd_serve(dom.migration.storage_disks, address, port, tls_creds=tls_creds)
 
 
 async def start_nbd_tunnelled(dom: QemuDomain) -> None:
@@ -287,9 +316,9 @@ async def start_nbd_tunnelled(dom: QemuDomain) -> None:
         await mon.execute_with_fd("getfd", {"fdname": mtunnel.NBD_FD_PREFIX}, listener.fileno())
     finally:
         listener.close()  # QEMU holds its own copy
-    await blockjob.nbd_server_start(mon, "", 0, fd_name=mtunnel.NBD_FD_PREFIX)
-    for target in dom.migration.storage_disks:
-        await blockjob.nbd_export(mon, target)
+    await mon.execute_all(
+        blockjob.nbd_serve(dom.migration.storage_disks, "", 0, fd_name=mtunnel.NBD_FD_PREFIX)
+    )
 
 
 def remove_nbd_socket(dom: QemuDomain) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from vmferry.errors import ErrorCode, VmferryError
 from vmferry.qemu.domain import QemuDomain
-from vmferry.qemu.monitor import Monitor
+from vmferry.qemu.monitor import Monitor, QmpCommand
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ EVENTS = (
 # -- destination: the NBD server ----------------------------------------------------------------
 
 
-async def nbd_server_start(
-    mon: Monitor, host: str, port: int, *, tls_creds: str = "", fd_name: str = ""
-) -> None:
-    """Listen for the source's NBD connections on *host*:*port* (both checked by the caller).
+def nbd_serve(
+    targets: list[str], host: str, port: int, *, tls_creds: str = "", fd_name: str = ""
+) -> list[QmpCommand]:
+    """The commands serving disks *targets* over NBD on *host*:*port* (checked by the caller).
 
+    Each disk's top node, writable, under the name :func:`export_name`.
     *tls_creds*: a ``tls-creds-x509`` server object (:mod:`vmferry.qemu.tls_creds`): clients
     must then speak TLS with a certificate of the CA.
     *fd_name*: listen on the socket QEMU got under this name instead (a tunnelled migration).
@@ -121,21 +122,17 @@ async def nbd_server_start(
         args = {"addr": {"type": "fd", "data": {"str": fd_name}}}
     if tls_creds:
         args["tls-creds"] = tls_creds
-    await mon.execute("nbd-server-start", args)
-
-
-async def nbd_export(mon: Monitor, target: str) -> None:
-    """Serve disk *target*'s top node, writable, under the name :func:`export_name`."""
-    await mon.execute(
-        "block-export-add",
-        {
+    out: list[QmpCommand] = [("nbd-server-start", args)]
+    for target in targets:
+        export = {
             "type": "nbd",
             "id": job_id(target),
             "node-name": format_node(target),
             "name": export_name(target),
             "writable": True,
-        },
-    )
+        }
+        out.append(("block-export-add", export))
+    return out
 
 
 async def nbd_server_stop(mon: Monitor) -> None:
@@ -183,35 +180,31 @@ async def start_mirror(
         node["server"] = {"type": "fd", "str": fd_name}
     if tls_creds:
         node.update({"tls-creds": tls_creds, "tls-hostname": host})
-    try:
-        await mon.execute("blockdev-add", node)
-    except VmferryError as err:
-        if not mon.connected:
-            raise
-        raise VmferryError(
-            ErrorCode.OPERATION_FAILED,
-            f"copying disk '{target}' of domain '{dom.name}': cannot use the destination's NBD "
-            f"server at {host}:{port}: {err.message}",
-        ) from None
+    mirror = {
+        "job-id": ident,
+        "device": format_node(target),
+        "target": ident,
+        # top: the backing chain exists on the destination (--copy-storage-inc)
+        "sync": "top" if top_only else "full",
+        "copy-mode": "write-blocking" if write_blocking else "background",
+        "auto-dismiss": False,  # a concluded job keeps its error until dismissed
+        "speed": speed,
+    }
     dom.block_jobs[ident] = BlockJob()
-    try:
-        await mon.execute(
-            "blockdev-mirror",
-            {
-                "job-id": ident,
-                "device": format_node(target),
-                "target": ident,
-                # top: the backing chain exists on the destination (--copy-storage-inc)
-                "sync": "top" if top_only else "full",
-                "copy-mode": "write-blocking" if write_blocking else "background",
-                "auto-dismiss": False,  # a concluded job keeps its error until dismissed
-                "speed": speed,
-            },
-        )
-    except BaseException:
+    # One round trip: the mirror fails by itself if its target node could not be added.
+    added, started = await mon.execute_each([("blockdev-add", node), ("blockdev-mirror", mirror)])
+    if isinstance(started, VmferryError):
         dom.block_jobs.pop(ident, None)
+        if isinstance(added, VmferryError):
+            if not mon.connected:
+                raise added
+            raise VmferryError(
+                ErrorCode.OPERATION_FAILED,
+                f"copying disk '{target}' of domain '{dom.name}': cannot use the destination's "
+                f"NBD server at {host}:{port}: {added.message}",
+            ) from None
         await _del_node(mon, ident)
-        raise
+        raise started
 
 
 async def wait_ready(

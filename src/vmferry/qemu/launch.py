@@ -68,12 +68,13 @@ async def launch(
     if passed is None:
         _unlink(qmp_socket)
     try:
-        proc = await QemuProcess.spawn(
-            argv,
-            log_path=log_path,
-            user=user,
-            pass_fds=tuple(passed.fds) if passed is not None else (),
-        )
+        with trace.span("qemu spawn"):
+            proc = await QemuProcess.spawn(
+                argv,
+                log_path=log_path,
+                user=user,
+                pass_fds=tuple(passed.fds) if passed is not None else (),
+            )
     except VmferryError as err:
         raise _failed(name, err.message) from err
     finally:

@@ -32,6 +32,7 @@ from vmferry.qemu.confine import Confinement, DiskFile
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.launch import launch, reattach
 from vmferry.qemu.migration_status import MigrationStatus
+from vmferry.qemu.monitor import QmpCommand
 from vmferry.qemu.process import QemuProcess
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,20 @@ class Lifecycle:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def start(self, dom: QemuDomain, *, incoming: bool = False, paused: bool = False) -> None:
+    async def start(
+        self,
+        dom: QemuDomain,
+        *,
+        incoming: bool = False,
+        paused: bool = False,
+        setup: Sequence[QmpCommand] = (),
+    ) -> None:
         """Launch QEMU for *dom*; run the guest unless *incoming* or *paused*.
 
         An incoming domain waits with ``-incoming defer`` for ``migrate-incoming``.
+        *setup*: QMP commands for the caller (an incoming migration's parameters,
+        ``migrate-incoming``, its NBD server), pipelined with the start's own: one
+        round trip for all; any failing stops QEMU as a failed start does.
         """
         if dom.active:
             raise VmferryError(
@@ -146,12 +157,13 @@ class Lifecycle:
             dom.set_state(DomainState.PAUSED, PausedReason.STARTING_UP)
             if self.confine is not None:
                 paths.console_log.unlink(missing_ok=True)
-                passed = self.confine.open_files(
-                    dom.definition,
-                    qmp_socket=paths.qmp_socket,
-                    console_log=paths.console_log,
-                    disks=volume_files(dom.definition, chains or {}),
-                )
+                with trace.span("open files"):
+                    passed = self.confine.open_files(
+                        dom.definition,
+                        qmp_socket=paths.qmp_socket,
+                        console_log=paths.console_log,
+                        disks=volume_files(dom.definition, chains or {}),
+                    )
                 if self.inherit_fds is not None:
                     passed.inherit.extend(self.inherit_fds(dom))
             argv = build_argv(
@@ -180,20 +192,27 @@ class Lifecycle:
         dom.process, dom.monitor = proc, mon
         self._watch(dom)
         try:
+            if incoming:
+                # Its state rides in the pid's write (one write, not two): for a restart,
+                # an incoming QEMU is its migration job's to keep or kill either way.
+                dom.state, dom.reason = DomainState.PAUSED, str(PausedReason.MIGRATION)
             dom.save()
             # MIGRATION events are what every migration wait is driven by.
-            await mon.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "events", "state": True}]},
-            )
+            commands: list[QmpCommand] = [
+                (
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]},
+                )
+            ]
             d = dom.definition
             ballooned = d.devices.memballoon == "virtio" and d.current_memory_kib < d.memory_kib
             if ballooned and not incoming:
                 # <currentMemory> below <memory>: the balloon's target (libvirt's
                 # qemuProcessSetupBalloon); an incoming guest's comes with the stream.
-                await mon.execute("balloon", {"value": d.current_memory_kib * 1024})
+                commands.append(("balloon", {"value": d.current_memory_kib * 1024}))
+            await mon.execute_all([*commands, *setup])
             if incoming:
-                dom.set_state(DomainState.PAUSED, PausedReason.MIGRATION)
+                dom.notify()
                 self._emit(dom, EventType.STARTED, "migrated", {})
             elif paused:
                 dom.set_state(DomainState.PAUSED, PausedReason.USER)

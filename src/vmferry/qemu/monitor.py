@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: (event name, event data, timestamp in seconds since the epoch)
 EventHandler = Callable[[str, dict[str, Any], float], None]
+#: A QMP command and its arguments, for `Monitor.execute_all`.
+QmpCommand = tuple[str, Mapping[str, object] | None]
 
 # Events heard before the first handler is added wait here (bounded: a
 # monitor nobody listens to must not grow without limit).
@@ -217,6 +219,59 @@ class Monitor:
                 ErrorCode.OPERATION_FAILED,
                 f"QEMU command '{cmd}' on domain '{self.name}' failed: {err}",
             ) from err
+
+    async def execute_all(
+        self, commands: Sequence[QmpCommand], *, timeout: float = 30.0
+    ) -> list[Any]:
+        """
+        Execute *commands* pipelined (see `execute_each`): one round trip for all.
+
+        QEMU runs a monitor's (in-band) commands one after another in the order
+        they came, so the effect is that of executing them in turn, except that a
+        failure does not stop the commands after it: use it where the caller
+        undoes the whole batch on failure (e.g. kills the QEMU it just started).
+
+        :return: The ``return`` values, in order.
+        :raise VmferryError: The first failing command's error (see `execute`),
+            once every command has been answered.
+        """
+        replies = await self.execute_each(commands, timeout=timeout)
+        for reply in replies:
+            if isinstance(reply, VmferryError):
+                raise reply
+        return replies
+
+    async def execute_each(
+        self, commands: Sequence[QmpCommand], *, timeout: float = 30.0
+    ) -> list[Any]:
+        """
+        Send *commands* at once, then await every answer: the ``return`` value of
+        each, or the `VmferryError` it failed with (see `execute`), in order.
+        """
+        if len(commands) == 1:
+            cmd, args = commands[0]
+            try:
+                return [await self.execute(cmd, args, timeout=timeout)]
+            except VmferryError as err:
+                return [err]
+        # Tasks start in creation order and each queues its message before its first
+        # suspension, so the messages go out in this order.
+        tasks = [
+            asyncio.ensure_future(self.execute(cmd, args, timeout=timeout))
+            for cmd, args in commands
+        ]
+        try:
+            with trace.span("qmp batch", lambda: "+".join(c for c, _ in commands)):
+                replies = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for reply in replies:
+            if isinstance(reply, BaseException) and not isinstance(reply, VmferryError):
+                raise reply
+        return replies
 
     async def execute_with_fd(
         self, cmd: str, args: Mapping[str, object], fd: int, *, timeout: float = 30.0

@@ -14,11 +14,11 @@ decisions) runs in milliseconds without a QEMU::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from vmferry.errors import ErrorCode, VmferryError
-from vmferry.qemu.monitor import EventHandler, Monitor
+from vmferry.qemu.monitor import EventHandler, Monitor, QmpCommand
 
 #: A scripted answer: a value, a VmferryError to raise, or a function of the arguments.
 Reply = Any
@@ -75,6 +75,28 @@ class FakeMonitor:
         if callable(answer):
             return answer(call_args)
         return answer
+
+    async def execute_each(
+        self, commands: Sequence[QmpCommand], *, timeout: float = 30.0
+    ) -> list[Any]:
+        """Each command in turn (as the real monitor's pipelined batch): answers or errors."""
+        out: list[Any] = []
+        for cmd, args in commands:
+            try:
+                out.append(await self.execute(cmd, args, timeout=timeout))
+            except VmferryError as err:
+                out.append(err)
+        return out
+
+    async def execute_all(
+        self, commands: Sequence[QmpCommand], *, timeout: float = 30.0
+    ) -> list[Any]:
+        """Every command runs; the first error is raised after the last (as the real one)."""
+        out = await self.execute_each(commands, timeout=timeout)
+        for answer in out:
+            if isinstance(answer, VmferryError):
+                raise answer
+        return out
 
     def add_event_handler(self, handler: EventHandler) -> None:
         self._handlers.append(handler)
