@@ -115,9 +115,8 @@ async def test_a_migration_with_no_link_keeps_its_own_cap() -> None:
     assert params.bandwidth_mib_s == 5 and not mon.calls
 
 
-async def test_a_sender_leaves_its_link_when_its_stream_is_over() -> None:
-    changed = asyncio.Event()
-    link = linkshare.Link("b", 32, changed=changed)
+async def _a_sends_b_waits(link: linkshare.Link) -> tuple[Any, Any, asyncio.Task[bool]]:
+    """Domains a and b on *link*: a admitted (it sends), b's admission waiting behind it."""
     a, b = dom("a"), dom("b")
     for d in (a, b):
         linkshare.assign(d.uuid, link)
@@ -126,6 +125,13 @@ async def test_a_sender_leaves_its_link_when_its_stream_is_over() -> None:
         linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
     )
     await asyncio.sleep(0.05)
+    return a, b, waiting
+
+
+async def test_a_sender_leaves_its_link_when_its_stream_is_over() -> None:
+    changed = asyncio.Event()
+    link = linkshare.Link("b", 32, changed=changed)
+    a, b, waiting = await _a_sends_b_waits(link)
     assert not waiting.done()  # a still pre-copies at the whole link
     a.set_status(MigrationStatus.DEVICE)  # the switchover: the last pages go, uncapped
     await asyncio.sleep(0.05)
@@ -146,14 +152,7 @@ async def test_a_sender_leaves_its_link_when_its_stream_is_over() -> None:
 
 async def test_a_failed_stream_hands_the_link_over_too() -> None:
     link = linkshare.Link("b", 32)
-    a, b = dom("a"), dom("b")
-    for d in (a, b):
-        linkshare.assign(d.uuid, link)
-    assert await linkshare.admit(a, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
-    waiting = asyncio.create_task(
-        linkshare.admit(b, MigrationParams(bandwidth_mib_s=32), Mon())  # type: ignore[arg-type]
-    )
-    await asyncio.sleep(0.05)
+    a, b, waiting = await _a_sends_b_waits(link)
     a.set_status(MigrationStatus.FAILED)  # before the perform step releases it
     assert await asyncio.wait_for(waiting, 5)
     for d in (a, b):
