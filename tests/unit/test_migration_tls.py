@@ -248,3 +248,61 @@ def test_dh_params_are_rfc7919_ffdhe3072() -> None:
         check=True,
     ).stdout
     assert out == tls_creds.FFDHE3072_PEM
+
+
+class _RecordingMonitor:
+    """Answers the calls of add_x509 as QEMU does and keeps what they asked."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    async def execute_with_fd(self, cmd: str, args: dict[str, object], fd: int) -> object:
+        self.calls.append((cmd, dict(args)))
+        return {"fdset-id": 3, "fd": 42}
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> object:
+        self.calls.append((cmd, dict(args or {})))
+        return {}
+
+
+def test_credentials_prefer_aes_128_gcm(pki: Path, tmp_path: Path) -> None:
+    import asyncio
+    from typing import cast
+
+    from vmferry.qemu.monitor import Monitor
+
+    mon = _RecordingMonitor()
+    asyncio.run(tls_creds.add_x509(cast(Monitor, mon), pki, tmp_path, "o", "server", None))
+    added = [args for cmd, args in mon.calls if cmd == "object-add"]
+    assert len(added) == 1
+    assert added[0]["priority"] == tls_creds.PRIORITY
+    assert added[0]["verify-peer"] is True
+
+
+def _gnutls_ciphers(priority: str) -> list[str]:
+    """The ciphers, in order of preference, that gnutls makes of *priority*."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("gnutls")
+    if name is None:
+        pytest.skip("no libgnutls (QEMU's TLS library) to parse the priority string")
+    lib = ctypes.CDLL(name)
+    lib.gnutls_cipher_get_name.restype = ctypes.c_char_p
+    prio, err = ctypes.c_void_p(), ctypes.c_char_p()
+    assert lib.gnutls_priority_init(ctypes.byref(prio), priority.encode(), ctypes.byref(err)) == 0
+    ids = ctypes.POINTER(ctypes.c_uint)()
+    n = lib.gnutls_priority_cipher_list(prio, ctypes.byref(ids))
+    names = [lib.gnutls_cipher_get_name(ids[i]).decode() for i in range(n)]
+    lib.gnutls_priority_deinit(prio)
+    return names
+
+
+def test_priority_only_reorders_qemus_default() -> None:
+    # the same ciphers as QEMU's default NORMAL, none added or dropped; AES-128-GCM first
+    mine, normal = _gnutls_ciphers(tls_creds.PRIORITY), _gnutls_ciphers("NORMAL")
+    assert sorted(mine) == sorted(normal)
+    assert mine[0] == "AES-128-GCM"
+    assert [c for c in mine if c != "AES-128-GCM"] == [c for c in normal if c != "AES-128-GCM"]

@@ -23,6 +23,15 @@ each time the object is created, 0.5-1.2 s of CPU in the destination's main
 loop on every encrypted migration (docs/migration-tls.md). A standard group is
 at least as strong as a freshly generated one and loads at once.
 
+Every object gets the gnutls ``priority`` :data:`PRIORITY`: QEMU's own default
+(``NORMAL``) with the same ciphers, AES-128-GCM moved first. Both QEMUs of a
+stream are vmferry's, so a TLS 1.3 stream negotiates TLS_AES_128_GCM_SHA256
+(the suite every TLS 1.3 implementation must have, RFC 8446 9.1) instead of
+AES-256-GCM: with AES-NI it costs about 30 % less CPU per byte, and on an
+encrypted stream QEMU's CPU is what bounds the throughput (docs/migration-tls.md).
+Nothing is added or removed from ``NORMAL``: versions, key exchanges, MACs and
+the cipher set stay as they are; only the order of preference changes.
+
 Usage (migration or NBD alike)::
 
     obj = await add_x509(mon, pki_dir, base, "vmferry-tls-mig", "server", user)
@@ -119,6 +128,14 @@ def stage(
     return target
 
 
+#: gnutls priority of QEMU's TLS: ``NORMAL`` (QEMU's default) with its ciphers in the same
+#: set, AES-128-GCM first (gnutls 3.7's ``NORMAL`` starts with AES-256-GCM).
+PRIORITY = (
+    "NORMAL:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305"
+    ":+AES-256-CCM:+AES-256-CBC:+AES-128-CCM:+AES-128-CBC"
+)
+
+
 async def add_x509(
     mon: Monitor,
     pki_dir: Path,
@@ -130,6 +147,7 @@ async def add_x509(
     """Create the ``tls-creds-x509`` object *obj_id* in QEMU; return its id.
 
     *base* is a directory of the daemon's own (under the state directory).
+    The object's ciphers are :data:`PRIORITY`'s.
     """
     staged = stage(pki_dir, base, obj_id, endpoint, user)
     dir_fd = -1
@@ -148,6 +166,7 @@ async def add_x509(
                 "dir": f"/proc/self/fd/{qemu_fd}",
                 "endpoint": endpoint,
                 "verify-peer": True,
+                "priority": PRIORITY,
             },
         )
     finally:
