@@ -45,8 +45,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from vmferry.migration import tunnel
 from vmferry.migration.wire import CHUNK
 from vmferry.pki import client_ssl_context, init_pki, server_ssl_context
@@ -129,7 +131,7 @@ def _tls(mib: int) -> tuple[float, float, str]:
         got = 0
         while True:
             try:
-                got += server.read(len(buf) - got, buf[got:])
+                got += cast(int, server.read(len(buf) - got, buf[got:]))  # into buf: a count
             except ssl.SSLWantReadError:
                 break
         dec += _cpu() - started
