@@ -33,6 +33,7 @@ LIVE = MigrateFlags.LIVE
 TLS_RECORD = b"\x16\x03"  # handshake record, TLS 1.x
 QEMU_MAGIC = b"QEVM"
 HEAD = 512  # bytes kept of each stream the source side sends
+TLS_AES_128_GCM_SHA256 = 0x1301
 NBD_CLIENT_MAGIC = b"IHAVEOPT"  # the NBD client's options (before STARTTLS, in the clear)
 
 
@@ -43,31 +44,36 @@ def _pki() -> Path:
 
 
 class _Relay:
-    """Forwards each connection to the real port and keeps the first bytes of each stream."""
+    """Forwards each connection to the real port and keeps the first bytes of each stream
+    (*heads*: the source's side; *answers*: the destination's, its ServerHello when TLS)."""
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
+        self.answers: list[bytes] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             tr, tw = await asyncio.open_connection(host, port)
-            head = bytearray()
             self.heads.append(b"")
+            self.answers.append(b"")
             index = len(self.heads) - 1
 
-            async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, tap: bool) -> None:
+            async def pump(
+                src: asyncio.StreamReader, dst: asyncio.StreamWriter, kept: list[bytes]
+            ) -> None:
+                head = bytearray()
                 with contextlib.suppress(OSError, ConnectionError):
                     while data := await src.read(65536):
-                        if tap and len(head) < HEAD:
+                        if len(head) < HEAD:
                             head.extend(data[: HEAD - len(head)])
-                            self.heads[index] = bytes(head)
+                            kept[index] = bytes(head)
                         dst.write(data)
                         await dst.drain()
                 with contextlib.suppress(OSError):
                     dst.close()
 
-            await asyncio.gather(pump(r, tw, True), pump(tr, w, False))
+            await asyncio.gather(pump(r, tw, self.heads), pump(tr, w, self.answers))
 
         def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             task = asyncio.ensure_future(handle(r, w))
@@ -115,9 +121,17 @@ async def _clients(src: Host, dst: Host) -> AsyncIterator[tuple[AsyncClient, Asy
 
 
 async def _captured_hop(
-    src: Host, dst: Host, name: str, flags: MigrateFlags, params: MigrationParams | None = None
+    src: Host,
+    dst: Host,
+    name: str,
+    flags: MigrateFlags,
+    params: MigrationParams | None = None,
+    answers: list[bytes] | None = None,
 ) -> list[bytes]:
-    """A v3 client-managed migration through the relay; the first bytes of each stream."""
+    """A v3 client-managed migration through the relay; the first bytes of each stream.
+
+    :param answers: gets the first bytes the destination sent on each stream.
+    """
     relay = _Relay()
     try:
         async with (
@@ -131,7 +145,17 @@ async def _captured_hop(
             )
     finally:
         await relay.close()
+    if answers is not None:
+        answers.extend(relay.answers)
     return relay.heads
+
+
+def _suite(answer: bytes) -> int:
+    """The cipher suite a TLS ServerHello (the destination's first record) names."""
+    assert answer[:1] == b"\x16" and answer[5:6] == b"\x02", answer[:16]  # handshake: ServerHello
+    session_id = answer[5 + 4 + 2 + 32]  # after type, length, version, random
+    at = 5 + 4 + 2 + 32 + 1 + session_id
+    return int.from_bytes(answer[at : at + 2], "big")
 
 
 def _boot(host: Host, name: str) -> Heartbeat:
@@ -151,10 +175,13 @@ def test_tls_hop_is_encrypted_and_plain_is_not() -> None:
     pki = _pki()
     with hosts(2, pki_dir=pki) as (a, b):
         hb = _boot(a, "tls1")
-        heads = asyncio.run(_captured_hop(a, b, "tls1", LIVE | MigrateFlags.TLS))
+        answers: list[bytes] = []
+        heads = asyncio.run(_captured_hop(a, b, "tls1", LIVE | MigrateFlags.TLS, answers=answers))
         assert heads and all(h.startswith(TLS_RECORD) for h in heads), heads
         # [migration] tls_channels (2 by default): the main channel and two multifd channels
         assert len(heads) >= 3, heads
+        # both QEMUs prefer AES-128-GCM (tls_creds.PRIORITY): every stream negotiated it
+        assert [_suite(x) for x in answers] == [TLS_AES_128_GCM_SHA256] * len(heads), answers
         hb = _intact(b, "tls1", hb)
 
         async def back() -> None:
