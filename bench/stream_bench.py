@@ -214,6 +214,11 @@ def run_stream_bench(
             ratio = result["modes"][other]["mib_s"] / result["modes"][first]["mib_s"]
             result["ratios"][f"{other}/{first}"] = ratio
             result["paired"][f"{other}/{first}"] = paired_ratios(hops, first, other)
+    if {"plain+mfd", "tls+mfd"} <= result["modes"].keys():
+        # like for like: the same multifd channels, TLS the only difference
+        ratio = result["modes"]["tls+mfd"]["mib_s"] / result["modes"]["plain+mfd"]["mib_s"]
+        result["ratios"]["tls+mfd/plain+mfd"] = ratio
+        result["paired"]["tls+mfd/plain+mfd"] = paired_ratios(hops, "plain+mfd", "tls+mfd")
     return result
 
 
