@@ -139,6 +139,26 @@ def test_atomic_write_content_mode_no_temp_files(tmp: Path) -> None:
     assert sorted(os.listdir(tmp)) == ["f.json", "g"]
 
 
+def test_atomic_write_not_durable_preallocates_exactly(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shorter content after a longer one: the preallocation must not leave the old size.
+    path = tmp / "f.json"
+    atomic_write(path, "a much longer first content", durable=False)
+    atomic_write(path, "short", durable=False)
+    assert path.read_text() == "short"
+    atomic_write(path, "", durable=False)
+    assert path.read_bytes() == b""
+    # A file system without fallocate: the write still happens.
+    def unsupported(*args: object) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    atomic_write(path, "still written", durable=False)
+    assert path.read_text() == "still written"
+    assert sorted(os.listdir(tmp)) == ["f.json"]
+
+
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
 def test_atomic_write_failure_keeps_old_content(
     tmp: Path, monkeypatch: pytest.MonkeyPatch, failing: str
