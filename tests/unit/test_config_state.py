@@ -149,6 +149,7 @@ def test_atomic_write_not_durable_preallocates_exactly(
     assert path.read_text() == "short"
     atomic_write(path, "", durable=False)
     assert path.read_bytes() == b""
+
     # A file system without fallocate: the write still happens.
     def unsupported(*args: object) -> None:
         raise OSError(95, "Operation not supported")
