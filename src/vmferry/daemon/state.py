@@ -55,11 +55,12 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600, durable: b
     Writes a temp file in the same directory, fsyncs it, renames it over
     *path* and fsyncs the directory.  On failure the temp file is removed
     and *path* is untouched.  ``durable=False`` skips both fsyncs: still whole
-    after a process crash, not after a power loss.  It also allocates the temp
-    file's blocks before writing them: on ext4, renaming a file with delayed
-    allocations over an existing one (``auto_da_alloc``) starts writing it out
-    in the rename, ~2 ms a status write, a flush for a power loss that the
-    caller has chosen not to pay for.
+    after a process crash, not after a power loss.  It also swaps the temp file
+    with *path* (``renameat2(RENAME_EXCHANGE)``) and removes the old content
+    under the temp name, instead of renaming over *path*: on ext4 a rename over
+    an existing file starts writing the new one out (``auto_da_alloc``), ~2 ms
+    a status write, a flush for a power loss that the caller chose not to pay
+    for.  *path* names a whole file, old or new, at every moment either way.
     """
     with trace.span("status write", lambda: trace.caller(depth=8)):
         _atomic_write(Path(path), data, mode, durable)
@@ -72,8 +73,6 @@ def _atomic_write(path: Path, data: bytes | str, mode: int, durable: bool) -> No
     try:
         try:
             os.fchmod(fd, mode)
-            if not durable and payload:
-                _preallocate(fd, len(payload))
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view) :]
@@ -81,20 +80,49 @@ def _atomic_write(path: Path, data: bytes | str, mode: int, durable: bool) -> No
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        exchanged = not durable and _exchange(tmp, path)
+        if not exchanged:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if exchanged:
+        # The old content, now under the temp name; a crash before this leaves a dot file
+        # that nothing loads (StateDir._names), as a crash in the middle of a write does.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     if durable:
         _fsync_dir(path.parent)
 
 
-def _preallocate(fd: int, size: int) -> None:
-    # Allocated blocks are no delayed allocation: ext4's rename does not flush them.
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError:
-        pass  # a file system without it: the write below still works, only slower
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+#: libc's renameat2 once looked up; None when this libc has none.
+_renameat2: list[Any] = []
+
+
+def _exchange(tmp: Path, path: Path) -> bool:
+    """Swap *tmp* and *path* atomically; False when this cannot be done here (rename then).
+
+    False too when *path* does not exist yet (a rename over nothing flushes nothing)
+    or the file system has no ``RENAME_EXCHANGE``.
+    """
+    if not _renameat2:
+        import ctypes  # the daemon's only user of it, once
+
+        try:
+            func = ctypes.CDLL(None, use_errno=True).renameat2
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+            func.argtypes += [ctypes.c_uint]
+            func.restype = ctypes.c_int
+        except AttributeError:
+            func = None
+        _renameat2.append(func)
+    func = _renameat2[0]
+    if func is None:
+        return False
+    done: int = func(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE)
+    return done == 0
 
 
 def check_name(name: str) -> str:
