@@ -236,11 +236,17 @@ class Lifecycle:
             return
         dom.stopping = True
         mon, proc = dom.monitor, dom.process
-        if mon is not None:
-            await mon.close()
-        if proc is not None:
-            await proc.kill(grace=grace)
+        if mon is not None and proc is not None and grace <= 0:
+            # SIGKILL needs no monitor: the kernel tears QEMU down while the monitor closes
+            # (close() drops its disconnect callbacks before the kill is sent).
+            await asyncio.gather(mon.close(), proc.kill())
             proc.close()
+        else:
+            if mon is not None:
+                await mon.close()
+            if proc is not None:
+                await proc.kill(grace=grace)
+                proc.close()
         self._forget(dom, reason)
         await self._cleanup_job(dom)
 
