@@ -152,7 +152,7 @@ def test_atomic_write_not_durable_swaps_in_the_new_content(
     assert path.stat().st_ino != before  # a new file, never the old one rewritten in place
     assert sorted(os.listdir(tmp)) == ["f.json"]  # the old content went with the temp name
     # Where the exchange cannot be done (another libc or file system): a rename, same result.
-    monkeypatch.setattr(state_mod, "_renameat2", [None])
+    monkeypatch.setattr(state_mod, "_RENAMEAT2", None)
     atomic_write(path, "renamed", durable=False)
     assert path.read_text() == "renamed"
     assert sorted(os.listdir(tmp)) == ["f.json"]
