@@ -401,17 +401,29 @@ def trace_breakdown(
 
     Each hop's steps are bounded by the client's calls (``.../migrate/<step>``);
     every daemon record starting inside a step's call is charged to that step.
+    With ``--cli`` the calls are made in the `vmferry migrate` process, which
+    records none: the daemons' API handler spans bound the steps instead (no
+    ``client call ms`` then; the HTTP round trip is outside every window).
     """
     per_hop: list[dict[str, dict[str, float]]] = []
     everything = sorted(r for rs in daemons for r in rs)
     for hop in hops:
         lo, hi = hop["t_start"], hop["t_end"]
         calls = [r for r in client if lo <= r[0] <= hi]
+        by_handler = not calls
+        if by_handler:
+            # (not the sessions: their spans last the whole migration)
+            calls = [
+                r
+                for r in everything
+                if r[2] == "api" and lo <= r[0] <= hi and not r[3].endswith("/session")
+            ]
         acc: dict[str, dict[str, float]] = {}
         for wall, dur, _kind, what in calls:
             step = _step_of(what.split(" ", 1)[1]) or "client other"
             bucket = acc.setdefault(step, {})
-            bucket["client call ms"] = bucket.get("client call ms", 0.0) + dur * 1000
+            if not by_handler:
+                bucket["client call ms"] = bucket.get("client call ms", 0.0) + dur * 1000
             for r_wall, r_dur, r_kind, r_what in everything:
                 if not wall <= r_wall <= wall + dur:
                     continue

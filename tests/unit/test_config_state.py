@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.daemon import state as state_mod
 from vmferry.daemon.config import DaemonConfig, load_config
 from vmferry.daemon.host import HostIdentity, load_or_create_host_identity
 from vmferry.daemon.state import UNIX_PATH_MAX, StateDir, atomic_write
@@ -137,6 +138,34 @@ def test_atomic_write_content_mode_no_temp_files(tmp: Path) -> None:
     atomic_write(tmp / "g", "x", mode=0o644)
     assert stat.S_IMODE((tmp / "g").stat().st_mode) == 0o644
     assert sorted(os.listdir(tmp)) == ["f.json", "g"]
+
+
+def test_atomic_write_not_durable_swaps_in_the_new_content(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp / "f.json"
+    atomic_write(path, "a much longer first content", durable=False)  # nothing to swap with
+    assert path.read_text() == "a much longer first content"
+    before = path.stat().st_ino
+    atomic_write(path, "short", durable=False)
+    assert path.read_text() == "short"
+    assert path.stat().st_ino != before  # a new file, never the old one rewritten in place
+    assert sorted(os.listdir(tmp)) == ["f.json"]  # the old content went with the temp name
+    # Where the exchange cannot be done (another libc or file system): a rename, same result.
+    monkeypatch.setattr(state_mod, "_RENAMEAT2", None)
+    atomic_write(path, "renamed", durable=False)
+    assert path.read_text() == "renamed"
+    assert sorted(os.listdir(tmp)) == ["f.json"]
+
+
+def test_exchange_swaps_both_names(tmp: Path) -> None:
+    a, b = tmp / "a", tmp / "b"
+    a.write_text("new")
+    b.write_text("old")
+    if not state_mod._exchange(a, b):
+        pytest.skip("this file system has no RENAME_EXCHANGE")
+    assert (a.read_text(), b.read_text()) == ("old", "new")
+    assert not state_mod._exchange(a, tmp / "missing")  # nothing to swap with: rename instead
 
 
 @pytest.mark.parametrize("failing", ["replace", "fsync"])

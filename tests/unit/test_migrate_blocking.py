@@ -28,6 +28,13 @@ class _Stream:
             hello["features"] = self.owner.features
         yield json.dumps(hello)
 
+
+class _Sent:
+    """A session request sent, its answer not read (the blocking client's ``Sent``)."""
+
+    def __init__(self, owner: FakeClient) -> None:
+        self.owner = owner
+
     def close(self) -> None:
         self.owner.closed += 1
 
@@ -41,6 +48,7 @@ class FakeClient:
         self.calls: list[str] = []
         self.closed = 0
         self.features: list[str] | None = ["migration-v3"]  # sent with the session
+        self.order: list[str] = []  # session requests sent and answers read, both clients'
 
     def fetch(self, call: Call[Any], *, request_timeout: float | None = None) -> Any:
         self.calls.append(f"{call.method} {call.path}")
@@ -49,8 +57,14 @@ class FakeClient:
             raise answer
         return answer
 
-    def open_stream(self, path: str) -> _Stream:
+    def send_stream(self, path: str) -> _Sent:
         assert path == "/v1/session"
+        self.order.append(f"send {self.uri}")
+        return _Sent(self)
+
+    def stream_answer(self, sent: _Sent, path: str) -> _Stream:
+        assert sent.owner is self and path == "/v1/session"
+        self.order.append(f"answer {self.uri}")
         return _Stream(self)
 
 
@@ -81,6 +95,7 @@ def _daemons(*, with_stats: bool = True) -> tuple[FakeClient, FakeClient]:
             "/v1/domains/g1/jobinfo": {"type": "completed", "stats": {"downtime_ms": 9}},
         },
     )
+    dst.order = src.order
     return src, dst
 
 
@@ -104,6 +119,13 @@ def test_v3_steps_and_stats_from_the_replies() -> None:
     assert list(report.steps) == ["begin", "prepare", "perform", "finish", "confirm"]
     assert [s for s, _ in seen] == list(report.steps)
     assert report.migration_id and (src.closed, dst.closed) == (1, 1)  # sessions closed
+    # Both sessions asked for before either answer is read: one wait, not two.
+    assert src.order == [
+        "send unix:///src.sock",
+        "send unix:///dst.sock",
+        "answer unix:///src.sock",
+        "answer unix:///dst.sock",
+    ]
     # the id was bound for the call only
     assert logs.current_migration() == before != report.migration_id
 

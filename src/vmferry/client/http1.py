@@ -321,12 +321,55 @@ def sync_request(
     :param body: The body's pieces, sent chunked after *request* (a head
         encoded with ``chunked=True``), e.g. a volume's upload.
     """
+    return send_request(endpoint, ssl_context, request, timeout, body=body).answer()
+
+
+def send_request(
+    endpoint: Endpoint,
+    ssl_context: ssl.SSLContext | None,
+    request: bytes,
+    timeout: float | None,
+    *,
+    body: Iterable[bytes] | None = None,
+) -> Sent:
+    """
+    Send *request* (and *body*, as :func:`sync_request`) without waiting for the answer:
+    requests to several daemons can so be in flight at once.
+    """
     sock = _open_socket(endpoint, ssl_context, timeout)
     file = _reader(sock)
     try:
         sock.sendall(request)
         if body is not None:
             _send_chunks(sock, body)
+    except (OSError, ValueError) as exc:
+        file.close()
+        sock.close()
+        raise exchange_error(endpoint, exc) from exc
+    except BaseException:
+        file.close()
+        sock.close()
+        raise
+    return Sent(endpoint, sock, file)
+
+
+class Sent:
+    """A request sent, its answer not read yet: :meth:`answer` reads its head, or :meth:`close`."""
+
+    def __init__(self, endpoint: Endpoint, sock: Socket, file: io.BufferedReader) -> None:
+        self._endpoint, self._sock, self._file = endpoint, sock, file
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def answer(self) -> SyncStream:
+        """The answer once its head is in; the caller reads the body and closes it."""
+        return _read_head(self._endpoint, self._sock, self._file)
+
+
+def _read_head(endpoint: Endpoint, sock: Socket, file: io.BufferedReader) -> SyncStream:
+    try:
         head = _Head()
         answer = SyncStream(endpoint, sock, head, file)
         head.status_line(answer._readline())

@@ -91,28 +91,38 @@ class BlockingDaemon:
 
 
 @contextmanager
-def open_session(client: Client) -> Iterator[tuple[str, list[str] | None]]:
+def open_sessions(src: Client, dst: Client) -> Iterator[tuple[str, str, list[str] | None]]:
     """
-    A session on *client*'s daemon for as long as the block runs; yields its id and
-    the host's features when the daemon sent them with it (None: ask ``/v1/host``).
+    A session on each daemon for as long as the block runs; yields both ids and the
+    destination's features when its daemon sent them with the session (None: ask
+    ``/v1/host``). Both requests are sent before either answer is read: one round
+    trip's wait, not two.
 
-    The connection stays open unread: the daemon writes one byte per keepalive,
+    The connections stay open unread: the daemon writes one byte per keepalive,
     which fills no socket buffer, and sees the client go when the process does.
     """
-    stream = client.open_stream(mc.SESSION_PATH)
+    with ExitStack() as stack:
+        src_sent = src.send_stream(mc.SESSION_PATH)
+        stack.callback(src_sent.close)
+        dst_sent = dst.send_stream(mc.SESSION_PATH)
+        stack.callback(dst_sent.close)
+        src_session, _ = _hello(src, src.stream_answer(src_sent, mc.SESSION_PATH))
+        dst_session, features = _hello(dst, dst.stream_answer(dst_sent, mc.SESSION_PATH))
+        yield src_session, dst_session, features
+
+
+def _hello(client: Client, stream: SyncStream) -> tuple[str, list[str] | None]:
+    """A session's first line: its id and the host's features (None: not sent)."""
+    first = next(stream.iter_lines(), "")
     try:
-        first = next(stream.iter_lines(), "")
-        try:
-            hello = json.loads(first)
-            session = str(hello["session"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise VmferryError(
-                ErrorCode.INTERNAL_ERROR, f"unexpected session answer from {client.uri}: {first!r}"
-            ) from err
-        features = hello.get("features")
-        yield session, [str(f) for f in features] if isinstance(features, list) else None
-    finally:
-        stream.close()
+        hello = json.loads(first)
+        session = str(hello["session"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise VmferryError(
+            ErrorCode.INTERNAL_ERROR, f"unexpected session answer from {client.uri}: {first!r}"
+        ) from err
+    features = hello.get("features")
+    return session, [str(f) for f in features] if isinstance(features, list) else None
 
 
 @_own_context
@@ -137,9 +147,7 @@ def migrate(
     started = time.perf_counter()
     times = StepTimes()
     src_d, dst_d = BlockingDaemon(src), BlockingDaemon(dst)
-    with ExitStack() as stack:
-        src_session, _ = stack.enter_context(open_session(src))
-        dst_session, features = stack.enter_context(open_session(dst))
+    with open_sessions(src, dst) as (src_session, dst_session, features):
         if version is None:
             if features is None:  # an older daemon: one more round trip
                 features = dst.fetch(calls.host()).get("features") or []

@@ -16,8 +16,10 @@ from vmferry.client import storage_calls as sc
 from vmferry.client.calls import Call
 from vmferry.client.http1 import (
     Answer,
+    Sent,
     SyncStream,
     encode_request,
+    send_request,
     sync_exchange,
     sync_request,
 )
@@ -170,8 +172,17 @@ class Client(ClientMethods):
 
         :raise VmferryError: The daemon's error, or ``CONNECT_FAILED``.
         """
-        request = encode_request(self.endpoint, "GET", path)
-        stream = sync_request(self.endpoint, self._ssl, request, None)
+        return self.stream_answer(self.send_stream(path), path)
+
+    def send_stream(self, path: str) -> Sent:
+        """The first half of :meth:`open_stream`: the request sent; :meth:`stream_answer` next."""
+        return send_request(
+            self.endpoint, self._ssl, encode_request(self.endpoint, "GET", path), None
+        )
+
+    def stream_answer(self, sent: Sent, path: str) -> SyncStream:
+        """The second half of :meth:`open_stream`: the answer to :meth:`send_stream`'s request."""
+        stream = sent.answer()
         if not 200 <= stream.status < 300:
             try:
                 body = stream.read()

@@ -103,10 +103,12 @@ class QemuDomain:
     def active(self) -> bool:
         return self.state not in (DomainState.SHUTOFF, DomainState.CRASHED)
 
-    def set_state(self, state: DomainState, reason: str) -> None:
+    def set_state(self, state: DomainState, reason: str, *, save: bool = True) -> None:
+        """Change the state and write the status (*save* False: the caller drops the file)."""
         self.state = state
         self.reason = str(reason)
-        self.save()
+        if save:
+            self.save()
         self.notify()
 
     def save(self) -> None:

@@ -236,11 +236,17 @@ class Lifecycle:
             return
         dom.stopping = True
         mon, proc = dom.monitor, dom.process
-        if mon is not None:
-            await mon.close()
-        if proc is not None:
-            await proc.kill(grace=grace)
+        if mon is not None and proc is not None and grace <= 0:
+            # SIGKILL needs no monitor: the kernel tears QEMU down while the monitor closes
+            # (close() drops its disconnect callbacks before the kill is sent).
+            await asyncio.gather(mon.close(), proc.kill())
             proc.close()
+        else:
+            if mon is not None:
+                await mon.close()
+            if proc is not None:
+                await proc.kill(grace=grace)
+                proc.close()
         self._forget(dom, reason)
         await self._cleanup_job(dom)
 
@@ -253,7 +259,9 @@ class Lifecycle:
         dom.block_jobs.clear()
         # A killed QEMU leaves its socket behind; a clean one removes it itself.
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
-        dom.set_state(DomainState.SHUTOFF, reason)
+        # No status write: on_stopped drops the status file right after (a write here
+        # was one more status write per Confirm, of a file deleted a moment later).
+        dom.set_state(DomainState.SHUTOFF, reason, save=False)
         if was_active:
             self._emit(dom, EventType.STOPPED, str(reason), {})
         self._on_stopped(dom)
@@ -472,7 +480,7 @@ class Lifecycle:
         self.paths(dom).qmp_socket.unlink(missing_ok=True)
         dom.monitor = None
         dom.run_id = None
-        dom.set_state(DomainState.SHUTOFF, ShutoffReason.CRASHED)
+        dom.set_state(DomainState.SHUTOFF, ShutoffReason.CRASHED, save=False)  # as _forget
         self._emit(dom, EventType.STOPPED, str(ShutoffReason.CRASHED), {})
         self._on_stopped(dom)
 
