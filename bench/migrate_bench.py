@@ -345,6 +345,9 @@ _DAEMON_KINDS = {
     "client close": "p2p client close",
 }
 
+#: QEMU's migration as a daemon sees it: it starts, the source stops, the stream completes.
+_WINDOW_EVENTS = ("MIGRATION setup", "MIGRATION active", "STOP", "MIGRATION completed")
+
 _PLUMBING = frozenset(
     {"atomic_write", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
 )
@@ -370,6 +373,11 @@ def _traced_daemon(path: Path, daemon_argv: list[str]) -> int:
             return  # the p2p client's calls: the daemon handlers already time them
         if kind == "status write":
             what = _writer(what)
+        if kind == "qemu event" and what in _WINDOW_EVENTS:
+            # This daemon's CPU so far (all its threads): see _window_cpu_ms.
+            records.append(
+                (time.time(), time.process_time(), "daemon cpu", f"{what}@{os.getpid()}")
+            )
         records.append((wall, seconds, _DAEMON_KINDS.get(kind, kind), what))
 
     trace.add_listener(listen)
@@ -437,6 +445,7 @@ def trace_breakdown(
             hop_acc["paused beyond QEMU downtime ms"] = (
                 (resumes[-1] - stops[0]) - downtime[-1]
             ) * 1000
+        hop_acc.update(_window_cpu_ms(events))
         hop_acc["status writes n"] = sum(1.0 for r in events if r[2] == "status write")
         hop_acc["status writes ms"] = sum(r[1] for r in events if r[2] == "status write") * 1000
         prepare = acc.get("prepare")
@@ -460,8 +469,41 @@ def trace_breakdown(
     return result
 
 
+def _window_cpu_ms(events: list[Record]) -> dict[str, float]:
+    """CPU the daemons used while QEMU migrated: before and during QEMU's downtime.
+
+    Each daemon records its process CPU (all its threads) when it sees one of
+    `_WINDOW_EVENTS`, labelled with its pid. The source's STOP splits its QEMU's
+    migration (``MIGRATION setup`` to ``completed``) in two: the live phase, whose
+    speed decides how much RAM is left when QEMU stops the guest (it stops it as
+    soon as the rest fits in ``downtime-limit`` at the measured bandwidth), and
+    QEMU's downtime. On a 2-core host every CPU millisecond a daemon spends in
+    either is taken from QEMU's migration thread or the destination's loader.
+    """
+    marks = [r for r in events if r[2] == "daemon cpu"]
+    stop = next((r for r in marks if r[3].startswith("STOP@")), None)
+    if stop is None:
+        return {}
+    src = stop[3].partition("@")[2]
+
+    def first(what: str, pid: str, after: float = 0.0) -> Record | None:
+        return next((r for r in marks if r[3] == f"{what}@{pid}" and r[0] >= after), None)
+
+    out: dict[str, float] = {}
+    setup, done = first("MIGRATION setup", src), first("MIGRATION completed", src, stop[0])
+    if setup is not None:
+        out["source daemon CPU, migrate -> STOP ms"] = (stop[1] - setup[1]) * 1000
+    if done is not None:
+        out["source daemon CPU, STOP -> completed ms"] = (done[1] - stop[1]) * 1000
+    for dst in {r[3].partition("@")[2] for r in marks} - {src}:
+        active, end = first("MIGRATION active", dst), first("MIGRATION completed", dst)
+        if active is not None and end is not None:
+            out["destination daemon CPU, active -> completed ms"] = (end[1] - active[1]) * 1000
+    return out
+
+
 def _trace_key(kind: str, what: str) -> str | None:
-    if kind in ("socket poll", "qemu downtime"):
+    if kind in ("socket poll", "qemu downtime", "daemon cpu"):
         return None
     if kind == "qmp":
         return f"qmp {what}"
