@@ -14,7 +14,8 @@ corrupted or rebooted guest fails the bench.
 
 Usage::
 
-    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--cli] [--trace] [--json PATH]
+    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--cli] [--trace] [--qemu-trace]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from vmferry.testguest import (
 from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qemu_downtime
 from floor import BareQemu, bare_hop, guest_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +82,19 @@ class GuestShape:
 # -- daemons -------------------------------------------------------------------------------------
 
 
-def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | None) -> Host:
-    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*)."""
+def daemon(
+    root: Path,
+    name: str,
+    port_min: int,
+    log_level: str,
+    trace: Path | None,
+    *,
+    qemu_trace: bool = False,
+) -> Host:
+    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*).
+
+    *qemu_trace*: its QEMUs log the trace events of :mod:`qemu_downtime`.
+    """
     return Host(
         root,
         name,
@@ -93,6 +106,7 @@ def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | N
         uuid_value=str(uuid.uuid4()),
         # Run through this script's tracing wrapper, writing its records to *trace*.
         launcher=[sys.executable, __file__, TRACE_FLAG, str(trace), "--"] if trace else None,
+        extra_config=qemu_downtime.config_toml() if qemu_trace else "",
     )
 
 
@@ -224,6 +238,8 @@ class FloorPath:
     workdir: Path
     cmdline: str
     memory_mib: int
+    #: More QEMU options for every QEMU of this path (e.g. qemu_downtime.argv()).
+    extra: list[str] = field(default_factory=list)
     qemu: BareQemu | None = None
     console: Path | None = None
     count: int = 0
@@ -244,6 +260,7 @@ class FloorPath:
             console=console,
             memory_mib=self.memory_mib,
             incoming=incoming,
+            extra=self.extra,
         )
         return argv, qmp, console
 
@@ -782,6 +799,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 base + 16 * i,
                 args.daemon_log_level,
                 trace=work / f"trace{i}.json" if args.trace else None,
+                qemu_trace=args.qemu_trace,
             )
             for i in range(2)
         ]
@@ -789,7 +807,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.trace:
             _trace_client(client_records)
         (work / "floor").mkdir()
-        fl = FloorPath(work / "floor", cmdline, shape.memory_mib)
+        fl = FloorPath(
+            work / "floor",
+            cmdline,
+            shape.memory_mib,
+            extra=qemu_downtime.argv() if args.qemu_trace else [],
+        )
         async with contextlib.AsyncExitStack() as stack:
             for d in daemons:
                 stack.push_async_callback(stop_daemon, d)
@@ -834,6 +857,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             traces = [json.loads((work / f"trace{i}.json").read_text()) for i in range(2)]
             records = [[(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces]
             result["trace"] = trace_breakdown(vm.hops, client_records, records)
+        if args.qemu_trace:
+            # QEMU's logs: the floor's, and the daemons' (state/log/NAME.log)
+            logs = {vm.label: sorted(work.glob("h*/state/log/*.log")), fl.label: sorted(
+                (work / "floor").glob("q*.log"))}  # fmt: skip
+            result["qemu_trace"] = {
+                label: qemu_downtime.breakdown(qemu_downtime.hops(files))
+                for label, files in logs.items()
+            }
         return result
 
 
@@ -876,6 +907,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also break vmferry's steps down (status writes, QMP, QEMU start/kill, API)",
     )
+    p.add_argument(
+        "--qemu-trace",
+        action="store_true",
+        help="both paths' QEMUs log their downtime checkpoints: where QEMU's downtime goes",
+    )
     args = p.parse_args(argv)
     if args.hops < 1:
         p.error("--hops must be at least 1")
@@ -904,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     if "trace" in result:
         print(render_trace(result["trace"]))
+    if "qemu_trace" in result:
+        print(qemu_downtime.render(result["qemu_trace"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     print(f"\n(bench took {result['bench_s']:.0f} s; results in {args.json})")
