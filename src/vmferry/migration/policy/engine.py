@@ -42,7 +42,7 @@ TICK_S = 0.5
 #: measured; its first reading comes ~0.1 s into the bulk pass, when most of the
 #: guest's RAM has never been sent yet. With the contract's limit (300 ms by
 #: default) it would stop the guest there and send the rest of the bulk pass
-#: with the guest paused (measured: 60-130 MiB of a 192 MiB guest, 100-200 ms of
+#: with the guest paused (measured: 46-132 MiB of a 192 MiB guest, 100-230 ms of
 #: downtime); those pages cost the guest nothing sent live. From MIGRATION_PASS 2
 #: on, the contract's limit applies.
 BULK_PASS_LIMIT_MS = 30
