@@ -15,7 +15,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration import params
 from vmferry.migration.flags import MigrateFlags as F
 from vmferry.migration.params import MigrationParams
-from vmferry.migration.policy import Contract, Engine, load_policy
+from vmferry.migration.policy import Action, Contract, Engine, load_policy
 from vmferry.migration.policy.engine import BULK_PASS_LIMIT_MS, QEMU_THROTTLE
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import MigrationStatus
@@ -189,6 +189,25 @@ async def test_adaptive_keeps_qemu_from_switching_over_in_the_bulk_pass() -> Non
     assert len(limits) == 2
     # the raise is the plan, not an action of its own (the stall here got a throttle)
     assert [a["action"] for a in eng.actions if a["action"] == "downtime"] == ["downtime"]
+
+
+async def test_a_throttle_in_the_bulk_pass_brings_the_target_with_it() -> None:
+    # A guest that outruns the link: it may switch over at the end of the bulk pass.
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    mon.always("query-migrate", {"status": "active", "ram": {"remaining": GIB, "mbps": 800.0}})
+    eng = engine(mon, "vmferry", flags=F.LIVE | F.AUTO_CONVERGE, memory=64 * MIB)
+    eng.dom.migration = SimpleNamespace(iteration=1, status=MigrationStatus.ACTIVE)  # type: ignore[misc]
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    await eng._act(mon.as_monitor(), Action("throttle", 40), 1, 0)
+    assert mon.args_of("migrate-set-parameters")[-1] == {
+        "cpu-throttle-initial": 40,
+        "throttle-trigger-threshold": 1,
+        "downtime-limit": 120,
+    }
+    eng.dom.migration.iteration = 2  # type: ignore[attr-defined]
+    await eng.step()  # nothing left to raise at the bulk pass's end
+    limits = [a for a in mon.args_of("migrate-set-parameters") if "downtime-limit" in a]
+    assert [a["downtime-limit"] for a in limits] == [BULK_PASS_LIMIT_MS, 120]
 
 
 async def test_a_target_below_the_bulk_pass_limit_is_set_at_once() -> None:
