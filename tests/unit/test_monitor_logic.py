@@ -15,7 +15,7 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration import params
 from vmferry.migration.flags import MigrateFlags as F
 from vmferry.migration.params import MigrationParams
-from vmferry.migration.policy import Action, Contract, Engine, load_policy
+from vmferry.migration.policy import Action, Contract, Engine, load_policy, parse_policy
 from vmferry.migration.policy.engine import BULK_PASS_LIMIT_MS, QEMU_THROTTLE
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import MigrationStatus
@@ -208,6 +208,20 @@ async def test_a_throttle_in_the_bulk_pass_brings_the_target_with_it() -> None:
     await eng.step()  # nothing left to raise at the bulk pass's end
     limits = [a for a in mon.args_of("migrate-set-parameters") if "downtime-limit" in a]
     assert [a["downtime-limit"] for a in limits] == [BULK_PASS_LIMIT_MS, 120]
+
+
+async def test_a_policy_without_the_bulk_pass_limit_sets_the_target_at_once() -> None:
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    dom = cast(QemuDomain, SimpleNamespace(name="g1", monitor=mon.as_monitor()))
+    policy = parse_policy(
+        'name = "qemu-rule"\nkind = "adaptive"\n[adaptive]\nbulk_pass_downtime_ms = 0\n'
+    )
+    eng = Engine(
+        dom, policy, Contract(downtime_target_ms=120), F.LIVE | F.AUTO_CONVERGE,
+        bandwidth_cap_bps=0.0, memory_bytes=64 * MIB,
+    )  # fmt: skip
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    assert mon.args_of("migrate-set-parameters")[0]["downtime-limit"] == 120
 
 
 async def test_a_target_below_the_bulk_pass_limit_is_set_at_once() -> None:

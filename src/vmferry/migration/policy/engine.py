@@ -27,7 +27,7 @@ from vmferry.migration.policy import decide
 from vmferry.migration.policy.contract import auto_deadline
 from vmferry.migration.policy.decide import Action, Contract, Situation
 from vmferry.migration.policy.model import DirtyModel, Prediction, fit, predict
-from vmferry.migration.policy.spec import Policy, Step
+from vmferry.migration.policy.spec import Adaptive, Policy, Step
 from vmferry.qemu.domain import QemuDomain
 from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.qemu.monitor import Monitor
@@ -45,8 +45,8 @@ TICK_S = 0.5
 #: with the guest paused (measured: 46-132 MiB of a 192 MiB guest, 100-230 ms of
 #: downtime); those pages cost the guest nothing sent live. From MIGRATION_PASS 2
 #: on, or from the first throttle step (a guest that outruns the link), the
-#: contract's limit applies.
-BULK_PASS_LIMIT_MS = 30
+#: contract's limit applies. The default of the policy's ``bulk_pass_downtime_ms``.
+BULK_PASS_LIMIT_MS = Adaptive.bulk_pass_downtime_ms
 #: QEMU's own throttle settings (restored for migrations without a policy).
 QEMU_THROTTLE = {
     "cpu-throttle-initial": 20,
@@ -144,7 +144,7 @@ class Engine:
         self._preflight_at: float | None = None
         self._preflight: dict[str, float] = {}
         self.bandwidth_bps = bandwidth_cap_bps
-        # QEMU's limit is BULK_PASS_LIMIT_MS, not limit_ms, until the first pass is over.
+        # QEMU's limit is the policy's bulk_pass_downtime_ms, not limit_ms, for now.
         self._bulk_pass = False
 
     # -- start and end ---------------------------------------------------------------------
@@ -158,7 +158,8 @@ class Engine:
         if self.policy.kind == "adaptive":
             target = self.contract.downtime_target_ms
             values["downtime-limit"] = target  # free: within the contract
-            if target > BULK_PASS_LIMIT_MS:
+            bulk = self.policy.adaptive.bulk_pass_downtime_ms
+            if 0 < bulk < target:
                 # QEMU's limit stays low until the bulk pass is over (step() raises it).
                 self._bulk_pass = True
         else:
@@ -180,7 +181,7 @@ class Engine:
         if values:
             sent = dict(values)
             if self._bulk_pass:
-                sent["downtime-limit"] = BULK_PASS_LIMIT_MS
+                sent["downtime-limit"] = self.policy.adaptive.bulk_pass_downtime_ms
             await mon.execute("migrate-set-parameters", sent)
             self.limit_ms = int(values.get("downtime-limit", self.limit_ms))
         if "downtime-limit" in values:
