@@ -14,7 +14,8 @@ corrupted or rebooted guest fails the bench.
 
 Usage::
 
-    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--cli] [--trace] [--json PATH]
+    .venv/bin/python bench/migrate_bench.py [--hops 10] [--p2p] [--cli] [--trace] [--qemu-trace]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from vmferry.testguest import (
 from vmferry.testing import Host, kill_qemu, poll_heartbeat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qemu_downtime
 from floor import BareQemu, bare_hop, guest_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,8 +82,19 @@ class GuestShape:
 # -- daemons -------------------------------------------------------------------------------------
 
 
-def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | None) -> Host:
-    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*)."""
+def daemon(
+    root: Path,
+    name: str,
+    port_min: int,
+    log_level: str,
+    trace: Path | None,
+    *,
+    qemu_trace: bool = False,
+) -> Host:
+    """One ``vmferryd`` with its own state dir and unix socket (under the tracer with *trace*).
+
+    *qemu_trace*: its QEMUs log the trace events of :mod:`qemu_downtime`.
+    """
     return Host(
         root,
         name,
@@ -93,6 +106,7 @@ def daemon(root: Path, name: str, port_min: int, log_level: str, trace: Path | N
         uuid_value=str(uuid.uuid4()),
         # Run through this script's tracing wrapper, writing its records to *trace*.
         launcher=[sys.executable, __file__, TRACE_FLAG, str(trace), "--"] if trace else None,
+        extra_config=qemu_downtime.config_toml() if qemu_trace else "",
     )
 
 
@@ -224,6 +238,8 @@ class FloorPath:
     workdir: Path
     cmdline: str
     memory_mib: int
+    #: More QEMU options for every QEMU of this path (e.g. qemu_downtime.argv()).
+    extra: list[str] = field(default_factory=list)
     qemu: BareQemu | None = None
     console: Path | None = None
     count: int = 0
@@ -244,6 +260,7 @@ class FloorPath:
             console=console,
             memory_mib=self.memory_mib,
             incoming=incoming,
+            extra=self.extra,
         )
         return argv, qmp, console
 
@@ -345,6 +362,9 @@ _DAEMON_KINDS = {
     "client close": "p2p client close",
 }
 
+#: QEMU's migration as a daemon sees it: it starts, the source stops, the stream completes.
+_WINDOW_EVENTS = ("MIGRATION setup", "MIGRATION active", "STOP", "MIGRATION completed")
+
 _PLUMBING = frozenset(
     {"atomic_write", "write_json", "_save_status", "save", "set_state", "_changed_hook"}
 )
@@ -370,6 +390,11 @@ def _traced_daemon(path: Path, daemon_argv: list[str]) -> int:
             return  # the p2p client's calls: the daemon handlers already time them
         if kind == "status write":
             what = _writer(what)
+        if kind == "qemu event" and what in _WINDOW_EVENTS:
+            # This daemon's CPU so far (all its threads): see _window_cpu_ms.
+            records.append(
+                (time.time(), time.process_time(), "daemon cpu", f"{what}@{os.getpid()}")
+            )
         records.append((wall, seconds, _DAEMON_KINDS.get(kind, kind), what))
 
     trace.add_listener(listen)
@@ -449,6 +474,7 @@ def trace_breakdown(
             hop_acc["paused beyond QEMU downtime ms"] = (
                 (resumes[-1] - stops[0]) - downtime[-1]
             ) * 1000
+        hop_acc.update(_window_cpu_ms(events))
         hop_acc["status writes n"] = sum(1.0 for r in events if r[2] == "status write")
         hop_acc["status writes ms"] = sum(r[1] for r in events if r[2] == "status write") * 1000
         prepare = acc.get("prepare")
@@ -472,8 +498,41 @@ def trace_breakdown(
     return result
 
 
+def _window_cpu_ms(events: list[Record]) -> dict[str, float]:
+    """CPU the daemons used while QEMU migrated: before and during QEMU's downtime.
+
+    Each daemon records its process CPU (all its threads) when it sees one of
+    `_WINDOW_EVENTS`, labelled with its pid. The source's STOP splits its QEMU's
+    migration (``MIGRATION setup`` to ``completed``) in two: the live phase, whose
+    speed decides how much RAM is left when QEMU stops the guest (it stops it as
+    soon as the rest fits in ``downtime-limit`` at the measured bandwidth), and
+    QEMU's downtime. On a 2-core host every CPU millisecond a daemon spends in
+    either is taken from QEMU's migration thread or the destination's loader.
+    """
+    marks = [r for r in events if r[2] == "daemon cpu"]
+    stop = next((r for r in marks if r[3].startswith("STOP@")), None)
+    if stop is None:
+        return {}
+    src = stop[3].partition("@")[2]
+
+    def first(what: str, pid: str, after: float = 0.0) -> Record | None:
+        return next((r for r in marks if r[3] == f"{what}@{pid}" and r[0] >= after), None)
+
+    out: dict[str, float] = {}
+    setup, done = first("MIGRATION setup", src), first("MIGRATION completed", src, stop[0])
+    if setup is not None:
+        out["source daemon CPU, migrate -> STOP ms"] = (stop[1] - setup[1]) * 1000
+    if done is not None:
+        out["source daemon CPU, STOP -> completed ms"] = (done[1] - stop[1]) * 1000
+    for dst in {r[3].partition("@")[2] for r in marks} - {src}:
+        active, end = first("MIGRATION active", dst), first("MIGRATION completed", dst)
+        if active is not None and end is not None:
+            out["destination daemon CPU, active -> completed ms"] = (end[1] - active[1]) * 1000
+    return out
+
+
 def _trace_key(kind: str, what: str) -> str | None:
-    if kind in ("socket poll", "qemu downtime"):
+    if kind in ("socket poll", "qemu downtime", "daemon cpu"):
         return None
     if kind == "qmp":
         return f"qmp {what}"
@@ -752,6 +811,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 base + 16 * i,
                 args.daemon_log_level,
                 trace=work / f"trace{i}.json" if args.trace else None,
+                qemu_trace=args.qemu_trace,
             )
             for i in range(2)
         ]
@@ -759,7 +819,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.trace:
             _trace_client(client_records)
         (work / "floor").mkdir()
-        fl = FloorPath(work / "floor", cmdline, shape.memory_mib)
+        fl = FloorPath(
+            work / "floor",
+            cmdline,
+            shape.memory_mib,
+            extra=qemu_downtime.argv() if args.qemu_trace else [],
+        )
         async with contextlib.AsyncExitStack() as stack:
             for d in daemons:
                 stack.push_async_callback(stop_daemon, d)
@@ -804,6 +869,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             traces = [json.loads((work / f"trace{i}.json").read_text()) for i in range(2)]
             records = [[(float(a), float(b), str(c), str(e)) for a, b, c, e in t] for t in traces]
             result["trace"] = trace_breakdown(vm.hops, client_records, records)
+        if args.qemu_trace:
+            # QEMU's logs: the floor's, and the daemons' (state/log/NAME.log)
+            logs = {vm.label: sorted(work.glob("h*/state/log/*.log")), fl.label: sorted(
+                (work / "floor").glob("q*.log"))}  # fmt: skip
+            result["qemu_trace"] = {
+                label: qemu_downtime.breakdown(qemu_downtime.hops(files))
+                for label, files in logs.items()
+            }
         return result
 
 
@@ -846,6 +919,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also break vmferry's steps down (status writes, QMP, QEMU start/kill, API)",
     )
+    p.add_argument(
+        "--qemu-trace",
+        action="store_true",
+        help="both paths' QEMUs log their downtime checkpoints: where QEMU's downtime goes",
+    )
     args = p.parse_args(argv)
     if args.hops < 1:
         p.error("--hops must be at least 1")
@@ -874,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     if "trace" in result:
         print(render_trace(result["trace"]))
+    if "qemu_trace" in result:
+        print(qemu_downtime.render(result["qemu_trace"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     print(f"\n(bench took {result['bench_s']:.0f} s; results in {args.json})")

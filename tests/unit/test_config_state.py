@@ -83,6 +83,13 @@ emulator = "/opt/qemu/bin/qemu-system-x86_64"
     assert config.qemu.emulator == "/opt/qemu/bin/qemu-system-x86_64"
 
 
+def test_config_qemu_trace_events(tmp: Path) -> None:
+    text = '[qemu]\ntrace_events = ["vmstate_downtime_checkpoint", "migrate_pending_*"]\n'
+    config = load_config(write_config(tmp, text))
+    assert config.qemu.trace_events == ["vmstate_downtime_checkpoint", "migrate_pending_*"]
+    assert load_config(None).qemu.trace_events == []
+
+
 def test_config_partial_file_keeps_other_defaults(tmp: Path) -> None:
     config = load_config(write_config(tmp, '[tls]\npki_dir = "/etc/vmferry/pki"\n'))
     assert config.tls.pki_dir == Path("/etc/vmferry/pki")
@@ -107,6 +114,12 @@ def test_config_partial_file_keeps_other_defaults(tmp: Path) -> None:
         ("[migration]\ntls_channels = -1\n", "migration.tls_channels"),
         ("[jobs]\nwait_timeout = 0\n", "jobs.wait_timeout"),
         ('[host]\nuuid = "not-a-uuid"\n', "host.uuid"),
+        # a trace event name, never another -trace option (QEMU would write a file)
+        ('[qemu]\ntrace_events = ["x,file=/etc/passwd"]\n', "qemu.trace_events"),
+        ('[qemu]\ntrace_events = ["events=/etc/shadow"]\n', "qemu.trace_events"),
+        ('[qemu]\ntrace_events = [""]\n', "qemu.trace_events"),
+        ("[qemu]\ntrace_events = [3]\n", "qemu.trace_events"),
+        ("[qemu]\ntrace_events = [" + '"a",' * 65 + "]\n", "qemu.trace_events"),
         ("[jobs\n", "invalid TOML"),
     ],
 )

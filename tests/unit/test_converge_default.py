@@ -17,6 +17,7 @@ from vmferry.migration.policy import ConvergenceDefaults, Engine, auto_deadline,
 from vmferry.migration.policy.contract import AUTO_DEADLINE_FLOOR_S, AUTO_DEADLINE_PASSES
 from vmferry.migration.stats import completed_stats, guest_downtime_ms
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.testing.fakemonitor import FakeMonitor
 
 MIB = 1 << 20
@@ -84,7 +85,9 @@ def _dom(mon: FakeMonitor, iteration: int = 1) -> QemuDomain:
     return cast(
         QemuDomain,
         SimpleNamespace(
-            name="g1", monitor=mon.as_monitor(), migration=SimpleNamespace(iteration=iteration)
+            name="g1",
+            monitor=mon.as_monitor(),
+            migration=SimpleNamespace(iteration=iteration, status=MigrationStatus.ACTIVE),
         ),
     )
 
@@ -112,6 +115,28 @@ async def test_the_engine_fixes_an_automatic_deadline_and_reports_its_terms() ->
     assert summary["policy_deadline_auto"] is True and summary["policy_contract"] == "default"
     assert summary["policy_choice"]  # what it decided, in words
     assert 0 < summary["policy_deadline_left_s"] <= summary["policy_deadline_s"]
+
+
+async def test_the_engine_leaves_qemu_alone_once_it_stopped_the_guest_to_switch_over() -> None:
+    # QEMU's last MIGRATION_PASS comes from inside the stop-and-copy: no query-migrate then.
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    mon.always("query-migrate", {"status": "active", "ram": {"remaining": GIB, "mbps": 16.0}})
+    got = terms(MigrationParams(), DEFAULTS)
+    assert got is not None
+    dom = _dom(mon)
+    eng = Engine(dom, got.policy, got.contract, F.LIVE, bandwidth_cap_bps=0, memory_bytes=GIB)
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    await eng.step()
+    looks = mon.commands().count("query-migrate")
+    assert looks == 1
+    dom.migration.iteration, dom.migration.status = 2, MigrationStatus.DEVICE
+    assert eng.due()  # the wait loop wakes for the boundary...
+    await eng.step()
+    assert mon.commands().count("query-migrate") == looks  # ...and the engine does not ask
+    assert not eng.due()
+    dom.migration.iteration, dom.migration.status = 3, MigrationStatus.ACTIVE
+    await eng.step()  # a pass boundary of a running migration is looked at as before
+    assert mon.commands().count("query-migrate") == looks + 1
 
 
 def test_guest_downtime_is_an_upper_bound_from_one_clock_per_interval() -> None:

@@ -15,9 +15,10 @@ from vmferry.errors import ErrorCode, VmferryError
 from vmferry.migration import params
 from vmferry.migration.flags import MigrateFlags as F
 from vmferry.migration.params import MigrationParams
-from vmferry.migration.policy import Contract, Engine, load_policy
-from vmferry.migration.policy.engine import QEMU_THROTTLE
+from vmferry.migration.policy import Action, Contract, Engine, load_policy, parse_policy
+from vmferry.migration.policy.engine import BULK_PASS_LIMIT_MS, QEMU_THROTTLE
 from vmferry.qemu.domain import QemuDomain
+from vmferry.qemu.migration_status import MigrationStatus
 from vmferry.testing.fakemonitor import FakeMonitor
 
 MIB = 1 << 20
@@ -146,7 +147,7 @@ async def test_adaptive_start_sets_the_target_parks_the_throttle_and_close_resto
     ]
     assert caps(mon) == {"auto-converge": True}
     assert mon.args_of("migrate-set-parameters")[0] == {
-        "downtime-limit": 120,
+        "downtime-limit": BULK_PASS_LIMIT_MS,  # the target (120) once the bulk pass is over
         **QEMU_THROTTLE,
         "throttle-trigger-threshold": 100,  # dormant until the policy wants a throttle
     }
@@ -163,7 +164,75 @@ async def test_adaptive_skips_the_preflight_on_a_short_first_pass() -> None:
     await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
     # auto-converge already on (the flag): no capability call; unlimited link: no preflight
     assert mon.commands() == ["query-migrate-parameters", "migrate-set-parameters"]
-    assert mon.args_of("migrate-set-parameters") == [{"downtime-limit": 120}]
+    assert mon.args_of("migrate-set-parameters") == [{"downtime-limit": BULK_PASS_LIMIT_MS}]
+
+
+async def test_adaptive_keeps_qemu_from_switching_over_in_the_bulk_pass() -> None:
+    # QEMU would stop the guest ~0.1 s into the first pass, most of the RAM not sent yet.
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    mon.always("query-migrate", {"status": "active", "ram": {"remaining": GIB, "mbps": 800.0}})
+    eng = engine(mon, "vmferry", flags=F.LIVE | F.AUTO_CONVERGE, memory=64 * MIB)
+    progress = SimpleNamespace(iteration=1, status=MigrationStatus.ACTIVE)
+    eng.dom.migration = progress  # type: ignore[misc]
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    assert mon.args_of("migrate-set-parameters") == [{"downtime-limit": BULK_PASS_LIMIT_MS}]
+    await eng.step()  # pass 1 (ticks): the limit stays low
+    assert len(mon.args_of("migrate-set-parameters")) == 1
+    assert eng.summary()["policy_downtime_limit_ms"] == 120  # the contract's, as planned
+    progress.iteration = 2  # MIGRATION_PASS 2: the bulk pass is over
+    await eng.step()
+    assert mon.args_of("migrate-set-parameters")[-1] == {"downtime-limit": 120}
+    assert mon.commands()[-2:] == ["migrate-set-parameters", "query-migrate"]  # raised first
+    progress.iteration = 3
+    await eng.step()  # once is enough
+    limits = [a for a in mon.args_of("migrate-set-parameters") if "downtime-limit" in a]
+    assert len(limits) == 2
+    # the raise is the plan, not an action of its own (the stall here got a throttle)
+    assert [a["action"] for a in eng.actions if a["action"] == "downtime"] == ["downtime"]
+
+
+async def test_a_throttle_in_the_bulk_pass_brings_the_target_with_it() -> None:
+    # A guest that outruns the link: it may switch over at the end of the bulk pass.
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    mon.always("query-migrate", {"status": "active", "ram": {"remaining": GIB, "mbps": 800.0}})
+    eng = engine(mon, "vmferry", flags=F.LIVE | F.AUTO_CONVERGE, memory=64 * MIB)
+    eng.dom.migration = SimpleNamespace(iteration=1, status=MigrationStatus.ACTIVE)  # type: ignore[misc]
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    await eng._act(mon.as_monitor(), Action("throttle", 40), 1, 0)
+    assert mon.args_of("migrate-set-parameters")[-1] == {
+        "cpu-throttle-initial": 40,
+        "throttle-trigger-threshold": 1,
+        "downtime-limit": 120,
+    }
+    eng.dom.migration.iteration = 2  # type: ignore[attr-defined]
+    await eng.step()  # nothing left to raise at the bulk pass's end
+    limits = [a for a in mon.args_of("migrate-set-parameters") if "downtime-limit" in a]
+    assert [a["downtime-limit"] for a in limits] == [BULK_PASS_LIMIT_MS, 120]
+
+
+async def test_a_policy_without_the_bulk_pass_limit_sets_the_target_at_once() -> None:
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    dom = cast(QemuDomain, SimpleNamespace(name="g1", monitor=mon.as_monitor()))
+    policy = parse_policy(
+        'name = "qemu-rule"\nkind = "adaptive"\n[adaptive]\nbulk_pass_downtime_ms = 0\n'
+    )
+    eng = Engine(
+        dom, policy, Contract(downtime_target_ms=120), F.LIVE | F.AUTO_CONVERGE,
+        bandwidth_cap_bps=0.0, memory_bytes=64 * MIB,
+    )  # fmt: skip
+    await eng.start(mon.as_monitor(), explicit_downtime_ms=None)
+    assert mon.args_of("migrate-set-parameters")[0]["downtime-limit"] == 120
+
+
+async def test_a_target_below_the_bulk_pass_limit_is_set_at_once() -> None:
+    mon = FakeMonitor(replies={"query-migrate-parameters": {"downtime-limit": 300}})
+    dom = cast(QemuDomain, SimpleNamespace(name="g1", monitor=mon.as_monitor()))
+    tight = Engine(
+        dom, load_policy("vmferry"), Contract(downtime_target_ms=20), F.LIVE | F.AUTO_CONVERGE,
+        bandwidth_cap_bps=0.0, memory_bytes=64 * MIB,
+    )  # fmt: skip
+    await tight.start(mon.as_monitor(), explicit_downtime_ms=None)
+    assert mon.args_of("migrate-set-parameters") == [{"downtime-limit": 20}]
 
 
 async def test_schedule_starts_at_its_first_step_unless_the_user_set_a_limit() -> None:

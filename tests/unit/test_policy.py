@@ -389,6 +389,9 @@ def test_policy_from_toml_and_its_errors() -> None:
     assert policy.kind == "schedule" and not policy.auto_converge
     assert [(s.action, s.value) for s in policy.steps] == [("downtime", 900), ("throttle", 40)]
     assert load_policy('name = "x"\nkind = "none"\n').kind == "none"
+    assert load_policy("vmferry").adaptive.bulk_pass_downtime_ms == 30
+    off = parse_policy('name = "x"\nkind = "adaptive"\n[adaptive]\nbulk_pass_downtime_ms = 0\n')
+    assert off.adaptive.bulk_pass_downtime_ms == 0
     for bad, words in (
         ('name = "x"\nbogus = 1\n', "unknown key"),
         ('name = "x"\n[[step]]\naction = "explode"\nafter_s = 1\n', "step action"),
@@ -398,6 +401,7 @@ def test_policy_from_toml_and_its_errors() -> None:
         ("name = \n", "not valid TOML"),
         ('kind = "none"\n', "'name'"),
         ('name = "x"\n[adaptive]\npreflight = "maybe"\n', "preflight"),
+        ('name = "x"\n[adaptive]\nbulk_pass_downtime_ms = -1\n', "bulk_pass_downtime_ms"),
     ):
         with pytest.raises(VmferryError) as err:
             parse_policy(bad)

@@ -125,6 +125,13 @@ def test_emulator_choice() -> None:
     assert argv_of(xml, emulator="/usr/local/bin/qemu")[0] == "/usr/local/bin/qemu"
 
 
+def test_trace_events_come_after_the_timestamped_messages() -> None:
+    argv = argv_of(domain_xml(), trace_events=["vmstate_downtime_checkpoint", "migrate_*"])
+    assert option_values(argv, "-trace") == ["vmstate_downtime_checkpoint", "migrate_*"]
+    assert option_value(argv, "-msg") == "timestamp=on"  # each event's line carries the time
+    assert "-trace" not in argv_of(domain_xml())
+
+
 def test_incoming() -> None:
     argv = argv_of(domain_xml(), incoming=True)
     assert option_value(argv, "-incoming") == "defer"

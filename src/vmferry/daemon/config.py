@@ -49,6 +49,8 @@ Every key is optional; an absent file means all defaults::
     group = "vmferry-qemu"   # and group ("" = the user's primary group)
     sandbox = true           # QEMU's seccomp filter (-sandbox on,...)
     userfaultfd = true       # give the QEMU group /dev/userfaultfd (post-copy needs it)
+    trace_events = []        # QEMU trace events (-trace NAME) into QEMU's log, e.g. for
+                             # ["vmstate_downtime_checkpoint"]: where a downtime went
 
     [paths]
     roots = ["/var/lib/vmferry/images"]   # kernel, initrd, disk paths must lie below one
@@ -79,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import uuid
 from collections.abc import Callable
@@ -157,6 +160,8 @@ class QemuConfig:
     group: str = "vmferry-qemu"
     sandbox: bool = True
     userfaultfd: bool = True
+    #: QEMU trace event names or patterns (``-trace``), logged to QEMU's log.
+    trace_events: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -211,6 +216,10 @@ class DaemonConfig:
 
 
 # A key accepts the type of its default; these (default None) take a path instead.
+#: ``[qemu] trace_events``: how many, and what a name may be (QEMU's event names, ``*``).
+MAX_TRACE_EVENTS = 64
+_TRACE_EVENT = re.compile(r"[A-Za-z0-9_*]{1,100}")
+
 _PATH_FIELDS = {("tls", "pki_dir"), ("tls", "crl")}
 
 
@@ -284,6 +293,12 @@ def _check(where: str, config: DaemonConfig) -> None:
         raise bad("keepalive.count must be >= 1")
     if not config.qemu.emulator:
         raise bad("qemu.emulator must not be empty")
+    if len(config.qemu.trace_events) > MAX_TRACE_EVENTS:
+        raise bad(f"qemu.trace_events: at most {MAX_TRACE_EVENTS} names")
+    for name in config.qemu.trace_events:
+        # a name or a pattern, never another -trace option (file=, events=)
+        if not isinstance(name, str) or not _TRACE_EVENT.fullmatch(name):
+            raise bad(f"qemu.trace_events: {name!r} is not a QEMU trace event name or pattern")
     for key, values in (
         ("qemu.emulators", config.qemu.emulators),
         ("paths.roots", config.paths.roots),

@@ -117,6 +117,7 @@ class Driver:
             on_stopped=self._on_stopped,
             confine=confine,
             sandbox=config.qemu.sandbox,
+            trace_events=config.qemu.trace_events,
             resolve_disks=self._resolve_disks if pools is not None else None,
         )
         self.qemu_version = ""

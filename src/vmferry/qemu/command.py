@@ -124,6 +124,7 @@ def build_argv(
     passed: PassedFiles | None = None,
     sandbox: bool = False,
     chains: Mapping[str, Sequence[BlockLayer]] | None = None,
+    trace_events: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line for *d*.
 
@@ -138,6 +139,8 @@ def build_argv(
         ``vmferry.storage``): each gets its own nodes and the last one
         ``backing: null``. A ``type='volume'`` disk needs one; a file disk
         without one leaves its backing file to QEMU.
+    :param trace_events: QEMU trace event names (or patterns) to turn on, from the
+        daemon's config (checked there); QEMU logs them, timestamped, to its log.
     :raise VmferryError: `CONFIG_UNSUPPORTED` (see :func:`check_supported`).
     """
     check_supported(d)
@@ -208,7 +211,9 @@ def build_argv(
 
     if incoming:
         argv += ["-incoming", "defer"]
-    argv += ["-msg", "timestamp=on"]
+    argv += ["-msg", "timestamp=on"]  # also stamps each trace event's line
+    for event in trace_events:
+        argv += ["-trace", event]
     # The QMP socket may be a passed fd: this names it on the command line all the same.
     argv += ["-chardev", f"null,id={qmp_marker(paths.qmp_socket)}"]
     return argv

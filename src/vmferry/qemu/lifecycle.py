@@ -74,6 +74,7 @@ class Lifecycle:
     :param confine: what QEMU may reach (checked at every start); QEMU gets the
         descriptors it opens. None: no checks, QEMU opens its paths itself.
     :param sandbox: start QEMU with its seccomp filter.
+    :param trace_events: QEMU trace events to turn on (``[qemu] trace_events``).
     :param resolve_disks: the images of each disk, top first, by target dev
         (``vmferry.storage``); volumes are passed to QEMU as descriptors.
         None: only file disks, QEMU opens their backing files itself.
@@ -88,11 +89,13 @@ class Lifecycle:
         on_stopped: Callable[[QemuDomain], None],
         confine: Confinement | None = None,
         sandbox: bool = False,
+        trace_events: Sequence[str] = (),
         resolve_disks: ResolveDisks | None = None,
     ) -> None:
         self.confine = confine
         self._resolve_disks = resolve_disks
         self._sandbox = sandbox
+        self._trace_events = tuple(trace_events)
         self._paths_for = paths_for
         self._emulator = emulator
         self._emit = emit
@@ -174,6 +177,7 @@ class Lifecycle:
                 passed=passed,
                 sandbox=self._sandbox,
                 chains=chains,
+                trace_events=self._trace_events,
             )
             with trace.span("qemu launch"):
                 proc, mon = await launch(

@@ -76,6 +76,9 @@ class Adaptive:
     #: Not acted on either while the passes shrink fast enough to reach the
     #: switchover within this many passes.
     wait_passes: float = 3.0
+    #: QEMU's downtime limit (ms) until the first pass is over or the first throttle
+    #: step (the target if lower; 0: the target from the start). See engine.py.
+    bulk_pass_downtime_ms: int = 30
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,9 @@ def _adaptive(raw: Any, where: str) -> Adaptive:
         margin_s=_or(_number(raw, "margin_s", where), base.margin_s),
         wait_tolerance=_or(_number(raw, "wait_tolerance", where, lo=1), base.wait_tolerance),
         wait_passes=_or(_number(raw, "wait_passes", where), base.wait_passes),
+        bulk_pass_downtime_ms=int(
+            _or(_number(raw, "bulk_pass_downtime_ms", where), base.bulk_pass_downtime_ms)
+        ),
     )
 
 
