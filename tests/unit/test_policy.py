@@ -402,6 +402,7 @@ def test_policy_from_toml_and_its_errors() -> None:
         ('kind = "none"\n', "'name'"),
         ('name = "x"\n[adaptive]\npreflight = "maybe"\n', "preflight"),
         ('name = "x"\n[adaptive]\nbulk_pass_downtime_ms = -1\n', "bulk_pass_downtime_ms"),
+        ('name = "x"\n[adaptive]\nbulk_pass_downtime_ms = 3000000\n', "bulk_pass_downtime_ms"),
     ):
         with pytest.raises(VmferryError) as err:
             parse_policy(bad)

@@ -230,6 +230,9 @@ def _adaptive(raw: Any, where: str) -> Adaptive:
     top = _number(raw, "throttle_max_pct", where, lo=1)
     if top is not None and top > MAX_THROTTLE_PCT:
         raise _bad(where, f"[adaptive] throttle_max_pct must be <= {MAX_THROTTLE_PCT}")
+    bulk = _number(raw, "bulk_pass_downtime_ms", where)
+    if bulk is not None and bulk > MAX_DOWNTIME_MS:
+        raise _bad(where, f"[adaptive] bulk_pass_downtime_ms must be <= {MAX_DOWNTIME_MS}")
     base = Adaptive()
     return Adaptive(
         preflight=preflight,
@@ -238,9 +241,7 @@ def _adaptive(raw: Any, where: str) -> Adaptive:
         margin_s=_or(_number(raw, "margin_s", where), base.margin_s),
         wait_tolerance=_or(_number(raw, "wait_tolerance", where, lo=1), base.wait_tolerance),
         wait_passes=_or(_number(raw, "wait_passes", where), base.wait_passes),
-        bulk_pass_downtime_ms=int(
-            _or(_number(raw, "bulk_pass_downtime_ms", where), base.bulk_pass_downtime_ms)
-        ),
+        bulk_pass_downtime_ms=int(_or(bulk, base.bulk_pass_downtime_ms)),
     )
 
 
