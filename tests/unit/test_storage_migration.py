@@ -401,3 +401,15 @@ def test_without_copied_disks_finish_sends_only_the_cont() -> None:
     asyncio.run(storage.stop_nbd_with(dom, stop))  # paused: nothing at all
     asyncio.run(storage.stop_nbd_with(dom, stop, ("cont", None)))
     assert mon.commands() == ["cont"]
+
+
+def test_the_switchover_fails_when_the_mirrors_are_gone() -> None:
+    """QEMU exited at the switchover (its jobs cleared): no device state may follow."""
+    mon = FakeMonitor()
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    with pytest.raises(VmferryError, match="mirrors of domain 'st' are gone"):
+        asyncio.run(storage.complete(dom))
+    assert mon.commands() == []
+    dom.migration.storage_disks = []
+    asyncio.run(storage.complete(dom))  # nothing copied: nothing to drain

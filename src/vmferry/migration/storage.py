@@ -174,9 +174,19 @@ async def mirror_all(
 
 
 async def complete(dom: QemuDomain) -> None:
-    """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors."""
-    if dom.migration.storage_disks and dom.block_jobs:
-        await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
+    """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors.
+
+    :raise VmferryError: ``OPERATION_FAILED`` when the mirrors are gone (their QEMU exited
+        meanwhile): the device state must not follow disks that were not drained.
+    """
+    if not dom.migration.storage_disks:
+        return
+    if not dom.block_jobs:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"the disk mirrors of domain '{dom.name}' are gone at the switchover (QEMU exited)",
+        )
+    await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
 
 
 async def cancel(dom: QemuDomain) -> None:
