@@ -22,7 +22,38 @@ stopped and their final images checked block by block
 (:func:`vmferry.testing.disk.verify_disk_image`). A corrupted guest fails the
 bench (exit 1).
 
-The ratio vmferry/floor (median wall per hop) has the target 1.2x. Other
+Figures (``wall`` is one hop as its caller sees it: vmferry from the client's
+first call to the migration's report, the floor from ``qemu-img create`` to the
+killed source):
+
+* **ratio of the medians**: vmferry plain's median wall per hop / the floor's;
+  the target 1.2x applies to it.
+* **per pair**: hop *i* of vmferry / hop *i* of the floor, which ran right
+  before or after it in the same round (the order alternates); their median and
+  spread (max - min). A hop's copy swings with the machine's load, and both
+  hops of a pair see about the same load, so the pairs' median is the steadier
+  figure and the spread says how far one pair can be trusted.
+* **the parts of a hop** (median ms per hop, each arm on its own, and
+  vmferry - floor), none but the last depending on how fast QEMU copied:
+
+  - ``set-up``: vmferry's Prepare step (as the client timed it: the request,
+    the disk's creation, QEMU's launch, NBD server, status writes) against
+    the floor's create + spawn + NBD (``qemu-img create``, the destination QEMU
+    until QMP answers, NBD server, exports and the source's NBD client nodes);
+  - ``tail``: vmferry's Finish + Confirm steps against the floor's resume + kill
+    (``nbd-server-stop``, ``cont``, kill and reap the source);
+  - ``wall - mirror - migrate``: the hop less the copy, on each arm: less the
+    mirrors' time until in sync (vmferry: the source's ``disk_sync_ms``, from its
+    ``blockdev-add`` + ``blockdev-mirror`` batch to the last ``BLOCK_JOB_READY``;
+    the floor: from its ``blockdev-mirror`` to the last ``BLOCK_JOB_READY``) and
+    less QEMU's own ``total_time`` of the memory migration (from ``migrate`` to
+    completed, the switchover's drain included), so what is left is what each
+    arm does around QEMU's copy (vmferry: its protocol, status writes and QMP
+    round trips outside those two; the floor: its QMP calls, spawn and kill);
+  - ``the copy``: mirror + migrate as above, for reference: this is the part
+    that swings.
+
+The target 1.2x is for the ratio of the medians. Other
 vmferry variants (:data:`VARIANTS`: ``p2p``; ``tls`` and ``tunnelled`` once
 vmferry has the flags) run as further guests beside the plain one, each
 compared with its baseline (p2p with the floor, tls with plain, tunnelled with
@@ -262,6 +293,8 @@ class VmferryPath:
                 "downtime_ms": _num(stats.get("downtime_ms")),
                 "qemu_total_ms": _num(stats.get("total_time_ms")),
                 "disk_bytes": _num(stats.get("disk_total")),
+                # the source's mirrors: first start until every one in sync
+                "mirror_s": _num(stats.get("disk_sync_ms")) / 1000,
                 # With storage, data_* is memory and disk together.
                 "ram_transferred": _num(stats.get("data_processed"))
                 - _num(stats.get("disk_processed")),
@@ -402,6 +435,8 @@ def build_result(
         "mirror_s",
         "migrate_s",
         "switchover_s",
+        "resume_s",
+        "kill_s",
     )
     out: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -437,8 +472,70 @@ def build_result(
         else:
             r = _ratio(medians[base], medians[p.label])
             ok = r >= p.variant.target
-        out["ratios"][f"{p.label} / {base}"] = {"ratio": r, "target": p.variant.target, "met": ok}
+        base_path = next(b for b in paths if b.label == base)
+        pairs = _pair_ratios(p.hops, base_path.hops, time_ratio=p.variant.baseline is None)
+        out["ratios"][f"{p.label} / {base}"] = {
+            "ratio": r,
+            "target": p.variant.target,
+            "met": ok,
+            "pairs": pairs,
+            "pairs_summary": summary(pairs),
+        }
+    plain = next(p for p in paths if isinstance(p, VmferryPath) and p.variant.name == "plain")
+    floor = next((p for p in paths if isinstance(p, FloorPath)), None)
+    if floor is not None:
+        out["parts"] = {
+            name: {
+                "vmferry": summary([vm(h) for h in plain.hops]),
+                "floor": summary([fl(h) for h in floor.hops]),
+            }
+            for name, (vm, fl) in PARTS.items()
+        }
     return out
+
+
+def _pair_ratios(
+    hops: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], *, time_ratio: bool
+) -> list[float]:
+    """Hop i of a path against hop i of its baseline: the same round, one right after the other.
+
+    A time ratio (path / baseline) against the floor, a throughput ratio (baseline / path)
+    against another vmferry variant, as in the ratio of medians.
+    """
+    out = []
+    for a, b in zip(hops, base, strict=False):
+        mine, theirs = _num(a.get("wall_s")), _num(b.get("wall_s"))
+        out.append(_ratio(mine, theirs) if time_ratio else _ratio(theirs, mine))
+    return out
+
+
+def _step(h: dict[str, Any], *names: str) -> float:
+    return sum(_num(h["steps_s"].get(n)) for n in names)
+
+
+def _rest(h: dict[str, Any]) -> float:
+    """Wall less the copy: the mirrors until in sync, and QEMU's migration (its total_time)."""
+    return _num(h.get("wall_s")) - _num(h.get("mirror_s")) - _num(h.get("qemu_total_ms")) / 1000
+
+
+def _copy(h: dict[str, Any]) -> float:
+    return _num(h.get("mirror_s")) + _num(h.get("qemu_total_ms")) / 1000
+
+
+#: Parts of a hop that do not depend on how fast QEMU copied (vmferry plain's, the floor's),
+#: seconds per hop; the last is the copy itself, for reference.
+PARTS: dict[str, tuple[Callable[[dict[str, Any]], float], Callable[[dict[str, Any]], float]]] = {
+    "set-up: Prepare | create+spawn+NBD": (
+        lambda h: _step(h, "prepare"),
+        lambda h: _num(h["create_s"]) + _num(h["spawn_s"]) + _num(h["nbd_s"]),
+    ),
+    "tail: Finish+Confirm | NBD stop+cont+kill": (
+        lambda h: _step(h, "finish", "confirm"),
+        lambda h: _num(h["resume_s"]) + _num(h["kill_s"]),
+    ),
+    "wall - mirror - migrate": (_rest, _rest),
+    "the copy, for reference: mirror+migrate": (_copy, _copy),
+}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -483,7 +580,29 @@ def render(result: dict[str, Any]) -> str:
     for what, r in result["ratios"].items():
         verdict = "met" if r["met"] else "NOT met"
         kind = "time" if what.endswith(FloorPath.label) else "throughput"
-        lines.append(f"{what}: {kind} ratio {r['ratio']:.2f} (target {r['target']}: {verdict})")
+        lines.append(
+            f"{what}: {kind} ratio of the medians {r['ratio']:.2f}"
+            f" (target {r['target']}: {verdict})"
+        )
+        ps = r["pairs_summary"]
+        if ps["n"]:
+            each = " ".join(f"{x:.2f}" for x in r["pairs"])
+            lines.append(
+                f"  per pair (round by round): {each}; median {ps['median']:.2f}"
+                f" (min-max {ps['min']:.2f}-{ps['max']:.2f}, spread {ps['max'] - ps['min']:.2f})"
+            )
+    copy_parts = result.get("parts")
+    if copy_parts:
+        lines += [
+            "",
+            "the parts of a hop (median ms per hop, min-max; all but the last leave the copy out):",
+            f"{'':<42}{'vmferry plain':>20}{'bare QEMU':>20}{'vmferry - floor':>17}",
+        ]
+        for name, part in copy_parts.items():
+            vm, fl = part["vmferry"], part["floor"]
+            diff = (vm["median"] - fl["median"]) * 1000
+            cell = f"{diff:+.0f}" if not math.isnan(diff) else "n/a"
+            lines.append(f"{name:<42}{_ms(vm):>20}{_ms(fl):>20}{cell:>17}")
     for label, text in result["checked"].items():
         lines.append(f"{label}: {text}")
     load = result["loadavg"]

@@ -118,9 +118,10 @@ STORAGE_INTRO = (
     "created (`dst-prepare-storage`, before its QEMU starts), the source about to mirror\n"
     "(`src-perform-mirror`), every mirror in sync with the memory not yet moving\n"
     "(`src-perform-mirror-ready`), the switchover with the vCPUs stopped and the mirrors\n"
-    "not yet drained (`src-perform-switchover`), Finish with the NBD server stopped and the\n"
-    "guest not yet resumed (`dst-finish-storage`). Expectations as in the pre-copy matrix\n"
-    "(the source QEMU holds the only whole copy until the stream completed), and besides:\n"
+    "not yet drained (`src-perform-switchover`), Finish with the stream complete and the\n"
+    "guest not yet resumed (`dst-finish-storage`; the NBD server stops with its `cont`).\n"
+    "Expectations as in the pre-copy matrix (the source QEMU holds the only whole copy\n"
+    "until the stream completed), and besides:\n"
     "when the guest stays on the source the destination keeps no volume of it (the one\n"
     "Prepare created is deleted), and no NBD server port is left open.\n\n"
 )

@@ -224,11 +224,11 @@ def test_mirror_commands_and_ready_wait() -> None:
     mirror = mon.args_of("blockdev-mirror")[0]
     assert mirror["device"] == "fmt-vda" and mirror["target"] == "migrate-vda"
     assert mirror["sync"] == "top" and mirror["copy-mode"] == "write-blocking"
-    assert storage.final_progress(dom) == {
-        "disk_total": 15,
-        "disk_processed": 15,
-        "disk_remaining": 0,
-    }
+    final = storage.final_progress(dom)
+    sync_ms = final.pop("disk_sync_ms")
+    assert final == {"disk_total": 15, "disk_processed": 15, "disk_remaining": 0}
+    # from vda's start to vdb's READY, which came after the 10 ms sleep above
+    assert sync_ms >= 10
 
 
 def test_a_failing_mirror_fails_the_wait() -> None:
@@ -352,3 +352,64 @@ def test_a_stalled_copy_fails_the_wait() -> None:
         asyncio.run(storage.mirror_all(dom, "192.0.2.7", 49153, stall_s=0.6))
     assert err.value.code == ErrorCode.OPERATION_TIMEOUT
     assert len(mon.args_of("query-block-jobs")) >= 2
+
+
+# -- Finish: the NBD server stops with the cont ---------------------------------------------------
+
+
+class _Ports:
+    """The part of MigrationHost that release_nbd uses."""
+
+    def __init__(self) -> None:
+        self.released: list[int] = []
+
+    def release_port(self, port: int) -> None:
+        self.released.append(port)
+
+
+def test_finish_stops_the_nbd_server_in_the_cont_batch_before_the_cont() -> None:
+    mon = FakeMonitor()
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    dom.migration.nbd_port = 49153
+    ports = _Ports()
+    stop = storage.release_nbd(ports, dom)  # type: ignore[arg-type]
+    assert ports.released == [49153] and dom.migration.nbd_port == 0
+    assert mon.commands() == []  # nothing sent yet: it goes with the cont
+    asyncio.run(storage.stop_nbd_with(dom, stop, ("cont", None)))
+    assert mon.commands() == ["nbd-server-stop", "cont"]
+
+
+def test_a_failed_nbd_stop_is_logged_and_a_failed_cont_raised() -> None:
+    mon = FakeMonitor()
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    mon.fail("nbd-server-stop", "NBD server not running")
+    stop = storage.release_nbd(_Ports(), dom)  # type: ignore[arg-type]
+    asyncio.run(storage.stop_nbd_with(dom, stop, ("cont", None)))  # the stop's error: logged
+    mon.fail("cont", "guest crashed")
+    with pytest.raises(VmferryError, match="guest crashed"):
+        asyncio.run(storage.stop_nbd_with(dom, stop, ("cont", None)))
+    assert mon.commands() == ["nbd-server-stop", "cont", "nbd-server-stop", "cont"]
+
+
+def test_without_copied_disks_finish_sends_only_the_cont() -> None:
+    mon = FakeMonitor()
+    dom = _domain(mon)
+    stop = storage.release_nbd(_Ports(), dom)  # type: ignore[arg-type]
+    assert stop == []
+    asyncio.run(storage.stop_nbd_with(dom, stop))  # paused: nothing at all
+    asyncio.run(storage.stop_nbd_with(dom, stop, ("cont", None)))
+    assert mon.commands() == ["cont"]
+
+
+def test_the_switchover_fails_when_the_mirrors_are_gone() -> None:
+    """QEMU exited at the switchover (its jobs cleared): no device state may follow."""
+    mon = FakeMonitor()
+    dom = _domain(mon)
+    dom.migration.storage_disks = ["vda"]
+    with pytest.raises(VmferryError, match="mirrors of domain 'st' are gone"):
+        asyncio.run(storage.complete(dom))
+    assert mon.commands() == []
+    dom.migration.storage_disks = []
+    asyncio.run(storage.complete(dom))  # nothing copied: nothing to drain

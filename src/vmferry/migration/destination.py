@@ -508,18 +508,20 @@ async def _finish_active(
             f"incoming migration of '{dom.name}' did not complete (status {dom.migration.status})",
         )
     # The source drained its mirrors before the device state came: the disks are whole.
-    await storage.stop_nbd(host, dom)
+    # The NBD server stops in the same batch as the ``cont`` below, before it.
+    nbd_stop = storage.release_nbd(host, dom)
     await failpoint("dst-finish-storage")
     _persist(host, dom, cookie, flags)
     await mtls.disable(dom)  # the stream is over: QEMU forgets the credentials
     # libvirt's lockstate: the lease follows the guest before it may run (or sit paused) here.
     await host.take_lease(dom, previous=cookie.hostuuid if cookie else "")
     if flags & MigrateFlags.PAUSED:
+        await storage.stop_nbd_with(dom, nbd_stop)
         dom.set_state(DomainState.PAUSED, PausedReason.USER)
         return None
     dom.pending_resume_reason = RunningReason.MIGRATED
     try:
-        await mon.execute("cont")
+        await storage.stop_nbd_with(dom, nbd_stop, ("cont", None))
     except VmferryError:
         if v3:
             raise

@@ -494,7 +494,7 @@ async def _wait_loop(
             await failpoint("src-perform-switchover")
             await storage.complete(dom)
             dom.migration.status = MigrationStatus.DEVICE  # until QEMU's next event says more
-            await dom.monitor.execute("migrate-continue", {"state": "pre-switchover"})
+            await dom.require_monitor().execute("migrate-continue", {"state": "pre-switchover"})
             # The concluded mirrors stay: Confirm kills this QEMU with them, and a source
             # that runs on drops them first (restore_source). Dismissing them here would
             # wait for QEMU to finish the device state and delay Finish.

@@ -14,7 +14,7 @@
   (vCPUs stopped, stream complete) the mirrors drain and end without pivot;
   the concluded jobs and NBD client nodes stay until the source QEMU is killed
   (Confirm) or, when the guest stays here after all, until :func:`cancel`.
-* **Finish** (destination): stops the NBD server.
+* **Finish** (destination): stops the NBD server, in one batch with the ``cont``.
 * Failure anywhere: mirrors force-cancelled, NBD server stopped, the created
   disks deleted; the source runs on from its own disks.
 """
@@ -174,9 +174,19 @@ async def mirror_all(
 
 
 async def complete(dom: QemuDomain) -> None:
-    """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors."""
-    if dom.migration.storage_disks and dom.block_jobs:
-        await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
+    """The switchover: the memory stream completed with the vCPUs stopped; drain the mirrors.
+
+    :raise VmferryError: ``OPERATION_FAILED`` when the mirrors are gone (their QEMU exited
+        meanwhile): the device state must not follow disks that were not drained.
+    """
+    if not dom.migration.storage_disks:
+        return
+    if not dom.block_jobs:
+        raise VmferryError(
+            ErrorCode.OPERATION_FAILED,
+            f"the disk mirrors of domain '{dom.name}' are gone at the switchover (QEMU exited)",
+        )
+    await blockjob.complete_mirrors(dom, dom.migration.storage_disks)
 
 
 async def cancel(dom: QemuDomain) -> None:
@@ -214,13 +224,19 @@ def final_progress(dom: QemuDomain) -> dict[str, int]:
     """``disk_*`` statistics of the mirrors that ended (their last events' figures)."""
     if not dom.block_jobs:
         return {}
-    total = sum(j.length for j in dom.block_jobs.values())
-    processed = sum(j.offset for j in dom.block_jobs.values())
-    return {
+    jobs = dom.block_jobs.values()
+    total = sum(j.length for j in jobs)
+    processed = sum(j.offset for j in jobs)
+    out = {
         "disk_total": total,
         "disk_processed": processed,
         "disk_remaining": max(0, total - processed),
     }
+    if all(j.started and j.ready_at for j in jobs):
+        # the first mirror's start until the last was in sync: the copy before the memory moved
+        start = min(j.started for j in jobs)
+        out["disk_sync_ms"] = round((max(j.ready_at for j in jobs) - start) * 1000)
+    return out
 
 
 def with_disk(stats: dict[str, Any], disk: dict[str, int]) -> dict[str, Any]:
@@ -345,17 +361,45 @@ def connect_nbd(dom: QemuDomain) -> socket.socket:
 
 
 async def stop_nbd(host: MigrationHost, dom: QemuDomain) -> None:
-    """Finish (or a failure): the NBD server stops, its port goes back."""
-    if dom.migration.nbd_port:
-        host.release_port(dom.migration.nbd_port)
-        dom.migration.nbd_port = 0
-    remove_nbd_socket(dom)
+    """A failure, or restart recovery: the NBD server stops, its port goes back."""
+    stop = release_nbd(host, dom)
     mon = dom.monitor
-    if dom.migration.storage_disks and mon is not None and mon.connected:
+    if stop and mon is not None and mon.connected:
         try:
             await blockjob.nbd_server_stop(mon)
         except VmferryError as err:
             log.warning("domain %s: stopping the NBD server: %s", dom.name, err.message)
+
+
+def release_nbd(host: MigrationHost, dom: QemuDomain) -> list[QmpCommand]:
+    """Finish: the NBD server's port (or socket) goes back; the command that stops the server.
+
+    The caller sends it in one batch with the ``cont`` (:func:`stop_nbd_with`): QEMU runs
+    a monitor's commands in order, so the guest never runs while the disks are served,
+    and the stop costs no round trip of its own.
+    """
+    if dom.migration.nbd_port:
+        host.release_port(dom.migration.nbd_port)
+        dom.migration.nbd_port = 0
+    remove_nbd_socket(dom)
+    return [("nbd-server-stop", None)] if dom.migration.storage_disks else []
+
+
+async def stop_nbd_with(dom: QemuDomain, stop: list[QmpCommand], *then: QmpCommand) -> None:
+    """Send *stop* (:func:`release_nbd`) and *then* (Finish's ``cont``) in one round trip.
+
+    A failed stop is only logged, as :func:`stop_nbd` does (a server that is not running
+    is not an error); :raise VmferryError: the first of *then* that failed.
+    """
+    if not stop and not then:
+        return
+    replies = await dom.require_monitor().execute_each([*stop, *then])
+    for reply in replies[: len(stop)]:
+        if isinstance(reply, VmferryError) and "not running" not in reply.message:
+            log.warning("domain %s: stopping the NBD server: %s", dom.name, reply.message)
+    for reply in replies[len(stop) :]:
+        if isinstance(reply, VmferryError):
+            raise reply
 
 
 async def delete_created(host: MigrationHost, dom: QemuDomain) -> None:

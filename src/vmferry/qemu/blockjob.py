@@ -50,6 +50,10 @@ class BlockJob:
     cancelled: bool = False  # a BLOCK_JOB_CANCELLED event (forced cancel, or before ready)
     # the last progress look (monotonic seconds, bytes copied): the rate between two looks
     sample: tuple[float, int] | None = None
+    # monotonic seconds: the mirror started, and first in sync (0: not yet); how long the
+    # copy took before the memory could move (``disk_sync_ms``)
+    started: float = 0.0
+    ready_at: float = 0.0
 
     @property
     def over(self) -> bool:
@@ -87,6 +91,7 @@ def on_event(dom: QemuDomain, name: str, data: dict[str, Any]) -> None:
     job.offset = int(data.get("offset", job.offset) or 0)
     if name == "BLOCK_JOB_READY":
         job.status = "ready" if job.status in ("created", "running") else job.status
+        job.ready_at = job.ready_at or time.monotonic()
     elif name == "BLOCK_JOB_CANCELLED":
         job.cancelled = True
     elif name == "BLOCK_JOB_COMPLETED" and data.get("error"):
@@ -190,7 +195,7 @@ async def start_mirror(
         "auto-dismiss": False,  # a concluded job keeps its error until dismissed
         "speed": speed,
     }
-    dom.block_jobs[ident] = BlockJob()
+    dom.block_jobs[ident] = BlockJob(started=time.monotonic())
     # One round trip: the mirror fails by itself if its target node could not be added.
     added, started = await mon.execute_each([("blockdev-add", node), ("blockdev-mirror", mirror)])
     if isinstance(started, VmferryError):
@@ -270,8 +275,8 @@ async def complete_mirrors(dom: QemuDomain, targets: list[str]) -> None:
     """
     mon = dom.require_monitor()
     ids = [job_id(t) for t in targets]
-    for ident in ids:
-        await mon.execute("block-job-cancel", {"device": ident, "force": False})
+    # one round trip for all of them (the guest is paused: each one is downtime)
+    await mon.execute_all([("block-job-cancel", {"device": i, "force": False}) for i in ids])
     done = await dom.wait_for(
         lambda: all(dom.block_jobs[i].over for i in ids) or not mon.connected, DRAIN_WAIT_S
     )
