@@ -198,9 +198,7 @@ def test_reads_are_read_only_and_changes_have_their_permission() -> None:
 # -- the daemon's rules, QEMU faked ------------------------------------------------------------
 
 
-def _domain(
-    tmp_path: Path, *, balloon: str = "virtio"
-) -> tuple[DomainVerbs, QemuDomain, FakeMonitor]:
+def _domain(tmp: Path, *, balloon: str = "virtio") -> tuple[DomainVerbs, QemuDomain, FakeMonitor]:
     d = DomainDef(name="vm1", uuid="6f1c8e8e-0000-4000-8000-000000000001", memory_kib=262144)
     d.devices.memballoon = balloon
     d.devices.interfaces.append(InterfaceDef(mac="52:54:00:00:00:01"))
@@ -213,14 +211,14 @@ def _domain(
     driver = SimpleNamespace(
         lookup=lambda name: dom,
         domains=lambda: iter([dom]),
-        autostart=Autostart(StateDir(tmp_path)),
+        autostart=Autostart(StateDir(tmp)),
         persist_definition=written.append,
     )
     return DomainVerbs(cast(Driver, driver)), dom, mon
 
 
-async def test_changes_are_refused_during_a_migration_and_queries_pass(tmp_path: Path) -> None:
-    verbs, dom, mon = _domain(tmp_path)
+async def test_changes_are_refused_during_a_migration_and_queries_pass(tmp: Path) -> None:
+    verbs, dom, mon = _domain(tmp)
     await dom.job.start_async(AsyncJob.MIGRATION_OUT, "migrate-begin", MigrationPhase.BEGIN3)
     dom.job.continue_()
     changes = [
@@ -242,16 +240,16 @@ async def test_changes_are_refused_during_a_migration_and_queries_pass(tmp_path:
     assert stats["state.state"] == "running"
 
 
-async def test_an_incoming_domain_answers_no_qemu_figures(tmp_path: Path) -> None:
-    verbs, dom, mon = _domain(tmp_path)
+async def test_an_incoming_domain_answers_no_qemu_figures(tmp: Path) -> None:
+    verbs, dom, mon = _domain(tmp)
     await dom.job.start_async(AsyncJob.MIGRATION_IN, "migrate-prepare", MigrationPhase.PREPARE)
     stats = (await verbs.stats(["vm1"], []))["vm1"]
     assert stats["state.state"] == "running" and "block.0.rd.bytes" not in stats
     assert mon.commands() == []
 
 
-async def test_domstats_maps_qemu_answers(tmp_path: Path) -> None:
-    verbs, _, mon = _domain(tmp_path)
+async def test_domstats_maps_qemu_answers(tmp: Path) -> None:
+    verbs, _, mon = _domain(tmp)
     mon.always("query-balloon", {"actual": 200 * 1024 * 1024})
     mon.always(
         "query-blockstats",
@@ -273,8 +271,8 @@ async def test_domstats_maps_qemu_answers(tmp_path: Path) -> None:
     assert err.value.code == ErrorCode.INVALID_ARG and "cpu" in err.value.message
 
 
-async def test_setmem_sets_the_balloon_and_the_live_definition(tmp_path: Path) -> None:
-    verbs, dom, mon = _domain(tmp_path)
+async def test_setmem_sets_the_balloon_and_the_live_definition(tmp: Path) -> None:
+    verbs, dom, mon = _domain(tmp)
     persistent = dom.persistent
     await verbs.set_memory(dom, MemoryRequest(size_kib=131072))
     assert mon.calls == [("balloon", {"value": 131072 * 1024})]
@@ -294,8 +292,8 @@ async def test_setmem_sets_the_balloon_and_the_live_definition(tmp_path: Path) -
     assert len(mon.calls) == 1
 
 
-async def test_setmem_without_balloon_and_reboot_without_acpi(tmp_path: Path) -> None:
-    verbs, dom, mon = _domain(tmp_path, balloon="none")
+async def test_setmem_without_balloon_and_reboot_without_acpi(tmp: Path) -> None:
+    verbs, dom, mon = _domain(tmp, balloon="none")
     with pytest.raises(VmferryError) as err:
         await verbs.set_memory(dom, MemoryRequest(size_kib=1024))
     assert "balloon" in err.value.message
@@ -311,9 +309,9 @@ async def test_setmem_without_balloon_and_reboot_without_acpi(tmp_path: Path) ->
 
 
 def test_autostart_flags_persist_and_run_once_per_boot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state = StateDir(tmp_path / "s")
+    state = StateDir(tmp / "s")
     state.ensure()
     flags = Autostart(state)
     flags.set("a", True)
@@ -330,7 +328,7 @@ def test_autostart_flags_persist_and_run_once_per_boot(
     third.load()
     assert not third.enabled("a") and third.enabled("b") and not third.migrated_away("b")
 
-    boot = tmp_path / "boot_id"
+    boot = tmp / "boot_id"
     boot.write_text("one\n")
     monkeypatch.setattr(autostart, "BOOT_ID", boot)
     assert third.first_start_this_boot() is True
@@ -339,11 +337,11 @@ def test_autostart_flags_persist_and_run_once_per_boot(
     assert third.first_start_this_boot() is True
 
 
-async def test_a_requested_reboot_survives_a_daemon_restart(tmp_path: Path) -> None:
-    state = StateDir(tmp_path / "s")
+async def test_a_requested_reboot_survives_a_daemon_restart(tmp: Path) -> None:
+    state = StateDir(tmp / "s")
     state.ensure()
     driver = Driver(state, DaemonConfig(), HostIdentity("h", "u"))
-    verbs, dom, mon = _domain(tmp_path)
+    verbs, dom, mon = _domain(tmp)
     dom.definition.features.acpi = True
     dom.save_status = driver._save_status
     await verbs.reboot(dom)
