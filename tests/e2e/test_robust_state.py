@@ -138,8 +138,8 @@ def test_live_qemu_without_qmp_socket_is_reported_and_destroyable() -> None:
             qemu.wait()
 
 
-def test_corrupt_host_json_keeps_a_legible_uuid(tmp_path: Path) -> None:
-    state = StateDir(tmp_path / "s")
+def test_corrupt_host_json_keeps_a_legible_uuid(tmp: Path) -> None:
+    state = StateDir(tmp / "s")
     state.ensure()
     old = str(uuid.uuid4())
     state.host_file.write_text(f'{{"hostname": "h", "uuid": "{old}"')  # cut short
@@ -149,9 +149,9 @@ def test_corrupt_host_json_keeps_a_legible_uuid(tmp_path: Path) -> None:
 
 
 def test_empty_host_json_gets_a_new_uuid_loudly(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    state = StateDir(tmp_path / "s")
+    state = StateDir(tmp / "s")
     state.ensure()
     state.host_file.write_text("")
     identity = load_or_create_host_identity(state, DaemonConfig())
