@@ -21,8 +21,8 @@ import _socket
 import io
 import json
 import sys
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmferry.errors import ErrorCode, VmferryError
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 #: A connection: ``_socket.socket`` (unix), or its subclasses ``socket.socket`` (tcp) and
 #: ``ssl.SSLSocket`` (tls).
 Socket = _socket.socket
+T = TypeVar("T")
 
 #: Connecting never needs long; a dead host should fail fast.
 CONNECT_TIMEOUT = 15.0
@@ -338,18 +339,13 @@ def send_request(
     """
     sock = _open_socket(endpoint, ssl_context, timeout)
     file = _reader(sock)
-    try:
+
+    def send() -> None:
         sock.sendall(request)
         if body is not None:
             _send_chunks(sock, body)
-    except (OSError, ValueError) as exc:
-        file.close()
-        sock.close()
-        raise exchange_error(endpoint, exc) from exc
-    except BaseException:
-        file.close()
-        sock.close()
-        raise
+
+    _closing_on_error(endpoint, sock, file, send)
     return Sent(endpoint, sock, file)
 
 
@@ -369,7 +365,7 @@ class Sent:
 
 
 def _read_head(endpoint: Endpoint, sock: Socket, file: io.BufferedReader) -> SyncStream:
-    try:
+    def read() -> SyncStream:
         head = _Head()
         answer = SyncStream(endpoint, sock, head, file)
         head.status_line(answer._readline())
@@ -382,6 +378,16 @@ def _read_head(endpoint: Endpoint, sock: Socket, file: io.BufferedReader) -> Syn
             raise ValueError("too many headers")
         answer.status = head.status
         return answer
+
+    return _closing_on_error(endpoint, sock, file, read)
+
+
+def _closing_on_error(
+    endpoint: Endpoint, sock: Socket, file: io.BufferedReader, step: Callable[[], T]
+) -> T:
+    """*step*'s result; on a failure the connection is closed (I/O errors: ``exchange_error``)."""
+    try:
+        return step()
     except (OSError, ValueError) as exc:
         file.close()
         sock.close()
